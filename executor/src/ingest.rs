@@ -1,0 +1,163 @@
+//! Ingest: turning what a receiver delivered into an interval's block.
+//!
+//! [`SourceRuntime`] owns a source's receiver and its watermark. Sealing interval *t*
+//! adds the `_interval` column, drops rows behind the watermark of interval *t-1*
+//! (counting them as late), and advances the watermark to the maximum of the watermark
+//! expression over the interval's rows. It also retains recent blocks so that ad-hoc
+//! queries can read the recent stream.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, BooleanArray, Int64Array, RecordBatch, Scalar, TimestampNanosecondArray,
+};
+use arrow::compute::kernels::cmp::gt_eq;
+use arrow::compute::{cast, filter_record_batch};
+use arrow::datatypes::{DataType, TimeUnit};
+use datafusion::common::DFSchema;
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::prelude::SessionContext;
+use dstream_planner::SourceDef;
+use dstream_storage::{IntervalId, Timeline};
+
+use crate::block::{Block, with_interval_column};
+use crate::connector::{Receiver, ReceiverStats, open_receiver};
+use crate::error::{Error, Result};
+
+/// The live side of one source.
+#[derive(Debug)]
+pub struct SourceRuntime {
+    def: Arc<SourceDef>,
+    receiver: Box<dyn Receiver>,
+    watermark_expr: Option<Arc<dyn PhysicalExpr>>,
+    watermark_column: Option<usize>,
+    watermark: Option<i64>,
+    late_rows: u64,
+    retained: VecDeque<Arc<Block>>,
+    retain_intervals: usize,
+}
+
+/// What users can see about a source.
+#[derive(Clone, Debug, Default)]
+pub struct SourceStats {
+    pub receiver: ReceiverStats,
+    pub late_rows: u64,
+    pub watermark: Option<i64>,
+}
+
+impl SourceRuntime {
+    /// Opens the source's receiver and compiles its watermark expression.
+    pub fn open(
+        def: Arc<SourceDef>,
+        ctx: &SessionContext,
+        retain_intervals: usize,
+    ) -> Result<Self> {
+        let receiver = open_receiver(&def)?;
+        let (watermark_expr, watermark_column) = match &def.watermark {
+            Some(wm) => {
+                let schema = DFSchema::try_from(def.schema.as_ref().clone())?;
+                let expr = ctx.create_physical_expr(wm.expr.clone(), &schema)?;
+                let column = def.schema.index_of(&wm.column)?;
+                (Some(expr), Some(column))
+            }
+            None => (None, None),
+        };
+        Ok(SourceRuntime {
+            def,
+            receiver,
+            watermark_expr,
+            watermark_column,
+            watermark: None,
+            late_rows: 0,
+            retained: VecDeque::new(),
+            retain_intervals: retain_intervals.max(1),
+        })
+    }
+
+    pub fn def(&self) -> &Arc<SourceDef> {
+        &self.def
+    }
+
+    /// The event-time watermark, nanoseconds since the epoch.
+    pub fn watermark(&self) -> Option<i64> {
+        self.watermark
+    }
+
+    pub fn stats(&self) -> SourceStats {
+        SourceStats {
+            receiver: self.receiver.stats(),
+            late_rows: self.late_rows,
+            watermark: self.watermark,
+        }
+    }
+
+    /// The retained recent blocks, oldest first.
+    pub fn retained(&self) -> Vec<Arc<Block>> {
+        self.retained.iter().cloned().collect()
+    }
+
+    /// Seals `interval`: returns its block and advances the watermark.
+    pub fn seal(&mut self, interval: IntervalId, timeline: &Timeline) -> Result<Arc<Block>> {
+        let records = self.receiver.seal(interval, timeline)?;
+        let start = timeline.start_nanos(interval);
+        let mut batches = Vec::with_capacity(records.len());
+        for record_batch in &records {
+            let batch = with_interval_column(record_batch, &self.def.schema, start)?;
+            let batch = self.drop_late(batch)?;
+            if batch.num_rows() > 0 {
+                batches.push(batch);
+            }
+        }
+        for batch in &batches {
+            self.advance_watermark(batch)?;
+        }
+        let block = Arc::new(Block {
+            source: self.def.name.clone(),
+            interval,
+            schema: self.def.schema.clone(),
+            batches,
+        });
+        self.retained.push_back(block.clone());
+        while self.retained.len() > self.retain_intervals {
+            self.retained.pop_front();
+        }
+        Ok(block)
+    }
+
+    fn event_times(&self, batch: &RecordBatch, column: usize) -> Result<Arc<dyn Array>> {
+        Ok(cast(
+            batch.column(column),
+            &DataType::Timestamp(TimeUnit::Nanosecond, None),
+        )?)
+    }
+
+    fn drop_late(&mut self, batch: RecordBatch) -> Result<RecordBatch> {
+        let (Some(column), Some(wm)) = (self.watermark_column, self.watermark) else {
+            return Ok(batch);
+        };
+        let times = self.event_times(&batch, column)?;
+        let bound = Scalar::new(TimestampNanosecondArray::from(vec![wm]));
+        let keep: BooleanArray = gt_eq(&times, &bound)?;
+        let kept = filter_record_batch(&batch, &keep)?;
+        self.late_rows += (batch.num_rows() - kept.num_rows()) as u64;
+        Ok(kept)
+    }
+
+    fn advance_watermark(&mut self, batch: &RecordBatch) -> Result<()> {
+        let Some(expr) = &self.watermark_expr else {
+            return Ok(());
+        };
+        let values = expr.evaluate(batch)?.into_array(batch.num_rows())?;
+        let nanos = cast(&values, &DataType::Timestamp(TimeUnit::Nanosecond, None))?;
+        let nanos = cast(&nanos, &DataType::Int64)?;
+        let nanos = nanos
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .ok_or_else(|| Error::Internal("watermark cast did not give Int64".into()))?;
+        if let Some(max) = arrow::compute::max(nanos) {
+            self.watermark = Some(self.watermark.map_or(max, |w| w.max(max)));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,30 @@
+//! dstream-executor: runs stream plans interval by interval.
+//!
+//! The entry type is [`ViewRuntime`], which advances one materialized view through
+//! intervals by running its stage DAG of deterministic DataFusion tasks; sources are
+//! driven by [`SourceRuntime`], which seals each interval's records into a [`Block`].
+//!
+//! # Layout
+//! - [`connector`]: receivers of source records (the `generator`, ...).
+//! - [`ingest`]: [`SourceRuntime`], sealing intervals into blocks, watermarks.
+//! - [`block`]: [`Block`], one source's rows of one interval.
+//! - [`operator`]: the [`operator::StreamOperator`] trait and its operators.
+//! - [`shuffle`]: hash partitioning between stages.
+//! - [`task`]: running a DataFusion plan over in-memory batches.
+//! - [`view_runtime`]: [`ViewRuntime`], one view's state across intervals.
+//! - [`error`]: the crate's [`Error`] and [`Result`].
+
+pub mod block;
+pub mod connector;
+pub mod error;
+pub mod ingest;
+pub mod operator;
+pub mod shuffle;
+pub mod task;
+pub mod view_runtime;
+
+pub use block::Block;
+pub use error::{Error, Result};
+pub use ingest::{SourceRuntime, SourceStats};
+pub use operator::Changelog;
+pub use view_runtime::{IntervalOutcome, ViewRuntime, ViewVersion};

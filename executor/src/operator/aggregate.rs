@@ -1,0 +1,683 @@
+//! The incremental aggregate: running `GROUP BY` aggregates and windowed aggregates.
+//!
+//! State is a table of *accumulators* per group: for every aggregate call the columns
+//! it needs to be merged (`count` → n; `sum`, `avg` → s, n; `min`, `max` → m), plus
+//! `__rows`, the number of input rows of the group. Every interval:
+//! 1. **map** (per block): the stateless input, then a partial aggregate into the same
+//!    accumulator layout; for `HOP`, each pane's partials are added to the `size/slide`
+//!    windows that contain the pane; then a hash shuffle by group key.
+//! 2. **reduce** (per partition): `state(t) = combine(state(t-1) ∪ partials)`, the
+//!    combine being `sum` of counts and sums, `min` of mins, `max` of maxes. The
+//!    changelog compares the touched groups before and after. With `EMIT ON WINDOW
+//!    CLOSE`, windows the watermark has passed are emitted and leave the state.
+//!
+//! `count(DISTINCT x)` keeps the distinct (group, x) pairs per partition and counts
+//! only pairs not seen before.
+//!
+//! All of it runs as DataFusion plans over the immutable batches of the inputs.
+
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::row::{RowConverter, SortField};
+use async_trait::async_trait;
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::{Column, NullEquality, ScalarValue};
+use datafusion::functions_aggregate::expr_fn::{count, max, min, sum};
+use datafusion::logical_expr::{
+    Expr, JoinType, LogicalPlan, LogicalPlanBuilder, cast, lit, not, when,
+};
+use datafusion::prelude::SessionContext;
+use dstream_planner::{AggregateKind, AggregatePlan, EmitMode, StreamPlan, WindowKind};
+
+use crate::block::Block;
+use crate::error::{Error, Result};
+use crate::operator::{
+    Changelog, PartitionInput, PartitionOutput, ShufflePiece, StatePartition, StreamOperator,
+    ViewUpdate,
+};
+use crate::shuffle::hash_partition;
+use crate::task::{bind_scan, execute, scan};
+
+const ROWS: &str = "__rows";
+
+/// How one state column is merged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Combine {
+    Sum,
+    Min,
+    Max,
+}
+
+/// The incremental aggregate of one stream plan.
+#[derive(Debug)]
+pub struct AggregateOperator {
+    plan: Arc<StreamPlan>,
+    /// Number of group keys; state columns `__k0 .. __k{keys-1}` come first.
+    keys: usize,
+    /// Schema of the state and of the partials (all columns nullable).
+    state_schema: SchemaRef,
+    /// How each non-key state column is merged, in order (ending with `__rows`).
+    combine: Vec<Combine>,
+    /// Schema of the distinct pairs of each `count(DISTINCT ...)`, by call index.
+    distinct_schemas: Vec<(usize, SchemaRef)>,
+}
+
+fn key_name(i: usize) -> String {
+    format!("__k{i}")
+}
+
+fn column(name: &str) -> Expr {
+    Expr::Column(Column::from_name(name))
+}
+
+fn agg(plan: &StreamPlan) -> Result<&AggregatePlan> {
+    plan.aggregate
+        .as_ref()
+        .ok_or_else(|| Error::Internal("aggregate operator for a plan without aggregate".into()))
+}
+
+/// Re-labels `batch` with `schema` (same columns; the schema's fields are nullable).
+fn relabel(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
+    Ok(RecordBatch::try_new(
+        schema.clone(),
+        batch.columns().to_vec(),
+    )?)
+}
+
+fn nullable(schema: &Schema) -> SchemaRef {
+    Arc::new(Schema::new(
+        schema
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone().with_nullable(true))
+            .collect::<Vec<Field>>(),
+    ))
+}
+
+impl AggregateOperator {
+    pub fn new(plan: Arc<StreamPlan>) -> Result<Self> {
+        let aggregate = agg(&plan)?;
+        let keys = aggregate.group_exprs.len();
+        let mut combine = Vec::new();
+        for call in &aggregate.calls {
+            match call.kind {
+                AggregateKind::Count | AggregateKind::CountDistinct => combine.push(Combine::Sum),
+                AggregateKind::Sum | AggregateKind::Avg => {
+                    combine.extend([Combine::Sum, Combine::Sum])
+                }
+                AggregateKind::Min => combine.push(Combine::Min),
+                AggregateKind::Max => combine.push(Combine::Max),
+            }
+        }
+        combine.push(Combine::Sum);
+        let mut op = AggregateOperator {
+            plan: plan.clone(),
+            keys,
+            state_schema: Arc::new(Schema::empty()),
+            combine,
+            distinct_schemas: Vec::new(),
+        };
+        // The layouts are whatever the partial plans produce over an empty input.
+        let empty = bind_scan(
+            &plan.input,
+            &plan.source,
+            Arc::new(plan_source_schema(&plan)?),
+            vec![],
+        )?;
+        op.state_schema = nullable(op.partial_plan(empty.clone())?.schema().as_arrow());
+        for (i, call) in aggregate.calls.iter().enumerate() {
+            if call.kind == AggregateKind::CountDistinct {
+                let schema = nullable(op.distinct_plan(empty.clone(), i)?.schema().as_arrow());
+                op.distinct_schemas.push((i, schema));
+            }
+        }
+        Ok(op)
+    }
+
+    fn aggregate(&self) -> &AggregatePlan {
+        // Checked in `new`.
+        self.plan
+            .aggregate
+            .as_ref()
+            .unwrap_or_else(|| unreachable!())
+    }
+
+    /// The partial aggregate of `input` in the state layout.
+    fn partial_plan(&self, input: LogicalPlan) -> Result<LogicalPlan> {
+        let aggregate = self.aggregate();
+        let groups: Vec<Expr> = aggregate
+            .group_exprs
+            .iter()
+            .enumerate()
+            .map(|(i, e)| e.clone().alias(key_name(i)))
+            .collect();
+        let mut aggs = Vec::new();
+        let mut projection: Vec<Expr> = (0..self.keys).map(|i| column(&key_name(i))).collect();
+        for (i, call) in aggregate.calls.iter().enumerate() {
+            let arg = call.arg.clone();
+            let mut add = |name: String, e: Expr| {
+                aggs.push(e.alias(name.clone()));
+                projection.push(column(&name));
+            };
+            match call.kind {
+                AggregateKind::Count => add(format!("__a{i}_n"), count(arg)),
+                AggregateKind::Sum | AggregateKind::Avg => {
+                    add(format!("__a{i}_s"), sum(arg.clone()));
+                    add(format!("__a{i}_n"), count(arg));
+                }
+                AggregateKind::Min => add(format!("__a{i}_m"), min(arg)),
+                AggregateKind::Max => add(format!("__a{i}_m"), max(arg)),
+                AggregateKind::CountDistinct => {
+                    projection.push(lit(0i64).alias(format!("__a{i}_n")));
+                }
+            }
+        }
+        aggs.push(count(lit(1i64)).alias(ROWS));
+        projection.push(column(ROWS));
+        Ok(LogicalPlanBuilder::from(input)
+            .aggregate(groups, aggs)?
+            .project(projection)?
+            .build()?)
+    }
+
+    /// The distinct (keys, value) pairs of `count(DISTINCT ...)` call `call`.
+    fn distinct_plan(&self, input: LogicalPlan, call: usize) -> Result<LogicalPlan> {
+        let aggregate = self.aggregate();
+        let arg = aggregate.calls[call].arg.clone();
+        let mut groups: Vec<Expr> = aggregate
+            .group_exprs
+            .iter()
+            .enumerate()
+            .map(|(i, e)| e.clone().alias(key_name(i)))
+            .collect();
+        groups.push(arg.clone().alias("__v"));
+        Ok(LogicalPlanBuilder::from(input)
+            .filter(arg.is_not_null())?
+            .aggregate(groups, Vec::<Expr>::new())?
+            .build()?)
+    }
+
+    /// For HOP: adds each pane's rows to every window containing the pane.
+    fn expand_panes(&self, plan: LogicalPlan) -> Result<LogicalPlan> {
+        let Some(window) = self
+            .plan
+            .window
+            .as_ref()
+            .filter(|w| w.kind == WindowKind::Hop)
+        else {
+            return Ok(plan);
+        };
+        let aggregate = self.aggregate();
+        let slide = window.slide.as_nanos() as i64;
+        let size = window.size.as_nanos() as i64;
+        let interval = |nanos: i64| lit(ScalarValue::new_interval_mdn(0, 0, nanos));
+        let names: Vec<String> = plan
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        let mut builder: Option<LogicalPlanBuilder> = None;
+        for i in 0..window.panes_per_window() as i64 {
+            let exprs: Vec<Expr> = names
+                .iter()
+                .enumerate()
+                .map(|(idx, name)| {
+                    let c = column(name);
+                    let e = if Some(idx) == aggregate.window_start_key {
+                        c - interval(i * slide)
+                    } else if Some(idx) == aggregate.window_end_key {
+                        c + interval(size - slide - i * slide)
+                    } else {
+                        return c;
+                    };
+                    e.alias(name)
+                })
+                .collect();
+            let branch = LogicalPlanBuilder::from(plan.clone())
+                .project(exprs)?
+                .build()?;
+            builder = Some(match builder {
+                None => LogicalPlanBuilder::from(branch),
+                Some(b) => b.union(branch)?,
+            });
+        }
+        Ok(builder
+            .ok_or_else(|| Error::Internal("HOP window without panes".into()))?
+            .build()?)
+    }
+
+    /// Merges accumulator rows with the same keys.
+    fn combine_plan(&self, rows: Vec<RecordBatch>) -> Result<LogicalPlan> {
+        let fields = self.state_schema.fields();
+        let groups: Vec<Expr> = (0..self.keys).map(|i| column(&key_name(i))).collect();
+        let aggs_plain: Vec<Expr> = self
+            .combine
+            .iter()
+            .zip(fields.iter().skip(self.keys))
+            .map(|(how, field)| {
+                let c = column(field.name());
+                match how {
+                    Combine::Sum => sum(c),
+                    Combine::Min => min(c),
+                    Combine::Max => max(c),
+                }
+                .alias(field.name())
+            })
+            .collect();
+        let mut projection = groups.clone();
+        projection.extend(
+            fields
+                .iter()
+                .skip(self.keys)
+                .map(|f| cast(column(f.name()), f.data_type().clone()).alias(f.name())),
+        );
+        Ok(scan("state", self.state_schema.clone(), rows)?
+            .aggregate(groups, aggs_plain)?
+            .project(projection)?
+            .build()?)
+    }
+
+    /// Rows of `rows` whose keys appear in `touched`.
+    fn semi_join(&self, rows: Vec<RecordBatch>, touched: &[RecordBatch]) -> Result<LogicalPlan> {
+        let keys: Vec<String> = (0..self.keys).map(key_name).collect();
+        let touched_schema = Arc::new(Schema::new(
+            self.state_schema.fields()[..self.keys].to_vec(),
+        ));
+        let touched_plan = scan("touched", touched_schema, touched.to_vec())?.build()?;
+        Ok(scan("state", self.state_schema.clone(), rows)?
+            .join_detailed(
+                touched_plan,
+                JoinType::LeftSemi,
+                (
+                    keys.iter()
+                        .map(|k| Column::new(Some("state"), k))
+                        .collect::<Vec<_>>(),
+                    keys.iter()
+                        .map(|k| Column::new(Some("touched"), k))
+                        .collect::<Vec<_>>(),
+                ),
+                None,
+                NullEquality::NullEqualsNull,
+            )?
+            .build()?)
+    }
+
+    /// The view rows of accumulator rows: finalize each aggregate, then apply what the
+    /// query does above its aggregation (HAVING, the select list).
+    fn view_plan(&self, rows: Vec<RecordBatch>) -> Result<LogicalPlan> {
+        let aggregate = self.aggregate();
+        let out = &aggregate.output_schema;
+        let mut exprs = Vec::new();
+        for i in 0..self.keys {
+            exprs.push(column(&key_name(i)));
+        }
+        for (i, call) in aggregate.calls.iter().enumerate() {
+            let n = || column(&format!("__a{i}_n"));
+            let s = || column(&format!("__a{i}_s"));
+            let e = match call.kind {
+                AggregateKind::Count | AggregateKind::CountDistinct => n(),
+                AggregateKind::Sum => {
+                    when(n().eq(lit(0i64)), lit(ScalarValue::Null)).otherwise(s())?
+                }
+                AggregateKind::Avg => when(n().eq(lit(0i64)), lit(ScalarValue::Null))
+                    .otherwise(cast(s(), DataType::Float64) / cast(n(), DataType::Float64))?,
+                AggregateKind::Min | AggregateKind::Max => column(&format!("__a{i}_m")),
+            };
+            exprs.push(e);
+        }
+        let exprs: Vec<Expr> = exprs
+            .into_iter()
+            .zip(out.iter())
+            .map(|(e, (qualifier, field))| {
+                cast(e, field.data_type().clone()).alias_qualified(qualifier.cloned(), field.name())
+            })
+            .collect();
+        let finalized = scan("state", self.state_schema.clone(), rows)?
+            .project(exprs)?
+            .build()?;
+        let replaced = self
+            .plan
+            .logical
+            .clone()
+            .transform_down(|node| match node {
+                LogicalPlan::Aggregate(_) => Ok(Transformed::new(
+                    finalized.clone(),
+                    true,
+                    TreeNodeRecursion::Jump,
+                )),
+                other => Ok(Transformed::no(other)),
+            })?;
+        Ok(replaced.data)
+    }
+
+    /// A predicate over state rows: the row's window has closed at watermark `wm`.
+    fn closed_predicate(&self, wm: i64) -> Result<Expr> {
+        let aggregate = self.aggregate();
+        let window = self
+            .plan
+            .window
+            .as_ref()
+            .ok_or_else(|| Error::Internal("window close without a window".into()))?;
+        let wm = lit(ScalarValue::TimestampNanosecond(Some(wm), None));
+        Ok(
+            match (aggregate.window_end_key, aggregate.window_start_key) {
+                (Some(end), _) => column(&key_name(end)).lt_eq(wm),
+                (None, Some(start)) => (column(&key_name(start))
+                    + lit(ScalarValue::new_interval_mdn(
+                        0,
+                        0,
+                        window.size.as_nanos() as i64,
+                    )))
+                .lt_eq(wm),
+                (None, None) => {
+                    return Err(Error::Internal("window close without window keys".into()));
+                }
+            },
+        )
+    }
+
+    /// Folds the distinct pairs of one interval into the distinct state of one call and
+    /// returns (new distinct state, count contributions in the state layout).
+    async fn fold_distinct(
+        &self,
+        ctx: &SessionContext,
+        call: usize,
+        schema: &SchemaRef,
+        old: &[RecordBatch],
+        pieces: Vec<RecordBatch>,
+    ) -> Result<(Vec<RecordBatch>, Vec<RecordBatch>)> {
+        if pieces.is_empty() {
+            return Ok((old.to_vec(), vec![]));
+        }
+        let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+        let pairs = scan("pairs", schema.clone(), pieces)?
+            .aggregate(
+                names.iter().map(|n| column(n)).collect::<Vec<_>>(),
+                Vec::<Expr>::new(),
+            )?
+            .build()?;
+        let seen = scan("seen", schema.clone(), old.to_vec())?.build()?;
+        let fresh = LogicalPlanBuilder::from(pairs)
+            .alias("pairs")?
+            .join_detailed(
+                seen,
+                JoinType::LeftAnti,
+                (
+                    names
+                        .iter()
+                        .map(|n| Column::new(Some("pairs"), n))
+                        .collect::<Vec<_>>(),
+                    names
+                        .iter()
+                        .map(|n| Column::new(Some("seen"), n))
+                        .collect::<Vec<_>>(),
+                ),
+                None,
+                NullEquality::NullEqualsNull,
+            )?
+            .build()?;
+        let fresh: Vec<RecordBatch> = execute(ctx, fresh)
+            .await?
+            .iter()
+            .map(|b| relabel(b, schema))
+            .collect::<Result<_>>()?;
+        let mut state = old.to_vec();
+        state.extend(fresh.iter().cloned());
+        // Contributions: one row per group with the number of new distinct values.
+        let target = format!("__a{call}_n");
+        let groups: Vec<Expr> = (0..self.keys).map(|i| column(&key_name(i))).collect();
+        let mut projection: Vec<Expr> = groups.clone();
+        for field in self.state_schema.fields().iter().skip(self.keys) {
+            let e = if *field.name() == target {
+                column("__new")
+            } else if field.name() == ROWS {
+                lit(0i64)
+            } else {
+                lit(ScalarValue::try_from(field.data_type())?)
+            };
+            projection.push(cast(e, field.data_type().clone()).alias(field.name()));
+        }
+        let contributions = scan("fresh", schema.clone(), fresh)?
+            .aggregate(groups, vec![count(lit(1i64)).alias("__new")])?
+            .project(projection)?
+            .build()?;
+        let contributions = execute(ctx, contributions).await?;
+        Ok((state, contributions))
+    }
+}
+
+/// The schema of the scanned source, as the input plan expects it.
+fn plan_source_schema(plan: &StreamPlan) -> Result<Schema> {
+    let mut found = None;
+    plan.input.apply(|node| {
+        if let LogicalPlan::TableScan(scan) = node
+            && scan.table_name.table() == plan.source
+        {
+            found = Some(scan.source.schema());
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    found
+        .map(|s| s.as_ref().clone())
+        .ok_or_else(|| Error::Internal(format!("plan does not scan {}", plan.source)))
+}
+
+#[async_trait]
+impl StreamOperator for AggregateOperator {
+    async fn map_block(&self, ctx: &SessionContext, block: &Block) -> Result<Vec<ShufflePiece>> {
+        let p = self.plan.partitions;
+        let input = bind_scan(
+            &self.plan.input,
+            &self.plan.source,
+            block.schema.clone(),
+            block.batches.clone(),
+        )?;
+        let keys: Vec<usize> = (0..self.keys).collect();
+        let partial = self.expand_panes(self.partial_plan(input.clone())?)?;
+        let rows = execute(ctx, partial).await?;
+        let mut pieces: Vec<ShufflePiece> = hash_partition(&rows, &keys, p)?
+            .into_iter()
+            .map(|rows| ShufflePiece {
+                rows,
+                distinct: vec![Vec::new(); self.distinct_schemas.len()],
+            })
+            .collect();
+        for (d, (call, _)) in self.distinct_schemas.iter().enumerate() {
+            let pairs = self.expand_panes(self.distinct_plan(input.clone(), *call)?)?;
+            let pairs = execute(ctx, pairs).await?;
+            for (piece, part) in pieces.iter_mut().zip(hash_partition(&pairs, &keys, p)?) {
+                piece.distinct[d] = part;
+            }
+        }
+        Ok(pieces)
+    }
+
+    async fn process_interval(
+        &self,
+        ctx: &SessionContext,
+        input: PartitionInput,
+    ) -> Result<PartitionOutput> {
+        let prev = input.state;
+        let mut delta: Vec<RecordBatch> = Vec::new();
+        let mut distinct_state = Vec::new();
+        for piece in &input.pieces {
+            for b in &piece.rows {
+                delta.push(relabel(b, &self.state_schema)?);
+            }
+        }
+        for (d, (call, schema)) in self.distinct_schemas.iter().enumerate() {
+            let pieces: Vec<RecordBatch> = input
+                .pieces
+                .iter()
+                .flat_map(|p| p.distinct[d].iter())
+                .map(|b| relabel(b, schema))
+                .collect::<Result<_>>()?;
+            let old = prev.distinct.get(d).cloned().unwrap_or_default();
+            let (state, contributions) =
+                self.fold_distinct(ctx, *call, schema, &old, pieces).await?;
+            distinct_state.push(state);
+            for b in &contributions {
+                delta.push(relabel(b, &self.state_schema)?);
+            }
+        }
+
+        let closing = self.plan.emit == EmitMode::OnWindowClose;
+        if delta.is_empty() && !closing {
+            return Ok(PartitionOutput {
+                view: ViewUpdate::Append(vec![]),
+                state: prev,
+                changelog: Changelog::default(),
+            });
+        }
+
+        let mut all = prev.rows.clone();
+        all.extend(delta.iter().cloned());
+        let merged = if delta.is_empty() {
+            prev.rows.clone()
+        } else {
+            let merged = execute(ctx, self.combine_plan(all)?).await?;
+            merged
+                .iter()
+                .map(|b| relabel(b, &self.state_schema))
+                .collect::<Result<Vec<_>>>()?
+        };
+
+        if closing {
+            let wm = input.watermark.unwrap_or(i64::MIN);
+            let closed_pred = self.closed_predicate(wm)?;
+            let closed = scan("state", self.state_schema.clone(), merged.clone())?
+                .filter(closed_pred.clone())?
+                .build()?;
+            let closed = execute(ctx, closed).await?;
+            let open = scan("state", self.state_schema.clone(), merged)?
+                .filter(not(closed_pred))?
+                .build()?;
+            let open = execute(ctx, open)
+                .await?
+                .iter()
+                .map(|b| relabel(b, &self.state_schema))
+                .collect::<Result<Vec<_>>>()?;
+            let emitted = if closed.is_empty() {
+                vec![]
+            } else {
+                execute(ctx, self.view_plan(closed)?).await?
+            };
+            return Ok(PartitionOutput {
+                state: Arc::new(StatePartition {
+                    rows: open,
+                    distinct: distinct_state,
+                }),
+                view: ViewUpdate::Append(emitted.clone()),
+                changelog: Changelog {
+                    deletes: vec![],
+                    inserts: emitted,
+                },
+            });
+        }
+
+        let keys: Vec<Expr> = (0..self.keys).map(|i| column(&key_name(i))).collect();
+        let touched = scan("delta", self.state_schema.clone(), delta)?
+            .aggregate(keys, Vec::<Expr>::new())?
+            .build()?;
+        let touched = execute(ctx, touched).await?;
+        let before = execute(ctx, self.semi_join(prev.rows.clone(), &touched)?).await?;
+        let after = execute(ctx, self.semi_join(merged.clone(), &touched)?).await?;
+        let before_rows = self.finalize(ctx, before).await?;
+        let after_rows = self.finalize(ctx, after).await?;
+        let changelog = cancel_unchanged(&self.plan.schema, before_rows, after_rows)?;
+        let view = self.finalize(ctx, merged.clone()).await?;
+        Ok(PartitionOutput {
+            state: Arc::new(StatePartition {
+                rows: merged,
+                distinct: distinct_state,
+            }),
+            view: ViewUpdate::Replace(view),
+            changelog,
+        })
+    }
+}
+
+impl AggregateOperator {
+    async fn finalize(
+        &self,
+        ctx: &SessionContext,
+        rows: Vec<RecordBatch>,
+    ) -> Result<Vec<RecordBatch>> {
+        if rows.iter().all(|b| b.num_rows() == 0) {
+            return Ok(vec![]);
+        }
+        let rows = rows
+            .iter()
+            .map(|b| relabel(b, &self.state_schema))
+            .collect::<Result<Vec<_>>>()?;
+        let out = execute(ctx, self.view_plan(rows)?).await?;
+        out.iter().map(|b| relabel(b, &self.plan.schema)).collect()
+    }
+}
+
+/// Builds the changelog of a set of groups from their view rows before and after,
+/// leaving out rows that did not change.
+fn cancel_unchanged(
+    schema: &SchemaRef,
+    before: Vec<RecordBatch>,
+    after: Vec<RecordBatch>,
+) -> Result<Changelog> {
+    use std::collections::HashMap;
+    let converter = RowConverter::new(
+        schema
+            .fields()
+            .iter()
+            .map(|f| SortField::new(f.data_type().clone()))
+            .collect(),
+    )?;
+    let mut counts: HashMap<Vec<u8>, i64> = HashMap::new();
+    let encode = |batches: &[RecordBatch]| -> Result<Vec<arrow::row::Rows>> {
+        batches
+            .iter()
+            .map(|b| Ok(converter.convert_columns(b.columns())?))
+            .collect()
+    };
+    let before_rows = encode(&before)?;
+    let after_rows = encode(&after)?;
+    for rows in &before_rows {
+        for r in rows.iter() {
+            *counts.entry(r.as_ref().to_vec()).or_default() += 1;
+        }
+    }
+    for rows in &after_rows {
+        for r in rows.iter() {
+            *counts.entry(r.as_ref().to_vec()).or_default() -= 1;
+        }
+    }
+    // Keep rows whose net count says they changed: positive -> deleted, negative -> inserted.
+    let select = |batches: &[RecordBatch],
+                  rows: &[arrow::row::Rows],
+                  sign: i64,
+                  counts: &mut HashMap<Vec<u8>, i64>|
+     -> Result<Vec<RecordBatch>> {
+        let mut out = Vec::new();
+        for (batch, rows) in batches.iter().zip(rows) {
+            let mut keep = Vec::new();
+            for (i, r) in rows.iter().enumerate() {
+                if let Some(c) = counts.get_mut(r.as_ref())
+                    && *c * sign > 0
+                {
+                    *c -= sign;
+                    keep.push(i as u32);
+                }
+            }
+            if !keep.is_empty() {
+                let idx = arrow::array::UInt32Array::from(keep);
+                out.push(arrow::compute::take_record_batch(batch, &idx)?);
+            }
+        }
+        Ok(out)
+    };
+    let deletes = select(&before, &before_rows, 1, &mut counts)?;
+    let inserts = select(&after, &after_rows, -1, &mut counts)?;
+    Ok(Changelog { deletes, inserts })
+}

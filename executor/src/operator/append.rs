@@ -1,0 +1,61 @@
+//! The stateless operator: filters, projections and joins with tables. Its view is
+//! append-only: every output row of every interval is added to it.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::prelude::SessionContext;
+use dstream_planner::StreamPlan;
+
+use crate::block::Block;
+use crate::error::Result;
+use crate::operator::{
+    Changelog, PartitionInput, PartitionOutput, ShufflePiece, StreamOperator, ViewUpdate,
+};
+use crate::task::{bind_scan, execute};
+
+/// Runs a stateless stream plan.
+#[derive(Debug)]
+pub struct AppendOperator {
+    plan: Arc<StreamPlan>,
+}
+
+impl AppendOperator {
+    pub fn new(plan: Arc<StreamPlan>) -> Self {
+        AppendOperator { plan }
+    }
+}
+
+#[async_trait]
+impl StreamOperator for AppendOperator {
+    async fn map_block(&self, ctx: &SessionContext, block: &Block) -> Result<Vec<ShufflePiece>> {
+        let plan = bind_scan(
+            &self.plan.input,
+            &self.plan.source,
+            block.schema.clone(),
+            block.batches.clone(),
+        )?;
+        let rows = execute(ctx, plan).await?;
+        // Output rows need no shuffle: they stay with the partition of their block.
+        let mut pieces = vec![ShufflePiece::default(); self.plan.partitions];
+        let home = (block.interval.0 as usize) % self.plan.partitions;
+        pieces[home].rows = rows;
+        Ok(pieces)
+    }
+
+    async fn process_interval(
+        &self,
+        _ctx: &SessionContext,
+        input: PartitionInput,
+    ) -> Result<PartitionOutput> {
+        let rows: Vec<_> = input.pieces.into_iter().flat_map(|p| p.rows).collect();
+        Ok(PartitionOutput {
+            state: input.state,
+            view: ViewUpdate::Append(rows.clone()),
+            changelog: Changelog {
+                deletes: vec![],
+                inserts: rows,
+            },
+        })
+    }
+}

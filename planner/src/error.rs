@@ -1,0 +1,57 @@
+//! Errors of the planner.
+//!
+//! User mistakes (bad SQL, unknown names, unsupported constructs) are kept apart from
+//! internal errors so that the front doors can map each to a precise SQLSTATE.
+
+use datafusion::error::DataFusionError;
+
+/// Everything that can go wrong while parsing or planning a statement.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The statement text does not parse.
+    #[error("syntax error: {0}")]
+    Syntax(String),
+    /// A name that does not exist in the catalog.
+    #[error("{kind} \"{name}\" does not exist")]
+    UnknownObject { kind: &'static str, name: String },
+    /// A name that is already taken.
+    #[error("{kind} \"{name}\" already exists")]
+    DuplicateObject { kind: &'static str, name: String },
+    /// A construct dstream does not support (yet), with what to do instead.
+    #[error("not supported: {0}")]
+    Unsupported(String),
+    /// A statement that parses but is not valid, e.g. a window size that is not a
+    /// multiple of the batch interval, or an option with a bad value.
+    #[error("{0}")]
+    Invalid(String),
+    /// An error raised by DataFusion while planning.
+    #[error("{0}")]
+    DataFusion(#[from] DataFusionError),
+    /// A bug in dstream.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<datafusion::sql::sqlparser::parser::ParserError> for Error {
+    fn from(e: datafusion::sql::sqlparser::parser::ParserError) -> Self {
+        let msg = e.to_string();
+        Error::Syntax(
+            msg.strip_prefix("sql parser error: ")
+                .unwrap_or(&msg)
+                .to_string(),
+        )
+    }
+}
+
+/// Result with the planner [`Error`] as default error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Shorthand for an [`Error::Invalid`].
+pub fn invalid(msg: impl Into<String>) -> Error {
+    Error::Invalid(msg.into())
+}
+
+/// Shorthand for an [`Error::Unsupported`].
+pub fn unsupported(msg: impl Into<String>) -> Error {
+    Error::Unsupported(msg.into())
+}

@@ -1,0 +1,31 @@
+//! dstream-planner: the SQL dialect, the catalog, and the compilation of continuous
+//! queries into stream plans.
+//!
+//! The entry points are [`statement::parse_statements`], which reads dstream SQL, and
+//! [`stream_plan::plan_view`], which compiles a `CREATE MATERIALIZED VIEW` into a
+//! [`StreamPlan`].
+//!
+//! # Layout
+//! - [`statement`]: dstream's statements and their parser.
+//! - [`duration`]: durations and SQL interval literals.
+//! - [`window`]: `TUMBLE` and `HOP`, rewritten into pane columns.
+//! - [`catalog`]: definitions of sources, tables and views.
+//! - [`stream_plan`]: a view's query split into input, aggregate and output.
+//! - [`stage_dag`]: the per-interval stage DAG and EXPLAIN text.
+//! - [`error`]: the crate's [`Error`] and [`Result`].
+
+pub mod catalog;
+pub mod duration;
+pub mod error;
+pub mod stage_dag;
+pub mod statement;
+pub mod stream_plan;
+pub mod window;
+
+pub use catalog::{
+    Catalog, CatalogObject, ConnectorSpec, SourceDef, TableDef, ViewDef, WatermarkDef,
+};
+pub use error::{Error, Result};
+pub use statement::{EmitMode, ObjectKind, Statement};
+pub use stream_plan::{AggregateCall, AggregateKind, AggregatePlan, StreamPlan};
+pub use window::{INTERVAL_COLUMN, WindowKind, WindowSpec};

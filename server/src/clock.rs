@@ -1,0 +1,84 @@
+//! The interval clock, injected: it decides when the next interval may be sealed.
+//!
+//! [`RealClock`] follows wall-clock time: interval *t* is sealed when it has ended.
+//! [`ManualClock`] ignores time: an interval is sealed only when a user (or test) runs
+//! `ADVANCE n`, so results are deterministic and tests never sleep.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::Semaphore;
+
+/// Decides when intervals end.
+#[async_trait]
+pub trait IntervalClock: Send + Sync + std::fmt::Debug {
+    /// Nanoseconds since the epoch now, as this clock sees it; the origin of a new
+    /// timeline.
+    fn now_nanos(&self) -> i64;
+
+    /// Waits until the interval ending at `end_nanos` may be sealed.
+    async fn wait_until(&self, end_nanos: i64);
+
+    /// The manual clock, if this is one.
+    fn as_manual(&self) -> Option<&ManualClock> {
+        None
+    }
+}
+
+/// Wall-clock time.
+#[derive(Debug, Default)]
+pub struct RealClock;
+
+#[async_trait]
+impl IntervalClock for RealClock {
+    fn now_nanos(&self) -> i64 {
+        chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0)
+    }
+
+    async fn wait_until(&self, end_nanos: i64) {
+        let now = self.now_nanos();
+        if end_nanos > now {
+            tokio::time::sleep(Duration::from_nanos((end_nanos - now) as u64)).await;
+        }
+    }
+}
+
+/// A clock that only moves when told to.
+#[derive(Debug)]
+pub struct ManualClock {
+    origin_nanos: i64,
+    permits: Arc<Semaphore>,
+}
+
+impl ManualClock {
+    /// A manual clock whose first interval starts at `origin_nanos`.
+    pub fn new(origin_nanos: i64) -> Self {
+        ManualClock {
+            origin_nanos,
+            permits: Arc::new(Semaphore::new(0)),
+        }
+    }
+
+    /// Lets `n` more intervals be sealed.
+    pub fn advance(&self, n: u64) {
+        self.permits.add_permits(n as usize);
+    }
+}
+
+#[async_trait]
+impl IntervalClock for ManualClock {
+    fn now_nanos(&self) -> i64 {
+        self.origin_nanos
+    }
+
+    async fn wait_until(&self, _end_nanos: i64) {
+        if let Ok(permit) = self.permits.acquire().await {
+            permit.forget();
+        }
+    }
+
+    fn as_manual(&self) -> Option<&ManualClock> {
+        Some(self)
+    }
+}

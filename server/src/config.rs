@@ -1,0 +1,122 @@
+//! Server configuration: flags, environment variables (`DSTREAM_*`) and an optional
+//! TOML file, in that order of precedence, over documented defaults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// Which interval clock the server runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ClockKind {
+    /// Intervals follow wall-clock time (the default).
+    Real,
+    /// Intervals advance only on `ADVANCE n` (tests, demos).
+    Manual,
+}
+
+/// Everything `dstream serve` needs.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// Where the catalog and table data live.
+    pub data_dir: PathBuf,
+    /// Postgres wire protocol listen address.
+    pub pg_addr: SocketAddr,
+    /// Width of one interval.
+    pub batch_interval: Duration,
+    /// State partitions per materialized view (P).
+    pub partitions: usize,
+    pub clock: ClockKind,
+    /// How long the raw rows of each source stay queryable.
+    pub source_retention: Duration,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            data_dir: PathBuf::from("dstream-data"),
+            pg_addr: SocketAddr::from(([127, 0, 0, 1], 6875)),
+            batch_interval: Duration::from_secs(1),
+            partitions: 4,
+            clock: ClockKind::Real,
+            source_retention: Duration::from_secs(300),
+        }
+    }
+}
+
+/// The `[serve]` section of a TOML configuration file; every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub pg_addr: Option<SocketAddr>,
+    pub batch_interval: Option<String>,
+    pub partitions: Option<usize>,
+    pub clock: Option<ClockKind>,
+    pub source_retention: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDocument {
+    #[serde(default)]
+    serve: FileConfig,
+}
+
+impl FileConfig {
+    /// Reads the `[serve]` section of a TOML file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+        let doc: FileDocument =
+            toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        Ok(doc.serve)
+    }
+
+    /// Applies the file's values over `config`.
+    pub fn apply(self, config: &mut ServeConfig) -> Result<()> {
+        if let Some(v) = self.data_dir {
+            config.data_dir = v;
+        }
+        if let Some(v) = self.pg_addr {
+            config.pg_addr = v;
+        }
+        if let Some(v) = self.batch_interval {
+            config.batch_interval = parse_duration(&v)?;
+        }
+        if let Some(v) = self.partitions {
+            config.partitions = v;
+        }
+        if let Some(v) = self.clock {
+            config.clock = v;
+        }
+        if let Some(v) = self.source_retention {
+            config.source_retention = parse_duration(&v)?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses a duration such as `1s` or `250ms` for configuration values.
+pub fn parse_duration(text: &str) -> Result<Duration> {
+    dstream_planner::duration::parse_duration(text).map_err(|e| Error::Config(e.to_string()))
+}
+
+impl ServeConfig {
+    /// Checks values that cannot work.
+    pub fn validate(&self) -> Result<()> {
+        if self.partitions == 0 || self.partitions > 1024 {
+            return Err(Error::Config(
+                "partitions must be between 1 and 1024".into(),
+            ));
+        }
+        if self.batch_interval < Duration::from_millis(10) {
+            return Err(Error::Config("batch_interval must be at least 10ms".into()));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,141 @@
+//! Errors of the server, and their mapping to SQLSTATE codes at the front doors.
+
+use datafusion::error::DataFusionError;
+
+/// Everything a statement or the server can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}", planner_message(.0))]
+    Planner(#[from] dstream_planner::Error),
+    #[error("{}", executor_message(.0))]
+    Executor(#[from] dstream_executor::Error),
+    #[error(transparent)]
+    Storage(#[from] dstream_storage::Error),
+    #[error("{}", datafusion_message(.0))]
+    DataFusion(#[from] DataFusionError),
+    /// A statement that is valid SQL but not allowed now, with the reason.
+    #[error("{0}")]
+    Invalid(String),
+    /// An unknown name.
+    #[error("{kind} \"{name}\" does not exist")]
+    UnknownObject { kind: &'static str, name: String },
+    /// A statement dstream does not support.
+    #[error("not supported: {0}")]
+    Unsupported(String),
+    /// A configuration problem at startup.
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// A bug in dstream.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Result with the server [`Error`] as default error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// The SQLSTATE a client receives for this error.
+    pub fn sqlstate(&self) -> &'static str {
+        use dstream_executor::Error as X;
+        use dstream_planner::Error as P;
+        match self {
+            Error::Planner(e) => match e {
+                P::Syntax(_) => "42601",
+                P::UnknownObject { .. } => "42P01",
+                P::DuplicateObject { .. } => "42P07",
+                P::Unsupported(_) => "0A000",
+                P::Invalid(_) => "22023",
+                P::DataFusion(e) => datafusion_sqlstate(e),
+                P::Internal(_) => "XX000",
+            },
+            Error::Executor(e) => match e {
+                X::Config(_) => "22023",
+                X::SourceFailed { .. } => "58000",
+                X::DataFusion(e) => datafusion_sqlstate(e),
+                X::Arrow(_) => "22000",
+                X::Planner(_) | X::Storage(_) | X::Io(_) => "58000",
+                X::Internal(_) => "XX000",
+            },
+            Error::Storage(_) | Error::Io(_) => "58030",
+            Error::DataFusion(e) => datafusion_sqlstate(e),
+            Error::Invalid(_) => "55000",
+            Error::UnknownObject { .. } => "42P01",
+            Error::Unsupported(_) => "0A000",
+            Error::Config(_) => "22023",
+            Error::Internal(_) => "XX000",
+        }
+    }
+
+    /// Whether the error is the user's to fix (as opposed to an engine failure).
+    pub fn is_user_error(&self) -> bool {
+        !matches!(self.sqlstate(), "XX000" | "58000" | "58030")
+    }
+}
+
+fn datafusion_sqlstate(e: &DataFusionError) -> &'static str {
+    match e.find_root() {
+        DataFusionError::SQL(_, _) => "42601",
+        DataFusionError::SchemaError(inner, _) => match inner.as_ref() {
+            datafusion::common::SchemaError::FieldNotFound { .. } => "42703",
+            datafusion::common::SchemaError::AmbiguousReference { .. } => "42702",
+            _ => "42000",
+        },
+        DataFusionError::Plan(msg) => {
+            if msg.contains("table") && msg.contains("not found") {
+                "42P01"
+            } else if msg.contains("No function matches")
+                || msg.contains("Invalid function")
+                || msg.contains("not found")
+            {
+                "42883"
+            } else {
+                "42000"
+            }
+        }
+        DataFusionError::NotImplemented(_) => "0A000",
+        DataFusionError::ArrowError(_, _) | DataFusionError::Execution(_) => "22000",
+        DataFusionError::ResourcesExhausted(_) => "53000",
+        _ => "XX000",
+    }
+}
+
+fn planner_message(e: &dstream_planner::Error) -> String {
+    match e {
+        dstream_planner::Error::DataFusion(e) => datafusion_message(e),
+        other => other.to_string(),
+    }
+}
+
+fn executor_message(e: &dstream_executor::Error) -> String {
+    match e {
+        dstream_executor::Error::DataFusion(e) => datafusion_message(e),
+        dstream_executor::Error::Planner(e) => planner_message(e),
+        other => other.to_string(),
+    }
+}
+
+/// DataFusion's message, in the words a SQL user expects: no "Error during
+/// planning:" prefixes, and missing tables named as PostgreSQL names them.
+pub fn datafusion_message(e: &DataFusionError) -> String {
+    let root = e.find_root();
+    let text = match root {
+        DataFusionError::Plan(msg) | DataFusionError::Execution(msg) => msg.clone(),
+        DataFusionError::NotImplemented(msg) => format!("not supported: {msg}"),
+        DataFusionError::SQL(e, _) => e.to_string(),
+        DataFusionError::SchemaError(e, _) => e.to_string(),
+        DataFusionError::ArrowError(e, _) => e.to_string(),
+        DataFusionError::External(e) => e.to_string(),
+        other => other.to_string(),
+    };
+    if let Some(rest) = text.strip_prefix("table '")
+        && let Some(name) = rest.strip_suffix("' not found")
+    {
+        let short = name.rsplit('.').next().unwrap_or(name);
+        return format!("relation \"{short}\" does not exist");
+    }
+    text.strip_prefix("sql parser error: ")
+        .map(|t| format!("syntax error: {t}"))
+        .unwrap_or(text)
+}

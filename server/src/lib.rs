@@ -1,0 +1,54 @@
+//! dstream-server: the coordinator and the front doors of dstream, and the `dstream`
+//! binary.
+//!
+//! The entry point is [`run`], which starts an [`Engine`] and serves the Postgres wire
+//! protocol until shutdown; tests call it on `127.0.0.1:0` with a manual clock.
+//!
+//! # Layout
+//! - [`engine`]: [`Engine`], the coordinator: interval loop, snapshots, commits.
+//! - [`session`]: executing statements.
+//! - [`subscribe`]: `SUBSCRIBE` streams.
+//! - [`clock`]: the injected [`clock::IntervalClock`], real and manual.
+//! - [`pgwire`]: the Postgres wire protocol.
+//! - [`config`]: [`config::ServeConfig`] from flags, environment and TOML.
+//! - [`error`]: the crate's [`Error`] and [`Result`], and SQLSTATEs.
+
+pub mod clock;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod pgwire;
+pub mod session;
+pub mod subscribe;
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use engine::Engine;
+pub use error::{Error, Result};
+
+use crate::clock::{IntervalClock, ManualClock, RealClock};
+use crate::config::{ClockKind, ServeConfig};
+
+/// The clock a configuration asks for. The manual clock's first interval starts at
+/// 2026-01-01 00:00:00 UTC, so that test output is the same every run.
+pub fn clock_for(config: &ServeConfig) -> Arc<dyn IntervalClock> {
+    match config.clock {
+        ClockKind::Real => Arc::new(RealClock),
+        ClockKind::Manual => Arc::new(ManualClock::new(1_767_225_600_000_000_000)),
+    }
+}
+
+/// Runs the embedded server: starts the engine on `config` and serves pgwire on
+/// `listener` until `shutdown` is cancelled.
+pub async fn run(
+    config: ServeConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let clock = clock_for(&config);
+    let engine = Engine::start(config, clock, shutdown.clone()).await?;
+    pgwire::serve(listener, engine, shutdown).await
+}

@@ -1,0 +1,142 @@
+//! The `dstream` binary: `dstream serve` runs the embedded server, `dstream sql` is
+//! the interactive SQL client.
+
+mod cli;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use dstream_server::config::{ClockKind, FileConfig, ServeConfig, parse_duration};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "dstream",
+    version,
+    about = "A continuous-query server over discretized streams"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the embedded server: coordinator, tasks and a local data directory.
+    Serve(ServeArgs),
+    /// Interactive SQL client (psql-like) for a running server.
+    Sql(cli::SqlArgs),
+}
+
+/// Every flag can also be set with its environment variable or in the `[serve]`
+/// section of a TOML file given with --config; flags win over the environment, which
+/// wins over the file.
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "DSTREAM_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory for the catalog and table data [default: ./dstream-data].
+    #[arg(long, env = "DSTREAM_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Postgres wire protocol address [default: 127.0.0.1:6875].
+    #[arg(long, env = "DSTREAM_PG_ADDR")]
+    pg_addr: Option<SocketAddr>,
+    /// Width of one interval, e.g. 1s or 250ms [default: 1s].
+    #[arg(long, env = "DSTREAM_BATCH_INTERVAL")]
+    batch_interval: Option<String>,
+    /// State partitions per materialized view [default: 4].
+    #[arg(long, env = "DSTREAM_PARTITIONS")]
+    partitions: Option<usize>,
+    /// Interval clock: real (wall clock) or manual (ADVANCE n) [default: real].
+    #[arg(long, env = "DSTREAM_CLOCK", value_enum)]
+    clock: Option<ClockKind>,
+    /// How long raw source rows stay queryable, e.g. 5m [default: 5m].
+    #[arg(long, env = "DSTREAM_SOURCE_RETENTION")]
+    source_retention: Option<String>,
+}
+
+impl ServeArgs {
+    fn into_config(self) -> anyhow::Result<ServeConfig> {
+        let mut config = ServeConfig::default();
+        if let Some(path) = &self.config {
+            FileConfig::load(path)?.apply(&mut config)?;
+        }
+        if let Some(v) = self.data_dir {
+            config.data_dir = v;
+        }
+        if let Some(v) = self.pg_addr {
+            config.pg_addr = v;
+        }
+        if let Some(v) = self.batch_interval {
+            config.batch_interval = parse_duration(&v)?;
+        }
+        if let Some(v) = self.partitions {
+            config.partitions = v;
+        }
+        if let Some(v) = self.clock {
+            config.clock = v;
+        }
+        if let Some(v) = self.source_retention {
+            config.source_retention = parse_duration(&v)?;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    match cli.command {
+        Command::Serve(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .init();
+            let config = args.into_config()?;
+            runtime.block_on(serve(config))
+        }
+        Command::Sql(args) => {
+            let code = runtime.block_on(cli::run(args))?;
+            std::process::exit(code);
+        }
+    }
+}
+
+async fn serve(config: ServeConfig) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(config.pg_addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.pg_addr))?;
+    info!(
+        data_dir = %config.data_dir.display(),
+        batch_interval = ?config.batch_interval,
+        partitions = config.partitions,
+        clock = ?config.clock,
+        "dstream starting; connect with: dstream sql -p {}",
+        config.pg_addr.port()
+    );
+    let shutdown = CancellationToken::new();
+    let mut server = tokio::spawn(dstream_server::run(config, listener, shutdown.clone()));
+    tokio::select! {
+        finished = &mut server => {
+            finished.context("server task")??;
+            return Ok(());
+        }
+        _ = tokio::signal::ctrl_c() => {
+            info!("shutting down");
+            shutdown.cancel();
+        }
+    }
+    server.await.context("server task")??;
+    Ok(())
+}

@@ -1,0 +1,452 @@
+//! The Postgres wire protocol front door, so that `psql`, JDBC, psycopg and
+//! tokio-postgres talk to dstream as to PostgreSQL.
+//!
+//! [`PgHandler`] implements pgwire's simple and extended query handlers on top of
+//! [`crate::session`]; Arrow results are encoded with arrow-pg's type mapping. Errors
+//! carry the SQLSTATE of [`Error::sqlstate`]. `SUBSCRIBE` streams as `COPY ... TO
+//! STDOUT` in text format, one chunk per interval, so psql prints it live.
+//!
+//! The entry point is [`serve`].
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::{DataType, SchemaRef};
+use arrow::util::display::{ArrayFormatter, FormatOptions};
+use arrow_pg::datatypes::{arrow_schema_to_pg_fields, encode_recordbatch, into_pg_type};
+use async_trait::async_trait;
+use datafusion::common::{ParamValues, ScalarValue};
+use futures::{Sink, StreamExt, stream};
+use pgwire::api::auth::noop::NoopStartupHandler;
+use pgwire::api::portal::{Format, Portal};
+use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
+use pgwire::api::results::{CopyResponse, FieldInfo, QueryResponse, Response, Tag};
+use pgwire::api::stmt::{QueryParser, StoredStatement};
+use pgwire::api::{ClientInfo, ClientPortalStore, PgWireServerHandlers, Type};
+use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use pgwire::messages::PgWireBackendMessage;
+use pgwire::messages::data::DataRow;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::session::{self, StatementResult};
+use crate::subscribe::Subscription;
+use dstream_planner::Statement;
+use dstream_planner::statement::parse_statement;
+
+/// Accepts Postgres connections on `listener` until `shutdown` is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    engine: Engine,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let handlers = Arc::new(PgHandlers {
+        handler: Arc::new(PgHandler {
+            engine,
+            parser: Arc::new(DstreamQueryParser),
+        }),
+    });
+    info!(addr = %listener.local_addr()?, "pgwire listening");
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => {
+                let (socket, peer) = accepted?;
+                debug!(%peer, "pgwire connection");
+                let handlers = handlers.clone();
+                connections.spawn(async move {
+                    if let Err(e) = pgwire::tokio::process_socket(socket, None, handlers).await {
+                        debug!(%peer, error = %e, "pgwire connection ended with an error");
+                    }
+                });
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    connections.abort_all();
+    Ok(())
+}
+
+struct PgHandlers {
+    handler: Arc<PgHandler>,
+}
+
+impl PgWireServerHandlers for PgHandlers {
+    fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
+        self.handler.clone()
+    }
+
+    fn extended_query_handler(&self) -> Arc<impl ExtendedQueryHandler> {
+        self.handler.clone()
+    }
+
+    fn startup_handler(&self) -> Arc<impl pgwire::api::auth::StartupHandler> {
+        self.handler.clone()
+    }
+}
+
+/// Serves every connection; holds no per-connection state.
+pub struct PgHandler {
+    engine: Engine,
+    parser: Arc<DstreamQueryParser>,
+}
+
+impl NoopStartupHandler for PgHandler {}
+
+/// A client-visible error with its SQLSTATE.
+fn pg_error(e: &Error) -> PgWireError {
+    PgWireError::UserError(Box::new(error_info(e)))
+}
+
+fn error_info(e: &Error) -> ErrorInfo {
+    ErrorInfo::new("ERROR".to_owned(), e.sqlstate().to_owned(), e.to_string())
+}
+
+fn command_response(tag: &str, rows: Option<u64>) -> Response {
+    let mut t = Tag::new(tag);
+    if let Some(n) = rows {
+        t = t.with_oid(0).with_rows(n as usize);
+    }
+    Response::Execution(t)
+}
+
+fn rows_response(
+    schema: &SchemaRef,
+    batches: Vec<RecordBatch>,
+    format: &Format,
+) -> PgWireResult<Response> {
+    let fields = Arc::new(arrow_schema_to_pg_fields(schema, format, None)?);
+    let rows = batches
+        .into_iter()
+        .flat_map({
+            let fields = fields.clone();
+            move |batch| encode_recordbatch(fields.clone(), batch)
+        })
+        .collect::<Vec<PgWireResult<DataRow>>>();
+    Ok(Response::Query(QueryResponse::new(
+        fields,
+        stream::iter(rows),
+    )))
+}
+
+/// Encodes rows as COPY text: tab-separated, `\N` for NULL, one line per row.
+fn copy_text(batches: &[RecordBatch]) -> Result<Vec<u8>> {
+    let options = FormatOptions::default().with_null("\\N");
+    let mut out = Vec::new();
+    for batch in batches {
+        let formatters = batch
+            .columns()
+            .iter()
+            .map(|c| ArrayFormatter::try_new(c.as_ref(), &options))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        for row in 0..batch.num_rows() {
+            for (i, f) in formatters.iter().enumerate() {
+                if i > 0 {
+                    out.push(b'\t');
+                }
+                let text = f.value(row).to_string();
+                if batch.column(i).is_null(row) {
+                    out.extend_from_slice(b"\\N");
+                } else {
+                    for ch in text.bytes() {
+                        match ch {
+                            b'\\' => out.extend_from_slice(b"\\\\"),
+                            b'\t' => out.extend_from_slice(b"\\t"),
+                            b'\n' => out.extend_from_slice(b"\\n"),
+                            b'\r' => out.extend_from_slice(b"\\r"),
+                            c => out.push(c),
+                        }
+                    }
+                }
+            }
+            out.push(b'\n');
+        }
+    }
+    Ok(out)
+}
+
+fn subscribe_response(subscription: Subscription) -> Response {
+    let columns = subscription.schema().fields().len();
+    let chunks = stream::unfold(subscription, |mut sub| async move {
+        let chunk = sub.next_chunk().await?;
+        let data = chunk
+            .and_then(|batches| copy_text(&batches))
+            .map(|bytes| pgwire::messages::copy::CopyData::new(bytes.into()))
+            .map_err(|e| pg_error(&e));
+        Some((data, sub))
+    });
+    Response::CopyOut(CopyResponse::new(0, columns, chunks.boxed()))
+}
+
+fn into_response(result: StatementResult, format: &Format) -> PgWireResult<Response> {
+    match result {
+        StatementResult::Rows { schema, batches } => rows_response(&schema, batches, format),
+        StatementResult::Command { tag, rows } => Ok(command_response(&tag, rows)),
+        StatementResult::Subscribe(sub) => Ok(subscribe_response(sub)),
+    }
+}
+
+#[async_trait]
+impl SimpleQueryHandler for PgHandler {
+    async fn do_query<C>(&self, _client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let statements = match dstream_planner::statement::parse_statements(query) {
+            Ok(s) => s,
+            Err(e) => return Err(pg_error(&e.into())),
+        };
+        let mut responses = Vec::with_capacity(statements.len());
+        for statement in statements {
+            match session::execute_statement(&self.engine, statement).await {
+                Ok(result) => responses.push(into_response(result, &Format::UnifiedText)?),
+                Err(e) => {
+                    responses.push(Response::Error(Box::new(error_info(&e))));
+                    break;
+                }
+            }
+        }
+        Ok(responses)
+    }
+}
+
+/// A statement prepared with the extended protocol, with what `Describe` reports.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    statement: Statement,
+    schema: Option<SchemaRef>,
+    parameters: Vec<Option<DataType>>,
+}
+
+/// Parses statements for the extended protocol. Statements that return rows are
+/// planned (queries) or run (SHOW, DESCRIBE, EXPLAIN) at parse time so that their row
+/// shape can be described before execution.
+#[derive(Debug)]
+pub struct DstreamQueryParser;
+
+fn pg_type_of(t: &Option<DataType>) -> Type {
+    match t {
+        Some(t) => into_pg_type(t).unwrap_or(Type::UNKNOWN),
+        None => Type::UNKNOWN,
+    }
+}
+
+#[async_trait]
+impl QueryParser for DstreamQueryParser {
+    type Statement = Prepared;
+
+    async fn parse_sql<C>(
+        &self,
+        _client: &C,
+        sql: &str,
+        _types: &[Option<Type>],
+    ) -> PgWireResult<Option<Prepared>>
+    where
+        C: ClientInfo + Unpin + Send + Sync,
+    {
+        // The schema is filled in by `PgHandler::prepare`, which has the engine.
+        let statement = parse_statement(sql).map_err(|e| pg_error(&e.into()))?;
+        Ok(Some(Prepared {
+            statement,
+            schema: None,
+            parameters: vec![],
+        }))
+    }
+
+    fn get_parameter_types(&self, stmt: &Prepared) -> PgWireResult<Vec<Type>> {
+        Ok(stmt.parameters.iter().map(pg_type_of).collect())
+    }
+
+    fn get_result_schema(
+        &self,
+        stmt: &Prepared,
+        format: Option<&Format>,
+    ) -> PgWireResult<Vec<FieldInfo>> {
+        match &stmt.schema {
+            Some(schema) => Ok(arrow_schema_to_pg_fields(
+                schema,
+                format.unwrap_or(&Format::UnifiedText),
+                None,
+            )?),
+            None => Ok(vec![]),
+        }
+    }
+}
+
+impl PgHandler {
+    /// Fills in the result schema and parameter types of a prepared statement.
+    async fn describe(&self, prepared: &mut Prepared) -> Result<()> {
+        match &prepared.statement {
+            Statement::Sql(stmt)
+                if matches!(
+                    stmt.as_ref(),
+                    datafusion::sql::sqlparser::ast::Statement::Query(_)
+                        | datafusion::sql::sqlparser::ast::Statement::Explain { .. }
+                ) =>
+            {
+                let (schema, params) =
+                    session::describe_query(&self.engine, stmt.as_ref().clone()).await?;
+                prepared.schema = Some(schema);
+                prepared.parameters = params;
+            }
+            Statement::Sql(stmt)
+                if matches!(
+                    stmt.as_ref(),
+                    datafusion::sql::sqlparser::ast::Statement::ShowVariable { .. }
+                ) =>
+            {
+                if let StatementResult::Rows { schema, .. } =
+                    session::execute_statement(&self.engine, prepared.statement.clone()).await?
+                {
+                    prepared.schema = Some(schema);
+                }
+            }
+            Statement::Show(_) | Statement::Describe(_) | Statement::ExplainView(_) => {
+                if let StatementResult::Rows { schema, .. } =
+                    session::execute_statement(&self.engine, prepared.statement.clone()).await?
+                {
+                    prepared.schema = Some(schema);
+                }
+            }
+            Statement::Subscribe(name) => {
+                prepared.schema = Some(Subscription::start(&self.engine, name)?.schema().clone());
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Decodes the bound parameters of `portal` as DataFusion values.
+fn parameter_values(portal: &Portal<Prepared>) -> PgWireResult<Vec<ScalarValue>> {
+    let declared = &portal.statement.statement.parameters;
+    let client_types = &portal.statement.parameter_types;
+    (0..portal.parameter_len())
+        .map(|i| {
+            let pg_type = client_types
+                .get(i)
+                .cloned()
+                .flatten()
+                .unwrap_or_else(|| pg_type_of(declared.get(i).unwrap_or(&None)));
+            Ok(match pg_type {
+                Type::BOOL => ScalarValue::Boolean(portal.parameter::<bool>(i, &pg_type)?),
+                Type::INT2 => ScalarValue::Int16(portal.parameter::<i16>(i, &pg_type)?),
+                Type::INT4 => ScalarValue::Int32(portal.parameter::<i32>(i, &pg_type)?),
+                Type::INT8 => ScalarValue::Int64(portal.parameter::<i64>(i, &pg_type)?),
+                Type::FLOAT4 => ScalarValue::Float32(portal.parameter::<f32>(i, &pg_type)?),
+                Type::FLOAT8 => ScalarValue::Float64(portal.parameter::<f64>(i, &pg_type)?),
+                Type::TIMESTAMP => ScalarValue::TimestampNanosecond(
+                    portal
+                        .parameter::<chrono::NaiveDateTime>(i, &pg_type)?
+                        .and_then(|t| t.and_utc().timestamp_nanos_opt()),
+                    None,
+                ),
+                _ => ScalarValue::Utf8(portal.parameter::<String>(i, &Type::TEXT)?),
+            })
+        })
+        .collect()
+}
+
+#[async_trait]
+impl ExtendedQueryHandler for PgHandler {
+    type Statement = Prepared;
+    type QueryParser = DstreamQueryParser;
+
+    fn query_parser(&self) -> Arc<Self::QueryParser> {
+        self.parser.clone()
+    }
+
+    async fn do_describe_statement<C>(
+        &self,
+        _client: &mut C,
+        target: &StoredStatement<Prepared>,
+    ) -> PgWireResult<pgwire::api::results::DescribeStatementResponse>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: pgwire::api::store::PortalStore<Statement = Prepared>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let mut prepared = target.statement.clone();
+        self.describe(&mut prepared)
+            .await
+            .map_err(|e| pg_error(&e))?;
+        let params = prepared.parameters.iter().enumerate().map(|(i, t)| {
+            target
+                .parameter_types
+                .get(i)
+                .cloned()
+                .flatten()
+                .unwrap_or_else(|| pg_type_of(t))
+        });
+        let fields = self.parser.get_result_schema(&prepared, None)?;
+        Ok(pgwire::api::results::DescribeStatementResponse::new(
+            params.collect(),
+            fields,
+        ))
+    }
+
+    async fn do_describe_portal<C>(
+        &self,
+        _client: &mut C,
+        target: &Portal<Prepared>,
+    ) -> PgWireResult<pgwire::api::results::DescribePortalResponse>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: pgwire::api::store::PortalStore<Statement = Prepared>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let mut prepared = target.statement.statement.clone();
+        self.describe(&mut prepared)
+            .await
+            .map_err(|e| pg_error(&e))?;
+        let fields = self
+            .parser
+            .get_result_schema(&prepared, Some(&target.result_column_format))?;
+        Ok(pgwire::api::results::DescribePortalResponse::new(fields))
+    }
+
+    async fn do_query<C>(
+        &self,
+        _client: &mut C,
+        portal: &Portal<Prepared>,
+        _max_rows: usize,
+    ) -> PgWireResult<Response>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: pgwire::api::store::PortalStore<Statement = Prepared>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let statement = portal.statement.statement.statement.clone();
+        let result = match statement {
+            Statement::Sql(stmt)
+                if matches!(
+                    stmt.as_ref(),
+                    datafusion::sql::sqlparser::ast::Statement::Query(_)
+                ) =>
+            {
+                let params = parameter_values(portal)?;
+                let params = (!params.is_empty()).then_some(ParamValues::List(
+                    params.into_iter().map(Into::into).collect(),
+                ));
+                session::query_with_params(&self.engine, *stmt, params).await
+            }
+            other => session::execute_statement(&self.engine, other).await,
+        };
+        match result {
+            Ok(result) => into_response(result, &portal.result_column_format),
+            Err(e) => Err(pg_error(&e)),
+        }
+    }
+}

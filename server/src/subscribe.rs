@@ -1,0 +1,122 @@
+//! `SUBSCRIBE TO view`: a view's current rows, then its changelog, one chunk per
+//! interval, until the client goes away.
+//!
+//! Every row carries `_interval` (the interval it belongs to) and `op` (`insert` or
+//! `delete`) before the view's columns. The subscription registers for changes before
+//! it reads the snapshot, and skips changes the snapshot already contains, so no
+//! interval is lost or repeated.
+
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, RecordBatch, StringArray, TimestampNanosecondArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use dstream_storage::IntervalId;
+use tokio::sync::broadcast;
+
+use crate::engine::{ChangeBatch, Engine};
+use crate::error::{Error, Result};
+
+/// A live subscription to one view.
+#[derive(Debug)]
+pub struct Subscription {
+    view: String,
+    schema: SchemaRef,
+    /// The snapshot's rows, sent first.
+    initial: Option<Vec<RecordBatch>>,
+    /// Changes up to and including this interval are in the snapshot.
+    seen: Option<IntervalId>,
+    initial_start: i64,
+    changes: broadcast::Receiver<Arc<ChangeBatch>>,
+}
+
+impl Subscription {
+    pub fn start(engine: &Engine, view: &str) -> Result<Self> {
+        let changes = engine.subscribe_changes(view);
+        let snapshot = engine.snapshot();
+        let (view_schema, partitions) =
+            snapshot
+                .views
+                .get(view)
+                .ok_or_else(|| Error::UnknownObject {
+                    kind: "materialized view",
+                    name: view.to_string(),
+                })?;
+        let mut fields = vec![
+            Field::new(
+                "_interval",
+                DataType::Timestamp(TimeUnit::Nanosecond, None),
+                false,
+            ),
+            Field::new("op", DataType::Utf8, false),
+        ];
+        fields.extend(view_schema.fields().iter().map(|f| f.as_ref().clone()));
+        let schema = Arc::new(Schema::new(fields));
+        let rows: Vec<RecordBatch> = partitions.iter().flat_map(|p| p.iter().cloned()).collect();
+        Ok(Subscription {
+            view: view.to_string(),
+            schema,
+            initial: Some(rows),
+            seen: snapshot.interval,
+            initial_start: snapshot.interval_start,
+            changes,
+        })
+    }
+
+    /// `_interval`, `op`, then the view's columns.
+    pub fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    /// The next chunk of rows: first the snapshot, then one chunk per interval with
+    /// changes. `None` when the view is dropped.
+    pub async fn next_chunk(&mut self) -> Option<Result<Vec<RecordBatch>>> {
+        if let Some(rows) = self.initial.take() {
+            return Some(self.tag(&rows, "insert", self.initial_start));
+        }
+        loop {
+            match self.changes.recv().await {
+                Ok(change) => {
+                    if self.seen.is_some_and(|seen| change.interval <= seen) {
+                        continue;
+                    }
+                    let mut out = match self.tag(
+                        &change.changelog.deletes,
+                        "delete",
+                        change.interval_start,
+                    ) {
+                        Ok(out) => out,
+                        Err(e) => return Some(Err(e)),
+                    };
+                    match self.tag(&change.changelog.inserts, "insert", change.interval_start) {
+                        Ok(inserts) => out.extend(inserts),
+                        Err(e) => return Some(Err(e)),
+                    }
+                    return Some(Ok(out));
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    return Some(Err(Error::Invalid(format!(
+                        "subscription to \"{}\" fell {n} intervals behind and was closed; subscribe again",
+                        self.view
+                    ))));
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+
+    fn tag(&self, rows: &[RecordBatch], op: &str, interval_start: i64) -> Result<Vec<RecordBatch>> {
+        rows.iter()
+            .filter(|b| b.num_rows() > 0)
+            .map(|b| {
+                let n = b.num_rows();
+                let mut columns: Vec<ArrayRef> = vec![
+                    Arc::new(TimestampNanosecondArray::from_value(interval_start, n)),
+                    Arc::new(StringArray::from(vec![op; n])),
+                ];
+                columns.extend(b.columns().iter().cloned());
+                RecordBatch::try_new(self.schema.clone(), columns)
+                    .map_err(|e| Error::Internal(e.to_string()))
+            })
+            .collect()
+    }
+}

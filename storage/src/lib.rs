@@ -1,0 +1,24 @@
+//! dstream-storage: the lowest layer of dstream.
+//!
+//! It names things (intervals, partitions), wraps the object store that holds durable
+//! data, and persists the catalog. Everything above it — planner, executor, server —
+//! builds on these types. The entry type is [`DataDir`], the durable home of one
+//! dstream deployment.
+//!
+//! # Layout
+//! - [`ids`]: [`IntervalId`], [`PartitionId`] and the interval timeline.
+//! - [`data_dir`]: [`DataDir`], the object-store backed data directory.
+//! - [`catalog_file`]: [`CatalogFile`], the persisted list of catalog entries.
+//! - [`table_data`]: rows of user tables as Arrow IPC files.
+//! - [`error`]: the crate's [`Error`] and [`Result`].
+
+pub mod catalog_file;
+pub mod data_dir;
+pub mod error;
+pub mod ids;
+pub mod table_data;
+
+pub use catalog_file::{CatalogEntry, CatalogFile, CatalogState, EntryKind};
+pub use data_dir::DataDir;
+pub use error::{Error, Result};
+pub use ids::{IntervalId, PartitionId, Timeline};
