@@ -58,8 +58,10 @@ impl ViewRuntime {
         let p = plan.partitions;
         Ok(ViewRuntime {
             current: ViewVersion {
-                states: vec![Arc::new(StatePartition::default()); p],
-                rows: vec![Arc::new(Vec::new()); p],
+                states: (0..p)
+                    .map(|_| Arc::new(StatePartition::default()))
+                    .collect(),
+                rows: (0..p).map(|_| Arc::new(Vec::new())).collect(),
             },
             plan,
             operator,

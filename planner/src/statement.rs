@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 /// One parsed statement.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Statement {
-    CreateSource(CreateSource),
+    CreateSource(Box<CreateSource>),
     CreateMaterializedView(CreateMaterializedView),
     Show(ShowKind),
     Describe(String),
@@ -162,7 +162,7 @@ pub fn parse_statement(sql: &str) -> Result<Statement> {
 fn parse_one(p: &mut Parser) -> Result<Statement> {
     if peek_words(p, &["CREATE", "SOURCE"]) {
         advance(p, 2);
-        return Ok(Statement::CreateSource(parse_create_source(p)?));
+        return Ok(Statement::CreateSource(Box::new(parse_create_source(p)?)));
     }
     if peek_words(p, &["CREATE", "MATERIALIZED", "VIEW"]) {
         advance(p, 3);

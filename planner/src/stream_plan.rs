@@ -125,6 +125,9 @@ pub async fn plan_view(
 ) -> Result<StreamPlan> {
     let mut query = create.query.clone();
     let window = rewrite_windows(&mut query)?;
+    if let Some(window) = &window {
+        check_window(window, catalog, batch_interval, create.emit)?;
+    }
     let plan = state
         .statement_to_plan(DFStatement::Statement(Box::new(ast::Statement::Query(
             query,
@@ -135,9 +138,6 @@ pub async fn plan_view(
         .execute_and_check(plan, state.config_options(), |_, _| {})?;
 
     let (source, reads) = resolve_reads(&logical, catalog)?;
-    if let Some(window) = &window {
-        check_window(window, &source, catalog, batch_interval, create.emit)?;
-    }
     check_supported(&logical)?;
     let (input, aggregate) = split_at_aggregate(&logical)?;
     check_joins(&input, &source)?;
@@ -157,13 +157,13 @@ pub async fn plan_view(
                  GROUP BY window_start, window_end, ... over TUMBLE or HOP",
             ));
         }
-        (Some(agg), w, EmitMode::OnWindowClose) => {
-            if w.is_none() || (agg.window_start_key.is_none() && agg.window_end_key.is_none()) {
-                return Err(invalid(
-                    "EMIT ON WINDOW CLOSE needs a windowed aggregation: \
-                     GROUP BY window_start or window_end over TUMBLE or HOP",
-                ));
-            }
+        (Some(agg), w, EmitMode::OnWindowClose)
+            if w.is_none() || (agg.window_start_key.is_none() && agg.window_end_key.is_none()) =>
+        {
+            return Err(invalid(
+                "EMIT ON WINDOW CLOSE needs a windowed aggregation: \
+                 GROUP BY window_start or window_end over TUMBLE or HOP",
+            ));
         }
         (Some(agg), Some(w), _) if w.kind == WindowKind::Hop => {
             if agg.window_start_key.is_none() && agg.window_end_key.is_none() {
@@ -235,7 +235,6 @@ fn resolve_reads(plan: &LogicalPlan, catalog: &Catalog) -> Result<(String, Vec<S
 
 fn check_window(
     window: &WindowSpec,
-    source: &str,
     catalog: &Catalog,
     batch_interval: Duration,
     emit: EmitMode,
@@ -246,11 +245,6 @@ fn check_window(
             window.source
         ))
     })?;
-    if window.source != source {
-        return Err(Error::Internal(
-            "window source differs from scanned source".into(),
-        ));
-    }
     let field = def
         .schema
         .field_with_name(&window.time_column)

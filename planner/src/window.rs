@@ -227,7 +227,7 @@ fn pane_subquery(spec: &WindowSpec) -> Result<Box<Query>> {
 /// A duration as a SQL interval literal.
 pub fn sql_interval(d: Duration) -> String {
     let nanos = d.as_nanos();
-    if nanos % 1_000_000 == 0 {
+    if nanos.is_multiple_of(1_000_000) {
         format!("INTERVAL '{} milliseconds'", nanos / 1_000_000)
     } else {
         format!("INTERVAL '{nanos} nanoseconds'")

@@ -14,9 +14,13 @@ use rustyline::DefaultEditor;
 use rustyline::error::ReadlineError;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
-/// Connection flags follow psql's.
+/// Connection flags follow psql's (so `-h` is the host; help is `--help`).
 #[derive(Args, Debug)]
+#[command(disable_help_flag = true)]
 pub struct SqlArgs {
+    /// Print help.
+    #[arg(long, action = clap::ArgAction::Help)]
+    help: Option<bool>,
     /// Server host.
     #[arg(short = 'h', long, env = "PGHOST", default_value = "127.0.0.1")]
     host: String,

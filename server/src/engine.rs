@@ -18,6 +18,7 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use datafusion::catalog::{MemTable, TableProvider};
 use datafusion::prelude::{SessionConfig, SessionContext};
+use dstream_executor::view_runtime::ViewPartition;
 use dstream_executor::{Block, Changelog, SourceRuntime, ViewRuntime};
 use dstream_planner::Catalog;
 use dstream_storage::{CatalogFile, DataDir, IntervalId, Timeline};
@@ -107,7 +108,7 @@ pub struct Snapshot {
     /// Start of that interval, nanoseconds since the epoch.
     pub interval_start: i64,
     /// Rows of each view, by partition.
-    pub views: HashMap<String, (SchemaRef, Vec<Arc<Vec<RecordBatch>>>)>,
+    pub views: HashMap<String, (SchemaRef, Vec<ViewPartition>)>,
     /// The retained recent blocks of each source.
     pub sources: HashMap<String, (SchemaRef, Vec<Arc<Block>>)>,
     pub tables: HashMap<String, Arc<dyn TableProvider>>,
@@ -369,7 +370,7 @@ impl Engine {
                 }
                 Err(e) => {
                     warn!(view = %name, interval = %interval, error = %e, "materialized view failed and stopped");
-                    slot.failure = Some(format!("interval {interval}: {e}"));
+                    slot.failure = Some(format!("interval {interval}: {}", Error::from(e)));
                 }
             }
         }

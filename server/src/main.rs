@@ -140,3 +140,19 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     server.await.context("server task")??;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn command_line_is_consistent() {
+        Cli::command().debug_assert();
+        let cli =
+            Cli::try_parse_from(["dstream", "sql", "-h", "db", "-p", "7000", "-c", "SELECT 1"])
+                .expect("psql-style flags parse");
+        assert!(matches!(cli.command, Command::Sql(_)));
+    }
+}

@@ -72,7 +72,7 @@ pub async fn execute(engine: &Engine, sql: &str) -> Result<Vec<StatementResult>>
 /// Executes one parsed statement.
 pub async fn execute_statement(engine: &Engine, statement: Statement) -> Result<StatementResult> {
     match statement {
-        Statement::CreateSource(create) => create_source(engine, create, true).await,
+        Statement::CreateSource(create) => create_source(engine, *create, true).await,
         Statement::CreateMaterializedView(create) => create_view(engine, create, true).await,
         Statement::ExplainView(create) => explain_view(engine, create).await,
         Statement::Show(kind) => show(engine, kind).await,
@@ -90,7 +90,7 @@ pub async fn execute_statement(engine: &Engine, statement: Statement) -> Result<
 /// Re-creates one stored definition at startup.
 pub(crate) async fn restore_entry(engine: &Engine, entry: &CatalogEntry) -> Result<()> {
     match parse_statement(&entry.sql)? {
-        Statement::CreateSource(c) => create_source(engine, c, false).await?,
+        Statement::CreateSource(c) => create_source(engine, *c, false).await?,
         Statement::CreateMaterializedView(c) => create_view(engine, c, false).await?,
         Statement::Sql(stmt) => match *stmt {
             ast::Statement::CreateTable(ct) => create_table(engine, ct, false).await?,

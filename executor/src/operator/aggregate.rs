@@ -579,13 +579,21 @@ impl StreamOperator for AggregateOperator {
             });
         }
 
-        let keys: Vec<Expr> = (0..self.keys).map(|i| column(&key_name(i))).collect();
-        let touched = scan("delta", self.state_schema.clone(), delta)?
-            .aggregate(keys, Vec::<Expr>::new())?
-            .build()?;
-        let touched = execute(ctx, touched).await?;
-        let before = execute(ctx, self.semi_join(prev.rows.clone(), &touched)?).await?;
-        let after = execute(ctx, self.semi_join(merged.clone(), &touched)?).await?;
+        // The groups this interval touched, before and after. Without group keys there
+        // is one group, and it is always touched.
+        let (before, after) = if self.keys == 0 {
+            (prev.rows.clone(), merged.clone())
+        } else {
+            let keys: Vec<Expr> = (0..self.keys).map(|i| column(&key_name(i))).collect();
+            let touched = scan("delta", self.state_schema.clone(), delta)?
+                .aggregate(keys, Vec::<Expr>::new())?
+                .build()?;
+            let touched = execute(ctx, touched).await?;
+            (
+                execute(ctx, self.semi_join(prev.rows.clone(), &touched)?).await?,
+                execute(ctx, self.semi_join(merged.clone(), &touched)?).await?,
+            )
+        };
         let before_rows = self.finalize(ctx, before).await?;
         let after_rows = self.finalize(ctx, after).await?;
         let changelog = cancel_unchanged(&self.plan.schema, before_rows, after_rows)?;

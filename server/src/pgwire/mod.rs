@@ -17,15 +17,16 @@ use arrow::util::display::{ArrayFormatter, FormatOptions};
 use arrow_pg::datatypes::{arrow_schema_to_pg_fields, encode_recordbatch, into_pg_type};
 use async_trait::async_trait;
 use datafusion::common::{ParamValues, ScalarValue};
-use futures::{Sink, StreamExt, stream};
+use futures::{Sink, SinkExt, stream};
 use pgwire::api::auth::noop::NoopStartupHandler;
 use pgwire::api::portal::{Format, Portal};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
-use pgwire::api::results::{CopyResponse, FieldInfo, QueryResponse, Response, Tag};
+use pgwire::api::results::{FieldInfo, QueryResponse, Response, Tag};
 use pgwire::api::stmt::{QueryParser, StoredStatement};
 use pgwire::api::{ClientInfo, ClientPortalStore, PgWireServerHandlers, Type};
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use pgwire::messages::PgWireBackendMessage;
+use pgwire::messages::copy::{CopyData, CopyDone, CopyFail, CopyOutResponse};
 use pgwire::messages::data::DataRow;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
@@ -137,7 +138,9 @@ fn rows_response(
 
 /// Encodes rows as COPY text: tab-separated, `\N` for NULL, one line per row.
 fn copy_text(batches: &[RecordBatch]) -> Result<Vec<u8>> {
-    let options = FormatOptions::default().with_null("\\N");
+    let options = FormatOptions::default()
+        .with_null("\\N")
+        .with_timestamp_format(Some("%Y-%m-%d %H:%M:%S%.f"));
     let mut out = Vec::new();
     for batch in batches {
         let formatters = batch
@@ -172,30 +175,71 @@ fn copy_text(batches: &[RecordBatch]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-fn subscribe_response(subscription: Subscription) -> Response {
+/// Streams a subscription as `COPY ... TO STDOUT` text, flushing every interval's
+/// chunk as soon as it is committed, until the view is dropped or the client leaves.
+async fn stream_subscription<C>(
+    client: &mut C,
+    mut subscription: Subscription,
+) -> PgWireResult<Response>
+where
+    C: Sink<PgWireBackendMessage> + Unpin + Send,
+    C::Error: Debug,
+    PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+{
     let columns = subscription.schema().fields().len();
-    let chunks = stream::unfold(subscription, |mut sub| async move {
-        let chunk = sub.next_chunk().await?;
-        let data = chunk
-            .and_then(|batches| copy_text(&batches))
-            .map(|bytes| pgwire::messages::copy::CopyData::new(bytes.into()))
-            .map_err(|e| pg_error(&e));
-        Some((data, sub))
-    });
-    Response::CopyOut(CopyResponse::new(0, columns, chunks.boxed()))
+    client
+        .send(PgWireBackendMessage::CopyOutResponse(CopyOutResponse::new(
+            0,
+            columns as i16,
+            vec![0; columns],
+        )))
+        .await?;
+    let mut rows = 0usize;
+    while let Some(chunk) = subscription.next_chunk().await {
+        let text = match chunk.and_then(|batches| {
+            rows += batches.iter().map(|b| b.num_rows()).sum::<usize>();
+            copy_text(&batches)
+        }) {
+            Ok(text) => text,
+            Err(e) => {
+                client
+                    .send(PgWireBackendMessage::CopyFail(CopyFail::new(e.to_string())))
+                    .await?;
+                return Err(pg_error(&e));
+            }
+        };
+        if !text.is_empty() {
+            client
+                .send(PgWireBackendMessage::CopyData(CopyData::new(text.into())))
+                .await?;
+        }
+    }
+    client
+        .send(PgWireBackendMessage::CopyDone(CopyDone::new()))
+        .await?;
+    Ok(Response::Execution(Tag::new("COPY").with_rows(rows)))
 }
 
-fn into_response(result: StatementResult, format: &Format) -> PgWireResult<Response> {
+async fn into_response<C>(
+    client: &mut C,
+    result: StatementResult,
+    format: &Format,
+) -> PgWireResult<Response>
+where
+    C: Sink<PgWireBackendMessage> + Unpin + Send,
+    C::Error: Debug,
+    PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+{
     match result {
         StatementResult::Rows { schema, batches } => rows_response(&schema, batches, format),
         StatementResult::Command { tag, rows } => Ok(command_response(&tag, rows)),
-        StatementResult::Subscribe(sub) => Ok(subscribe_response(sub)),
+        StatementResult::Subscribe(sub) => stream_subscription(client, sub).await,
     }
 }
 
 #[async_trait]
 impl SimpleQueryHandler for PgHandler {
-    async fn do_query<C>(&self, _client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
     where
         C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
         C::Error: Debug,
@@ -208,7 +252,9 @@ impl SimpleQueryHandler for PgHandler {
         let mut responses = Vec::with_capacity(statements.len());
         for statement in statements {
             match session::execute_statement(&self.engine, statement).await {
-                Ok(result) => responses.push(into_response(result, &Format::UnifiedText)?),
+                Ok(result) => {
+                    responses.push(into_response(client, result, &Format::UnifiedText).await?)
+                }
                 Err(e) => {
                     responses.push(Response::Error(Box::new(error_info(&e))));
                     break;
@@ -418,7 +464,7 @@ impl ExtendedQueryHandler for PgHandler {
 
     async fn do_query<C>(
         &self,
-        _client: &mut C,
+        client: &mut C,
         portal: &Portal<Prepared>,
         _max_rows: usize,
     ) -> PgWireResult<Response>
@@ -445,7 +491,7 @@ impl ExtendedQueryHandler for PgHandler {
             other => session::execute_statement(&self.engine, other).await,
         };
         match result {
-            Ok(result) => into_response(result, &portal.result_column_format),
+            Ok(result) => into_response(client, result, &portal.result_column_format).await,
             Err(e) => Err(pg_error(&e)),
         }
     }
