@@ -53,22 +53,25 @@ enum Combine {
 /// The incremental aggregate of one stream plan.
 #[derive(Debug)]
 pub struct AggregateOperator {
-    plan: Arc<StreamPlan>,
+    pub(crate) plan: Arc<StreamPlan>,
     /// Number of group keys; state columns `__k0 .. __k{keys-1}` come first.
-    keys: usize,
+    pub(crate) keys: usize,
     /// Schema of the state and of the partials (all columns nullable).
-    state_schema: SchemaRef,
+    pub(crate) state_schema: SchemaRef,
     /// How each non-key state column is merged, in order (ending with `__rows`).
     combine: Vec<Combine>,
     /// Schema of the distinct pairs of each `count(DISTINCT ...)`, by call index.
     distinct_schemas: Vec<(usize, SchemaRef)>,
+    /// HOP with window close and invertible aggregates: state keeps panes, and windows
+    /// are assembled by add/subtract (see [`super::sliding`]).
+    pub(crate) sliding: bool,
 }
 
-fn key_name(i: usize) -> String {
+pub(crate) fn key_name(i: usize) -> String {
     format!("__k{i}")
 }
 
-fn column(name: &str) -> Expr {
+pub(crate) fn column(name: &str) -> Expr {
     Expr::Column(Column::from_name(name))
 }
 
@@ -79,7 +82,7 @@ fn agg(plan: &StreamPlan) -> Result<&AggregatePlan> {
 }
 
 /// Re-labels `batch` with `schema` (same columns; the schema's fields are nullable).
-fn relabel(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
+pub(crate) fn relabel(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
     Ok(RecordBatch::try_new(
         schema.clone(),
         batch.columns().to_vec(),
@@ -118,6 +121,12 @@ impl AggregateOperator {
             state_schema: Arc::new(Schema::empty()),
             combine,
             distinct_schemas: Vec::new(),
+            sliding: plan.emit == EmitMode::OnWindowClose
+                && aggregate.invertible()
+                && plan
+                    .window
+                    .as_ref()
+                    .is_some_and(|w| w.kind == WindowKind::Hop),
         };
         // The layouts are whatever the partial plans produce over an empty input.
         let empty = bind_scan(
@@ -136,12 +145,25 @@ impl AggregateOperator {
         Ok(op)
     }
 
-    fn aggregate(&self) -> &AggregatePlan {
+    pub(crate) fn aggregate(&self) -> &AggregatePlan {
         // Checked in `new`.
         self.plan
             .aggregate
             .as_ref()
             .unwrap_or_else(|| unreachable!())
+    }
+
+    /// The key columns the shuffle hashes. In sliding mode all panes of a group must
+    /// meet in one partition, so the window columns are left out.
+    fn shuffle_keys(&self) -> Vec<usize> {
+        let aggregate = self.aggregate();
+        (0..self.keys)
+            .filter(|k| {
+                !self.sliding
+                    || (Some(*k) != aggregate.window_start_key
+                        && Some(*k) != aggregate.window_end_key)
+            })
+            .collect()
     }
 
     /// The partial aggregate of `input` in the state layout.
@@ -250,7 +272,7 @@ impl AggregateOperator {
     }
 
     /// Merges accumulator rows with the same keys.
-    fn combine_plan(&self, rows: Vec<RecordBatch>) -> Result<LogicalPlan> {
+    pub(crate) fn combine_plan(&self, rows: Vec<RecordBatch>) -> Result<LogicalPlan> {
         let fields = self.state_schema.fields();
         let groups: Vec<Expr> = (0..self.keys).map(|i| column(&key_name(i))).collect();
         let aggs_plain: Vec<Expr> = self
@@ -307,7 +329,7 @@ impl AggregateOperator {
 
     /// The view rows of accumulator rows: finalize each aggregate, then apply what the
     /// query does above its aggregation (HAVING, the select list).
-    fn view_plan(&self, rows: Vec<RecordBatch>) -> Result<LogicalPlan> {
+    pub(crate) fn view_plan(&self, rows: Vec<RecordBatch>) -> Result<LogicalPlan> {
         let aggregate = self.aggregate();
         let out = &aggregate.output_schema;
         let mut exprs = Vec::new();
@@ -354,7 +376,7 @@ impl AggregateOperator {
     }
 
     /// A predicate over state rows: the row's window has closed at watermark `wm`.
-    fn closed_predicate(&self, wm: i64) -> Result<Expr> {
+    pub(crate) fn closed_predicate(&self, wm: i64) -> Result<Expr> {
         let aggregate = self.aggregate();
         let window = self
             .plan
@@ -476,8 +498,11 @@ impl StreamOperator for AggregateOperator {
             block.schema.clone(),
             block.batches.clone(),
         )?;
-        let keys: Vec<usize> = (0..self.keys).collect();
-        let partial = self.expand_panes(self.partial_plan(input.clone())?)?;
+        let keys = self.shuffle_keys();
+        let mut partial = self.partial_plan(input.clone())?;
+        if !self.sliding {
+            partial = self.expand_panes(partial)?;
+        }
         let rows = execute(ctx, partial).await?;
         let mut pieces: Vec<ShufflePiece> = hash_partition(&rows, &keys, p)?
             .into_iter()
@@ -525,6 +550,9 @@ impl StreamOperator for AggregateOperator {
             }
         }
 
+        if self.sliding {
+            return self.slide(ctx, prev, delta, input.watermark).await;
+        }
         let closing = self.plan.emit == EmitMode::OnWindowClose;
         if delta.is_empty() && !closing {
             return Ok(PartitionOutput {
@@ -570,6 +598,7 @@ impl StreamOperator for AggregateOperator {
                 state: Arc::new(StatePartition {
                     rows: open,
                     distinct: distinct_state,
+                    ..StatePartition::default()
                 }),
                 view: ViewUpdate::Append(emitted.clone()),
                 changelog: Changelog {
@@ -602,6 +631,7 @@ impl StreamOperator for AggregateOperator {
             state: Arc::new(StatePartition {
                 rows: merged,
                 distinct: distinct_state,
+                ..StatePartition::default()
             }),
             view: ViewUpdate::Replace(view),
             changelog,

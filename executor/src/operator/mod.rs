@@ -19,6 +19,7 @@ use crate::error::Result;
 
 pub mod aggregate;
 pub mod append;
+pub mod sliding;
 
 pub use aggregate::AggregateOperator;
 pub use append::AppendOperator;
@@ -37,6 +38,10 @@ pub struct ShufflePiece {
 pub struct StatePartition {
     pub rows: Vec<RecordBatch>,
     pub distinct: Vec<Vec<RecordBatch>>,
+    /// Sliding windows by add/subtract: the last emitted window's accumulators per
+    /// group (window key columns NULL), and that window's end.
+    pub running: Vec<RecordBatch>,
+    pub emitted_until: Option<i64>,
 }
 
 /// What one reduce task receives.
