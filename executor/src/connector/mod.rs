@@ -4,6 +4,9 @@
 //! *seals* the interval: each receiver hands over the records that arrived for it,
 //! which become the interval's block. Receivers check their options when opened, so a
 //! `CREATE SOURCE` with a bad option fails at once with a message naming the option.
+//!
+//! Connectors: [`generator`], [`nexmark`], [`tcp`], [`file`]; [`decode`] holds the
+//! JSON/CSV decoding and malformed-record policy they share.
 
 use std::collections::BTreeMap;
 
@@ -13,7 +16,11 @@ use dstream_storage::{IntervalId, Timeline};
 
 use crate::error::{Result, config_error};
 
+pub mod decode;
+pub mod file;
 pub mod generator;
+pub mod nexmark;
+pub mod tcp;
 
 /// Counters a receiver keeps about the records it saw.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -39,9 +46,12 @@ pub fn open_receiver(source: &SourceDef) -> Result<Box<dyn Receiver>> {
     let options = Options::new(&source.connector.options);
     let receiver: Box<dyn Receiver> = match source.connector.connector.as_str() {
         "generator" | "datagen" => Box::new(generator::Generator::open(source, &options)?),
+        "nexmark" => Box::new(nexmark::NexmarkReceiver::open(source, &options)?),
+        "tcp" => Box::new(tcp::TcpReceiver::open(source, &options)?),
+        "file" => Box::new(file::FileReceiver::open(source, &options)?),
         other => {
             return Err(config_error(format!(
-                "unknown connector '{other}'; available: generator"
+                "unknown connector '{other}'; available: generator, nexmark, tcp, file"
             )));
         }
     };

@@ -1,0 +1,181 @@
+//! The `file` connector: a directory watched for new files of JSON lines, CSV or
+//! Parquet.
+//!
+//! At every interval the receiver lists the directory and reads the files it has not
+//! seen, in name order; their records form the interval's block. Write files elsewhere
+//! and move them in (a rename is atomic), so that no file is read half-written; names
+//! starting with `.` or `_` are ignored. Options: `path` (required), `format` (`json`,
+//! `csv` or `parquet`), `header` (CSV, default `true`), `delimiter`, `on_error` (`skip`
+//! or `fail`).
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use dstream_planner::SourceDef;
+use dstream_storage::{IntervalId, Timeline};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use tracing::warn;
+
+use crate::connector::decode::{Decoded, OnError, RecordDecoder, TextFormat};
+use crate::connector::{Options, Receiver, ReceiverStats};
+use crate::error::{Error, Result, config_error};
+
+#[derive(Debug)]
+enum FileFormat {
+    Text {
+        decoder: RecordDecoder,
+        header: bool,
+    },
+    Parquet,
+}
+
+/// Reads new files from a directory.
+#[derive(Debug)]
+pub struct FileReceiver {
+    source: String,
+    dir: PathBuf,
+    schema: SchemaRef,
+    format: FileFormat,
+    on_error: OnError,
+    seen: HashSet<PathBuf>,
+    stats: ReceiverStats,
+}
+
+impl FileReceiver {
+    pub fn open(source: &SourceDef, options: &Options) -> Result<Self> {
+        let dir = PathBuf::from(
+            options
+                .get("path")
+                .ok_or_else(|| config_error("the file connector needs WITH (path = '/dir')"))?,
+        );
+        if !dir.is_dir() {
+            return Err(config_error(format!(
+                "path '{}' is not a directory",
+                dir.display()
+            )));
+        }
+        let header = options.get("header").map(|h| h != "false").unwrap_or(true);
+        let format = match TextFormat::from_options(options, &["json", "csv", "parquet"])? {
+            Some(text) => FileFormat::Text {
+                decoder: RecordDecoder::new(source.record_schema.clone(), text),
+                header: header && matches!(text, TextFormat::Csv { .. }),
+            },
+            None => FileFormat::Parquet,
+        };
+        Ok(FileReceiver {
+            source: source.name.clone(),
+            dir,
+            schema: source.record_schema.clone(),
+            format,
+            on_error: OnError::from_options(options)?,
+            seen: HashSet::new(),
+            stats: ReceiverStats::default(),
+        })
+    }
+
+    fn new_files(&mut self) -> Result<Vec<PathBuf>> {
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let path = entry?.path();
+            let hidden = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_none_or(|n| n.starts_with('.') || n.starts_with('_'));
+            if path.is_file() && !hidden && !self.seen.contains(&path) {
+                files.push(path);
+            }
+        }
+        files.sort();
+        Ok(files)
+    }
+
+    fn read_file(&self, path: &Path) -> Result<Decoded> {
+        match &self.format {
+            FileFormat::Text { decoder, header } => {
+                let data = std::fs::read(path)?;
+                let body = if *header {
+                    match data.iter().position(|b| *b == b'\n') {
+                        Some(end) => &data[end + 1..],
+                        None => &[][..],
+                    }
+                } else {
+                    &data[..]
+                };
+                decoder.decode(body)
+            }
+            FileFormat::Parquet => Ok(self.read_parquet(path).unwrap_or_else(|e| Decoded {
+                batches: vec![],
+                malformed: 1,
+                first_error: Some(format!("unreadable Parquet file {}: {e}", path.display())),
+            })),
+        }
+    }
+
+    /// Reads a Parquet file, taking the declared columns by name.
+    fn read_parquet(&self, path: &Path) -> Result<Decoded> {
+        let builder = ParquetRecordBatchReaderBuilder::try_new(File::open(path)?)
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let file_schema = builder.schema().clone();
+        let reader = builder
+            .build()
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let mut batches = Vec::new();
+        for batch in reader {
+            let batch = batch?;
+            let columns = self
+                .schema
+                .fields()
+                .iter()
+                .map(|field| {
+                    let index = file_schema.index_of(field.name()).map_err(|_| {
+                        config_error(format!("the file has no column {}", field.name()))
+                    })?;
+                    Ok(arrow::compute::cast(
+                        batch.column(index),
+                        field.data_type(),
+                    )?)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            batches.push(RecordBatch::try_new(self.schema.clone(), columns)?);
+        }
+        Ok(Decoded {
+            batches,
+            ..Decoded::default()
+        })
+    }
+}
+
+impl Receiver for FileReceiver {
+    fn seal(&mut self, _interval: IntervalId, _timeline: &Timeline) -> Result<Vec<RecordBatch>> {
+        let mut out = Vec::new();
+        for path in self.new_files()? {
+            let decoded = self.read_file(&path)?;
+            if decoded.malformed > 0 {
+                let first = decoded.first_error.clone().unwrap_or_default();
+                if self.on_error == OnError::Fail {
+                    return Err(Error::SourceFailed {
+                        source_name: self.source.clone(),
+                        reason: format!("{}: {first}", path.display()),
+                    });
+                }
+                warn!(source = %self.source, file = %path.display(), skipped = decoded.malformed, "{first}");
+            }
+            self.stats.malformed += decoded.malformed;
+            self.stats.records += decoded
+                .batches
+                .iter()
+                .map(|b| b.num_rows() as u64)
+                .sum::<u64>();
+            out.extend(decoded.batches);
+            self.seen.insert(path);
+        }
+        Ok(out)
+    }
+
+    fn stats(&self) -> ReceiverStats {
+        self.stats
+    }
+}
