@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use datafusion::catalog::{MemTable, TableProvider};
+use datafusion::common::TableReference;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use dstream_executor::view_runtime::ViewPartition;
 use dstream_executor::{Block, Changelog, SourceRuntime, ViewRuntime};
@@ -455,19 +456,19 @@ impl Engine {
             let parts: Vec<Vec<RecordBatch>> =
                 partitions.iter().map(|p| p.as_ref().clone()).collect();
             ctx.register_table(
-                name.as_str(),
+                TableReference::bare(name.as_str()),
                 Arc::new(MemTable::try_new(schema.clone(), parts)?),
             )?;
         }
         for (name, (schema, blocks)) in &snapshot.sources {
             let rows: Vec<RecordBatch> = blocks.iter().flat_map(|b| b.batches.clone()).collect();
             ctx.register_table(
-                name.as_str(),
+                TableReference::bare(name.as_str()),
                 Arc::new(MemTable::try_new(schema.clone(), vec![rows])?),
             )?;
         }
         for (name, provider) in &snapshot.tables {
-            ctx.register_table(name.as_str(), provider.clone())?;
+            ctx.register_table(TableReference::bare(name.as_str()), provider.clone())?;
         }
         Ok(ctx)
     }

@@ -13,6 +13,7 @@ use std::time::Duration;
 use arrow::array::{ArrayRef, RecordBatch, StringArray, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::catalog::{MemTable, TableProvider};
+use datafusion::common::TableReference;
 use datafusion::common::{DFSchema, ParamValues};
 use datafusion::datasource::file_format::FileFormat;
 use datafusion::datasource::file_format::csv::CsvFormat;
@@ -190,18 +191,18 @@ fn planning_context(engine: &Engine, state: &EngineState) -> Result<SessionConte
         match obj {
             CatalogObject::Source(s) => {
                 ctx.register_table(
-                    s.name.as_str(),
+                    TableReference::bare(s.name.as_str()),
                     Arc::new(MemTable::try_new(s.schema.clone(), vec![vec![]])?),
                 )?;
             }
             CatalogObject::Table(t) => {
                 if let Some(slot) = state.tables.get(&t.name) {
-                    ctx.register_table(t.name.as_str(), slot.provider())?;
+                    ctx.register_table(TableReference::bare(t.name.as_str()), slot.provider())?;
                 }
             }
             CatalogObject::View(v) => {
                 ctx.register_table(
-                    v.name.as_str(),
+                    TableReference::bare(v.name.as_str()),
                     Arc::new(MemTable::try_new(v.plan.schema.clone(), vec![vec![]])?),
                 )?;
             }

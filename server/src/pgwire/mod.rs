@@ -22,7 +22,7 @@ use pgwire::api::auth::noop::NoopStartupHandler;
 use pgwire::api::portal::{Format, Portal};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
 use pgwire::api::results::{FieldInfo, QueryResponse, Response, Tag};
-use pgwire::api::stmt::{QueryParser, StoredStatement};
+use pgwire::api::stmt::QueryParser;
 use pgwire::api::{ClientInfo, ClientPortalStore, PgWireServerHandlers, Type};
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use pgwire::messages::PgWireBackendMessage;
@@ -48,8 +48,8 @@ pub async fn serve(
 ) -> Result<()> {
     let handlers = Arc::new(PgHandlers {
         handler: Arc::new(PgHandler {
-            engine,
-            parser: Arc::new(DstreamQueryParser),
+            engine: engine.clone(),
+            parser: Arc::new(DstreamQueryParser { engine }),
         }),
     });
     info!(addr = %listener.local_addr()?, "pgwire listening");
@@ -277,7 +277,9 @@ pub struct Prepared {
 /// planned (queries) or run (SHOW, DESCRIBE, EXPLAIN) at parse time so that their row
 /// shape can be described before execution.
 #[derive(Debug)]
-pub struct DstreamQueryParser;
+pub struct DstreamQueryParser {
+    engine: Engine,
+}
 
 fn pg_type_of(t: &Option<DataType>) -> Type {
     match t {
@@ -299,13 +301,16 @@ impl QueryParser for DstreamQueryParser {
     where
         C: ClientInfo + Unpin + Send + Sync,
     {
-        // The schema is filled in by `PgHandler::prepare`, which has the engine.
         let statement = parse_statement(sql).map_err(|e| pg_error(&e.into()))?;
-        Ok(Some(Prepared {
+        let mut prepared = Prepared {
             statement,
             schema: None,
             parameters: vec![],
-        }))
+        };
+        self.describe(&mut prepared)
+            .await
+            .map_err(|e| pg_error(&e))?;
+        Ok(Some(prepared))
     }
 
     fn get_parameter_types(&self, stmt: &Prepared) -> PgWireResult<Vec<Type>> {
@@ -328,7 +333,7 @@ impl QueryParser for DstreamQueryParser {
     }
 }
 
-impl PgHandler {
+impl DstreamQueryParser {
     /// Fills in the result schema and parameter types of a prepared statement.
     async fn describe(&self, prepared: &mut Prepared) -> Result<()> {
         match &prepared.statement {
@@ -383,20 +388,44 @@ fn parameter_values(portal: &Portal<Prepared>) -> PgWireResult<Vec<ScalarValue>>
                 .cloned()
                 .flatten()
                 .unwrap_or_else(|| pg_type_of(declared.get(i).unwrap_or(&None)));
+            let invalid = |e: PgWireError| {
+                PgWireError::UserError(Box::new(ErrorInfo::new(
+                    "ERROR".to_owned(),
+                    "22P02".to_owned(),
+                    format!("invalid value for parameter ${}: {e}", i + 1),
+                )))
+            };
             Ok(match pg_type {
-                Type::BOOL => ScalarValue::Boolean(portal.parameter::<bool>(i, &pg_type)?),
-                Type::INT2 => ScalarValue::Int16(portal.parameter::<i16>(i, &pg_type)?),
-                Type::INT4 => ScalarValue::Int32(portal.parameter::<i32>(i, &pg_type)?),
-                Type::INT8 => ScalarValue::Int64(portal.parameter::<i64>(i, &pg_type)?),
-                Type::FLOAT4 => ScalarValue::Float32(portal.parameter::<f32>(i, &pg_type)?),
-                Type::FLOAT8 => ScalarValue::Float64(portal.parameter::<f64>(i, &pg_type)?),
+                Type::BOOL => {
+                    ScalarValue::Boolean(portal.parameter::<bool>(i, &pg_type).map_err(invalid)?)
+                }
+                Type::INT2 => {
+                    ScalarValue::Int16(portal.parameter::<i16>(i, &pg_type).map_err(invalid)?)
+                }
+                Type::INT4 => {
+                    ScalarValue::Int32(portal.parameter::<i32>(i, &pg_type).map_err(invalid)?)
+                }
+                Type::INT8 => {
+                    ScalarValue::Int64(portal.parameter::<i64>(i, &pg_type).map_err(invalid)?)
+                }
+                Type::FLOAT4 => {
+                    ScalarValue::Float32(portal.parameter::<f32>(i, &pg_type).map_err(invalid)?)
+                }
+                Type::FLOAT8 => {
+                    ScalarValue::Float64(portal.parameter::<f64>(i, &pg_type).map_err(invalid)?)
+                }
                 Type::TIMESTAMP => ScalarValue::TimestampNanosecond(
                     portal
-                        .parameter::<chrono::NaiveDateTime>(i, &pg_type)?
+                        .parameter::<chrono::NaiveDateTime>(i, &pg_type)
+                        .map_err(invalid)?
                         .and_then(|t| t.and_utc().timestamp_nanos_opt()),
                     None,
                 ),
-                _ => ScalarValue::Utf8(portal.parameter::<String>(i, &Type::TEXT)?),
+                _ => ScalarValue::Utf8(
+                    portal
+                        .parameter::<String>(i, &Type::TEXT)
+                        .map_err(invalid)?,
+                ),
             })
         })
         .collect()
@@ -409,57 +438,6 @@ impl ExtendedQueryHandler for PgHandler {
 
     fn query_parser(&self) -> Arc<Self::QueryParser> {
         self.parser.clone()
-    }
-
-    async fn do_describe_statement<C>(
-        &self,
-        _client: &mut C,
-        target: &StoredStatement<Prepared>,
-    ) -> PgWireResult<pgwire::api::results::DescribeStatementResponse>
-    where
-        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
-        C::PortalStore: pgwire::api::store::PortalStore<Statement = Prepared>,
-        C::Error: Debug,
-        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
-    {
-        let mut prepared = target.statement.clone();
-        self.describe(&mut prepared)
-            .await
-            .map_err(|e| pg_error(&e))?;
-        let params = prepared.parameters.iter().enumerate().map(|(i, t)| {
-            target
-                .parameter_types
-                .get(i)
-                .cloned()
-                .flatten()
-                .unwrap_or_else(|| pg_type_of(t))
-        });
-        let fields = self.parser.get_result_schema(&prepared, None)?;
-        Ok(pgwire::api::results::DescribeStatementResponse::new(
-            params.collect(),
-            fields,
-        ))
-    }
-
-    async fn do_describe_portal<C>(
-        &self,
-        _client: &mut C,
-        target: &Portal<Prepared>,
-    ) -> PgWireResult<pgwire::api::results::DescribePortalResponse>
-    where
-        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
-        C::PortalStore: pgwire::api::store::PortalStore<Statement = Prepared>,
-        C::Error: Debug,
-        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
-    {
-        let mut prepared = target.statement.statement.clone();
-        self.describe(&mut prepared)
-            .await
-            .map_err(|e| pg_error(&e))?;
-        let fields = self
-            .parser
-            .get_result_schema(&prepared, Some(&target.result_column_format))?;
-        Ok(pgwire::api::results::DescribePortalResponse::new(fields))
     }
 
     async fn do_query<C>(

@@ -1,0 +1,102 @@
+//! `dstream sql` against a running server: `-c`, `-f`, meta-commands, `\timing`,
+//! aligned tables and exit codes.
+
+use std::process::Command;
+use std::time::Duration;
+
+use dstream_server::config::{ClockKind, ServeConfig};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+async fn start() -> (u16, CancellationToken, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let config = ServeConfig {
+        data_dir: dir.path().join("data"),
+        pg_addr: listener.local_addr().expect("addr"),
+        clock: ClockKind::Manual,
+        batch_interval: Duration::from_secs(1),
+        ..ServeConfig::default()
+    };
+    let shutdown = CancellationToken::new();
+    let server = dstream_server::run(config, listener, shutdown.clone());
+    tokio::spawn(server);
+    (port, shutdown, dir)
+}
+
+fn cli(port: u16, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_dstream"))
+        .args(["sql", "-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("run dstream sql");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_runs_commands_scripts_and_meta_commands() {
+    let (port, shutdown, dir) = start().await;
+    let script = dir.path().join("setup.sql");
+    std::fs::write(
+        &script,
+        "-- a script with a statement over several lines\n\
+         CREATE SOURCE clicks (url TEXT)\n  WITH (connector = 'generator', rows_per_second = 4, key_cardinality = 2);\n\
+         CREATE MATERIALIZED VIEW per_url AS\n  SELECT url, count(*) AS n FROM clicks GROUP BY url;\n\
+         ADVANCE 1;\n",
+    )
+    .expect("script");
+    let (ok, out, err) = tokio::task::spawn_blocking({
+        let script = script.display().to_string();
+        move || cli(port, &["-f", &script])
+    })
+    .await
+    .expect("cli");
+    assert!(ok, "{err}");
+    assert!(out.contains("CREATE SOURCE"), "{out}");
+    assert!(out.contains("CREATE MATERIALIZED VIEW"), "{out}");
+
+    let (ok, out, _) = tokio::task::spawn_blocking(move || {
+        cli(
+            port,
+            &[
+                "-c",
+                "\\timing on\nSELECT url, n FROM per_url ORDER BY url;",
+            ],
+        )
+    })
+    .await
+    .expect("cli");
+    assert!(ok);
+    assert!(out.contains("| url | n |"), "{out}");
+    assert!(out.contains("| k0  |") && out.contains("| k1  |"), "{out}");
+    assert!(out.contains("(2 rows)"), "{out}");
+    assert!(out.contains("Time: "), "{out}");
+
+    let (ok, out, _) = tokio::task::spawn_blocking(move || cli(port, &["-c", "\\d per_url"]))
+        .await
+        .expect("cli");
+    assert!(ok);
+    assert!(out.contains("| url         | TEXT"), "{out}");
+
+    let (ok, out, _) = tokio::task::spawn_blocking(move || cli(port, &["-c", "\\d"]))
+        .await
+        .expect("cli");
+    assert!(ok);
+    assert!(out.contains("clicks") && out.contains("per_url"), "{out}");
+
+    let (ok, _, err) =
+        tokio::task::spawn_blocking(move || cli(port, &["-c", "SELECT * FROM nowhere"]))
+            .await
+            .expect("cli");
+    assert!(!ok, "a failing statement gives exit code 1");
+    assert!(
+        err.contains("relation \"nowhere\" does not exist") && err.contains("42P01"),
+        "{err}"
+    );
+    shutdown.cancel();
+}

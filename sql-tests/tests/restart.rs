@@ -1,0 +1,79 @@
+//! A restarted server keeps its definitions, settings and table rows, and its views
+//! run again.
+
+use dstream_sql_tests::{TestServer, simple_rows};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalog_survives_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let server = TestServer::start_in(&data).await.expect("server");
+    let client = server.client().await.expect("connect");
+    client
+        .batch_execute(
+            "SET batch_interval = '500ms';
+             CREATE TABLE names (k TEXT, label TEXT);
+             INSERT INTO names VALUES ('k0', 'zero'), ('k1', 'one');
+             CREATE SOURCE s (k TEXT, ts TIMESTAMP, WATERMARK FOR ts AS ts - INTERVAL '1' SECOND)
+               WITH (connector = 'generator', rows_per_second = 10, key_cardinality = 2);
+             CREATE MATERIALIZED VIEW labelled AS
+               SELECT n.label, count(*) AS c FROM s JOIN names n ON s.k = n.k GROUP BY n.label;
+             CREATE MATERIALIZED VIEW \"Windows\" AS
+               SELECT window_start, count(*) AS c FROM TUMBLE(s, _interval, INTERVAL '1' SECOND)
+               GROUP BY window_start EMIT ON WINDOW CLOSE;",
+        )
+        .await
+        .expect("setup");
+    let before = (
+        simple_rows(&client, "SHOW SOURCES")
+            .await
+            .expect("show")
+            .len(),
+        simple_rows(&client, "SHOW MATERIALIZED VIEWS")
+            .await
+            .expect("show"),
+    );
+    drop(client);
+    server.stop().await;
+
+    let server = TestServer::start_in(&data).await.expect("restart");
+    let client = server.client().await.expect("connect");
+    assert_eq!(
+        simple_rows(&client, "SHOW batch_interval")
+            .await
+            .expect("show"),
+        vec![vec!["500ms"]]
+    );
+    assert_eq!(
+        simple_rows(&client, "SELECT * FROM names ORDER BY k")
+            .await
+            .expect("rows"),
+        vec![vec!["k0", "zero"], vec!["k1", "one"]]
+    );
+    assert_eq!(
+        simple_rows(&client, "SHOW SOURCES")
+            .await
+            .expect("show")
+            .len(),
+        before.0
+    );
+    let views: Vec<String> = simple_rows(&client, "SHOW MATERIALIZED VIEWS")
+        .await
+        .expect("show")
+        .into_iter()
+        .map(|r| r[0].clone())
+        .collect();
+    let names_before: Vec<String> = before.1.iter().map(|r| r[0].clone()).collect();
+    assert_eq!(views, names_before);
+    client.batch_execute("ADVANCE 4").await.expect("advance");
+    // 4 intervals of 500ms at 10 rows/s: 20 rows over two keys.
+    let counts = simple_rows(&client, "SELECT sum(c) FROM labelled")
+        .await
+        .expect("rows");
+    assert_eq!(counts, vec![vec!["20"]]);
+    let windows = simple_rows(&client, "SELECT c FROM \"Windows\" ORDER BY window_start")
+        .await
+        .expect("rows");
+    assert_eq!(windows, vec![vec!["10"], vec!["10"]]);
+    server.stop().await;
+}
