@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every dstream test: formatting, lints, unit tests, the sqllogictest files
 # against a real server over pgwire, the differential test against DataFusion batch
-# SQL, and the psql smoke test. Installs what the tests need when it is missing.
+# SQL, and smoke tests with psql and the JDBC driver. Installs what the tests need
+# (psql, a Java runtime, the JDBC driver) with apt-get when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,8 @@ export CARGO_TERM_COLOR=never
 
 need_apt=()
 command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client)
+command -v java >/dev/null 2>&1 || need_apt+=(default-jre-headless)
+[ -f /usr/share/java/postgresql.jar ] || need_apt+=(libpostgresql-jdbc-java)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing ${need_apt[*]}"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi

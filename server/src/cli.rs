@@ -65,6 +65,7 @@ pub async fn run(args: SqlArgs) -> anyhow::Result<i32> {
     let (client, connection) = tokio_postgres::connect(&conninfo, NoTls)
         .await
         .with_context(|| format!("cannot connect to dstream at {}:{}", args.host, args.port))?;
+    #[allow(clippy::disallowed_methods)] // aborted when the shell ends
     let connection = tokio::spawn(connection);
     let mut shell = Shell {
         client,

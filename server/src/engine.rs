@@ -143,6 +143,8 @@ pub(crate) struct Inner {
     /// Number of intervals committed since the engine started.
     pub committed: watch::Sender<u64>,
     pub subscribers: std::sync::Mutex<HashMap<String, broadcast::Sender<Arc<ChangeBatch>>>>,
+    /// The interval loop, awaited by [`Engine::stopped`].
+    pub interval_loop: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// The DataFusion settings every dstream context uses.
@@ -200,12 +202,28 @@ impl Engine {
                 snapshot: RwLock::new(Arc::new(Snapshot::default())),
                 committed,
                 subscribers: std::sync::Mutex::new(HashMap::new()),
+                interval_loop: std::sync::Mutex::new(None),
             }),
         };
         engine.restore(&stored.entries).await?;
         let driver = engine.clone();
-        tokio::spawn(async move { driver.interval_loop(shutdown).await });
+        #[allow(clippy::disallowed_methods)] // the handle is kept in `interval_loop`
+        let handle = tokio::spawn(async move { driver.interval_loop(shutdown).await });
+        if let Ok(mut slot) = engine.inner.interval_loop.lock() {
+            *slot = Some(handle);
+        }
         Ok(engine)
+    }
+
+    /// Waits until the interval loop has stopped (after shutdown was requested).
+    pub async fn stopped(&self) {
+        let handle = match self.inner.interval_loop.lock() {
+            Ok(mut slot) => slot.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        if let Some(handle) = handle {
+            let _ = handle.await;
+        }
     }
 
     /// Replays the stored definitions.

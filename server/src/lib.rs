@@ -50,5 +50,8 @@ pub async fn run(
 ) -> Result<()> {
     let clock = clock_for(&config);
     let engine = Engine::start(config, clock, shutdown.clone()).await?;
-    pgwire::serve(listener, engine, shutdown).await
+    let served = pgwire::serve(listener, engine.clone(), shutdown.clone()).await;
+    shutdown.cancel();
+    engine.stopped().await;
+    served
 }

@@ -126,6 +126,7 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         config.pg_addr.port()
     );
     let shutdown = CancellationToken::new();
+    #[allow(clippy::disallowed_methods)] // awaited below
     let mut server = tokio::spawn(dstream_server::run(config, listener, shutdown.clone()));
     tokio::select! {
         finished = &mut server => {

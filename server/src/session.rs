@@ -34,7 +34,7 @@ use dstream_planner::duration::format_duration;
 use dstream_planner::stage_dag::explain;
 use dstream_planner::statement::{
     CreateMaterializedView, CreateSource, DropObject, ShowKind, normalize_ident, parse_statement,
-    parse_statements, quote_ident,
+    parse_statements,
 };
 use dstream_planner::stream_plan::plan_view;
 use dstream_planner::{INTERVAL_COLUMN, ObjectKind, Statement};
@@ -399,7 +399,7 @@ async fn create_table(
             options,
         };
         (
-            TableSlot::File(file_table(&ctx, &spec, schema.clone()).await?),
+            TableSlot::File(file_table(&spec, schema.clone()).await?),
             Some(spec),
         )
     };
@@ -448,11 +448,7 @@ fn table_options(options: &ast::CreateTableOptions) -> Result<BTreeMap<String, S
 }
 
 /// A table over the files of a directory (or one file).
-async fn file_table(
-    ctx: &SessionContext,
-    spec: &ConnectorSpec,
-    schema: SchemaRef,
-) -> Result<Arc<ListingTable>> {
+async fn file_table(spec: &ConnectorSpec, schema: SchemaRef) -> Result<Arc<ListingTable>> {
     if spec.connector != "file" {
         return Err(Error::Invalid(format!(
             "tables support connector = 'file', not '{}'",
@@ -509,7 +505,6 @@ async fn file_table(
     } else {
         options = options.with_file_extension("");
     }
-    let _ = ctx;
     let config = ListingTableConfig::new(url)
         .with_listing_options(options)
         .with_schema(schema);
@@ -913,9 +908,4 @@ async fn insert_into(engine: &Engine, insert: ast::Insert) -> Result<StatementRe
         tag: "INSERT".into(),
         rows: Some(count),
     })
-}
-
-/// Quoted name of a catalog object, for messages.
-pub fn display_name(name: &str) -> String {
-    quote_ident(name)
 }

@@ -21,6 +21,7 @@ async fn start() -> (u16, CancellationToken, tempfile::TempDir) {
     };
     let shutdown = CancellationToken::new();
     let server = dstream_server::run(config, listener, shutdown.clone());
+    #[allow(clippy::disallowed_methods)] // stops when the test cancels `shutdown`
     tokio::spawn(server);
     (port, shutdown, dir)
 }

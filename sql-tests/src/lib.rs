@@ -50,6 +50,7 @@ impl TestServer {
             ..ServeConfig::default()
         };
         let shutdown = CancellationToken::new();
+        #[allow(clippy::disallowed_methods)] // kept in `task`, awaited by `stop`
         let task = tokio::spawn(dstream_server::run(config, listener, shutdown.clone()));
         Ok(TestServer {
             addr,
@@ -89,6 +90,8 @@ pub async fn connect(addr: SocketAddr) -> Result<Client, tokio_postgres::Error> 
     loop {
         match tokio_postgres::connect(&conninfo, NoTls).await {
             Ok((client, connection)) => {
+                // The connection task ends when the client is dropped.
+                #[allow(clippy::disallowed_methods)]
                 tokio::spawn(connection);
                 return Ok(client);
             }
