@@ -21,7 +21,7 @@ use datafusion::prelude::SessionContext;
 use dstream_planner::SourceDef;
 use dstream_storage::{IntervalId, Timeline};
 
-use crate::block::{Block, with_interval_column};
+use crate::block::{Block, cut_blocks, with_interval_column};
 use crate::connector::{Receiver, ReceiverStats, open_receiver};
 use crate::error::{Error, Result};
 
@@ -34,8 +34,10 @@ pub struct SourceRuntime {
     watermark_column: Option<usize>,
     watermark: Option<i64>,
     late_rows: u64,
-    retained: VecDeque<Arc<Block>>,
+    /// The blocks of the most recent intervals, oldest first.
+    retained: VecDeque<Vec<Arc<Block>>>,
     retain_intervals: usize,
+    block_rows: usize,
 }
 
 /// What users can see about a source.
@@ -47,11 +49,14 @@ pub struct SourceStats {
 }
 
 impl SourceRuntime {
-    /// Opens the source's receiver and compiles its watermark expression.
+    /// Opens the source's receiver and compiles its watermark expression. Recent
+    /// intervals are kept for `retain_intervals`; intervals are cut into blocks of at
+    /// most `block_rows` rows.
     pub fn open(
         def: Arc<SourceDef>,
         ctx: &SessionContext,
         retain_intervals: usize,
+        block_rows: usize,
     ) -> Result<Self> {
         let receiver = open_receiver(&def)?;
         let (watermark_expr, watermark_column) = match &def.watermark {
@@ -72,6 +77,7 @@ impl SourceRuntime {
             late_rows: 0,
             retained: VecDeque::new(),
             retain_intervals: retain_intervals.max(1),
+            block_rows,
         })
     }
 
@@ -94,11 +100,11 @@ impl SourceRuntime {
 
     /// The retained recent blocks, oldest first.
     pub fn retained(&self) -> Vec<Arc<Block>> {
-        self.retained.iter().cloned().collect()
+        self.retained.iter().flatten().cloned().collect()
     }
 
-    /// Seals `interval`: returns its block and advances the watermark.
-    pub fn seal(&mut self, interval: IntervalId, timeline: &Timeline) -> Result<Arc<Block>> {
+    /// Seals `interval`: returns its blocks and advances the watermark.
+    pub fn seal(&mut self, interval: IntervalId, timeline: &Timeline) -> Result<Vec<Arc<Block>>> {
         let records = self.receiver.seal(interval, timeline)?;
         let start = timeline.start_nanos(interval);
         let mut batches = Vec::with_capacity(records.len());
@@ -112,17 +118,21 @@ impl SourceRuntime {
         for batch in &batches {
             self.advance_watermark(batch)?;
         }
-        let block = Arc::new(Block {
-            source: self.def.name.clone(),
+        let blocks: Vec<Arc<Block>> = cut_blocks(
+            &self.def.name,
             interval,
-            schema: self.def.schema.clone(),
+            &self.def.schema,
             batches,
-        });
-        self.retained.push_back(block.clone());
+            self.block_rows,
+        )
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+        self.retained.push_back(blocks.clone());
         while self.retained.len() > self.retain_intervals {
             self.retained.pop_front();
         }
-        Ok(block)
+        Ok(blocks)
     }
 
     fn event_times(&self, batch: &RecordBatch, column: usize) -> Result<Arc<dyn Array>> {

@@ -33,6 +33,8 @@ pub struct ServeConfig {
     pub clock: ClockKind,
     /// How long the raw rows of each source stay queryable.
     pub source_retention: Duration,
+    /// Most rows in one input block (one map task).
+    pub block_rows: usize,
 }
 
 impl Default for ServeConfig {
@@ -44,6 +46,7 @@ impl Default for ServeConfig {
             partitions: 4,
             clock: ClockKind::Real,
             source_retention: Duration::from_secs(300),
+            block_rows: dstream_executor::block::BLOCK_ROWS,
         }
     }
 }
@@ -58,6 +61,7 @@ pub struct FileConfig {
     pub partitions: Option<usize>,
     pub clock: Option<ClockKind>,
     pub source_retention: Option<String>,
+    pub block_rows: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -97,6 +101,9 @@ impl FileConfig {
         if let Some(v) = self.source_retention {
             config.source_retention = parse_duration(&v)?;
         }
+        if let Some(v) = self.block_rows {
+            config.block_rows = v;
+        }
         Ok(())
     }
 }
@@ -113,6 +120,9 @@ impl ServeConfig {
             return Err(Error::Config(
                 "partitions must be between 1 and 1024".into(),
             ));
+        }
+        if self.block_rows == 0 {
+            return Err(Error::Config("block_rows must be positive".into()));
         }
         if self.batch_interval < Duration::from_millis(10) {
             return Err(Error::Config("batch_interval must be at least 10ms".into()));

@@ -178,7 +178,8 @@ impl Engine {
         }
         let timeline = Timeline::new(clock.now_nanos(), batch_interval);
         let session_config = session_config(config.partitions);
-        let task_ctx = SessionContext::new_with_config(session_config.clone());
+        // Tasks run single-partitioned: parallelism comes from running many tasks.
+        let task_ctx = SessionContext::new_with_config(self::session_config(1));
         let (committed, _) = watch::channel(0);
         let engine = Engine {
             inner: Arc::new(Inner {
@@ -320,16 +321,16 @@ impl Engine {
             Duration::from_nanos(delay_nanos.max(0) as u64)
         };
 
-        let mut blocks: HashMap<String, Arc<Block>> = HashMap::new();
+        let mut blocks: HashMap<String, Vec<Arc<Block>>> = HashMap::new();
         let mut input_rows = 0u64;
         for (name, slot) in state.sources.iter_mut() {
             if slot.failure.is_some() {
                 continue;
             }
             match slot.runtime.seal(interval, &timeline) {
-                Ok(block) => {
-                    input_rows += block.num_rows() as u64;
-                    blocks.insert(name.clone(), block);
+                Ok(sealed) => {
+                    input_rows += sealed.iter().map(|b| b.num_rows() as u64).sum::<u64>();
+                    blocks.insert(name.clone(), sealed);
                 }
                 Err(e) => {
                     warn!(source = %name, error = %e, "source failed and stopped");
@@ -349,7 +350,7 @@ impl Engine {
                 continue;
             }
             let plan = slot.runtime.plan();
-            let input: Vec<Arc<Block>> = blocks.get(&plan.source).cloned().into_iter().collect();
+            let input: Vec<Arc<Block>> = blocks.get(&plan.source).cloned().unwrap_or_default();
             let wm = ViewRuntime::window_watermark(
                 plan.window.as_ref(),
                 interval,

@@ -58,6 +58,9 @@ struct ServeArgs {
     /// How long raw source rows stay queryable, e.g. 5m [default: 5m].
     #[arg(long, env = "DSTREAM_SOURCE_RETENTION")]
     source_retention: Option<String>,
+    /// Most rows in one input block; each block is one map task [default: 65536].
+    #[arg(long, env = "DSTREAM_BLOCK_ROWS")]
+    block_rows: Option<usize>,
 }
 
 impl ServeArgs {
@@ -83,6 +86,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.source_retention {
             config.source_retention = parse_duration(&v)?;
+        }
+        if let Some(v) = self.block_rows {
+            config.block_rows = v;
         }
         config.validate()?;
         Ok(config)

@@ -282,7 +282,12 @@ async fn create_source(
     });
     let retain = (engine.inner.config.source_retention.as_nanos()
         / state.timeline.width().as_nanos().max(1)) as usize;
-    let runtime = SourceRuntime::open(def.clone(), &engine.inner.task_ctx, retain)?;
+    let runtime = SourceRuntime::open(
+        def.clone(),
+        &engine.inner.task_ctx,
+        retain,
+        engine.inner.config.block_rows,
+    )?;
     state.catalog.insert(CatalogObject::Source(def))?;
     state.sources.insert(
         create.name.clone(),

@@ -47,6 +47,8 @@ impl TestServer {
             clock: ClockKind::Manual,
             batch_interval: Duration::from_secs(1),
             partitions: 4,
+            // Small blocks, so that intervals have several map tasks in every test.
+            block_rows: 64,
             ..ServeConfig::default()
         };
         let shutdown = CancellationToken::new();

@@ -38,7 +38,7 @@ impl StreamOperator for AppendOperator {
         let rows = execute(ctx, plan).await?;
         // Output rows need no shuffle: they stay with the partition of their block.
         let mut pieces = vec![ShufflePiece::default(); self.plan.partitions];
-        let home = (block.interval.0 as usize) % self.plan.partitions;
+        let home = (block.interval.0 as usize + block.index) % self.plan.partitions;
         pieces[home].rows = rows;
         Ok(pieces)
     }
