@@ -130,3 +130,34 @@ impl ServeConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_values_apply_over_defaults_and_unknown_keys_are_rejected() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("dstream-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join("dstream.toml");
+        std::fs::write(
+            &path,
+            "[serve]\nbatch_interval = \"250ms\"\npartitions = 8\nclock = \"manual\"\n",
+        )?;
+        let mut config = ServeConfig::default();
+        FileConfig::load(&path)?.apply(&mut config)?;
+        assert_eq!(config.batch_interval, Duration::from_millis(250));
+        assert_eq!(config.partitions, 8);
+        assert_eq!(config.clock, ClockKind::Manual);
+        assert_eq!(config.pg_addr, ServeConfig::default().pg_addr);
+
+        std::fs::write(&path, "[serve]\nbatch_intervall = \"1s\"\n")?;
+        let err = FileConfig::load(&path).map(|_| ());
+        assert!(
+            matches!(&err, Err(Error::Config(m)) if m.contains("batch_intervall")),
+            "{err:?}"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+        Ok(())
+    }
+}
