@@ -82,3 +82,39 @@ impl IntervalClock for ManualClock {
         Some(self)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn real_clock_waits_until_the_interval_has_ended() {
+        let clock = RealClock;
+        let started = Instant::now();
+        clock.wait_until(clock.now_nanos() + 30_000_000).await;
+        assert!(started.elapsed() >= Duration::from_millis(29));
+        // An interval that already ended does not wait.
+        let started = Instant::now();
+        clock.wait_until(clock.now_nanos() - 1_000_000_000).await;
+        assert!(started.elapsed() < Duration::from_millis(20));
+    }
+
+    #[tokio::test]
+    async fn manual_clock_moves_only_when_advanced() {
+        let clock = Arc::new(ManualClock::new(0));
+        let waiting = {
+            let clock = clock.clone();
+            #[allow(clippy::disallowed_methods)] // awaited below
+            tokio::spawn(async move { clock.wait_until(i64::MAX).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        clock.advance(1);
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("advanced")
+            .expect("task");
+    }
+}
