@@ -49,6 +49,9 @@ enum Bench {
         /// Repetitions; the best of each side is reported.
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// Most rows per input block (one map task each).
+        #[arg(long, default_value_t = dstream_executor::block::BLOCK_ROWS)]
+        block_rows: usize,
     },
 }
 
@@ -64,12 +67,14 @@ fn main() -> anyhow::Result<()> {
             keys,
             partitions,
             runs,
+            block_rows,
         } => runtime.block_on(tumble_count(
             events_per_second,
             intervals,
             keys,
             partitions,
             runs,
+            block_rows,
         )),
     }
 }
@@ -88,7 +93,11 @@ struct Engined {
     _dir: tempfile::TempDir,
 }
 
-async fn start_engine(partitions: usize, intervals: u64) -> anyhow::Result<Engined> {
+async fn start_engine(
+    partitions: usize,
+    intervals: u64,
+    block_rows: usize,
+) -> anyhow::Result<Engined> {
     let dir = tempfile::tempdir()?;
     let config = ServeConfig {
         data_dir: dir.path().join("data"),
@@ -96,6 +105,7 @@ async fn start_engine(partitions: usize, intervals: u64) -> anyhow::Result<Engin
         partitions,
         batch_interval: Duration::from_secs(1),
         source_retention: Duration::from_secs(intervals + 2),
+        block_rows,
         ..ServeConfig::default()
     };
     let shutdown = CancellationToken::new();
@@ -140,13 +150,14 @@ async fn tumble_count(
     keys: u64,
     partitions: usize,
     runs: usize,
+    block_rows: usize,
 ) -> anyhow::Result<()> {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
     let events = rate * intervals;
     println!(
-        "tumble-count: {events} events ({rate}/s for {intervals} intervals of 1s), {keys} keys, P = {partitions}, {cores} cores, best of {runs}"
+        "tumble-count: {events} events ({rate}/s for {intervals} intervals of 1s), {keys} keys, P = {partitions}, blocks of {block_rows} rows, {cores} cores, best of {runs}"
     );
 
     let mut best_stream = Duration::MAX;
@@ -155,7 +166,7 @@ async fn tumble_count(
     let mut windows = 0;
     for _ in 0..runs {
         // Generator alone: a source with no view, sealed interval by interval.
-        let e = start_engine(partitions, intervals).await?;
+        let e = start_engine(partitions, intervals, block_rows).await?;
         exec(
             &e.engine,
             &SOURCE
@@ -169,7 +180,7 @@ async fn tumble_count(
         e.shutdown.cancel();
 
         // The continuous query.
-        let e = start_engine(partitions, intervals).await?;
+        let e = start_engine(partitions, intervals, block_rows).await?;
         exec(
             &e.engine,
             &SOURCE

@@ -19,9 +19,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arrow::array::{
-    ArrayRef, BooleanBuilder, Float32Builder, Float64Builder, Int16Builder, Int32Builder,
-    Int64Builder, RecordBatch, StringBuilder, TimestampMicrosecondBuilder,
-    TimestampMillisecondBuilder, TimestampNanosecondBuilder, TimestampSecondBuilder,
+    ArrayRef, BooleanArray, Float32Array, Float64Array, Int16Array, Int32Array, Int64Array,
+    RecordBatch, StringBuilder,
 };
 use arrow::datatypes::{DataType, SchemaRef, TimeUnit};
 use dstream_planner::SourceDef;
@@ -171,39 +170,30 @@ impl Generator {
                 arrival - delay
             };
             let array: ArrayRef = match field.data_type() {
-                DataType::Int16 => {
-                    let mut b = Int16Builder::with_capacity(n);
-                    rows.clone().for_each(|r| b.append_value(ints(r) as i16));
-                    Arc::new(b.finish())
-                }
-                DataType::Int32 => {
-                    let mut b = Int32Builder::with_capacity(n);
-                    rows.clone().for_each(|r| b.append_value(ints(r) as i32));
-                    Arc::new(b.finish())
-                }
-                DataType::Int64 => {
-                    let mut b = Int64Builder::with_capacity(n);
-                    rows.clone().for_each(|r| b.append_value(ints(r) as i64));
-                    Arc::new(b.finish())
-                }
-                DataType::Float32 => {
-                    let mut b = Float32Builder::with_capacity(n);
+                DataType::Int16 => Arc::new(Int16Array::from(
+                    rows.clone().map(|r| ints(r) as i16).collect::<Vec<_>>(),
+                )),
+                DataType::Int32 => Arc::new(Int32Array::from(
+                    rows.clone().map(|r| ints(r) as i32).collect::<Vec<_>>(),
+                )),
+                DataType::Int64 => Arc::new(Int64Array::from(
+                    rows.clone().map(|r| ints(r) as i64).collect::<Vec<_>>(),
+                )),
+                DataType::Float32 => Arc::new(Float32Array::from(
                     rows.clone()
-                        .for_each(|r| b.append_value((self.value(c, r) % 100_000) as f32 / 100.0));
-                    Arc::new(b.finish())
-                }
-                DataType::Float64 => {
-                    let mut b = Float64Builder::with_capacity(n);
+                        .map(|r| (self.value(c, r) % 100_000) as f32 / 100.0)
+                        .collect::<Vec<_>>(),
+                )),
+                DataType::Float64 => Arc::new(Float64Array::from(
                     rows.clone()
-                        .for_each(|r| b.append_value((self.value(c, r) % 100_000) as f64 / 100.0));
-                    Arc::new(b.finish())
-                }
-                DataType::Boolean => {
-                    let mut b = BooleanBuilder::with_capacity(n);
+                        .map(|r| (self.value(c, r) % 100_000) as f64 / 100.0)
+                        .collect::<Vec<_>>(),
+                )),
+                DataType::Boolean => Arc::new(BooleanArray::from(
                     rows.clone()
-                        .for_each(|r| b.append_value(self.value(c, r) & 1 == 1));
-                    Arc::new(b.finish())
-                }
+                        .map(|r| self.value(c, r) & 1 == 1)
+                        .collect::<Vec<_>>(),
+                )),
                 DataType::Utf8 => {
                     let mut b = StringBuilder::with_capacity(n, n * 8);
                     rows.clone()
@@ -211,29 +201,16 @@ impl Generator {
                     Arc::new(b.finish())
                 }
                 DataType::Timestamp(unit, None) => {
-                    let values = rows.clone().map(time);
-                    match unit {
-                        TimeUnit::Nanosecond => {
-                            let mut b = TimestampNanosecondBuilder::with_capacity(n);
-                            values.for_each(|v| b.append_value(v));
-                            Arc::new(b.finish())
-                        }
-                        TimeUnit::Microsecond => {
-                            let mut b = TimestampMicrosecondBuilder::with_capacity(n);
-                            values.for_each(|v| b.append_value(v / 1_000));
-                            Arc::new(b.finish())
-                        }
-                        TimeUnit::Millisecond => {
-                            let mut b = TimestampMillisecondBuilder::with_capacity(n);
-                            values.for_each(|v| b.append_value(v / 1_000_000));
-                            Arc::new(b.finish())
-                        }
-                        TimeUnit::Second => {
-                            let mut b = TimestampSecondBuilder::with_capacity(n);
-                            values.for_each(|v| b.append_value(v / 1_000_000_000));
-                            Arc::new(b.finish())
-                        }
-                    }
+                    let divisor = match unit {
+                        TimeUnit::Nanosecond => 1,
+                        TimeUnit::Microsecond => 1_000,
+                        TimeUnit::Millisecond => 1_000_000,
+                        TimeUnit::Second => 1_000_000_000,
+                    };
+                    let values = Int64Array::from(
+                        rows.clone().map(|r| time(r) / divisor).collect::<Vec<_>>(),
+                    );
+                    arrow::compute::cast(&values, field.data_type())?
                 }
                 other => {
                     return Err(config_error(format!("generator cannot produce {other}")));
