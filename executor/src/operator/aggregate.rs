@@ -550,11 +550,8 @@ impl StreamOperator for AggregateOperator {
             }
         }
 
-        if self.sliding {
-            return self.slide(ctx, prev, delta, input.watermark).await;
-        }
         let closing = self.plan.emit == EmitMode::OnWindowClose;
-        if delta.is_empty() && !closing {
+        if delta.is_empty() && (!closing || prev.unchanged_by(input.watermark)) {
             return Ok(PartitionOutput {
                 view: ViewUpdate::Append(vec![]),
                 state: prev,
@@ -562,6 +559,9 @@ impl StreamOperator for AggregateOperator {
             });
         }
 
+        if self.sliding {
+            return self.slide(ctx, prev, delta, input.watermark).await;
+        }
         let mut all = prev.rows.clone();
         all.extend(delta.iter().cloned());
         let merged = if delta.is_empty() {
@@ -598,6 +598,7 @@ impl StreamOperator for AggregateOperator {
                 state: Arc::new(StatePartition {
                     rows: open,
                     distinct: distinct_state,
+                    watermark: input.watermark,
                     ..StatePartition::default()
                 }),
                 view: ViewUpdate::Append(emitted.clone()),
@@ -631,6 +632,7 @@ impl StreamOperator for AggregateOperator {
             state: Arc::new(StatePartition {
                 rows: merged,
                 distinct: distinct_state,
+                watermark: input.watermark,
                 ..StatePartition::default()
             }),
             view: ViewUpdate::Replace(view),

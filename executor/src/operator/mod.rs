@@ -42,6 +42,16 @@ pub struct StatePartition {
     /// group (window key columns NULL), and that window's end.
     pub running: Vec<RecordBatch>,
     pub emitted_until: Option<i64>,
+    /// The watermark this version was computed with.
+    pub watermark: Option<i64>,
+}
+
+impl StatePartition {
+    /// Whether an interval with no new rows and watermark `watermark` leaves this
+    /// partition unchanged: nothing was added and no window can have closed.
+    pub fn unchanged_by(&self, watermark: Option<i64>) -> bool {
+        watermark == self.watermark || (self.rows.is_empty() && self.running.is_empty())
+    }
 }
 
 /// What one reduce task receives.

@@ -244,6 +244,7 @@ impl AggregateOperator {
                 distinct: Vec::new(),
                 running,
                 emitted_until: until,
+                watermark,
             }),
             view: ViewUpdate::Append(emitted.clone()),
             changelog: Changelog {
