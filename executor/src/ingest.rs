@@ -13,7 +13,7 @@ use arrow::array::{
     Array, BooleanArray, Int64Array, RecordBatch, Scalar, TimestampNanosecondArray,
 };
 use arrow::compute::kernels::cmp::gt_eq;
-use arrow::compute::{cast, filter_record_batch};
+use arrow::compute::{cast, filter_record_batch, is_null, or_kleene};
 use arrow::datatypes::{DataType, TimeUnit};
 use datafusion::common::DFSchema;
 use datafusion::physical_expr::PhysicalExpr;
@@ -148,7 +148,8 @@ impl SourceRuntime {
         };
         let times = self.event_times(&batch, column)?;
         let bound = Scalar::new(TimestampNanosecondArray::from(vec![wm]));
-        let keep: BooleanArray = gt_eq(&times, &bound)?;
+        // A row without an event time is not late; it belongs to no window.
+        let keep: BooleanArray = or_kleene(&gt_eq(&times, &bound)?, &is_null(&times)?)?;
         let kept = filter_record_batch(&batch, &keep)?;
         self.late_rows += (batch.num_rows() - kept.num_rows()) as u64;
         Ok(kept)

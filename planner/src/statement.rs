@@ -124,6 +124,9 @@ pub struct DropObject {
     pub if_exists: bool,
 }
 
+/// The most intervals one `ADVANCE` runs.
+pub const MAX_ADVANCE: u64 = 1_000_000;
+
 /// Parses a script of `;`-separated statements.
 pub fn parse_statements(sql: &str) -> Result<Vec<Statement>> {
     let dialect = PostgreSqlDialect {};
@@ -214,8 +217,10 @@ fn parse_one(p: &mut Parser) -> Result<Statement> {
             Token::Number(_, _) => p.parse_literal_uint()?,
             _ => 1,
         };
-        if n == 0 {
-            return Err(Error::Invalid("ADVANCE needs at least 1 interval".into()));
+        if n == 0 || n > MAX_ADVANCE {
+            return Err(Error::Invalid(format!(
+                "ADVANCE takes between 1 and {MAX_ADVANCE} intervals"
+            )));
         }
         return Ok(Statement::Advance(n));
     }

@@ -69,10 +69,10 @@ pub struct AggregatePlan {
 }
 
 impl AggregatePlan {
-    /// Whether every aggregate can be un-applied (count, sum, avg): sliding windows are
-    /// then maintained by adding the newest pane and subtracting the expired one.
+    /// Whether every aggregate can be un-applied exactly: sliding windows are then
+    /// maintained by adding the newest pane and subtracting the expired one.
     pub fn invertible(&self) -> bool {
-        self.calls.iter().all(|c| c.kind.invertible())
+        self.calls.iter().all(|c| c.invertible)
     }
 }
 
@@ -88,13 +88,6 @@ pub enum AggregateKind {
 }
 
 impl AggregateKind {
-    pub fn invertible(self) -> bool {
-        matches!(
-            self,
-            AggregateKind::Count | AggregateKind::Sum | AggregateKind::Avg
-        )
-    }
-
     pub fn name(self) -> &'static str {
         match self {
             AggregateKind::Count => "count",
@@ -113,6 +106,10 @@ pub struct AggregateCall {
     pub kind: AggregateKind,
     pub arg: Expr,
     pub output: FieldRef,
+    /// Whether the call can be un-applied exactly: `count`, and `sum`/`avg` of integers
+    /// or decimals. Floating-point sums are not: subtracting accumulates rounding
+    /// error, and one infinity would poison the group for good.
+    pub invertible: bool,
 }
 
 /// Compiles `create` against the tables registered in `state` and the `catalog`.
@@ -194,9 +191,11 @@ pub async fn plan_view(
 /// Finds the source and the tables the plan reads.
 fn resolve_reads(plan: &LogicalPlan, catalog: &Catalog) -> Result<(String, Vec<String>)> {
     let mut reads = Vec::new();
+    let mut scans: Vec<String> = Vec::new();
     plan.apply(|node| {
         if let LogicalPlan::TableScan(scan) = node {
             let name = scan.table_name.table().to_string();
+            scans.push(name.clone());
             if !reads.contains(&name) {
                 reads.push(name);
             }
@@ -220,6 +219,13 @@ fn resolve_reads(plan: &LogicalPlan, catalog: &Catalog) -> Result<(String, Vec<S
                 )));
             }
         }
+    }
+    if let Some(source) = sources.first()
+        && scans.iter().filter(|s| *s == source).count() > 1
+    {
+        return Err(unsupported(format!(
+            "reading source \"{source}\" twice (a self-join); join a stream with tables"
+        )));
     }
     match sources.len() {
         1 => Ok((sources.remove(0), reads)),
@@ -410,7 +416,13 @@ fn aggregate_plan(agg: &Aggregate, window: Option<&WindowSpec>) -> Result<Aggreg
         .aggr_expr
         .iter()
         .enumerate()
-        .map(|(i, e)| aggregate_call(e, agg.schema.field(n_groups + i).clone()))
+        .map(|(i, e)| {
+            aggregate_call(
+                e,
+                agg.schema.field(n_groups + i).clone(),
+                agg.input.schema(),
+            )
+        })
         .collect::<Result<Vec<_>>>()?;
     let key_named = |name: &str| {
         window.and(agg.group_expr.iter().position(|e| match e {
@@ -427,7 +439,7 @@ fn aggregate_plan(agg: &Aggregate, window: Option<&WindowSpec>) -> Result<Aggreg
     })
 }
 
-fn aggregate_call(expr: &Expr, output: FieldRef) -> Result<AggregateCall> {
+fn aggregate_call(expr: &Expr, output: FieldRef, input: &DFSchemaRef) -> Result<AggregateCall> {
     let expr = match expr {
         Expr::Alias(alias) => alias.expr.as_ref(),
         e => e,
@@ -467,7 +479,25 @@ fn aggregate_call(expr: &Expr, output: FieldRef) -> Result<AggregateCall> {
         [arg] => arg.clone(),
         _ => return Err(unsupported(format!("{name} with several arguments"))),
     };
-    Ok(AggregateCall { kind, arg, output })
+    let exact = {
+        use datafusion::common::ExprSchema;
+        let arg_type = datafusion::logical_expr::ExprSchemable::get_type(
+            &arg,
+            input.as_ref() as &dyn ExprSchema,
+        )?;
+        arg_type.is_integer() || arg_type.is_decimal()
+    };
+    let invertible = match kind {
+        AggregateKind::Count => true,
+        AggregateKind::Sum | AggregateKind::Avg => exact,
+        AggregateKind::CountDistinct | AggregateKind::Min | AggregateKind::Max => false,
+    };
+    Ok(AggregateCall {
+        kind,
+        arg,
+        output,
+        invertible,
+    })
 }
 
 /// With HOP, the window columns of a row are its pane, so they may only be used as
@@ -483,7 +513,11 @@ fn check_hop_columns(input: &LogicalPlan, agg: &AggregatePlan) -> Result<()> {
         });
         found
     };
-    let mut bad = agg.calls.iter().any(|c| uses_window_column(&c.arg));
+    let mut bad = agg.calls.iter().any(|c| uses_window_column(&c.arg))
+        || agg
+            .group_exprs
+            .iter()
+            .any(|e| !matches!(e, Expr::Column(_)) && uses_window_column(e));
     input.apply(|node| {
         if matches!(node, LogicalPlan::Filter(_) | LogicalPlan::Join(_)) {
             bad |= node.expressions().iter().any(uses_window_column);

@@ -2,10 +2,12 @@
 //! `HOP(source, time_col, slide, size)`.
 //!
 //! Both are rewritten, in the SQL syntax tree, into a derived table that adds
-//! `window_start` and `window_end` to every row of the source. For `TUMBLE` these are
-//! the row's window; for `HOP` they are the row's *pane* (a tumbling window of width
-//! `slide`): the stream plan aggregates panes and assembles each sliding window from
-//! `size / slide` of them, so a row is never copied into every window it belongs to.
+//! `window_start` and `window_end` to every row of the source (rows whose time is
+//! NULL belong to no window). For `TUMBLE` these are the row's window; for `HOP` they
+//! are the row's *pane* (a tumbling window of width `slide`): the stream plan
+//! aggregates rows per pane first, and only the per-pane partial aggregates are
+//! assigned to the `size / slide` windows that contain the pane — or, with window
+//! close and invertible aggregates, windows are assembled from panes by add/subtract.
 
 use std::time::Duration;
 
@@ -78,6 +80,11 @@ pub fn rewrite_windows(query: &mut Query) -> Result<Option<WindowSpec>> {
 }
 
 fn rewrite_query(query: &mut Query, found: &mut Option<WindowSpec>) -> Result<()> {
+    if let Some(with) = &mut query.with {
+        for cte in &mut with.cte_tables {
+            rewrite_query(&mut cte.query, found)?;
+        }
+    }
     rewrite_set_expr(&mut query.body, found)
 }
 
@@ -209,19 +216,23 @@ fn window_spec(kind: WindowKind, args: &TableFunctionArgs) -> Result<WindowSpec>
 /// `SELECT *, <pane start> AS window_start, <pane end> AS window_end FROM source`.
 fn pane_subquery(spec: &WindowSpec) -> Result<Box<Query>> {
     let pane = sql_interval(spec.slide);
-    let start = format!(
-        "date_bin({pane}, \"{}\", TIMESTAMP '1970-01-01 00:00:00')",
-        spec.time_column
-    );
+    let time = quoted(&spec.time_column);
+    let start = format!("date_bin({pane}, {time}, TIMESTAMP '1970-01-01 00:00:00')");
+    // Rows without a time belong to no window.
     let sql = format!(
-        "SELECT *, {start} AS window_start, {start} + {pane} AS window_end FROM \"{}\"",
-        spec.source
+        "SELECT *, {start} AS window_start, {start} + {pane} AS window_end FROM {} \
+         WHERE {time} IS NOT NULL",
+        quoted(&spec.source)
     );
     let dialect = PostgreSqlDialect {};
     let mut parser = Parser::new(&dialect).try_with_sql(&sql)?;
     parser
         .parse_query()
         .map_err(|e| Error::Internal(format!("window rewrite produced bad SQL {sql}: {e}")))
+}
+
+fn quoted(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// A duration as a SQL interval literal.

@@ -25,7 +25,7 @@ use dstream_planner::Catalog;
 use dstream_storage::{CatalogFile, DataDir, IntervalId, Timeline};
 use tokio::sync::{Mutex, broadcast, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::clock::IntervalClock;
 use crate::config::ServeConfig;
@@ -41,6 +41,8 @@ pub struct ChangeBatch {
     /// Start of the interval, nanoseconds since the epoch.
     pub interval_start: i64,
     pub changelog: Changelog,
+    /// Set when the view failed in this interval: the last message its subscribers get.
+    pub failure: Option<String>,
 }
 
 /// A user table.
@@ -99,6 +101,8 @@ pub struct EngineState {
     pub views: BTreeMap<String, ViewSlot>,
     pub history: VecDeque<IntervalStat>,
     pub last_committed: Option<IntervalId>,
+    /// Stored definitions that could not be restored at startup, and why.
+    pub unrestored: Vec<(dstream_storage::CatalogEntry, String)>,
 }
 
 /// The committed state readers see: everything after one interval.
@@ -110,6 +114,8 @@ pub struct Snapshot {
     pub interval_start: i64,
     /// Rows of each view, by partition.
     pub views: HashMap<String, (SchemaRef, Vec<ViewPartition>)>,
+    /// Views that stopped, and why; reading them is an error.
+    pub failed: HashMap<String, String>,
     /// The retained recent blocks of each source.
     pub sources: HashMap<String, (SchemaRef, Vec<Arc<Block>>)>,
     pub tables: HashMap<String, Arc<dyn TableProvider>>,
@@ -199,6 +205,7 @@ impl Engine {
                     views: BTreeMap::new(),
                     history: VecDeque::new(),
                     last_committed: None,
+                    unrestored: Vec::new(),
                 }),
                 snapshot: RwLock::new(Arc::new(Snapshot::default())),
                 committed,
@@ -228,26 +235,30 @@ impl Engine {
     }
 
     /// Replays the stored definitions.
+    /// Replays the stored definitions. One that cannot be restored (say, a file
+    /// table whose directory is gone) is logged and kept aside — still in the catalog
+    /// file, droppable by name — so that the server starts and nothing is lost.
     async fn restore(&self, entries: &[dstream_storage::CatalogEntry]) -> Result<()> {
+        let mut unrestored = Vec::new();
         for entry in entries {
-            crate::session::restore_entry(self, entry)
-                .await
-                .map_err(|e| {
-                    Error::Config(format!(
-                        "cannot restore {} \"{}\" from the catalog in {}: {e}",
-                        match entry.kind {
-                            dstream_storage::EntryKind::Source => "source",
-                            dstream_storage::EntryKind::Table => "table",
-                            dstream_storage::EntryKind::MaterializedView => "materialized view",
-                        },
-                        entry.name,
-                        self.inner.data_dir.root().display()
-                    ))
-                })?;
+            if let Err(e) = crate::session::restore_entry(self, entry).await {
+                error!(
+                    name = %entry.name,
+                    statement = %entry.sql,
+                    error = %e,
+                    "cannot restore this definition; it is kept in the catalog and can be dropped"
+                );
+                unrestored.push((entry.clone(), e.to_string()));
+            }
         }
         if !entries.is_empty() {
-            info!(objects = entries.len(), "restored the catalog");
+            info!(
+                objects = entries.len() - unrestored.len(),
+                unrestored = unrestored.len(),
+                "restored the catalog"
+            );
         }
+        self.inner.state.lock().await.unrestored = unrestored;
         Ok(())
     }
 
@@ -272,10 +283,26 @@ impl Engine {
     /// Waits until at least `count` intervals have been committed.
     pub async fn wait_committed(&self, count: u64) -> Result<()> {
         let mut rx = self.inner.committed.subscribe();
-        rx.wait_for(|c| *c >= count)
-            .await
-            .map_err(|_| Error::Internal("the interval loop stopped".into()))?;
-        Ok(())
+        loop {
+            let waited =
+                tokio::time::timeout(Duration::from_millis(200), rx.wait_for(|c| *c >= count))
+                    .await;
+            match waited {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(_)) => break,
+                // Still waiting: make sure the loop that commits intervals is alive.
+                Err(_) if self.interval_loop_running() => continue,
+                Err(_) => break,
+            }
+        }
+        Err(Error::Internal("the interval loop stopped".into()))
+    }
+
+    fn interval_loop_running(&self) -> bool {
+        match self.inner.interval_loop.lock() {
+            Ok(slot) => slot.as_ref().is_some_and(|h| !h.is_finished()),
+            Err(_) => false,
+        }
     }
 
     /// Subscribes to a view's changes; messages carry their interval.
@@ -384,13 +411,24 @@ impl Engine {
                                 interval,
                                 interval_start: timeline.start_nanos(interval),
                                 changelog: outcome.changelog,
+                                failure: None,
                             }),
                         ));
                     }
                 }
                 Err(e) => {
                     warn!(view = %name, interval = %interval, error = %e, "materialized view failed and stopped");
-                    slot.failure = Some(format!("interval {interval}: {}", Error::from(e)));
+                    let failure = format!("interval {interval}: {}", Error::from(e));
+                    slot.failure = Some(failure.clone());
+                    published.push((
+                        name,
+                        Arc::new(ChangeBatch {
+                            interval,
+                            interval_start: timeline.start_nanos(interval),
+                            changelog: Changelog::default(),
+                            failure: Some(failure),
+                        }),
+                    ));
                 }
             }
         }
@@ -444,6 +482,11 @@ impl Engine {
                         (plan.schema.clone(), slot.runtime.current().rows.clone()),
                     )
                 })
+                .collect(),
+            failed: state
+                .views
+                .iter()
+                .filter_map(|(name, slot)| slot.failure.clone().map(|f| (name.clone(), f)))
                 .collect(),
             sources: state
                 .sources

@@ -149,6 +149,7 @@ async fn persist_catalog(engine: &Engine, state: &EngineState) -> Result<()> {
             },
             sql: obj.sql().to_string(),
         })
+        .chain(state.unrestored.iter().map(|(entry, _)| entry.clone()))
         .collect();
     engine
         .inner
@@ -673,6 +674,17 @@ pub fn sql_type_name(t: &DataType) -> String {
 async fn drop_object(engine: &Engine, drop: DropObject) -> Result<StatementResult> {
     let mut state = engine.inner.state.lock().await;
     let tag = format!("DROP {}", drop.kind.as_str().to_ascii_uppercase());
+    if state.catalog.get(&drop.name).is_none()
+        && let Some(at) = state
+            .unrestored
+            .iter()
+            .position(|(e, _)| e.name == drop.name)
+    {
+        // A definition that could not be restored at startup.
+        state.unrestored.remove(at);
+        persist_catalog(engine, &state).await?;
+        return Ok(command(&tag));
+    }
     if drop.if_exists && state.catalog.get(&drop.name).is_none() {
         return Ok(command(&tag));
     }
@@ -813,6 +825,25 @@ async fn plan_query(ctx: &SessionContext, stmt: ast::Statement) -> Result<Logica
     Ok(plan)
 }
 
+/// Refuses to read a view that failed: its rows stopped at some interval.
+fn check_not_failed(plan: &LogicalPlan, snapshot: &crate::engine::Snapshot) -> Result<()> {
+    use datafusion::common::tree_node::TreeNodeRecursion;
+    let mut failed = None;
+    plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node
+            && let Some(f) = snapshot.failed.get(scan.table_name.table())
+        {
+            failed = Some(crate::subscribe::failed_view(scan.table_name.table(), f));
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
 /// Runs a query, binding `$n` placeholders to `params`.
 pub async fn query_with_params(
     engine: &Engine,
@@ -822,6 +853,7 @@ pub async fn query_with_params(
     let snapshot = engine.snapshot();
     let ctx = engine.query_context(&snapshot)?;
     let mut plan = plan_query(&ctx, stmt).await?;
+    check_not_failed(&plan, &snapshot)?;
     if let Some(params) = params {
         plan = plan.with_param_values(params)?;
     }

@@ -16,6 +16,14 @@ use tokio::sync::broadcast;
 use crate::engine::{ChangeBatch, Engine};
 use crate::error::{Error, Result};
 
+/// The error for reading a view that stopped.
+pub fn failed_view(view: &str, failure: &str) -> Error {
+    Error::Invalid(format!(
+        "materialized view \"{view}\" failed and stopped at {failure}; \
+         drop it and create it again"
+    ))
+}
+
 /// A live subscription to one view.
 #[derive(Debug)]
 pub struct Subscription {
@@ -31,6 +39,17 @@ pub struct Subscription {
 
 impl Subscription {
     pub fn start(engine: &Engine, view: &str) -> Result<Self> {
+        let current = engine.snapshot();
+        if !current.views.contains_key(view) {
+            return Err(Error::UnknownObject {
+                kind: "materialized view",
+                name: view.to_string(),
+            });
+        }
+        if let Some(failure) = current.failed.get(view) {
+            return Err(failed_view(view, failure));
+        }
+        // Register first, then read the snapshot: changes already in it are skipped.
         let changes = engine.subscribe_changes(view);
         let snapshot = engine.snapshot();
         let (view_schema, partitions) =
@@ -76,6 +95,12 @@ impl Subscription {
         loop {
             match self.changes.recv().await {
                 Ok(change) => {
+                    if let Some(failure) = &change.failure {
+                        return Some(Err(Error::Invalid(format!(
+                            "materialized view \"{}\" failed and stopped at {failure}",
+                            self.view
+                        ))));
+                    }
                     if self.seen.is_some_and(|seen| change.interval <= seen) {
                         continue;
                     }

@@ -77,3 +77,46 @@ async fn catalog_survives_a_restart() {
     assert_eq!(windows, vec![vec!["10"], vec!["10"]]);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_definition_that_cannot_be_restored_does_not_stop_the_server() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let files = dir.path().join("files");
+    std::fs::create_dir(&files).expect("mkdir");
+    std::fs::write(files.join("a.csv"), "x\n1\n").expect("file");
+    let server = TestServer::start_in(&data).await.expect("server");
+    let client = server.client().await.expect("connect");
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE lost (x BIGINT) WITH (connector = 'file', path = '{}', format = 'csv');
+             CREATE TABLE kept (x BIGINT);",
+            files.display()
+        ))
+        .await
+        .expect("setup");
+    drop(client);
+    server.stop().await;
+    std::fs::remove_dir_all(&files).expect("remove the table's directory");
+
+    // The server starts without the broken table and keeps its definition.
+    let server = TestServer::start_in(&data).await.expect("restart");
+    let client = server.client().await.expect("connect");
+    let tables = simple_rows(&client, "SHOW TABLES").await.expect("show");
+    assert_eq!(tables, vec![vec!["kept", "memory"]]);
+    drop(client);
+    server.stop().await;
+    let catalog = std::fs::read_to_string(data.join("catalog.json")).expect("catalog");
+    assert!(
+        catalog.contains("\"lost\""),
+        "the definition is kept: {catalog}"
+    );
+
+    // It can be dropped by name.
+    let server = TestServer::start_in(&data).await.expect("restart");
+    let client = server.client().await.expect("connect");
+    client.batch_execute("DROP TABLE lost").await.expect("drop");
+    let catalog = std::fs::read_to_string(data.join("catalog.json")).expect("catalog");
+    assert!(!catalog.contains("\"lost\""), "{catalog}");
+    server.stop().await;
+}

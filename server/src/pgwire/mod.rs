@@ -26,12 +26,12 @@ use pgwire::api::stmt::QueryParser;
 use pgwire::api::{ClientInfo, ClientPortalStore, PgWireServerHandlers, Type};
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use pgwire::messages::PgWireBackendMessage;
-use pgwire::messages::copy::{CopyData, CopyDone, CopyFail, CopyOutResponse};
+use pgwire::messages::copy::{CopyData, CopyDone, CopyOutResponse};
 use pgwire::messages::data::DataRow;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::engine::Engine;
 use crate::error::{Error, Result};
@@ -58,7 +58,16 @@ pub async fn serve(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => {
-                let (socket, peer) = accepted?;
+                let (socket, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // E.g. too many open files: keep serving the connections we
+                        // have and try again shortly.
+                        warn!(error = %e, "cannot accept a pgwire connection; retrying");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
                 debug!(%peer, "pgwire connection");
                 let handlers = handlers.clone();
                 connections.spawn(async move {
@@ -201,12 +210,8 @@ where
             copy_text(&batches)
         }) {
             Ok(text) => text,
-            Err(e) => {
-                client
-                    .send(PgWireBackendMessage::CopyFail(CopyFail::new(e.to_string())))
-                    .await?;
-                return Err(pg_error(&e));
-            }
+            // An ErrorResponse ends the COPY (CopyFail is the client's message).
+            Err(e) => return Err(pg_error(&e)),
         };
         if !text.is_empty() {
             client
