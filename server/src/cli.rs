@@ -261,15 +261,25 @@ impl Shell {
         };
         pin_mut!(stream);
         println!("(streaming; press Ctrl-C to stop)");
+        let mut cancelled = false;
         loop {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => return true,
+                _ = tokio::signal::ctrl_c(), if !cancelled => {
+                    // Ask the server to stop, then drain the stream so the connection
+                    // is ready for the next statement.
+                    cancelled = true;
+                    if let Err(e) = self.client.cancel_token().cancel_query(NoTls).await {
+                        print_error(&e);
+                        return false;
+                    }
+                }
                 chunk = stream.next() => match chunk {
                     Some(Ok(bytes)) => {
                         let mut out = std::io::stdout().lock();
                         let _ = out.write_all(&bytes);
                         let _ = out.flush();
                     }
+                    Some(Err(_)) if cancelled => return true,
                     Some(Err(e)) => {
                         print_error(&e);
                         return false;

@@ -144,6 +144,59 @@ async fn psql_shows_subscribe_live() {
     assert!(changes[0].ends_with("\tdelete\t3"), "{changes:?}");
     assert!(changes[1].ends_with("\tinsert\t6"), "{changes:?}");
     assert!(changes[0].starts_with("2026-01-01 00:00:01"), "{changes:?}");
-    child.kill().await.expect("stop psql");
+    // Ctrl-C: psql sends a cancel request, the server ends the SUBSCRIBE with an
+    // error, and psql exits.
+    let pid = child.id().expect("psql pid").to_string();
+    let status = Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .await
+        .expect("kill");
+    assert!(status.success());
+    let output = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .expect("psql stops after Ctrl-C")
+        .expect("psql output");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("canceling statement due to user request"),
+        "{stderr}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_subscribe_leaves_the_connection_usable() {
+    use futures::StreamExt;
+    let server = TestServer::start().await.expect("start server");
+    let client = server.client().await.expect("connect");
+    client
+        .batch_execute(
+            "CREATE SOURCE s (k BIGINT) WITH (connector = 'generator', rows_per_second = 2); \
+             CREATE MATERIALIZED VIEW c AS SELECT count(*) AS n FROM s; ADVANCE 1",
+        )
+        .await
+        .expect("setup");
+    let stream = client.copy_out("SUBSCRIBE TO c").await.expect("subscribe");
+    futures::pin_mut!(stream);
+    let first = stream.next().await.expect("snapshot").expect("bytes");
+    assert!(String::from_utf8_lossy(&first).contains("insert\t2"));
+    client
+        .cancel_token()
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("cancel");
+    let end = tokio::time::timeout(Duration::from_secs(20), stream.next())
+        .await
+        .expect("the stream ends");
+    let err = end
+        .expect("an item")
+        .expect_err("ends with the cancel error");
+    assert_eq!(err.code().map(|c| c.code()), Some("57014"), "{err:?}");
+    let rows = client
+        .simple_query("SELECT 1")
+        .await
+        .expect("connection still usable");
+    assert!(!rows.is_empty());
     server.stop().await;
 }

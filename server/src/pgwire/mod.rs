@@ -19,11 +19,12 @@ use async_trait::async_trait;
 use datafusion::common::{ParamValues, ScalarValue};
 use futures::{Sink, SinkExt, stream};
 use pgwire::api::auth::noop::NoopStartupHandler;
+use pgwire::api::cancel::DefaultCancelHandler;
 use pgwire::api::portal::{Format, Portal};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
 use pgwire::api::results::{FieldInfo, QueryResponse, Response, Tag};
 use pgwire::api::stmt::QueryParser;
-use pgwire::api::{ClientInfo, ClientPortalStore, PgWireServerHandlers, Type};
+use pgwire::api::{ClientInfo, ClientPortalStore, ConnectionManager, PgWireServerHandlers, Type};
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use pgwire::messages::PgWireBackendMessage;
 use pgwire::messages::copy::{CopyData, CopyDone, CopyOutResponse};
@@ -46,11 +47,14 @@ pub async fn serve(
     engine: Engine,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    let connections_registry = Arc::new(ConnectionManager::new());
     let handlers = Arc::new(PgHandlers {
         handler: Arc::new(PgHandler {
             engine: engine.clone(),
             parser: Arc::new(DstreamQueryParser { engine }),
+            connections: connections_registry.clone(),
         }),
+        cancel: Arc::new(DefaultCancelHandler::new(connections_registry)),
     });
     info!(addr = %listener.local_addr()?, "pgwire listening");
     let mut connections = JoinSet::new();
@@ -85,6 +89,7 @@ pub async fn serve(
 
 struct PgHandlers {
     handler: Arc<PgHandler>,
+    cancel: Arc<DefaultCancelHandler>,
 }
 
 impl PgWireServerHandlers for PgHandlers {
@@ -99,15 +104,27 @@ impl PgWireServerHandlers for PgHandlers {
     fn startup_handler(&self) -> Arc<impl pgwire::api::auth::StartupHandler> {
         self.handler.clone()
     }
+
+    /// Cancel requests (psql's Ctrl-C) stop the connection's running statement, such
+    /// as a SUBSCRIBE.
+    fn cancel_handler(&self) -> Arc<impl pgwire::api::cancel::CancelHandler> {
+        self.cancel.clone()
+    }
 }
 
 /// Serves every connection; holds no per-connection state.
 pub struct PgHandler {
     engine: Engine,
     parser: Arc<DstreamQueryParser>,
+    /// Live connections, by the key clients send in cancel requests.
+    connections: Arc<ConnectionManager>,
 }
 
-impl NoopStartupHandler for PgHandler {}
+impl NoopStartupHandler for PgHandler {
+    fn connection_manager(&self) -> Option<Arc<ConnectionManager>> {
+        Some(self.connections.clone())
+    }
+}
 
 /// A client-visible error with its SQLSTATE.
 fn pg_error(e: &Error) -> PgWireError {
