@@ -37,7 +37,7 @@ use dstream_planner::statement::{
     parse_statements,
 };
 use dstream_planner::stream_plan::plan_view;
-use dstream_planner::{INTERVAL_COLUMN, ObjectKind, Statement};
+use dstream_planner::{Catalog, INTERVAL_COLUMN, ObjectKind, Statement};
 use dstream_storage::{CatalogEntry, CatalogState, EntryKind, table_data};
 use tracing::info;
 
@@ -136,9 +136,16 @@ fn text_rows(columns: &[&str], rows: Vec<Vec<String>>) -> Result<StatementResult
     })
 }
 
-async fn persist_catalog(engine: &Engine, state: &EngineState) -> Result<()> {
-    let entries = state
-        .catalog
+/// Writes the catalog file for `catalog` and `settings`. Statements call it with the
+/// catalog as it will be *after* the change and apply the change only once it is
+/// durable, so a failed write changes nothing.
+async fn persist_catalog(
+    engine: &Engine,
+    state: &EngineState,
+    catalog: &Catalog,
+    settings: &BTreeMap<String, String>,
+) -> Result<()> {
+    let entries = catalog
         .iter()
         .map(|obj| CatalogEntry {
             name: obj.name().to_string(),
@@ -156,7 +163,7 @@ async fn persist_catalog(engine: &Engine, state: &EngineState) -> Result<()> {
         .catalog_file
         .store(&CatalogState {
             entries,
-            settings: state.settings.clone(),
+            settings: settings.clone(),
         })
         .await?;
     Ok(())
@@ -289,7 +296,13 @@ async fn create_source(
         retain,
         engine.inner.config.block_rows,
     )?;
-    state.catalog.insert(CatalogObject::Source(def))?;
+    let mut catalog = state.catalog.clone();
+    catalog.insert(CatalogObject::Source(def))?;
+    if persist {
+        persist_catalog(engine, &state, &catalog, &state.settings).await?;
+        info!(source = %create.name, "created source");
+    }
+    state.catalog = catalog;
     state.sources.insert(
         create.name.clone(),
         SourceSlot {
@@ -297,10 +310,6 @@ async fn create_source(
             failure: None,
         },
     );
-    if persist {
-        persist_catalog(engine, &state).await?;
-        info!(source = %create.name, "created source");
-    }
     engine.publish_snapshot(&state);
     Ok(command("CREATE SOURCE"))
 }
@@ -326,11 +335,17 @@ async fn create_view(
     .await?;
     let plan = Arc::new(plan);
     let runtime = ViewRuntime::new(plan.clone())?;
-    state.catalog.insert(CatalogObject::View(Arc::new(ViewDef {
+    let mut catalog = state.catalog.clone();
+    catalog.insert(CatalogObject::View(Arc::new(ViewDef {
         name: create.name.clone(),
         plan,
         sql: create.to_string(),
     })))?;
+    if persist {
+        persist_catalog(engine, &state, &catalog, &state.settings).await?;
+        info!(view = %create.name, "created materialized view");
+    }
+    state.catalog = catalog;
     state.views.insert(
         create.name.clone(),
         ViewSlot {
@@ -339,10 +354,6 @@ async fn create_view(
             last_interval: None,
         },
     );
-    if persist {
-        persist_catalog(engine, &state).await?;
-        info!(view = %create.name, "created materialized view");
-    }
     engine.publish_snapshot(&state);
     Ok(command("CREATE MATERIALIZED VIEW"))
 }
@@ -410,19 +421,19 @@ async fn create_table(
         )
     };
     let sql = ast::Statement::CreateTable(ct).to_string();
-    state
-        .catalog
-        .insert(CatalogObject::Table(Arc::new(TableDef {
-            name: name.clone(),
-            schema,
-            file,
-            sql,
-        })))?;
-    state.tables.insert(name.clone(), slot);
+    let mut catalog = state.catalog.clone();
+    catalog.insert(CatalogObject::Table(Arc::new(TableDef {
+        name: name.clone(),
+        schema,
+        file,
+        sql,
+    })))?;
     if persist {
-        persist_catalog(engine, &state).await?;
+        persist_catalog(engine, &state, &catalog, &state.settings).await?;
         info!(table = %name, "created table");
     }
+    state.catalog = catalog;
+    state.tables.insert(name.clone(), slot);
     engine.publish_snapshot(&state);
     Ok(command("CREATE TABLE"))
 }
@@ -681,14 +692,20 @@ async fn drop_object(engine: &Engine, drop: DropObject) -> Result<StatementResul
             .position(|(e, _)| e.name == drop.name)
     {
         // A definition that could not be restored at startup.
-        state.unrestored.remove(at);
-        persist_catalog(engine, &state).await?;
+        let removed = state.unrestored.remove(at);
+        if let Err(e) = persist_catalog(engine, &state, &state.catalog, &state.settings).await {
+            state.unrestored.insert(at, removed);
+            return Err(e);
+        }
         return Ok(command(&tag));
     }
     if drop.if_exists && state.catalog.get(&drop.name).is_none() {
         return Ok(command(&tag));
     }
-    state.catalog.remove(drop.kind, &drop.name)?;
+    let mut catalog = state.catalog.clone();
+    catalog.remove(drop.kind, &drop.name)?;
+    persist_catalog(engine, &state, &catalog, &state.settings).await?;
+    state.catalog = catalog;
     match drop.kind {
         ObjectKind::Source => {
             state.sources.remove(&drop.name);
@@ -705,7 +722,6 @@ async fn drop_object(engine: &Engine, drop: DropObject) -> Result<StatementResul
             }
         }
     }
-    persist_catalog(engine, &state).await?;
     engine.publish_snapshot(&state);
     info!(name = %drop.name, kind = %drop.kind, "dropped");
     Ok(command(&tag))
@@ -723,13 +739,13 @@ async fn set_batch_interval(engine: &Engine, width: Duration) -> Result<Statemen
             "batch_interval must be at least 10ms".into(),
         ));
     }
+    let mut settings = state.settings.clone();
+    settings.insert("batch_interval".into(), format_duration(width));
+    persist_catalog(engine, &state, &state.catalog, &settings).await?;
+    state.settings = settings;
     let origin = state.timeline.start_nanos(state.next);
     state.timeline = dstream_storage::Timeline::new(origin, width);
     state.next = dstream_storage::IntervalId(0);
-    state
-        .settings
-        .insert("batch_interval".into(), format_duration(width));
-    persist_catalog(engine, &state).await?;
     Ok(command("SET"))
 }
 

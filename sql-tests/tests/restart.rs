@@ -120,3 +120,44 @@ async fn a_definition_that_cannot_be_restored_does_not_stop_the_server() {
     assert!(!catalog.contains("\"lost\""), "{catalog}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_catalog_write_changes_nothing() {
+    let server = TestServer::start().await.expect("server");
+    let client = server.client().await.expect("connect");
+    client
+        .batch_execute("CREATE TABLE before (a BIGINT)")
+        .await
+        .expect("create");
+    // Make the next catalog write fail: a directory where the file must go.
+    let catalog = server.data_dir.join("catalog.json");
+    std::fs::remove_file(&catalog).expect("remove catalog file");
+    std::fs::create_dir_all(catalog.join("blocker")).expect("block the catalog path");
+
+    let err = client
+        .batch_execute("CREATE TABLE after (a BIGINT)")
+        .await
+        .expect_err("the write fails");
+    let err = dstream_sql_tests::PgError::from(err).to_string();
+    assert!(err.contains("SQLSTATE 58030"), "an I/O error: {err}");
+    let err = client
+        .batch_execute("DROP TABLE before")
+        .await
+        .expect_err("the write fails");
+    assert!(
+        dstream_sql_tests::PgError::from(err)
+            .to_string()
+            .contains("58030")
+    );
+    let tables = simple_rows(&client, "SHOW TABLES").await.expect("show");
+    assert_eq!(tables, vec![vec!["before", "memory"]], "nothing changed");
+
+    std::fs::remove_dir_all(&catalog).expect("unblock");
+    client
+        .batch_execute("CREATE TABLE after (a BIGINT)")
+        .await
+        .expect("create");
+    let tables = simple_rows(&client, "SHOW TABLES").await.expect("show");
+    assert_eq!(tables.len(), 2);
+    server.stop().await;
+}
