@@ -127,13 +127,6 @@ impl Catalog {
         }
     }
 
-    pub fn view(&self, name: &str) -> Option<&Arc<ViewDef>> {
-        match self.objects.get(name) {
-            Some(CatalogObject::View(v)) => Some(v),
-            _ => None,
-        }
-    }
-
     /// Fails with a clear message if `name` is taken.
     pub fn check_free(&self, name: &str) -> Result<()> {
         match self.objects.get(name) {

@@ -354,7 +354,14 @@ impl Engine {
             if slot.failure.is_some() {
                 continue;
             }
-            match slot.runtime.seal(interval, &timeline) {
+            // Receivers may read files: keep that off the async worker's back.
+            let sealed = match tokio::runtime::Handle::current().runtime_flavor() {
+                tokio::runtime::RuntimeFlavor::MultiThread => {
+                    tokio::task::block_in_place(|| slot.runtime.seal(interval, &timeline))
+                }
+                _ => slot.runtime.seal(interval, &timeline),
+            };
+            match sealed {
                 Ok(sealed) => {
                     input_rows += sealed.iter().map(|b| b.num_rows() as u64).sum::<u64>();
                     blocks.insert(name.clone(), sealed);

@@ -16,6 +16,9 @@ pub enum Error {
     /// A statement that is valid SQL but not allowed now, with the reason.
     #[error("{0}")]
     Invalid(String),
+    /// A definition (columns, options, watermark) that cannot work, with the reason.
+    #[error("{0}")]
+    InvalidDefinition(String),
     /// An unknown name.
     #[error("{kind} \"{name}\" does not exist")]
     UnknownObject { kind: &'static str, name: String },
@@ -61,16 +64,12 @@ impl Error {
             Error::Storage(_) | Error::Io(_) => "58030",
             Error::DataFusion(e) => datafusion_sqlstate(e),
             Error::Invalid(_) => "55000",
+            Error::InvalidDefinition(_) => "42P16",
             Error::UnknownObject { .. } => "42P01",
             Error::Unsupported(_) => "0A000",
             Error::Config(_) => "22023",
             Error::Internal(_) => "XX000",
         }
-    }
-
-    /// Whether the error is the user's to fix (as opposed to an engine failure).
-    pub fn is_user_error(&self) -> bool {
-        !matches!(self.sqlstate(), "XX000" | "58000" | "58030")
     }
 }
 

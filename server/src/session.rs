@@ -172,7 +172,9 @@ async fn persist_catalog(
 /// The Arrow schema of column definitions, with DataFusion's SQL type mapping.
 async fn columns_schema(ctx: &SessionContext, columns: &[ast::ColumnDef]) -> Result<Schema> {
     if columns.is_empty() {
-        return Err(Error::Invalid("at least one column is required".into()));
+        return Err(Error::InvalidDefinition(
+            "at least one column is required".into(),
+        ));
     }
     let cols = columns
         .iter()
@@ -232,7 +234,7 @@ async fn create_source(
     let ctx = SessionContext::new_with_config(engine.inner.session_config.clone());
     let record_schema = columns_schema(&ctx, &create.columns).await?;
     if record_schema.field_with_name(INTERVAL_COLUMN).is_ok() {
-        return Err(Error::Invalid(format!(
+        return Err(Error::InvalidDefinition(format!(
             "column name {INTERVAL_COLUMN} is reserved: every source row gets it"
         )));
     }
@@ -251,13 +253,13 @@ async fn create_source(
         None => None,
         Some(wm) => {
             let field = schema.field_with_name(&wm.column).map_err(|_| {
-                Error::Invalid(format!(
+                Error::InvalidDefinition(format!(
                     "WATERMARK FOR {}: source \"{}\" has no such column",
                     wm.column, create.name
                 ))
             })?;
             if !matches!(field.data_type(), DataType::Timestamp(_, _)) {
-                return Err(Error::Invalid(format!(
+                return Err(Error::InvalidDefinition(format!(
                     "WATERMARK FOR {}: the column must be a TIMESTAMP, not {}",
                     wm.column,
                     field.data_type()
@@ -275,7 +277,7 @@ async fn create_source(
         }
     };
     let connector = create.options.get("connector").cloned().ok_or_else(|| {
-        Error::Invalid("CREATE SOURCE needs WITH (connector = '...'); available: generator".into())
+        Error::InvalidDefinition("CREATE SOURCE needs WITH (connector = '...'); available: generator, nexmark, tcp, file".into())
     })?;
     let def = Arc::new(SourceDef {
         name: create.name.clone(),
@@ -458,7 +460,11 @@ fn table_options(options: &ast::CreateTableOptions) -> Result<BTreeMap<String, S
                 };
                 out.insert(key.value.to_ascii_lowercase(), value);
             }
-            other => return Err(Error::Invalid(format!("unexpected table option {other}"))),
+            other => {
+                return Err(Error::InvalidDefinition(format!(
+                    "unexpected table option {other}"
+                )));
+            }
         }
     }
     Ok(out)
@@ -482,7 +488,7 @@ async fn file_table(spec: &ConnectorSpec, schema: SchemaRef) -> Result<Arc<Listi
     let path = spec
         .options
         .get("path")
-        .ok_or_else(|| Error::Invalid("a file table needs WITH (path = '...')".into()))?;
+        .ok_or_else(|| Error::InvalidDefinition("a file table needs WITH (path = '...')".into()))?;
     let format_name = spec
         .options
         .get("format")
@@ -508,7 +514,9 @@ async fn file_table(spec: &ConnectorSpec, schema: SchemaRef) -> Result<Arc<Listi
     };
     let is_dir = std::path::Path::new(path).is_dir();
     if !is_dir && !std::path::Path::new(path).exists() {
-        return Err(Error::Invalid(format!("path '{path}' does not exist")));
+        return Err(Error::InvalidDefinition(format!(
+            "path '{path}' does not exist"
+        )));
     }
     let url = if is_dir && !path.ends_with('/') {
         format!("{path}/")

@@ -70,11 +70,6 @@ impl Timeline {
     pub fn width(&self) -> Duration {
         Duration::from_nanos(self.width_nanos as u64)
     }
-
-    /// The interval that contains the wall-clock instant `nanos` (clamped at interval 0).
-    pub fn interval_at(&self, nanos: i64) -> IntervalId {
-        IntervalId(((nanos - self.origin_nanos).max(0) / self.width_nanos) as u64)
-    }
 }
 
 #[cfg(test)]
@@ -86,7 +81,5 @@ mod tests {
         let t = Timeline::new(1_000, Duration::from_nanos(100));
         assert_eq!(t.start_nanos(IntervalId(0)), 1_000);
         assert_eq!(t.end_nanos(IntervalId(2)), 1_300);
-        assert_eq!(t.interval_at(1_250), IntervalId(2));
-        assert_eq!(t.interval_at(0), IntervalId(0));
     }
 }

@@ -20,7 +20,6 @@ use std::sync::Arc;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use arrow::row::{RowConverter, SortField};
 use async_trait::async_trait;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::common::{Column, NullEquality, ScalarValue};
@@ -54,6 +53,8 @@ enum Combine {
 #[derive(Debug)]
 pub struct AggregateOperator {
     pub(crate) plan: Arc<StreamPlan>,
+    /// The plan's aggregation.
+    aggregate: AggregatePlan,
     /// Number of group keys; state columns `__k0 .. __k{keys-1}` come first.
     pub(crate) keys: usize,
     /// Schema of the state and of the partials (all columns nullable).
@@ -73,12 +74,6 @@ pub(crate) fn key_name(i: usize) -> String {
 
 pub(crate) fn column(name: &str) -> Expr {
     Expr::Column(Column::from_name(name))
-}
-
-fn agg(plan: &StreamPlan) -> Result<&AggregatePlan> {
-    plan.aggregate
-        .as_ref()
-        .ok_or_else(|| Error::Internal("aggregate operator for a plan without aggregate".into()))
 }
 
 /// Re-labels `batch` with `schema` (same columns; the schema's fields are nullable).
@@ -101,7 +96,9 @@ fn nullable(schema: &Schema) -> SchemaRef {
 
 impl AggregateOperator {
     pub fn new(plan: Arc<StreamPlan>) -> Result<Self> {
-        let aggregate = agg(&plan)?;
+        let aggregate = plan.aggregate.clone().ok_or_else(|| {
+            Error::Internal("aggregate operator for a plan without aggregate".into())
+        })?;
         let keys = aggregate.group_exprs.len();
         let mut combine = Vec::new();
         for call in &aggregate.calls {
@@ -117,6 +114,7 @@ impl AggregateOperator {
         combine.push(Combine::Sum);
         let mut op = AggregateOperator {
             plan: plan.clone(),
+            aggregate: aggregate.clone(),
             keys,
             state_schema: Arc::new(Schema::empty()),
             combine,
@@ -146,11 +144,7 @@ impl AggregateOperator {
     }
 
     pub(crate) fn aggregate(&self) -> &AggregatePlan {
-        // Checked in `new`.
-        self.plan
-            .aggregate
-            .as_ref()
-            .unwrap_or_else(|| unreachable!())
+        &self.aggregate
     }
 
     /// The key columns the shuffle hashes. In sliding mode all panes of a group must
@@ -626,7 +620,7 @@ impl StreamOperator for AggregateOperator {
         };
         let before_rows = self.finalize(ctx, before).await?;
         let after_rows = self.finalize(ctx, after).await?;
-        let changelog = cancel_unchanged(&self.plan.schema, before_rows, after_rows)?;
+        let changelog = Changelog::between(&self.plan.schema, before_rows, after_rows)?;
         let view = self.finalize(ctx, merged.clone()).await?;
         Ok(PartitionOutput {
             state: Arc::new(StatePartition {
@@ -657,67 +651,4 @@ impl AggregateOperator {
         let out = execute(ctx, self.view_plan(rows)?).await?;
         out.iter().map(|b| relabel(b, &self.plan.schema)).collect()
     }
-}
-
-/// Builds the changelog of a set of groups from their view rows before and after,
-/// leaving out rows that did not change.
-fn cancel_unchanged(
-    schema: &SchemaRef,
-    before: Vec<RecordBatch>,
-    after: Vec<RecordBatch>,
-) -> Result<Changelog> {
-    use std::collections::HashMap;
-    let converter = RowConverter::new(
-        schema
-            .fields()
-            .iter()
-            .map(|f| SortField::new(f.data_type().clone()))
-            .collect(),
-    )?;
-    let mut counts: HashMap<Vec<u8>, i64> = HashMap::new();
-    let encode = |batches: &[RecordBatch]| -> Result<Vec<arrow::row::Rows>> {
-        batches
-            .iter()
-            .map(|b| Ok(converter.convert_columns(b.columns())?))
-            .collect()
-    };
-    let before_rows = encode(&before)?;
-    let after_rows = encode(&after)?;
-    for rows in &before_rows {
-        for r in rows.iter() {
-            *counts.entry(r.as_ref().to_vec()).or_default() += 1;
-        }
-    }
-    for rows in &after_rows {
-        for r in rows.iter() {
-            *counts.entry(r.as_ref().to_vec()).or_default() -= 1;
-        }
-    }
-    // Keep rows whose net count says they changed: positive -> deleted, negative -> inserted.
-    let select = |batches: &[RecordBatch],
-                  rows: &[arrow::row::Rows],
-                  sign: i64,
-                  counts: &mut HashMap<Vec<u8>, i64>|
-     -> Result<Vec<RecordBatch>> {
-        let mut out = Vec::new();
-        for (batch, rows) in batches.iter().zip(rows) {
-            let mut keep = Vec::new();
-            for (i, r) in rows.iter().enumerate() {
-                if let Some(c) = counts.get_mut(r.as_ref())
-                    && *c * sign > 0
-                {
-                    *c -= sign;
-                    keep.push(i as u32);
-                }
-            }
-            if !keep.is_empty() {
-                let idx = arrow::array::UInt32Array::from(keep);
-                out.push(arrow::compute::take_record_batch(batch, &idx)?);
-            }
-        }
-        Ok(out)
-    };
-    let deletes = select(&before, &before_rows, 1, &mut counts)?;
-    let inserts = select(&after, &after_rows, -1, &mut counts)?;
-    Ok(Changelog { deletes, inserts })
 }

@@ -19,10 +19,12 @@ use crate::error::Result;
 
 pub mod aggregate;
 pub mod append;
+pub mod changelog;
 pub mod sliding;
 
 pub use aggregate::AggregateOperator;
 pub use append::AppendOperator;
+pub use changelog::Changelog;
 
 /// The map output of one block destined for one partition.
 #[derive(Clone, Debug, Default)]
@@ -72,27 +74,6 @@ pub enum ViewUpdate {
     Replace(Vec<RecordBatch>),
     /// These rows are added to the partition's view rows.
     Append(Vec<RecordBatch>),
-}
-
-/// The changes of one interval, as deletions then insertions of view rows.
-#[derive(Clone, Debug, Default)]
-pub struct Changelog {
-    pub deletes: Vec<RecordBatch>,
-    pub inserts: Vec<RecordBatch>,
-}
-
-impl Changelog {
-    pub fn is_empty(&self) -> bool {
-        self.deletes
-            .iter()
-            .chain(&self.inserts)
-            .all(|b| b.num_rows() == 0)
-    }
-
-    pub fn extend(&mut self, other: Changelog) {
-        self.deletes.extend(other.deletes);
-        self.inserts.extend(other.inserts);
-    }
 }
 
 /// What one reduce task produces.

@@ -1,0 +1,92 @@
+//! Changelogs: what one interval changed in a view, as deletions then insertions of
+//! view rows. Subscriptions and (later) sinks consume them.
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use arrow::row::{RowConverter, SortField};
+
+use crate::error::Result;
+
+/// The changes of one interval, as deletions then insertions of view rows.
+#[derive(Clone, Debug, Default)]
+pub struct Changelog {
+    pub deletes: Vec<RecordBatch>,
+    pub inserts: Vec<RecordBatch>,
+}
+
+impl Changelog {
+    pub fn is_empty(&self) -> bool {
+        self.deletes
+            .iter()
+            .chain(&self.inserts)
+            .all(|b| b.num_rows() == 0)
+    }
+
+    pub fn extend(&mut self, other: Changelog) {
+        self.deletes.extend(other.deletes);
+        self.inserts.extend(other.inserts);
+    }
+
+    /// The changelog of a set of groups from their view rows before and after:
+    /// rows only before are deleted, rows only after inserted, unchanged rows left out.
+    pub fn between(
+        schema: &SchemaRef,
+        before: Vec<RecordBatch>,
+        after: Vec<RecordBatch>,
+    ) -> Result<Changelog> {
+        use std::collections::HashMap;
+        let converter = RowConverter::new(
+            schema
+                .fields()
+                .iter()
+                .map(|f| SortField::new(f.data_type().clone()))
+                .collect(),
+        )?;
+        let mut counts: HashMap<Vec<u8>, i64> = HashMap::new();
+        let encode = |batches: &[RecordBatch]| -> Result<Vec<arrow::row::Rows>> {
+            batches
+                .iter()
+                .map(|b| Ok(converter.convert_columns(b.columns())?))
+                .collect()
+        };
+        let before_rows = encode(&before)?;
+        let after_rows = encode(&after)?;
+        for rows in &before_rows {
+            for r in rows.iter() {
+                *counts.entry(r.as_ref().to_vec()).or_default() += 1;
+            }
+        }
+        for rows in &after_rows {
+            for r in rows.iter() {
+                *counts.entry(r.as_ref().to_vec()).or_default() -= 1;
+            }
+        }
+        // Keep rows whose net count says they changed: positive -> deleted, negative -> inserted.
+        let select = |batches: &[RecordBatch],
+                      rows: &[arrow::row::Rows],
+                      sign: i64,
+                      counts: &mut HashMap<Vec<u8>, i64>|
+         -> Result<Vec<RecordBatch>> {
+            let mut out = Vec::new();
+            for (batch, rows) in batches.iter().zip(rows) {
+                let mut keep = Vec::new();
+                for (i, r) in rows.iter().enumerate() {
+                    if let Some(c) = counts.get_mut(r.as_ref())
+                        && *c * sign > 0
+                    {
+                        *c -= sign;
+                        keep.push(i as u32);
+                    }
+                }
+                if !keep.is_empty() {
+                    let idx = arrow::array::UInt32Array::from(keep);
+                    out.push(arrow::compute::take_record_batch(batch, &idx)?);
+                }
+            }
+            Ok(out)
+        };
+        let deletes = select(&before, &before_rows, 1, &mut counts)?;
+        let inserts = select(&after, &after_rows, -1, &mut counts)?;
+        Ok(Changelog { deletes, inserts })
+    }
+}
