@@ -1,0 +1,49 @@
+//! DROP SOURCE | TABLE | MATERIALIZED VIEW, including definitions that could not be
+//! restored at startup.
+
+use super::*;
+
+pub(super) async fn drop_object(engine: &Engine, drop: DropObject) -> Result<StatementResult> {
+    let mut state = engine.inner.state.lock().await;
+    let tag = format!("DROP {}", drop.kind.as_str().to_ascii_uppercase());
+    if state.catalog.get(&drop.name).is_none()
+        && let Some(at) = state
+            .unrestored
+            .iter()
+            .position(|(e, _)| e.name == drop.name)
+    {
+        // A definition that could not be restored at startup.
+        let removed = state.unrestored.remove(at);
+        if let Err(e) = persist_catalog(engine, &state, &state.catalog, &state.settings).await {
+            state.unrestored.insert(at, removed);
+            return Err(e);
+        }
+        return Ok(command(&tag));
+    }
+    if drop.if_exists && state.catalog.get(&drop.name).is_none() {
+        return Ok(command(&tag));
+    }
+    let mut catalog = state.catalog.clone();
+    catalog.remove(drop.kind, &drop.name)?;
+    persist_catalog(engine, &state, &catalog, &state.settings).await?;
+    state.catalog = catalog;
+    match drop.kind {
+        ObjectKind::Source => {
+            state.sources.remove(&drop.name);
+        }
+        ObjectKind::Table => {
+            if let Some(TableSlot::Memory(_)) = state.tables.remove(&drop.name) {
+                table_data::drop_table(&engine.inner.data_dir, &drop.name).await?;
+            }
+        }
+        ObjectKind::MaterializedView => {
+            state.views.remove(&drop.name);
+            if let Ok(mut subs) = engine.inner.subscribers.lock() {
+                subs.remove(&drop.name);
+            }
+        }
+    }
+    engine.publish_snapshot(&state);
+    info!(name = %drop.name, kind = %drop.kind, "dropped");
+    Ok(command(&tag))
+}

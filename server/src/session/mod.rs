@@ -1,0 +1,246 @@
+//! Executing statements: the same code serves pgwire, the CLI (through pgwire) and
+//! tests.
+//!
+//! [`execute`] parses a script and runs its statements in order. Definitions (`CREATE
+//! SOURCE`, `CREATE TABLE`, `CREATE MATERIALIZED VIEW`, `DROP`) change the engine
+//! state under its lock and are persisted to the catalog before they return; queries
+//! read one committed [`crate::engine::Snapshot`] and never wait for an interval.
+//!
+//! One file per family of statements: [`source`], [`table`] (CREATE TABLE, INSERT),
+//! [`view`] (CREATE MATERIALIZED VIEW, its EXPLAIN), [`listing`] (SHOW, DESCRIBE),
+//! [`drop`], [`settings`] (SET batch_interval, ADVANCE) and [`query`] (ad-hoc queries
+//! and pass-through SQL).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::{ArrayRef, RecordBatch, StringArray, UInt64Array};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::catalog::{MemTable, TableProvider};
+use datafusion::common::TableReference;
+use datafusion::common::{DFSchema, ParamValues};
+use datafusion::datasource::file_format::FileFormat;
+use datafusion::datasource::file_format::csv::CsvFormat;
+use datafusion::datasource::file_format::json::JsonFormat;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
+use datafusion::logical_expr::{DdlStatement, LogicalPlan};
+use datafusion::prelude::SessionContext;
+use datafusion::sql::parser::Statement as DFStatement;
+use datafusion::sql::sqlparser::ast;
+use dstream_executor::{SourceRuntime, ViewRuntime};
+use dstream_planner::catalog::{
+    CatalogObject, ConnectorSpec, SourceDef, TableDef, ViewDef, WatermarkDef,
+};
+use dstream_planner::duration::format_duration;
+use dstream_planner::stage_dag::explain;
+use dstream_planner::statement::{
+    CreateMaterializedView, CreateSource, DropObject, ShowKind, normalize_ident, parse_statement,
+    parse_statements,
+};
+use dstream_planner::stream_plan::plan_view;
+use dstream_planner::{Catalog, INTERVAL_COLUMN, ObjectKind, Statement};
+use dstream_storage::{CatalogEntry, CatalogState, EntryKind, table_data};
+use tracing::info;
+
+use crate::engine::{Engine, EngineState, SourceSlot, TableSlot, ViewSlot};
+use crate::error::{Error, Result};
+use crate::subscribe::Subscription;
+
+/// The result of one statement.
+#[derive(Debug)]
+pub enum StatementResult {
+    /// Rows, for queries, SHOW, DESCRIBE and EXPLAIN.
+    Rows {
+        schema: SchemaRef,
+        batches: Vec<RecordBatch>,
+    },
+    /// A command that returns no rows, with its tag (`CREATE SOURCE`, `INSERT`, ...)
+    /// and, for `INSERT`, the number of rows.
+    Command { tag: String, rows: Option<u64> },
+    /// A live changelog stream.
+    Subscribe(Subscription),
+}
+
+mod drop;
+mod listing;
+mod query;
+mod settings;
+mod source;
+mod table;
+mod view;
+
+pub use listing::{format_timestamp, sql_type_name};
+pub use query::{describe_query, query_with_params};
+
+use drop::drop_object;
+use listing::{describe, show};
+use query::execute_sql;
+use settings::{advance, set_batch_interval};
+use source::create_source;
+use table::{create_table, insert_into};
+use view::{create_view, explain_view};
+
+/// Executes every statement of `sql`, in order, stopping at the first error.
+pub async fn execute(engine: &Engine, sql: &str) -> Result<Vec<StatementResult>> {
+    let statements = parse_statements(sql)?;
+    let mut results = Vec::with_capacity(statements.len());
+    for statement in statements {
+        results.push(execute_statement(engine, statement).await?);
+    }
+    Ok(results)
+}
+
+/// Executes one parsed statement.
+pub async fn execute_statement(engine: &Engine, statement: Statement) -> Result<StatementResult> {
+    match statement {
+        Statement::CreateSource(create) => create_source(engine, *create, true).await,
+        Statement::CreateMaterializedView(create) => create_view(engine, create, true).await,
+        Statement::ExplainView(create) => explain_view(engine, create).await,
+        Statement::Show(kind) => show(engine, kind).await,
+        Statement::Describe(name) => describe(engine, &name).await,
+        Statement::Drop(drop) => drop_object(engine, drop).await,
+        Statement::SetBatchInterval(d) => set_batch_interval(engine, d).await,
+        Statement::Advance(n) => advance(engine, n).await,
+        Statement::Subscribe(name) => Ok(StatementResult::Subscribe(Subscription::start(
+            engine, &name,
+        )?)),
+        Statement::Sql(stmt) => execute_sql(engine, *stmt).await,
+    }
+}
+
+/// Re-creates one stored definition at startup.
+pub(crate) async fn restore_entry(engine: &Engine, entry: &CatalogEntry) -> Result<()> {
+    match parse_statement(&entry.sql)? {
+        Statement::CreateSource(c) => create_source(engine, *c, false).await?,
+        Statement::CreateMaterializedView(c) => create_view(engine, c, false).await?,
+        Statement::Sql(stmt) => match *stmt {
+            ast::Statement::CreateTable(ct) => create_table(engine, ct, false).await?,
+            other => return Err(Error::Internal(format!("unexpected catalog entry {other}"))),
+        },
+        other => {
+            return Err(Error::Internal(format!(
+                "unexpected catalog entry {other:?}"
+            )));
+        }
+    };
+    Ok(())
+}
+
+fn command(tag: &str) -> StatementResult {
+    StatementResult::Command {
+        tag: tag.to_string(),
+        rows: None,
+    }
+}
+
+/// Rows of text columns, for SHOW, DESCRIBE and EXPLAIN.
+fn text_rows(columns: &[&str], rows: Vec<Vec<String>>) -> Result<StatementResult> {
+    let schema = Arc::new(Schema::new(
+        columns
+            .iter()
+            .map(|c| Field::new(*c, DataType::Utf8, true))
+            .collect::<Vec<_>>(),
+    ));
+    let arrays: Vec<ArrayRef> = (0..columns.len())
+        .map(|i| {
+            Arc::new(StringArray::from(
+                rows.iter().map(|r| r[i].clone()).collect::<Vec<_>>(),
+            )) as ArrayRef
+        })
+        .collect();
+    let batch =
+        RecordBatch::try_new(schema.clone(), arrays).map_err(|e| Error::Internal(e.to_string()))?;
+    Ok(StatementResult::Rows {
+        schema,
+        batches: vec![batch],
+    })
+}
+
+/// Writes the catalog file for `catalog` and `settings`. Statements call it with the
+/// catalog as it will be *after* the change and apply the change only once it is
+/// durable, so a failed write changes nothing.
+async fn persist_catalog(
+    engine: &Engine,
+    state: &EngineState,
+    catalog: &Catalog,
+    settings: &BTreeMap<String, String>,
+) -> Result<()> {
+    let entries = catalog
+        .iter()
+        .map(|obj| CatalogEntry {
+            name: obj.name().to_string(),
+            kind: match obj.kind() {
+                ObjectKind::Source => EntryKind::Source,
+                ObjectKind::Table => EntryKind::Table,
+                ObjectKind::MaterializedView => EntryKind::MaterializedView,
+            },
+            sql: obj.sql().to_string(),
+        })
+        .chain(state.unrestored.iter().map(|(entry, _)| entry.clone()))
+        .collect();
+    engine
+        .inner
+        .catalog_file
+        .store(&CatalogState {
+            entries,
+            settings: settings.clone(),
+        })
+        .await?;
+    Ok(())
+}
+
+/// The Arrow schema of column definitions, with DataFusion's SQL type mapping.
+async fn columns_schema(ctx: &SessionContext, columns: &[ast::ColumnDef]) -> Result<Schema> {
+    if columns.is_empty() {
+        return Err(Error::InvalidDefinition(
+            "at least one column is required".into(),
+        ));
+    }
+    let cols = columns
+        .iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!("CREATE TABLE __columns ({cols})");
+    let plan = ctx.state().create_logical_plan(&sql).await?;
+    match plan {
+        LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(cmt)) => {
+            Ok(cmt.input.schema().as_arrow().clone())
+        }
+        other => Err(Error::Internal(format!(
+            "unexpected plan for columns: {other}"
+        ))),
+    }
+}
+
+/// A context with every source (as an empty table of its schema) and table
+/// registered: what continuous queries are planned against.
+fn planning_context(engine: &Engine, state: &EngineState) -> Result<SessionContext> {
+    let ctx = SessionContext::new_with_config(engine.inner.session_config.clone());
+    for obj in state.catalog.iter() {
+        match obj {
+            CatalogObject::Source(s) => {
+                ctx.register_table(
+                    TableReference::bare(s.name.as_str()),
+                    Arc::new(MemTable::try_new(s.schema.clone(), vec![vec![]])?),
+                )?;
+            }
+            CatalogObject::Table(t) => {
+                if let Some(slot) = state.tables.get(&t.name) {
+                    ctx.register_table(TableReference::bare(t.name.as_str()), slot.provider())?;
+                }
+            }
+            CatalogObject::View(v) => {
+                ctx.register_table(
+                    TableReference::bare(v.name.as_str()),
+                    Arc::new(MemTable::try_new(v.plan.schema.clone(), vec![vec![]])?),
+                )?;
+            }
+        }
+    }
+    Ok(ctx)
+}

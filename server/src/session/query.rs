@@ -1,0 +1,152 @@
+//! Ad-hoc queries over one committed snapshot, and the standard SQL statements
+//! dstream passes through (SELECT, EXPLAIN, SET, SHOW variable, transactions).
+
+use super::*;
+
+pub(super) async fn execute_sql(engine: &Engine, stmt: ast::Statement) -> Result<StatementResult> {
+    match stmt {
+        ast::Statement::Query(_) | ast::Statement::Explain { .. } => query(engine, stmt).await,
+        ast::Statement::CreateTable(ct) => create_table(engine, ct, true).await,
+        ast::Statement::Insert(insert) => insert_into(engine, insert).await,
+        ast::Statement::StartTransaction { .. } => Ok(command("BEGIN")),
+        ast::Statement::Commit { .. } => Ok(command("COMMIT")),
+        ast::Statement::Rollback { .. } => Ok(command("ROLLBACK")),
+        ast::Statement::Set(_) => Ok(command("SET")),
+        ast::Statement::ShowVariable { variable } => {
+            let name = variable
+                .iter()
+                .map(|i| i.value.to_ascii_lowercase())
+                .collect::<Vec<_>>()
+                .join(".");
+            let value = match name.as_str() {
+                "batch_interval" => {
+                    format_duration(engine.inner.state.lock().await.timeline.width())
+                }
+                "partitions" => engine.config().partitions.to_string(),
+                "clock" => if engine.clock().as_manual().is_some() {
+                    "manual"
+                } else {
+                    "real"
+                }
+                .into(),
+                "server_version" => "15.0 (dstream)".into(),
+                "transaction_isolation" => "read committed".into(),
+                "standard_conforming_strings" => "on".into(),
+                _ => {
+                    return Err(Error::Invalid(format!(
+                        "unrecognized setting \"{name}\"; try batch_interval, partitions or clock"
+                    )));
+                }
+            };
+            text_rows(&[name.as_str()], vec![vec![value]])
+        }
+        ast::Statement::CreateView(_) => Err(Error::Unsupported(
+            "CREATE VIEW; use CREATE MATERIALIZED VIEW for a continuous query".into(),
+        )),
+        ast::Statement::Update(_) | ast::Statement::Delete(_) => Err(Error::Unsupported(
+            "UPDATE and DELETE; tables are append-only (drop and re-create a table to replace it)"
+                .into(),
+        )),
+        ast::Statement::Drop { object_type, .. } => Err(Error::Unsupported(format!(
+            "DROP {object_type}; use DROP SOURCE, DROP TABLE or DROP MATERIALIZED VIEW"
+        ))),
+        other => Err(Error::Unsupported(format!(
+            "this statement: {}",
+            other.to_string().chars().take(80).collect::<String>()
+        ))),
+    }
+}
+
+/// An ad-hoc query over one committed snapshot.
+pub(super) async fn query(engine: &Engine, stmt: ast::Statement) -> Result<StatementResult> {
+    query_with_params(engine, stmt, None).await
+}
+
+/// Plans a query against `ctx`, refusing statements that are not reads.
+pub(super) async fn plan_query(ctx: &SessionContext, stmt: ast::Statement) -> Result<LogicalPlan> {
+    let plan = ctx
+        .state()
+        .statement_to_plan(DFStatement::Statement(Box::new(stmt)))
+        .await?;
+    if matches!(
+        plan,
+        LogicalPlan::Dml(_)
+            | LogicalPlan::Ddl(_)
+            | LogicalPlan::Copy(_)
+            | LogicalPlan::Statement(_)
+    ) {
+        return Err(Error::Unsupported(format!(
+            "this statement in a query: {}",
+            plan.display()
+        )));
+    }
+    Ok(plan)
+}
+
+/// Refuses to read a view that failed: its rows stopped at some interval.
+pub(super) fn check_not_failed(
+    plan: &LogicalPlan,
+    snapshot: &crate::engine::Snapshot,
+) -> Result<()> {
+    use datafusion::common::tree_node::TreeNodeRecursion;
+    let mut failed = None;
+    plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node
+            && let Some(f) = snapshot.failed.get(scan.table_name.table())
+        {
+            failed = Some(crate::subscribe::failed_view(scan.table_name.table(), f));
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Runs a query, binding `$n` placeholders to `params`.
+pub async fn query_with_params(
+    engine: &Engine,
+    stmt: ast::Statement,
+    params: Option<ParamValues>,
+) -> Result<StatementResult> {
+    let snapshot = engine.snapshot();
+    let ctx = engine.query_context(&snapshot)?;
+    let mut plan = plan_query(&ctx, stmt).await?;
+    check_not_failed(&plan, &snapshot)?;
+    if let Some(params) = params {
+        plan = plan.with_param_values(params)?;
+    }
+    let df = ctx.execute_logical_plan(plan).await?;
+    let schema = Arc::new(df.schema().as_arrow().clone());
+    let batches = df.collect().await?;
+    Ok(StatementResult::Rows { schema, batches })
+}
+
+/// The row schema and parameter types of a query, without running it.
+pub async fn describe_query(
+    engine: &Engine,
+    stmt: ast::Statement,
+) -> Result<(SchemaRef, Vec<Option<DataType>>)> {
+    let snapshot = engine.snapshot();
+    let ctx = engine.query_context(&snapshot)?;
+    let plan = plan_query(&ctx, stmt).await?;
+    let types = plan.get_parameter_types()?;
+    let mut params: Vec<(usize, Option<DataType>)> = types
+        .into_iter()
+        .filter_map(|(name, t)| {
+            name.trim_start_matches('$')
+                .parse::<usize>()
+                .ok()
+                .map(|i| (i, t))
+        })
+        .collect();
+    params.sort_by_key(|(i, _)| *i);
+    let count = params.last().map(|(i, _)| *i).unwrap_or(0);
+    let mut out = vec![None; count];
+    for (i, t) in params {
+        out[i - 1] = t;
+    }
+    Ok((Arc::new(plan.schema().as_arrow().clone()), out))
+}

@@ -1,0 +1,40 @@
+//! Server settings and the manual clock: SET batch_interval and ADVANCE.
+
+use super::*;
+
+pub(super) async fn set_batch_interval(
+    engine: &Engine,
+    width: Duration,
+) -> Result<StatementResult> {
+    let mut state = engine.inner.state.lock().await;
+    if !state.sources.is_empty() {
+        return Err(Error::Invalid(
+            "batch_interval can only change while no sources exist; drop them first".into(),
+        ));
+    }
+    if width < Duration::from_millis(10) {
+        return Err(Error::Invalid(
+            "batch_interval must be at least 10ms".into(),
+        ));
+    }
+    let mut settings = state.settings.clone();
+    settings.insert("batch_interval".into(), format_duration(width));
+    persist_catalog(engine, &state, &state.catalog, &settings).await?;
+    state.settings = settings;
+    let origin = state.timeline.start_nanos(state.next);
+    state.timeline = dstream_storage::Timeline::new(origin, width);
+    state.next = dstream_storage::IntervalId(0);
+    Ok(command("SET"))
+}
+
+pub(super) async fn advance(engine: &Engine, n: u64) -> Result<StatementResult> {
+    let Some(manual) = engine.clock().as_manual() else {
+        return Err(Error::Invalid(
+            "ADVANCE needs the manual clock; start the server with --clock manual".into(),
+        ));
+    };
+    let target = engine.committed_intervals() + n;
+    manual.advance(n);
+    engine.wait_committed(target).await?;
+    Ok(command(&format!("ADVANCE {n}")))
+}
