@@ -164,34 +164,27 @@ async fn tumble_count(
     let mut best_gen = Duration::MAX;
     let mut input: Vec<RecordBatch> = Vec::new();
     let mut windows = 0;
+    let source = SOURCE
+        .replace("{rate}", &rate.to_string())
+        .replace("{keys}", &keys.to_string());
+    // Both sides seal one interval more than `intervals`: it moves the watermark past
+    // the last window.
+    let advance = format!("ADVANCE {}", intervals + 1);
     for _ in 0..runs {
         // Generator alone: a source with no view, sealed interval by interval.
         let e = start_engine(partitions, intervals, block_rows).await?;
-        exec(
-            &e.engine,
-            &SOURCE
-                .replace("{rate}", &rate.to_string())
-                .replace("{keys}", &keys.to_string()),
-        )
-        .await?;
+        exec(&e.engine, &source).await?;
         let started = Instant::now();
-        exec(&e.engine, &format!("ADVANCE {intervals}")).await?;
+        exec(&e.engine, &advance).await?;
         best_gen = best_gen.min(started.elapsed());
         e.shutdown.cancel();
 
         // The continuous query.
         let e = start_engine(partitions, intervals, block_rows).await?;
-        exec(
-            &e.engine,
-            &SOURCE
-                .replace("{rate}", &rate.to_string())
-                .replace("{keys}", &keys.to_string()),
-        )
-        .await?;
+        exec(&e.engine, &source).await?;
         exec(&e.engine, VIEW).await?;
         let started = Instant::now();
-        // One more interval moves the watermark past the last window.
-        exec(&e.engine, &format!("ADVANCE {}", intervals + 1)).await?;
+        exec(&e.engine, &advance).await?;
         best_stream = best_stream.min(started.elapsed());
         windows = rows(&exec(&e.engine, "SELECT * FROM counts").await?);
         if input.is_empty() {

@@ -128,20 +128,23 @@ impl From<tokio_postgres::Error> for PgError {
     }
 }
 
-/// Runs rows as strings: NULL as `NULL`, empty strings as `(empty)`.
+/// A row's values as text: NULL as `NULL`, empty strings as `(empty)`.
+fn row_text(row: &tokio_postgres::SimpleQueryRow) -> Vec<String> {
+    (0..row.len())
+        .map(|i| match row.get(i) {
+            None => "NULL".to_string(),
+            Some("") => "(empty)".to_string(),
+            Some(v) => v.to_string(),
+        })
+        .collect()
+}
+
+/// Runs a query; its rows as text: NULL as `NULL`, empty strings as `(empty)`.
 pub async fn simple_rows(client: &Client, sql: &str) -> Result<Vec<Vec<String>>, PgError> {
     let mut rows = Vec::new();
     for message in client.simple_query(sql).await? {
         if let SimpleQueryMessage::Row(row) = message {
-            rows.push(
-                (0..row.len())
-                    .map(|i| match row.get(i) {
-                        None => "NULL".to_string(),
-                        Some("") => "(empty)".to_string(),
-                        Some(v) => v.to_string(),
-                    })
-                    .collect(),
-            );
+            rows.push(row_text(&row));
         }
     }
     Ok(rows)
@@ -174,15 +177,7 @@ impl sqllogictest::AsyncDB for PgDb {
                 SimpleQueryMessage::RowDescription(cols) => columns = Some(cols.len()),
                 SimpleQueryMessage::Row(row) => {
                     columns = Some(row.len());
-                    rows.push(
-                        (0..row.len())
-                            .map(|i| match row.get(i) {
-                                None => "NULL".to_string(),
-                                Some("") => "(empty)".to_string(),
-                                Some(v) => v.to_string(),
-                            })
-                            .collect(),
-                    );
+                    rows.push(row_text(&row));
                 }
                 SimpleQueryMessage::CommandComplete(n) => count = n,
                 _ => {}

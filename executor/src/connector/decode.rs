@@ -9,7 +9,9 @@
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 
-use crate::connector::Options;
+use tracing::warn;
+
+use crate::connector::{Options, ReceiverStats};
 use crate::error::{Error, Result, config_error};
 
 /// The text formats records arrive in.
@@ -177,6 +179,38 @@ impl RecordDecoder {
 }
 
 impl Decoded {
+    /// Applies the malformed-record policy and counts into `stats`: under `Fail` a
+    /// malformed record fails the source (naming it, and `origin` such as its file);
+    /// under `Skip` it is logged and dropped. Returns the good rows.
+    pub fn accept(
+        self,
+        source: &str,
+        origin: Option<&str>,
+        on_error: OnError,
+        stats: &mut ReceiverStats,
+    ) -> Result<Vec<RecordBatch>> {
+        if let Some(first) = &self.first_error {
+            let first = match origin {
+                Some(origin) => format!("{origin}: {first}"),
+                None => first.clone(),
+            };
+            if on_error == OnError::Fail {
+                return Err(Error::SourceFailed {
+                    source_name: source.to_string(),
+                    reason: first,
+                });
+            }
+            warn!(source = %source, skipped = self.malformed, "{first}");
+        }
+        stats.malformed += self.malformed;
+        stats.records += self
+            .batches
+            .iter()
+            .map(|b| b.num_rows() as u64)
+            .sum::<u64>();
+        Ok(self.batches)
+    }
+
     fn record_error(&mut self, line: &[u8], reason: &str) {
         self.malformed += 1;
         if self.first_error.is_none() {

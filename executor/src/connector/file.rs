@@ -17,7 +17,6 @@ use arrow::datatypes::SchemaRef;
 use dstream_planner::SourceDef;
 use dstream_storage::{IntervalId, Timeline};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use tracing::warn;
 
 use crate::connector::decode::{Decoded, OnError, RecordDecoder, TextFormat};
 use crate::connector::{Options, Receiver, ReceiverStats};
@@ -152,24 +151,14 @@ impl Receiver for FileReceiver {
     fn seal(&mut self, _interval: IntervalId, _timeline: &Timeline) -> Result<Vec<RecordBatch>> {
         let mut out = Vec::new();
         for path in self.new_files()? {
-            let decoded = self.read_file(&path)?;
-            if decoded.malformed > 0 {
-                let first = decoded.first_error.clone().unwrap_or_default();
-                if self.on_error == OnError::Fail {
-                    return Err(Error::SourceFailed {
-                        source_name: self.source.clone(),
-                        reason: format!("{}: {first}", path.display()),
-                    });
-                }
-                warn!(source = %self.source, file = %path.display(), skipped = decoded.malformed, "{first}");
-            }
-            self.stats.malformed += decoded.malformed;
-            self.stats.records += decoded
-                .batches
-                .iter()
-                .map(|b| b.num_rows() as u64)
-                .sum::<u64>();
-            out.extend(decoded.batches);
+            let origin = path.display().to_string();
+            let rows = self.read_file(&path)?.accept(
+                &self.source,
+                Some(&origin),
+                self.on_error,
+                &mut self.stats,
+            )?;
+            out.extend(rows);
             self.seen.insert(path);
         }
         Ok(out)

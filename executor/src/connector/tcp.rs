@@ -124,23 +124,9 @@ impl Receiver for TcpReceiver {
             Ok(mut p) => std::mem::take(&mut p.data),
             Err(poisoned) => std::mem::take(&mut poisoned.into_inner().data),
         };
-        let decoded = self.decoder.decode(&data)?;
-        if decoded.malformed > 0 && self.on_error == OnError::Fail {
-            return Err(Error::SourceFailed {
-                source_name: self.source.clone(),
-                reason: decoded.first_error.unwrap_or_default(),
-            });
-        }
-        if let Some(first) = &decoded.first_error {
-            warn!(source = %self.source, skipped = decoded.malformed, "{first}");
-        }
-        self.stats.malformed += decoded.malformed;
-        self.stats.records += decoded
-            .batches
-            .iter()
-            .map(|b| b.num_rows() as u64)
-            .sum::<u64>();
-        Ok(decoded.batches)
+        self.decoder
+            .decode(&data)?
+            .accept(&self.source, None, self.on_error, &mut self.stats)
     }
 
     fn stats(&self) -> ReceiverStats {

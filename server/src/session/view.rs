@@ -2,6 +2,23 @@
 
 use super::*;
 
+/// Compiles a view's query against the current catalog.
+async fn plan(
+    engine: &Engine,
+    state: &EngineState,
+    create: &CreateMaterializedView,
+) -> Result<dstream_planner::StreamPlan> {
+    let ctx = planning_context(engine, state)?;
+    Ok(plan_view(
+        &ctx.state(),
+        &state.catalog,
+        create,
+        state.timeline.width(),
+        engine.inner.config.partitions,
+    )
+    .await?)
+}
+
 pub(super) async fn create_view(
     engine: &Engine,
     create: CreateMaterializedView,
@@ -12,15 +29,7 @@ pub(super) async fn create_view(
         return Ok(command("CREATE MATERIALIZED VIEW"));
     }
     state.catalog.check_free(&create.name)?;
-    let ctx = planning_context(engine, &state)?;
-    let plan = plan_view(
-        &ctx.state(),
-        &state.catalog,
-        &create,
-        state.timeline.width(),
-        engine.inner.config.partitions,
-    )
-    .await?;
+    let plan = plan(engine, &state, &create).await?;
     let plan = Arc::new(plan);
     let runtime = ViewRuntime::new(plan.clone())?;
     let mut catalog = state.catalog.clone();
@@ -51,15 +60,7 @@ pub(super) async fn explain_view(
     create: CreateMaterializedView,
 ) -> Result<StatementResult> {
     let state = engine.inner.state.lock().await;
-    let ctx = planning_context(engine, &state)?;
-    let plan = plan_view(
-        &ctx.state(),
-        &state.catalog,
-        &create,
-        state.timeline.width(),
-        engine.inner.config.partitions,
-    )
-    .await?;
+    let plan = plan(engine, &state, &create).await?;
     let rows = explain(&plan)
         .lines()
         .map(|l| vec![l.to_string()])
