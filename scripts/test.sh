@@ -2,7 +2,7 @@
 # Runs every dstream test: formatting, lints, unit tests, the sqllogictest files
 # against a real server over pgwire, the differential test against DataFusion batch
 # SQL, and smoke tests with psql and the JDBC driver. Installs what the tests need
-# (psql, a Java runtime, the JDBC driver) with apt-get when it is missing.
+# (psql, a Java runtime, the JDBC driver, tmux) with apt-get when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +13,7 @@ export CARGO_TERM_COLOR=never
 need_apt=()
 command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client)
 command -v java >/dev/null 2>&1 || need_apt+=(default-jre-headless)
+command -v tmux >/dev/null 2>&1 || need_apt+=(tmux)
 [ -f /usr/share/java/postgresql.jar ] || need_apt+=(libpostgresql-jdbc-java)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing ${need_apt[*]}"
