@@ -43,12 +43,13 @@ pub struct SqlArgs {
         default_value = "dstream"
     )]
     dbname: String,
-    /// Run one command (SQL or meta-command) and exit.
+    /// Run a command (SQL or meta-command) and exit; may be given several times, like
+    /// psql's, and runs after the files given with -f.
     #[arg(short = 'c', long = "command")]
-    command: Option<String>,
-    /// Run the commands of a file and exit.
+    command: Vec<String>,
+    /// Run the commands of a file and exit; may be given several times.
     #[arg(short = 'f', long = "file")]
-    file: Option<PathBuf>,
+    file: Vec<PathBuf>,
 }
 
 struct Shell {
@@ -71,12 +72,25 @@ pub async fn run(args: SqlArgs) -> anyhow::Result<i32> {
         client,
         timing: false,
     };
-    let code = if let Some(command) = &args.command {
-        shell.run_script(command).await
-    } else if let Some(file) = &args.file {
-        let text = std::fs::read_to_string(file)
-            .with_context(|| format!("cannot read {}", file.display()))?;
-        shell.run_script(&text).await
+    let code = if !args.command.is_empty() || !args.file.is_empty() {
+        let mut code = 0;
+        for file in &args.file {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            code = shell.run_script(&text).await;
+            if code != 0 {
+                break;
+            }
+        }
+        if code == 0 {
+            for command in &args.command {
+                code = shell.run_script(command).await;
+                if code != 0 {
+                    break;
+                }
+            }
+        }
+        code
     } else if std::io::stdin().is_terminal() {
         shell.interactive().await?
     } else {

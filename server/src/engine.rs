@@ -182,7 +182,16 @@ impl Engine {
         if let Some(v) = stored.settings.get("batch_interval") {
             batch_interval = dstream_planner::duration::parse_duration(v)?;
         }
-        let timeline = Timeline::new(clock.now_nanos(), batch_interval);
+        // Intervals start at whole multiples of their width (…:07.000, …:08.000 for 1 s),
+        // the first one at the next such boundary.
+        let width = batch_interval.as_nanos().max(1) as i64;
+        let origin = clock.now_nanos().div_euclid(width) * width;
+        let origin = if origin == clock.now_nanos() {
+            origin
+        } else {
+            origin + width
+        };
+        let timeline = Timeline::new(origin, batch_interval);
         let session_config = session_config(config.partitions);
         // Tasks run single-partitioned: parallelism comes from running many tasks.
         let task_ctx = SessionContext::new_with_config(self::session_config(1));

@@ -52,6 +52,14 @@ async fn real_clock_seals_intervals_on_its_own() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Intervals start on whole multiples of the batch interval.
+    let misaligned = simple_rows(
+        &client,
+        "SELECT count(*) FROM s WHERE CAST(_interval AS BIGINT) % 100000000 <> 0",
+    )
+    .await
+    .expect("read");
+    assert_eq!(misaligned, vec![vec!["0"]]);
     shutdown.cancel();
     server.await.expect("join").expect("clean shutdown");
 }

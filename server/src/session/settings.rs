@@ -21,7 +21,15 @@ pub(super) async fn set_batch_interval(
     settings.insert("batch_interval".into(), format_duration(width));
     persist_catalog(engine, &state, &state.catalog, &settings).await?;
     state.settings = settings;
-    let origin = state.timeline.start_nanos(state.next);
+    // Continue where the current timeline is, on a boundary of the new width.
+    let next_start = state.timeline.start_nanos(state.next);
+    let step = width.as_nanos().max(1) as i64;
+    let origin = next_start.div_euclid(step) * step
+        + if next_start.rem_euclid(step) == 0 {
+            0
+        } else {
+            step
+        };
     state.timeline = dstream_storage::Timeline::new(origin, width);
     state.next = dstream_storage::IntervalId(0);
     Ok(command("SET"))
