@@ -7,6 +7,9 @@
 //! a **commit** that makes the interval's state, view rows and changelog visible at once.
 
 use std::fmt::Write;
+use std::time::Duration;
+
+use crate::duration::format_duration;
 
 use crate::statement::EmitMode;
 use crate::stream_plan::{AggregateKind, StreamPlan};
@@ -145,6 +148,32 @@ impl StageDag {
     }
 }
 
+/// Shows DataFusion's interval literals, `IntervalMonthDayNano("IntervalMonthDayNano {
+/// months: 0, days: 0, nanoseconds: N }")`, as durations such as `INTERVAL '1s'`.
+fn readable_intervals(line: &str) -> String {
+    const OPEN: &str =
+        "IntervalMonthDayNano(\"IntervalMonthDayNano { months: 0, days: 0, nanoseconds: ";
+    const CLOSE: &str = " }\")";
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(at) = rest.find(OPEN) {
+        let after = &rest[at + OPEN.len()..];
+        let Some(end) = after.find(CLOSE) else { break };
+        let Ok(nanos) = after[..end].parse::<u64>() else {
+            break;
+        };
+        out.push_str(&rest[..at]);
+        let _ = write!(
+            out,
+            "INTERVAL '{}'",
+            format_duration(Duration::from_nanos(nanos))
+        );
+        rest = &after[end + CLOSE.len()..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// The text of `EXPLAIN CREATE MATERIALIZED VIEW`.
 pub fn explain(plan: &StreamPlan) -> String {
     let mut out = String::new();
@@ -175,7 +204,7 @@ pub fn explain(plan: &StreamPlan) -> String {
     }
     let _ = writeln!(out, "  input plan (per block):");
     for line in plan.input.display_indent().to_string().lines() {
-        let _ = writeln!(out, "    {line}");
+        let _ = writeln!(out, "    {}", readable_intervals(line));
     }
     let _ = writeln!(
         out,

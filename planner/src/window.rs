@@ -217,7 +217,8 @@ fn window_spec(kind: WindowKind, args: &TableFunctionArgs) -> Result<WindowSpec>
 fn pane_subquery(spec: &WindowSpec) -> Result<Box<Query>> {
     let pane = sql_interval(spec.slide);
     let time = quoted(&spec.time_column);
-    let start = format!("date_bin({pane}, {time}, TIMESTAMP '1970-01-01 00:00:00')");
+    // date_bin's default origin is the Unix epoch.
+    let start = format!("date_bin({pane}, {time})");
     // Rows without a time belong to no window.
     let sql = format!(
         "SELECT *, {start} AS window_start, {start} + {pane} AS window_end FROM {} \
