@@ -27,6 +27,17 @@ fn tmux(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
+/// Kills a tmux session when dropped, so a failing test leaves none behind.
+struct KillOnDrop(String);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["kill-session", "-t", &self.0])
+            .output();
+    }
+}
+
 /// Polls on the blocking thread that drives tmux; never on an async worker.
 #[allow(clippy::disallowed_methods)]
 fn pause() {
@@ -85,6 +96,8 @@ async fn interactive_session_with_multi_line_statements_and_history() {
             "40",
             &command,
         ]);
+        // Ends the tmux session however the test ends.
+        let _cleanup = KillOnDrop(session.to_string());
         wait_for(session, "dstream=>", 1);
         // A statement over two lines: the continuation prompt, then the result.
         type_line(session, "SELECT 40 + 2");
