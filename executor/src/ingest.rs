@@ -150,6 +150,9 @@ impl SourceRuntime {
         let bound = Scalar::new(TimestampNanosecondArray::from(vec![wm]));
         // A row without an event time is not late; it belongs to no window.
         let keep: BooleanArray = or_kleene(&gt_eq(&times, &bound)?, &is_null(&times)?)?;
+        if keep.true_count() == batch.num_rows() {
+            return Ok(batch);
+        }
         let kept = filter_record_batch(&batch, &keep)?;
         self.late_rows += (batch.num_rows() - kept.num_rows()) as u64;
         Ok(kept)

@@ -6,8 +6,11 @@
 //! `on_error = 'skip'` malformed lines are dropped and counted; under `'fail'` the
 //! source fails with the first malformed line in its message.
 
+use std::borrow::Cow;
+
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
+use arrow::error::ArrowError;
 
 use tracing::warn;
 
@@ -87,56 +90,74 @@ pub struct RecordDecoder {
 
 const BATCH_ROWS: usize = 8192;
 
+/// arrow-json's and arrow-csv's push decoders: bytes in, batches out.
+trait PushDecoder {
+    fn push(&mut self, data: &[u8]) -> std::result::Result<usize, ArrowError>;
+    fn take(&mut self) -> std::result::Result<Option<RecordBatch>, ArrowError>;
+}
+
+impl PushDecoder for arrow::json::reader::Decoder {
+    fn push(&mut self, data: &[u8]) -> std::result::Result<usize, ArrowError> {
+        self.decode(data)
+    }
+    fn take(&mut self) -> std::result::Result<Option<RecordBatch>, ArrowError> {
+        self.flush()
+    }
+}
+
+impl PushDecoder for arrow::csv::reader::Decoder {
+    fn push(&mut self, data: &[u8]) -> std::result::Result<usize, ArrowError> {
+        self.decode(data)
+    }
+    fn take(&mut self) -> std::result::Result<Option<RecordBatch>, ArrowError> {
+        self.flush()
+    }
+}
+
+/// Feeds all of `data` to `decoder`, taking each batch as it fills. A push that
+/// consumes nothing means the input is used up (the empty push also ends a last
+/// CSV record).
+fn drain(
+    mut decoder: impl PushDecoder,
+    data: &[u8],
+) -> std::result::Result<Vec<RecordBatch>, ArrowError> {
+    let mut out = Vec::new();
+    let mut offset = 0;
+    loop {
+        let read = decoder.push(&data[offset..])?;
+        offset += read;
+        if let Some(batch) = decoder.take()? {
+            out.push(batch);
+        }
+        if read == 0 {
+            return Ok(out);
+        }
+    }
+}
+
 impl RecordDecoder {
     pub fn new(schema: SchemaRef, format: TextFormat) -> Self {
         RecordDecoder { schema, format }
     }
 
-    fn decode_all(
-        &self,
-        data: &[u8],
-    ) -> std::result::Result<Vec<RecordBatch>, arrow::error::ArrowError> {
-        let mut out = Vec::new();
-        match self.format {
-            TextFormat::Json => {
-                let mut decoder = arrow::json::ReaderBuilder::new(self.schema.clone())
+    fn decode_all(&self, data: &[u8]) -> std::result::Result<Vec<RecordBatch>, ArrowError> {
+        let batches = match self.format {
+            TextFormat::Json => drain(
+                arrow::json::ReaderBuilder::new(self.schema.clone())
                     .with_batch_size(BATCH_ROWS)
-                    .build_decoder()?;
-                let mut offset = 0;
-                while offset < data.len() {
-                    let read = decoder.decode(&data[offset..])?;
-                    offset += read;
-                    if let Some(batch) = decoder.flush()? {
-                        out.push(batch);
-                    }
-                    if read == 0 {
-                        break;
-                    }
-                }
-                if let Some(batch) = decoder.flush()? {
-                    out.push(batch);
-                }
-            }
-            TextFormat::Csv { delimiter } => {
-                let mut decoder = arrow::csv::ReaderBuilder::new(self.schema.clone())
+                    .build_decoder()?,
+                data,
+            )?,
+            TextFormat::Csv { delimiter } => drain(
+                arrow::csv::ReaderBuilder::new(self.schema.clone())
                     .with_header(false)
                     .with_delimiter(delimiter)
                     .with_batch_size(BATCH_ROWS)
-                    .build_decoder();
-                let mut offset = 0;
-                loop {
-                    let read = decoder.decode(&data[offset..])?;
-                    offset += read;
-                    if let Some(batch) = decoder.flush()? {
-                        out.push(batch);
-                    }
-                    if read == 0 {
-                        break;
-                    }
-                }
-            }
-        }
-        Ok(out.into_iter().filter(|b| b.num_rows() > 0).collect())
+                    .build_decoder(),
+                data,
+            )?,
+        };
+        Ok(batches.into_iter().filter(|b| b.num_rows() > 0).collect())
     }
 
     /// Decodes complete lines; blank lines are ignored.
@@ -144,10 +165,14 @@ impl RecordDecoder {
         if data.iter().all(|b| b.is_ascii_whitespace()) {
             return Ok(Decoded::default());
         }
-        let mut terminated = data.to_vec();
-        if terminated.last() != Some(&b'\n') {
-            terminated.push(b'\n');
-        }
+        // The decoders need the last record terminated; copy only if it is not.
+        let terminated: Cow<[u8]> = if data.last() == Some(&b'\n') {
+            Cow::Borrowed(data)
+        } else {
+            let mut owned = data.to_vec();
+            owned.push(b'\n');
+            Cow::Owned(owned)
+        };
         if let Ok(batches) = self.decode_all(&terminated) {
             return Ok(Decoded {
                 batches,

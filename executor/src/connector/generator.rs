@@ -15,6 +15,7 @@
 //!   arrival time minus a random delay of up to this much, so event times arrive out of
 //!   order.
 
+use std::fmt::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -196,8 +197,11 @@ impl Generator {
                 )),
                 DataType::Utf8 => {
                     let mut b = StringBuilder::with_capacity(n, n * 8);
-                    rows.clone()
-                        .for_each(|r| b.append_value(format!("k{}", ints(r))));
+                    for r in rows.clone() {
+                        // Write into the builder's buffer; no string per value.
+                        let _ = write!(b, "k{}", ints(r));
+                        b.append_value("");
+                    }
                     Arc::new(b.finish())
                 }
                 DataType::Timestamp(unit, None) => {

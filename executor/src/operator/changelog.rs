@@ -42,7 +42,8 @@ impl Changelog {
                 .map(|f| SortField::new(f.data_type().clone()))
                 .collect(),
         )?;
-        let mut counts: HashMap<Vec<u8>, i64> = HashMap::new();
+        // Keys borrow the encoded rows, which live until the end of this function.
+        let mut counts: HashMap<&[u8], i64> = HashMap::new();
         let encode = |batches: &[RecordBatch]| -> Result<Vec<arrow::row::Rows>> {
             batches
                 .iter()
@@ -53,19 +54,19 @@ impl Changelog {
         let after_rows = encode(&after)?;
         for rows in &before_rows {
             for r in rows.iter() {
-                *counts.entry(r.as_ref().to_vec()).or_default() += 1;
+                *counts.entry(r.data()).or_default() += 1;
             }
         }
         for rows in &after_rows {
             for r in rows.iter() {
-                *counts.entry(r.as_ref().to_vec()).or_default() -= 1;
+                *counts.entry(r.data()).or_default() -= 1;
             }
         }
         // Keep rows whose net count says they changed: positive -> deleted, negative -> inserted.
         let select = |batches: &[RecordBatch],
                       rows: &[arrow::row::Rows],
                       sign: i64,
-                      counts: &mut HashMap<Vec<u8>, i64>|
+                      counts: &mut HashMap<&[u8], i64>|
          -> Result<Vec<RecordBatch>> {
             let mut out = Vec::new();
             for (batch, rows) in batches.iter().zip(rows) {
