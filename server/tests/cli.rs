@@ -2,29 +2,8 @@
 //! aligned tables and exit codes.
 
 use std::process::Command;
-use std::time::Duration;
 
-use dstream_server::config::{ClockKind, ServeConfig};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-
-async fn start() -> (u16, CancellationToken, tempfile::TempDir) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    let config = ServeConfig {
-        data_dir: dir.path().join("data"),
-        pg_addr: listener.local_addr().expect("addr"),
-        clock: ClockKind::Manual,
-        batch_interval: Duration::from_secs(1),
-        ..ServeConfig::default()
-    };
-    let shutdown = CancellationToken::new();
-    let server = dstream_server::run(config, listener, shutdown.clone());
-    #[allow(clippy::disallowed_methods)] // stops when the test cancels `shutdown`
-    tokio::spawn(server);
-    (port, shutdown, dir)
-}
+mod support;
 
 fn cli(port: u16, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_dstream"))
@@ -41,7 +20,8 @@ fn cli(port: u16, args: &[&str]) -> (bool, String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_runs_commands_scripts_and_meta_commands() {
-    let (port, shutdown, dir) = start().await;
+    let server = support::start().await;
+    let (port, dir) = (server.port, &server.dir);
     let script = dir.path().join("setup.sql");
     std::fs::write(
         &script,
@@ -99,5 +79,4 @@ async fn cli_runs_commands_scripts_and_meta_commands() {
         err.contains("relation \"nowhere\" does not exist") && err.contains("42P01"),
         "{err}"
     );
-    shutdown.cancel();
 }

@@ -4,9 +4,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use dstream_server::config::{ClockKind, ServeConfig};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+mod support;
 
 /// Types `text` literally (tmux would take a trailing `;` as its own separator), then
 /// presses Enter.
@@ -62,25 +60,15 @@ fn wait_for(session: &str, needle: &str, count: usize) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interactive_session_with_multi_line_statements_and_history() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let config = ServeConfig {
-        data_dir: dir.path().join("data"),
-        pg_addr: addr,
-        clock: ClockKind::Manual,
-        ..ServeConfig::default()
-    };
-    let shutdown = CancellationToken::new();
-    #[allow(clippy::disallowed_methods)] // stops when the test cancels `shutdown`
-    tokio::spawn(dstream_server::run(config, listener, shutdown.clone()));
+    let server = support::start().await;
+    let dir = &server.dir;
 
     let session = format!("dstream-cli-{}", std::process::id());
     let command = format!(
         "HOME={} {} sql -p {}",
         dir.path().display(),
         env!("CARGO_BIN_EXE_dstream"),
-        addr.port()
+        server.port
     );
     let session_for_blocking = session.clone();
     tokio::task::spawn_blocking(move || {
@@ -128,5 +116,4 @@ async fn interactive_session_with_multi_line_statements_and_history() {
     .expect("tmux session");
     let history = std::fs::read_to_string(dir.path().join(".dstream_history")).expect("history");
     assert!(history.contains("SELECT 40 + 2"), "{history}");
-    shutdown.cancel();
 }

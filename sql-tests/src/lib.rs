@@ -30,18 +30,33 @@ pub struct TestServer {
 impl TestServer {
     /// Starts a server with the manual clock in a fresh temporary directory.
     pub async fn start() -> std::io::Result<TestServer> {
+        TestServer::start_with(|_| {}).await
+    }
+
+    /// Starts a server in a fresh temporary directory, with the test configuration
+    /// changed by `configure` (e.g. to use the real clock).
+    pub async fn start_with(
+        configure: impl FnOnce(&mut ServeConfig),
+    ) -> std::io::Result<TestServer> {
         let temp = tempfile::tempdir()?;
         let dir = temp.path().join("data");
-        let mut server = TestServer::start_in(&dir).await?;
+        let mut server = TestServer::launch(&dir, configure).await?;
         server._temp = Some(temp);
         Ok(server)
     }
 
     /// Starts a server with the manual clock on an existing data directory.
     pub async fn start_in(data_dir: &Path) -> std::io::Result<TestServer> {
+        TestServer::launch(data_dir, |_| {}).await
+    }
+
+    async fn launch(
+        data_dir: &Path,
+        configure: impl FnOnce(&mut ServeConfig),
+    ) -> std::io::Result<TestServer> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let config = ServeConfig {
+        let mut config = ServeConfig {
             data_dir: data_dir.to_path_buf(),
             pg_addr: addr,
             clock: ClockKind::Manual,
@@ -51,6 +66,7 @@ impl TestServer {
             block_rows: 64,
             ..ServeConfig::default()
         };
+        configure(&mut config);
         let shutdown = CancellationToken::new();
         #[allow(clippy::disallowed_methods)] // kept in `task`, awaited by `stop`
         let task = tokio::spawn(dstream_server::run(config, listener, shutdown.clone()));
@@ -68,10 +84,13 @@ impl TestServer {
         connect(self.addr).await
     }
 
-    /// Stops the server and waits for it to finish.
+    /// Stops the server, waits for it to finish, and requires a clean shutdown.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
-        let _ = (&mut self.task).await;
+        match (&mut self.task).await {
+            Ok(Ok(())) => {}
+            other => panic!("the server did not stop cleanly: {other:?}"),
+        }
     }
 }
 

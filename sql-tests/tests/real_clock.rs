@@ -2,27 +2,18 @@
 
 use std::time::{Duration, Instant};
 
-use dstream_server::config::{ClockKind, ServeConfig};
-use dstream_sql_tests::{connect, simple_rows};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use dstream_server::config::ClockKind;
+use dstream_sql_tests::{TestServer, simple_rows};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_clock_seals_intervals_on_its_own() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let config = ServeConfig {
-        data_dir: dir.path().join("data"),
-        pg_addr: addr,
-        clock: ClockKind::Real,
-        batch_interval: Duration::from_millis(100),
-        ..ServeConfig::default()
-    };
-    let shutdown = CancellationToken::new();
-    #[allow(clippy::disallowed_methods)] // awaited at the end
-    let server = tokio::spawn(dstream_server::run(config, listener, shutdown.clone()));
-    let client = connect(addr).await.expect("connect");
+    let server = TestServer::start_with(|config| {
+        config.clock = ClockKind::Real;
+        config.batch_interval = Duration::from_millis(100);
+    })
+    .await
+    .expect("server");
+    let client = server.client().await.expect("connect");
     client
         .batch_execute(
             "CREATE SOURCE s (k BIGINT) WITH (connector = 'generator', rows_per_second = 100);
@@ -60,6 +51,5 @@ async fn real_clock_seals_intervals_on_its_own() {
     .await
     .expect("read");
     assert_eq!(misaligned, vec![vec!["0"]]);
-    shutdown.cancel();
-    server.await.expect("join").expect("clean shutdown");
+    server.stop().await;
 }

@@ -1,0 +1,42 @@
+//! A dstream server for the CLI tests: in this process, on `127.0.0.1:0`, with the
+//! manual clock and a temporary data directory. It stops when dropped.
+
+use std::time::Duration;
+
+use dstream_server::config::{ClockKind, ServeConfig};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub struct Server {
+    pub port: u16,
+    /// A scratch directory that lives as long as the server (data is below it).
+    pub dir: tempfile::TempDir,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub async fn start() -> Server {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let config = ServeConfig {
+        data_dir: dir.path().join("data"),
+        pg_addr: addr,
+        clock: ClockKind::Manual,
+        batch_interval: Duration::from_secs(1),
+        ..ServeConfig::default()
+    };
+    let shutdown = CancellationToken::new();
+    #[allow(clippy::disallowed_methods)] // stops when `Server` drops and cancels `shutdown`
+    tokio::spawn(dstream_server::run(config, listener, shutdown.clone()));
+    Server {
+        port: addr.port(),
+        dir,
+        shutdown,
+    }
+}
