@@ -33,26 +33,29 @@ struct Args {
 #[derive(Subcommand, Debug)]
 enum Bench {
     /// 1 s tumbling-window count over many keys: stream vs. DataFusion batch.
-    TumbleCount {
-        /// Generated events per (simulated) second.
-        #[arg(long, default_value_t = 500_000)]
-        events_per_second: u64,
-        /// Intervals (seconds of input) to process.
-        #[arg(long, default_value_t = 10)]
-        intervals: u64,
-        /// Distinct keys.
-        #[arg(long, default_value_t = 10_000)]
-        keys: u64,
-        /// State partitions.
-        #[arg(long, default_value_t = 4)]
-        partitions: usize,
-        /// Repetitions; the best of each side is reported.
-        #[arg(long, default_value_t = 3)]
-        runs: usize,
-        /// Most rows per input block (one map task each).
-        #[arg(long, default_value_t = dstream_executor::block::BLOCK_ROWS)]
-        block_rows: usize,
-    },
+    TumbleCount(TumbleCount),
+}
+
+#[derive(clap::Args, Debug)]
+struct TumbleCount {
+    /// Generated events per (simulated) second.
+    #[arg(long = "events-per-second", default_value_t = 500_000)]
+    rate: u64,
+    /// Intervals (seconds of input) to process.
+    #[arg(long, default_value_t = 10)]
+    intervals: u64,
+    /// Distinct keys.
+    #[arg(long, default_value_t = 10_000)]
+    keys: u64,
+    /// State partitions.
+    #[arg(long, default_value_t = 4)]
+    partitions: usize,
+    /// Repetitions; the best of each side is reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Most rows per input block (one map task each).
+    #[arg(long, default_value_t = dstream_executor::block::BLOCK_ROWS)]
+    block_rows: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -61,21 +64,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     match args.bench {
-        Bench::TumbleCount {
-            events_per_second,
-            intervals,
-            keys,
-            partitions,
-            runs,
-            block_rows,
-        } => runtime.block_on(tumble_count(
-            events_per_second,
-            intervals,
-            keys,
-            partitions,
-            runs,
-            block_rows,
-        )),
+        Bench::TumbleCount(args) => runtime.block_on(tumble_count(args)),
     }
 }
 
@@ -144,14 +133,15 @@ fn batches(results: Vec<StatementResult>) -> Vec<RecordBatch> {
         .collect()
 }
 
-async fn tumble_count(
-    rate: u64,
-    intervals: u64,
-    keys: u64,
-    partitions: usize,
-    runs: usize,
-    block_rows: usize,
-) -> anyhow::Result<()> {
+async fn tumble_count(args: TumbleCount) -> anyhow::Result<()> {
+    let TumbleCount {
+        rate,
+        intervals,
+        keys,
+        partitions,
+        runs,
+        block_rows,
+    } = args;
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
