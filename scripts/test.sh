@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every dstream test: formatting, lints, unit tests, the sqllogictest files
 # against a real server over pgwire, the differential test against DataFusion batch
-# SQL, and smoke tests with psql and the JDBC driver. Installs what the tests need
+# SQL, and smoke tests with psql and the JDBC driver. Test servers run their two
+# workers inside the test process; the sqllogictest files and the differential test
+# then run again against servers whose workers are `dstream worker` processes. Installs what the tests need
 # (psql, a Java runtime, the JDBC driver, tmux) with apt-get when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,5 +30,10 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
-echo "== cargo test"
+echo "== cargo test (workers in the test process)"
 cargo test --workspace --no-fail-fast
+
+echo "== sqllogictest and differential test (worker processes)"
+cargo build --bin dstream --quiet
+DSTREAM_TEST_WORKERS=process DSTREAM_BIN="$CARGO_TARGET_DIR/debug/dstream" \
+  cargo test -p dstream-sql-tests --test slt --test differential --no-fail-fast

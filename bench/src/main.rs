@@ -95,11 +95,14 @@ async fn start_engine(
         batch_interval: Duration::from_secs(1),
         source_retention: Duration::from_secs(intervals + 2),
         block_rows,
+        workers: 2,
+        worker_mode: dstream_server::config::WorkerMode::InProcess,
         ..ServeConfig::default()
     };
     let shutdown = CancellationToken::new();
     let clock = Arc::new(ManualClock::new(1_767_225_600_000_000_000));
-    let engine = Engine::start(config, clock, shutdown.clone()).await?;
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let engine = Engine::start(config, clock, grpc, shutdown.clone()).await?;
     Ok(Engined {
         engine,
         shutdown,

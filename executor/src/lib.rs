@@ -10,8 +10,10 @@
 //! - [`block`]: [`Block`], one source's rows of one interval.
 //! - [`operator`]: the [`operator::StreamOperator`] trait and its operators.
 //! - [`shuffle`]: hash partitioning between stages.
+//! - [`table`]: tables over files, and `CREATE TABLE` options.
 //! - [`task`]: running a DataFusion plan over in-memory batches.
 //! - [`view_runtime`]: [`ViewRuntime`], one view's state across intervals.
+//! - [`worker`]: the worker process: its gRPC control plane and Flight data plane.
 //! - [`error`]: the crate's [`Error`] and [`Result`].
 
 pub mod block;
@@ -20,8 +22,10 @@ pub mod error;
 pub mod ingest;
 pub mod operator;
 pub mod shuffle;
+pub mod table;
 pub mod task;
 pub mod view_runtime;
+pub mod worker;
 
 pub use block::Block;
 pub use error::{Error, Result};

@@ -12,9 +12,22 @@ use datafusion::catalog::MemTable;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::datasource::provider_as_source;
 use datafusion::logical_expr::{LogicalPlan, LogicalPlanBuilder};
-use datafusion::prelude::SessionContext;
+use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::error::Result;
+
+/// The DataFusion settings every dstream context uses.
+pub fn session_config(partitions: usize) -> SessionConfig {
+    let mut config = SessionConfig::new()
+        .with_target_partitions(partitions.max(1))
+        .with_information_schema(true)
+        .with_default_catalog_and_schema("dstream", "public");
+    let options = config.options_mut();
+    options.sql_parser.dialect = datafusion::config::Dialect::PostgreSQL;
+    // TEXT columns are plain Utf8, which every connector and the wire encoding handle.
+    options.sql_parser.map_string_types_to_utf8view = false;
+    config
+}
 
 /// Executes `plan` and collects its output.
 pub async fn execute(ctx: &SessionContext, plan: LogicalPlan) -> Result<Vec<RecordBatch>> {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
 use datafusion::prelude::SessionContext;
 use dstream_planner::{StreamPlan, WindowSpec};
 use dstream_storage::{IntervalId, Timeline};
@@ -41,6 +42,46 @@ pub struct IntervalOutcome {
     pub elapsed: Duration,
 }
 
+/// The operator that runs `plan`.
+pub fn operator_for(plan: Arc<StreamPlan>) -> Result<Arc<dyn StreamOperator>> {
+    Ok(match plan.aggregate {
+        Some(_) => Arc::new(AggregateOperator::new(plan)?),
+        None => Arc::new(AppendOperator::new(plan)),
+    })
+}
+
+/// Gives output rows exactly the view's `schema` (names and nullability as planned),
+/// dropping empty batches.
+pub fn conform(schema: &SchemaRef, rows: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
+    rows.into_iter()
+        .filter(|b| b.num_rows() > 0)
+        .map(|b| {
+            if b.schema() == *schema {
+                return Ok(b);
+            }
+            let columns = b
+                .columns()
+                .iter()
+                .zip(schema.fields())
+                .map(|(c, f)| {
+                    if c.data_type() == f.data_type() {
+                        Ok(c.clone())
+                    } else {
+                        arrow::compute::cast(c, f.data_type())
+                    }
+                })
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let options =
+                arrow::array::RecordBatchOptions::new().with_row_count(Some(b.num_rows()));
+            Ok(RecordBatch::try_new_with_options(
+                schema.clone(),
+                columns,
+                &options,
+            )?)
+        })
+        .collect()
+}
+
 /// One materialized view, live.
 #[derive(Debug)]
 pub struct ViewRuntime {
@@ -51,10 +92,7 @@ pub struct ViewRuntime {
 
 impl ViewRuntime {
     pub fn new(plan: Arc<StreamPlan>) -> Result<Self> {
-        let operator: Arc<dyn StreamOperator> = match plan.aggregate {
-            Some(_) => Arc::new(AggregateOperator::new(plan.clone())?),
-            None => Arc::new(AppendOperator::new(plan.clone())),
-        };
+        let operator = operator_for(plan.clone())?;
         let p = plan.partitions;
         Ok(ViewRuntime {
             current: ViewVersion {
@@ -169,36 +207,8 @@ impl ViewRuntime {
         })
     }
 
-    /// Gives output rows exactly the view's schema (names and nullability as planned).
     fn conform(&self, rows: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
-        let schema = &self.plan.schema;
-        rows.into_iter()
-            .filter(|b| b.num_rows() > 0)
-            .map(|b| {
-                if b.schema() == *schema {
-                    return Ok(b);
-                }
-                let columns = b
-                    .columns()
-                    .iter()
-                    .zip(schema.fields())
-                    .map(|(c, f)| {
-                        if c.data_type() == f.data_type() {
-                            Ok(c.clone())
-                        } else {
-                            arrow::compute::cast(c, f.data_type())
-                        }
-                    })
-                    .collect::<std::result::Result<Vec<_>, _>>()?;
-                let options =
-                    arrow::array::RecordBatchOptions::new().with_row_count(Some(b.num_rows()));
-                Ok(RecordBatch::try_new_with_options(
-                    schema.clone(),
-                    columns,
-                    &options,
-                )?)
-            })
-            .collect()
+        conform(&self.plan.schema, rows)
     }
 
     /// Installs the outcome of an interval.

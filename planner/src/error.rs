@@ -24,6 +24,9 @@ pub enum Error {
     /// multiple of the batch interval, or an option with a bad value.
     #[error("{0}")]
     Invalid(String),
+    /// A definition (columns, options, watermark) that cannot work, with the reason.
+    #[error("{0}")]
+    InvalidDefinition(String),
     /// An error raised by DataFusion while planning.
     #[error("{0}")]
     DataFusion(#[from] DataFusionError),

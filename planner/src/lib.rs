@@ -10,11 +10,13 @@
 //! - [`duration`]: durations and SQL interval literals.
 //! - [`window`]: `TUMBLE` and `HOP`, rewritten into pane columns.
 //! - [`catalog`]: definitions of sources, tables and views.
+//! - [`definition`]: schemas and source definitions from CREATE statements.
 //! - [`stream_plan`]: a view's query split into input, aggregate and output.
 //! - [`stage_dag`]: the per-interval stage DAG and EXPLAIN text.
 //! - [`error`]: the crate's [`Error`] and [`Result`].
 
 pub mod catalog;
+pub mod definition;
 pub mod duration;
 pub mod error;
 pub mod stage_dag;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::cluster::local::WorkerMode;
 use crate::error::{Error, Result};
 
 /// Which interval clock the server runs on.
@@ -35,6 +36,12 @@ pub struct ServeConfig {
     pub source_retention: Duration,
     /// Most rows in one input block (one map task).
     pub block_rows: usize,
+    /// Where the coordinator's gRPC service listens for workers.
+    pub grpc_addr: SocketAddr,
+    /// Worker processes the server starts itself (0: only workers that join).
+    pub workers: usize,
+    /// Whether those workers are child processes or run inside the server process.
+    pub worker_mode: WorkerMode,
 }
 
 impl Default for ServeConfig {
@@ -47,6 +54,9 @@ impl Default for ServeConfig {
             clock: ClockKind::Real,
             source_retention: Duration::from_secs(300),
             block_rows: dstream_executor::block::BLOCK_ROWS,
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 6876)),
+            workers: 2,
+            worker_mode: WorkerMode::Process(None),
         }
     }
 }
@@ -62,6 +72,8 @@ pub struct FileConfig {
     pub clock: Option<ClockKind>,
     pub source_retention: Option<String>,
     pub block_rows: Option<usize>,
+    pub grpc_addr: Option<SocketAddr>,
+    pub workers: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -104,6 +116,12 @@ impl FileConfig {
         if let Some(v) = self.block_rows {
             config.block_rows = v;
         }
+        if let Some(v) = self.grpc_addr {
+            config.grpc_addr = v;
+        }
+        if let Some(v) = self.workers {
+            config.workers = v;
+        }
         Ok(())
     }
 }
@@ -123,6 +141,9 @@ impl ServeConfig {
         }
         if self.block_rows == 0 {
             return Err(Error::Config("block_rows must be positive".into()));
+        }
+        if self.workers > 64 {
+            return Err(Error::Config("workers must be at most 64".into()));
         }
         if self.batch_interval < Duration::from_millis(10) {
             return Err(Error::Config("batch_interval must be at least 10ms".into()));

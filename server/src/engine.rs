@@ -14,22 +14,27 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use datafusion::catalog::{MemTable, TableProvider};
 use datafusion::common::TableReference;
 use datafusion::prelude::{SessionConfig, SessionContext};
-use dstream_executor::view_runtime::ViewPartition;
-use dstream_executor::{Block, Changelog, SourceRuntime, ViewRuntime};
-use dstream_planner::Catalog;
+use dstream_executor::{Changelog, SourceStats};
+use dstream_planner::{Catalog, SourceDef, StreamPlan};
 use dstream_storage::{CatalogFile, DataDir, IntervalId, Timeline};
+use tokio::net::TcpListener;
 use tokio::sync::{Mutex, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::clock::IntervalClock;
+use crate::cluster::remote_table::{RemoteSource, RemoteView};
+use crate::cluster::scheduler::{self, ViewOutcome};
+use crate::cluster::{Cluster, CoordinatorService, local::LocalWorkers};
 use crate::config::ServeConfig;
 use crate::error::{Error, Result};
+
+/// How long `dstream serve` waits for its local workers to join.
+const WORKERS_JOIN: Duration = Duration::from_secs(30);
 
 /// How many intervals of history `dstream_intervals` keeps.
 const HISTORY: usize = 1000;
@@ -63,19 +68,73 @@ impl TableSlot {
     }
 }
 
-/// A source and, if it stopped, why.
-#[derive(Debug)]
-pub struct SourceSlot {
-    pub runtime: SourceRuntime,
-    pub failure: Option<String>,
+/// An input block as the coordinator tracks it: where it is held.
+#[derive(Clone, Debug)]
+pub struct BlockInfo {
+    pub interval: IntervalId,
+    pub index: u32,
+    pub rows: u64,
+    pub bytes: u64,
+    /// Workers holding a copy: the receiver's worker and its replica.
+    pub holders: Vec<u64>,
 }
 
-/// A view and, if it stopped, why.
+/// A source: its definition, where its receiver runs and what it has seen.
+#[derive(Debug)]
+pub struct SourceSlot {
+    pub def: Arc<SourceDef>,
+    /// The worker running the receiver, once placed.
+    pub worker: Option<u64>,
+    pub stats: SourceStats,
+    pub failure: Option<String>,
+    /// Blocks of the retained recent intervals, oldest first.
+    pub retained: VecDeque<(IntervalId, Vec<BlockInfo>)>,
+    pub retain_intervals: usize,
+}
+
+impl SourceSlot {
+    pub fn new(def: Arc<SourceDef>, retain_intervals: usize) -> Self {
+        SourceSlot {
+            def,
+            worker: None,
+            stats: SourceStats::default(),
+            failure: None,
+            retained: VecDeque::new(),
+            retain_intervals: retain_intervals.max(1),
+        }
+    }
+
+    /// Records the blocks of `interval` and forgets intervals past retention.
+    pub fn retain(&mut self, interval: IntervalId, blocks: Vec<BlockInfo>) {
+        self.retained.push_back((interval, blocks));
+        while self.retained.len() > self.retain_intervals {
+            self.retained.pop_front();
+        }
+    }
+}
+
+/// A view: its plan, where its state partitions live and, if it stopped, why.
 #[derive(Debug)]
 pub struct ViewSlot {
-    pub runtime: ViewRuntime,
+    pub plan: Arc<StreamPlan>,
+    /// The worker of each state partition, once placed.
+    pub placement: Vec<u64>,
     pub failure: Option<String>,
     pub last_interval: Option<IntervalId>,
+    /// Rows of each partition after the last interval.
+    pub partition_rows: Vec<u64>,
+}
+
+impl ViewSlot {
+    pub fn new(plan: Arc<StreamPlan>) -> Self {
+        ViewSlot {
+            plan,
+            placement: Vec::new(),
+            failure: None,
+            last_interval: None,
+            partition_rows: Vec::new(),
+        }
+    }
 }
 
 /// Timing of one interval, as the Spark Streaming UI shows it.
@@ -87,6 +146,10 @@ pub struct IntervalStat {
     /// How late processing started after the interval ended (real clock only).
     pub scheduling_delay: Duration,
     pub processing_time: Duration,
+    pub map_tasks: u64,
+    pub reduce_tasks: u64,
+    pub shuffle_bytes: u64,
+    pub workers: u64,
 }
 
 /// What the coordinator changes: the catalog, the runtimes and the timeline.
@@ -101,8 +164,17 @@ pub struct EngineState {
     pub views: BTreeMap<String, ViewSlot>,
     pub history: VecDeque<IntervalStat>,
     pub last_committed: Option<IntervalId>,
+    /// Bumped by every change of the catalog; workers get it installed.
+    pub catalog_version: u64,
     /// Stored definitions that could not be restored at startup, and why.
     pub unrestored: Vec<(dstream_storage::CatalogEntry, String)>,
+}
+
+/// A view as a snapshot shows it: where its partitions are.
+#[derive(Clone, Debug)]
+pub struct SnapshotView {
+    pub schema: SchemaRef,
+    pub placement: Vec<u64>,
 }
 
 /// The committed state readers see: everything after one interval.
@@ -112,12 +184,11 @@ pub struct Snapshot {
     pub interval: Option<IntervalId>,
     /// Start of that interval, nanoseconds since the epoch.
     pub interval_start: i64,
-    /// Rows of each view, by partition.
-    pub views: HashMap<String, (SchemaRef, Vec<ViewPartition>)>,
+    pub views: HashMap<String, SnapshotView>,
     /// Views that stopped, and why; reading them is an error.
     pub failed: HashMap<String, String>,
     /// The retained recent blocks of each source.
-    pub sources: HashMap<String, (SchemaRef, Vec<Arc<Block>>)>,
+    pub sources: HashMap<String, (SchemaRef, Vec<BlockInfo>)>,
     pub tables: HashMap<String, Arc<dyn TableProvider>>,
 }
 
@@ -142,36 +213,32 @@ pub(crate) struct Inner {
     pub data_dir: DataDir,
     pub catalog_file: CatalogFile,
     pub session_config: SessionConfig,
-    /// Runs tasks; has no tables, only functions and settings.
-    pub task_ctx: SessionContext,
+    pub cluster: Arc<Cluster>,
+    pub local_workers: Mutex<LocalWorkers>,
     pub state: Mutex<EngineState>,
     pub snapshot: RwLock<Arc<Snapshot>>,
     /// Number of intervals committed since the engine started.
     pub committed: watch::Sender<u64>,
     pub subscribers: std::sync::Mutex<HashMap<String, broadcast::Sender<Arc<ChangeBatch>>>>,
+    pub grpc_stop: CancellationToken,
+    pub coordinator_url: String,
+    /// The gRPC service and the liveness monitor, awaited by [`Engine::stopped`].
+    pub background: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// The interval loop, awaited by [`Engine::stopped`].
     pub interval_loop: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
-/// The DataFusion settings every dstream context uses.
-pub fn session_config(partitions: usize) -> SessionConfig {
-    let mut config = SessionConfig::new()
-        .with_target_partitions(partitions.max(1))
-        .with_information_schema(true)
-        .with_default_catalog_and_schema("dstream", "public");
-    let options = config.options_mut();
-    options.sql_parser.dialect = datafusion::config::Dialect::PostgreSQL;
-    // TEXT columns are plain Utf8, which every connector and the wire encoding handle.
-    options.sql_parser.map_string_types_to_utf8view = false;
-    config
-}
+pub use dstream_executor::task::session_config;
 
 impl Engine {
-    /// Opens the data directory, restores the catalog and starts the interval loop,
-    /// which stops when `shutdown` is cancelled.
+    /// Opens the data directory, restores the catalog, serves the coordinator's gRPC
+    /// service on `grpc`, starts the configured local workers and waits for them to
+    /// join, then starts the interval loop. Everything stops when `shutdown` is
+    /// cancelled; [`Engine::stopped`] waits for it.
     pub async fn start(
         config: ServeConfig,
         clock: Arc<dyn IntervalClock>,
+        grpc: TcpListener,
         shutdown: CancellationToken,
     ) -> Result<Engine> {
         config.validate()?;
@@ -193,9 +260,46 @@ impl Engine {
         };
         let timeline = Timeline::new(origin, batch_interval);
         let session_config = session_config(config.partitions);
-        // Tasks run single-partitioned: parallelism comes from running many tasks.
-        let task_ctx = SessionContext::new_with_config(self::session_config(1));
         let (committed, _) = watch::channel(0);
+        let cluster = Arc::new(Cluster::default());
+        let grpc_addr = grpc.local_addr()?;
+        let grpc_stop = CancellationToken::new();
+        let service = dstream_executor::worker::proto::coordinator_server::CoordinatorServer::new(
+            CoordinatorService::new(cluster.clone()),
+        );
+        let server = tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(
+                dstream_executor::worker::tokio_stream_listener(grpc),
+                grpc_stop.clone().cancelled_owned(),
+            );
+        #[allow(clippy::disallowed_methods)] // kept in `background`, awaited by `stopped`
+        let grpc_task = tokio::spawn(async move {
+            if let Err(e) = server.await {
+                error!(error = %e, "the coordinator's gRPC service stopped");
+            }
+        });
+        let monitor_cluster = cluster.clone();
+        let monitor_stop = shutdown.clone();
+        #[allow(clippy::disallowed_methods)] // kept in `background`, awaited by `stopped`
+        let monitor = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = monitor_stop.cancelled() => break,
+                    _ = tokio::time::sleep(crate::cluster::HEARTBEAT) => monitor_cluster.check_liveness(),
+                }
+            }
+        });
+        info!(address = %grpc_addr, "coordinator listening for workers");
+        let coordinator_url = format!("http://{grpc_addr}");
+        let local_workers = LocalWorkers::start(
+            config.workers,
+            &config.worker_mode,
+            &coordinator_url,
+            &shutdown,
+        )
+        .await?;
+        let expected = config.workers;
         let engine = Engine {
             inner: Arc::new(Inner {
                 config,
@@ -203,7 +307,11 @@ impl Engine {
                 data_dir,
                 catalog_file,
                 session_config,
-                task_ctx,
+                cluster,
+                local_workers: Mutex::new(local_workers),
+                grpc_stop,
+                coordinator_url,
+                background: std::sync::Mutex::new(vec![grpc_task, monitor]),
                 state: Mutex::new(EngineState {
                     catalog: Catalog::default(),
                     settings: stored.settings.clone(),
@@ -214,6 +322,7 @@ impl Engine {
                     views: BTreeMap::new(),
                     history: VecDeque::new(),
                     last_committed: None,
+                    catalog_version: 0,
                     unrestored: Vec::new(),
                 }),
                 snapshot: RwLock::new(Arc::new(Snapshot::default())),
@@ -222,6 +331,21 @@ impl Engine {
                 interval_loop: std::sync::Mutex::new(None),
             }),
         };
+        if expected > 0 {
+            if let Err(e) = engine
+                .inner
+                .cluster
+                .wait_for_workers(expected, WORKERS_JOIN)
+                .await
+            {
+                shutdown.cancel();
+                engine.stop_cluster().await;
+                return Err(Error::Config(format!(
+                    "the local workers did not start: {e}"
+                )));
+            }
+            info!(workers = expected, "local workers joined");
+        }
         engine.restore(&stored.entries).await?;
         let driver = engine.clone();
         #[allow(clippy::disallowed_methods)] // the handle is kept in `interval_loop`
@@ -232,7 +356,23 @@ impl Engine {
         Ok(engine)
     }
 
-    /// Waits until the interval loop has stopped (after shutdown was requested).
+    /// The coordinator's gRPC address, e.g. `http://127.0.0.1:6876`.
+    pub fn coordinator_url(&self) -> &str {
+        &self.inner.coordinator_url
+    }
+
+    /// The worker registry.
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        &self.inner.cluster
+    }
+
+    /// Process ids of the worker processes this server started.
+    pub async fn local_worker_pids(&self) -> Vec<u32> {
+        self.inner.local_workers.lock().await.pids()
+    }
+
+    /// Waits until the interval loop has stopped (after shutdown was requested), then
+    /// stops the local workers and the coordinator's gRPC service.
     pub async fn stopped(&self) {
         let handle = match self.inner.interval_loop.lock() {
             Ok(mut slot) => slot.take(),
@@ -240,6 +380,19 @@ impl Engine {
         };
         if let Some(handle) = handle {
             let _ = handle.await;
+        }
+        self.stop_cluster().await;
+    }
+
+    async fn stop_cluster(&self) {
+        self.inner.local_workers.lock().await.stop().await;
+        self.inner.grpc_stop.cancel();
+        let background: Vec<_> = match self.inner.background.lock() {
+            Ok(mut b) => b.drain(..).collect(),
+            Err(poisoned) => poisoned.into_inner().drain(..).collect(),
+        };
+        for task in background {
+            let _ = task.await;
         }
     }
 
@@ -344,7 +497,8 @@ impl Engine {
         info!("interval loop stopped");
     }
 
-    /// Seals the next interval, runs every view over it and commits the result.
+    /// Seals the next interval, runs every view over it on the workers and commits
+    /// the result.
     pub async fn run_next_interval(&self) {
         let mut state = self.inner.state.lock().await;
         let interval = state.next;
@@ -356,85 +510,47 @@ impl Engine {
         } else {
             Duration::from_nanos(delay_nanos.max(0) as u64)
         };
-
-        let mut blocks: HashMap<String, Vec<Arc<Block>>> = HashMap::new();
-        let mut input_rows = 0u64;
-        for (name, slot) in state.sources.iter_mut() {
-            if slot.failure.is_some() {
-                continue;
-            }
-            // Receivers may read files: keep that off the async worker's back.
-            let sealed = match tokio::runtime::Handle::current().runtime_flavor() {
-                tokio::runtime::RuntimeFlavor::MultiThread => {
-                    tokio::task::block_in_place(|| slot.runtime.seal(interval, &timeline))
-                }
-                _ => slot.runtime.seal(interval, &timeline),
-            };
-            match sealed {
-                Ok(sealed) => {
-                    input_rows += sealed.iter().map(|b| b.num_rows() as u64).sum::<u64>();
-                    blocks.insert(name.clone(), sealed);
-                }
-                Err(e) => {
-                    warn!(source = %name, error = %e, "source failed and stopped");
-                    slot.failure = Some(e.to_string());
-                }
-            }
+        // Late-joining workers get the catalog; new objects get placed.
+        if let Err(e) = scheduler::sync_workers(self, &mut state).await {
+            warn!(error = %e, "could not install the catalog on every worker");
         }
-
-        let mut outcomes = Vec::new();
-        let watermarks: HashMap<String, Option<i64>> = state
+        let (outcomes, counts) = scheduler::run_interval(self, &mut state, interval).await;
+        let input_rows: u64 = state
             .sources
-            .iter()
-            .map(|(n, s)| (n.clone(), s.runtime.watermark()))
-            .collect();
-        for (name, slot) in state.views.iter() {
-            if slot.failure.is_some() {
-                continue;
-            }
-            let plan = slot.runtime.plan();
-            let input: Vec<Arc<Block>> = blocks.get(&plan.source).cloned().unwrap_or_default();
-            let wm = ViewRuntime::window_watermark(
-                plan.window.as_ref(),
-                interval,
-                &timeline,
-                watermarks.get(&plan.source).copied().flatten(),
-            );
-            match slot
-                .runtime
-                .run_interval(&self.inner.task_ctx, interval, &input, wm)
-                .await
-            {
-                Ok(outcome) => outcomes.push((name.clone(), Ok(outcome))),
-                Err(e) => outcomes.push((name.clone(), Err(e))),
-            }
-        }
+            .values()
+            .filter_map(|s| s.retained.back())
+            .filter(|(i, _)| *i == interval)
+            .flat_map(|(_, blocks)| blocks.iter().map(|b| b.rows))
+            .sum();
 
-        // Commit: install every view's new version, then publish.
+        // Commit: record every view's new version, then publish.
         let mut published = Vec::new();
         for (name, outcome) in outcomes {
             let Some(slot) = state.views.get_mut(&name) else {
                 continue;
             };
             match outcome {
-                Ok(outcome) => {
-                    slot.runtime.commit(&outcome);
+                ViewOutcome::Done {
+                    changelog,
+                    partition_rows,
+                } => {
                     slot.last_interval = Some(interval);
-                    if !outcome.changelog.is_empty() {
+                    slot.partition_rows = partition_rows;
+                    if !changelog.is_empty() {
                         published.push((
                             name,
                             Arc::new(ChangeBatch {
                                 interval,
                                 interval_start: timeline.start_nanos(interval),
-                                changelog: outcome.changelog,
+                                changelog,
                                 failure: None,
                             }),
                         ));
                     }
                 }
-                Err(e) => {
-                    warn!(view = %name, interval = %interval, error = %e, "materialized view failed and stopped");
-                    let failure = format!("interval {interval}: {}", Error::from(e));
+                ViewOutcome::Failed(reason) => {
+                    warn!(view = %name, interval = %interval, error = %reason, "materialized view failed and stopped");
+                    let failure = format!("interval {interval}: {reason}");
                     slot.failure = Some(failure.clone());
                     published.push((
                         name,
@@ -457,6 +573,10 @@ impl Engine {
             input_rows,
             scheduling_delay,
             processing_time,
+            map_tasks: counts.map_tasks,
+            reduce_tasks: counts.reduce_tasks,
+            shuffle_bytes: counts.shuffle_bytes,
+            workers: counts.workers,
         });
         while state.history.len() > HISTORY {
             state.history.pop_front();
@@ -492,10 +612,17 @@ impl Engine {
                 .views
                 .iter()
                 .map(|(name, slot)| {
-                    let plan = slot.runtime.plan();
                     (
                         name.clone(),
-                        (plan.schema.clone(), slot.runtime.current().rows.clone()),
+                        SnapshotView {
+                            schema: slot.plan.schema.clone(),
+                            // A view with no interval yet has no rows anywhere.
+                            placement: if slot.last_interval.is_some() {
+                                slot.placement.clone()
+                            } else {
+                                Vec::new()
+                            },
+                        },
                     )
                 })
                 .collect(),
@@ -510,7 +637,13 @@ impl Engine {
                 .map(|(name, slot)| {
                     (
                         name.clone(),
-                        (slot.runtime.def().schema.clone(), slot.runtime.retained()),
+                        (
+                            slot.def.schema.clone(),
+                            slot.retained
+                                .iter()
+                                .flat_map(|(_, blocks)| blocks.iter().cloned())
+                                .collect(),
+                        ),
                     )
                 })
                 .collect(),
@@ -526,23 +659,33 @@ impl Engine {
         }
     }
 
-    /// A fresh DataFusion context for one ad-hoc query over `snapshot`: views, the
-    /// retained rows of sources, and tables.
+    /// A fresh DataFusion context for one ad-hoc query over `snapshot`: views and the
+    /// retained rows of sources (read from the workers over Flight when scanned), and
+    /// tables.
     pub fn query_context(&self, snapshot: &Snapshot) -> Result<SessionContext> {
         let ctx = SessionContext::new_with_config(self.inner.session_config.clone());
-        for (name, (schema, partitions)) in &snapshot.views {
-            let parts: Vec<Vec<RecordBatch>> =
-                partitions.iter().map(|p| p.as_ref().clone()).collect();
+        let interval = snapshot.interval.unwrap_or(IntervalId(0));
+        for (name, view) in &snapshot.views {
             ctx.register_table(
                 TableReference::bare(name.as_str()),
-                Arc::new(MemTable::try_new(schema.clone(), parts)?),
+                Arc::new(RemoteView {
+                    cluster: self.inner.cluster.clone(),
+                    name: name.clone(),
+                    schema: view.schema.clone(),
+                    placement: view.placement.clone(),
+                    interval,
+                }),
             )?;
         }
         for (name, (schema, blocks)) in &snapshot.sources {
-            let rows: Vec<RecordBatch> = blocks.iter().flat_map(|b| b.batches.clone()).collect();
             ctx.register_table(
                 TableReference::bare(name.as_str()),
-                Arc::new(MemTable::try_new(schema.clone(), vec![rows])?),
+                Arc::new(RemoteSource {
+                    cluster: self.inner.cluster.clone(),
+                    name: name.clone(),
+                    schema: schema.clone(),
+                    blocks: blocks.clone(),
+                }),
             )?;
         }
         for (name, provider) in &snapshot.tables {

@@ -30,9 +30,26 @@ pub enum Error {
     Config(String),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    /// A worker this statement needs is dead or gone.
+    #[error("{0}")]
+    WorkerLost(String),
     /// A bug in dstream.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl Error {
+    /// The error a worker answered with: its option and definition errors stay user
+    /// errors, anything else is the worker's failure.
+    pub fn from_status(status: &tonic::Status) -> Error {
+        let message = status.message().to_string();
+        match status.code() {
+            tonic::Code::InvalidArgument => {
+                Error::Executor(dstream_executor::Error::Config(message))
+            }
+            _ => Error::Executor(dstream_executor::Error::Remote(message)),
+        }
+    }
 }
 
 /// Result with the server [`Error`] as default error type.
@@ -50,6 +67,7 @@ impl Error {
                 P::DuplicateObject { .. } => "42P07",
                 P::Unsupported(_) => "0A000",
                 P::Invalid(_) => "22023",
+                P::InvalidDefinition(_) => "42P16",
                 P::DataFusion(e) => datafusion_sqlstate(e),
                 P::Internal(_) => "XX000",
             },
@@ -59,6 +77,7 @@ impl Error {
                 X::DataFusion(e) => datafusion_sqlstate(e),
                 X::Arrow(_) => "22000",
                 X::Planner(_) | X::Storage(_) | X::Io(_) => "58000",
+                X::Remote(_) => "58000",
                 X::Internal(_) => "XX000",
             },
             Error::Storage(_) | Error::Io(_) => "58030",
@@ -68,6 +87,7 @@ impl Error {
             Error::UnknownObject { .. } => "42P01",
             Error::Unsupported(_) => "0A000",
             Error::Config(_) => "22023",
+            Error::WorkerLost(_) => "58000",
             Error::Internal(_) => "XX000",
         }
     }
@@ -100,41 +120,4 @@ fn datafusion_sqlstate(e: &DataFusionError) -> &'static str {
     }
 }
 
-fn planner_message(e: &dstream_planner::Error) -> String {
-    match e {
-        dstream_planner::Error::DataFusion(e) => datafusion_message(e),
-        other => other.to_string(),
-    }
-}
-
-fn executor_message(e: &dstream_executor::Error) -> String {
-    match e {
-        dstream_executor::Error::DataFusion(e) => datafusion_message(e),
-        dstream_executor::Error::Planner(e) => planner_message(e),
-        other => other.to_string(),
-    }
-}
-
-/// DataFusion's message, in the words a SQL user expects: no "Error during
-/// planning:" prefixes, and missing tables named as PostgreSQL names them.
-pub fn datafusion_message(e: &DataFusionError) -> String {
-    let root = e.find_root();
-    let text = match root {
-        DataFusionError::Plan(msg) | DataFusionError::Execution(msg) => msg.clone(),
-        DataFusionError::NotImplemented(msg) => format!("not supported: {msg}"),
-        DataFusionError::SQL(e, _) => e.to_string(),
-        DataFusionError::SchemaError(e, _) => e.to_string(),
-        DataFusionError::ArrowError(e, _) => e.to_string(),
-        DataFusionError::External(e) => e.to_string(),
-        other => other.to_string(),
-    };
-    if let Some(rest) = text.strip_prefix("table '")
-        && let Some(name) = rest.strip_suffix("' not found")
-    {
-        let short = name.rsplit('.').next().unwrap_or(name);
-        return format!("relation \"{short}\" does not exist");
-    }
-    text.strip_prefix("sql parser error: ")
-        .map(|t| format!("syntax error: {t}"))
-        .unwrap_or(text)
-}
+pub use dstream_executor::error::{datafusion_message, executor_message, planner_message};

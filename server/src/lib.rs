@@ -6,6 +6,8 @@
 //!
 //! # Layout
 //! - [`engine`]: [`Engine`], the coordinator: interval loop, snapshots, commits.
+//! - [`cluster`]: the workers: membership, liveness, the per-interval scheduler,
+//!   remote reads, local worker processes.
 //! - [`session`]: executing statements.
 //! - [`subscribe`]: `SUBSCRIBE` streams.
 //! - [`clock`]: the injected [`clock::IntervalClock`], real and manual.
@@ -14,6 +16,7 @@
 //! - [`error`]: the crate's [`Error`] and [`Result`], and SQLSTATEs.
 
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod engine;
 pub mod error;
@@ -41,15 +44,35 @@ pub fn clock_for(config: &ServeConfig) -> Arc<dyn IntervalClock> {
     }
 }
 
-/// Runs the embedded server: starts the engine on `config` and serves pgwire on
-/// `listener` until `shutdown` is cancelled.
+/// Runs the server: starts the coordinator (its gRPC service on `config.grpc_addr`)
+/// and its local workers, and serves pgwire on `listener` until `shutdown` is
+/// cancelled.
 pub async fn run(
     config: ServeConfig,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    let grpc = TcpListener::bind(config.grpc_addr).await.map_err(|e| {
+        Error::Config(format!(
+            "cannot listen for workers on {}: {e}",
+            config.grpc_addr
+        ))
+    })?;
+    run_with(config, listener, grpc, shutdown, |_| {}).await
+}
+
+/// [`run`] with the coordinator's gRPC listener given, calling `started` with the
+/// engine once it runs (tests use it to reach the workers).
+pub async fn run_with(
+    config: ServeConfig,
+    listener: TcpListener,
+    grpc: TcpListener,
+    shutdown: CancellationToken,
+    started: impl FnOnce(&Engine),
+) -> Result<()> {
     let clock = clock_for(&config);
-    let engine = Engine::start(config, clock, shutdown.clone()).await?;
+    let engine = Engine::start(config, clock, grpc, shutdown.clone()).await?;
+    started(&engine);
     let served = pgwire::serve(listener, engine.clone(), shutdown.clone()).await;
     shutdown.cancel();
     engine.stopped().await;

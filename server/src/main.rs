@@ -1,5 +1,6 @@
-//! The `dstream` binary: `dstream serve` runs the embedded server, `dstream sql` is
-//! the interactive SQL client.
+//! The `dstream` binary: `dstream serve` runs the coordinator with local workers,
+//! `dstream coordinator` and `dstream worker` run the same parts separately, and
+//! `dstream sql` is the interactive SQL client.
 
 mod cli;
 
@@ -26,8 +27,13 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the embedded server: coordinator, tasks and a local data directory.
+    /// Run the server: the coordinator, its local worker processes and a local data
+    /// directory.
     Serve(ServeArgs),
+    /// Run only the coordinator; workers join with `dstream worker --coordinator URL`.
+    Coordinator(ServeArgs),
+    /// Run a worker that joins a coordinator.
+    Worker(WorkerArgs),
     /// Interactive SQL client (psql-like) for a running server.
     Sql(cli::SqlArgs),
 }
@@ -61,6 +67,31 @@ struct ServeArgs {
     /// Most rows in one input block; each block is one map task [default: 65536].
     #[arg(long, env = "DSTREAM_BLOCK_ROWS")]
     block_rows: Option<usize>,
+    /// Where the coordinator listens for workers (gRPC) [default: 127.0.0.1:6876].
+    #[arg(long, env = "DSTREAM_GRPC_ADDR")]
+    grpc_addr: Option<SocketAddr>,
+    /// Worker processes `serve` starts [default: 2; `coordinator`: 0].
+    #[arg(long, env = "DSTREAM_WORKERS")]
+    workers: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+struct WorkerArgs {
+    /// The coordinator's gRPC address.
+    #[arg(
+        long,
+        env = "DSTREAM_COORDINATOR",
+        default_value = "http://127.0.0.1:6876"
+    )]
+    coordinator: String,
+    /// Where this worker listens for the coordinator and its peers [default: an
+    /// ephemeral port on 127.0.0.1].
+    #[arg(long, env = "DSTREAM_WORKER_ADDR", default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// The address others reach this worker at, if not the listen address (e.g.
+    /// http://worker-3.dstream:7000 behind a Kubernetes service).
+    #[arg(long, env = "DSTREAM_ADVERTISE")]
+    advertise: Option<String>,
 }
 
 impl ServeArgs {
@@ -90,6 +121,12 @@ impl ServeArgs {
         if let Some(v) = self.block_rows {
             config.block_rows = v;
         }
+        if let Some(v) = self.grpc_addr {
+            config.grpc_addr = v;
+        }
+        if let Some(v) = self.workers {
+            config.workers = v;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -101,16 +138,29 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    let logging = || {
+        tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "info".into()),
+            )
+            .init()
+    };
     match cli.command {
         Command::Serve(args) => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| "info".into()),
-                )
-                .init();
+            logging();
             let config = args.into_config()?;
             runtime.block_on(serve(config))
+        }
+        Command::Coordinator(mut args) => {
+            logging();
+            args.workers = Some(args.workers.unwrap_or(0));
+            let config = args.into_config()?;
+            runtime.block_on(serve(config))
+        }
+        Command::Worker(args) => {
+            logging();
+            runtime.block_on(worker(args))
         }
         Command::Sql(args) => {
             let code = runtime.block_on(cli::run(args))?;
@@ -139,13 +189,59 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
             finished.context("server task")??;
             return Ok(());
         }
-        _ = tokio::signal::ctrl_c() => {
+        signal = stop_signal() => {
+            signal?;
             info!("shutting down");
             shutdown.cancel();
         }
     }
     server.await.context("server task")??;
     Ok(())
+}
+
+async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    info!(
+        coordinator = %args.coordinator,
+        address = %listener.local_addr()?,
+        "dstream worker starting"
+    );
+    let config = dstream_executor::worker::WorkerConfig {
+        coordinator: args.coordinator,
+        advertise: args.advertise,
+    };
+    let shutdown = CancellationToken::new();
+    #[allow(clippy::disallowed_methods)] // awaited below
+    let mut worker = tokio::spawn(dstream_executor::worker::run(
+        config,
+        listener,
+        shutdown.clone(),
+    ));
+    tokio::select! {
+        finished = &mut worker => {
+            finished.context("worker task")??;
+            return Ok(());
+        }
+        signal = stop_signal() => {
+            signal?;
+            info!("worker shutting down");
+            shutdown.cancel();
+        }
+    }
+    worker.await.context("worker task")??;
+    Ok(())
+}
+
+/// Ctrl-C or SIGTERM (what `kill`, `docker stop` and Kubernetes send).
+async fn stop_signal() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot listen for SIGTERM")?;
+    tokio::select! {
+        c = tokio::signal::ctrl_c() => c.context("cannot listen for Ctrl-C"),
+        _ = term.recv() => Ok(()),
+    }
 }
 
 #[cfg(test)]

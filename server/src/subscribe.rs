@@ -13,6 +13,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use dstream_storage::IntervalId;
 use tokio::sync::broadcast;
 
+use crate::cluster::remote_table::RemoteView;
 use crate::engine::{ChangeBatch, Engine};
 use crate::error::{Error, Result};
 
@@ -37,8 +38,35 @@ pub struct Subscription {
     changes: broadcast::Receiver<Arc<ChangeBatch>>,
 }
 
+/// `_interval`, `op`, then the view's columns.
+fn changelog_schema(view_schema: &SchemaRef) -> SchemaRef {
+    let mut fields = vec![
+        Field::new(
+            "_interval",
+            DataType::Timestamp(TimeUnit::Nanosecond, None),
+            false,
+        ),
+        Field::new("op", DataType::Utf8, false),
+    ];
+    fields.extend(view_schema.fields().iter().map(|f| f.as_ref().clone()));
+    Arc::new(Schema::new(fields))
+}
+
 impl Subscription {
-    pub fn start(engine: &Engine, view: &str) -> Result<Self> {
+    /// The schema a subscription to `view` streams, without starting one.
+    pub fn schema_of(engine: &Engine, view: &str) -> Result<SchemaRef> {
+        let snapshot = engine.snapshot();
+        let current = snapshot
+            .views
+            .get(view)
+            .ok_or_else(|| Error::UnknownObject {
+                kind: "materialized view",
+                name: view.to_string(),
+            })?;
+        Ok(changelog_schema(&current.schema))
+    }
+
+    pub async fn start(engine: &Engine, view: &str) -> Result<Self> {
         let current = engine.snapshot();
         if !current.views.contains_key(view) {
             return Err(Error::UnknownObject {
@@ -52,25 +80,29 @@ impl Subscription {
         // Register first, then read the snapshot: changes already in it are skipped.
         let changes = engine.subscribe_changes(view);
         let snapshot = engine.snapshot();
-        let (view_schema, partitions) =
-            snapshot
-                .views
-                .get(view)
-                .ok_or_else(|| Error::UnknownObject {
-                    kind: "materialized view",
-                    name: view.to_string(),
-                })?;
-        let mut fields = vec![
-            Field::new(
-                "_interval",
-                DataType::Timestamp(TimeUnit::Nanosecond, None),
-                false,
-            ),
-            Field::new("op", DataType::Utf8, false),
-        ];
-        fields.extend(view_schema.fields().iter().map(|f| f.as_ref().clone()));
-        let schema = Arc::new(Schema::new(fields));
-        let rows: Vec<RecordBatch> = partitions.iter().flat_map(|p| p.iter().cloned()).collect();
+        let current_view = snapshot
+            .views
+            .get(view)
+            .ok_or_else(|| Error::UnknownObject {
+                kind: "materialized view",
+                name: view.to_string(),
+            })?;
+        let view_schema = &current_view.schema;
+        let schema = changelog_schema(view_schema);
+        let remote = RemoteView {
+            cluster: engine.cluster().clone(),
+            name: view.to_string(),
+            schema: view_schema.clone(),
+            placement: current_view.placement.clone(),
+            interval: snapshot.interval.unwrap_or(IntervalId(0)),
+        };
+        let rows: Vec<RecordBatch> = remote
+            .fetch()
+            .await
+            .map_err(Error::DataFusion)?
+            .into_iter()
+            .flatten()
+            .collect();
         Ok(Subscription {
             view: view.to_string(),
             schema,

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use dstream_server::config::{ClockKind, ServeConfig};
+use dstream_server::config::{ClockKind, ServeConfig, WorkerMode};
 use sqllogictest::{DBOutput, DefaultColumnType};
 use tokio::net::TcpListener;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
@@ -22,6 +22,8 @@ use tokio_util::sync::CancellationToken;
 pub struct TestServer {
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
+    /// The running engine (`None` if it failed to start; `stop` reports why).
+    pub engine: Option<dstream_server::Engine>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<dstream_server::Result<()>>,
     _temp: Option<tempfile::TempDir>,
@@ -64,15 +66,30 @@ impl TestServer {
             partitions: 4,
             // Small blocks, so that intervals have several map tasks in every test.
             block_rows: 64,
+            workers: 2,
+            worker_mode: test_worker_mode(),
             ..ServeConfig::default()
         };
         configure(&mut config);
         let shutdown = CancellationToken::new();
+        let grpc = TcpListener::bind("127.0.0.1:0").await?;
+        let (engine_tx, engine_rx) = tokio::sync::oneshot::channel();
         #[allow(clippy::disallowed_methods)] // kept in `task`, awaited by `stop`
-        let task = tokio::spawn(dstream_server::run(config, listener, shutdown.clone()));
+        let task = tokio::spawn(dstream_server::run_with(
+            config,
+            listener,
+            grpc,
+            shutdown.clone(),
+            move |engine| {
+                let _ = engine_tx.send(engine.clone());
+            },
+        ));
+        // The server starts its workers and waits for them before it takes queries.
+        let engine = engine_rx.await.ok();
         Ok(TestServer {
             addr,
             data_dir: data_dir.to_path_buf(),
+            engine,
             shutdown,
             task,
             _temp: None,
@@ -98,6 +115,28 @@ impl Drop for TestServer {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
+}
+
+/// How test servers run their two workers: inside the test process (the default), or
+/// as `dstream worker` processes when `DSTREAM_TEST_WORKERS=process`. The binary is
+/// `$DSTREAM_BIN`, or `dstream` next to the test executable's directory.
+pub fn test_worker_mode() -> WorkerMode {
+    match std::env::var("DSTREAM_TEST_WORKERS").as_deref() {
+        Ok("process") => WorkerMode::Process(Some(dstream_binary())),
+        _ => WorkerMode::InProcess,
+    }
+}
+
+/// The `dstream` binary the tests run.
+pub fn dstream_binary() -> PathBuf {
+    if let Ok(bin) = std::env::var("DSTREAM_BIN") {
+        return PathBuf::from(bin);
+    }
+    // target/<profile>/deps/<test> -> target/<profile>/dstream
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent()?.parent().map(|d| d.join("dstream")))
+        .unwrap_or_else(|| PathBuf::from("dstream"))
 }
 
 /// Connects to a dstream server, retrying briefly while it starts.

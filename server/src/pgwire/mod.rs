@@ -391,7 +391,7 @@ impl DstreamQueryParser {
                 }
             }
             Statement::Subscribe(name) => {
-                prepared.schema = Some(Subscription::start(&self.engine, name)?.schema().clone());
+                prepared.schema = Some(Subscription::schema_of(&self.engine, name)?);
             }
             _ => {}
         }

@@ -43,6 +43,8 @@ pub(super) async fn drop_object(engine: &Engine, drop: DropObject) -> Result<Sta
             }
         }
     }
+    state.catalog_version += 1;
+    crate::cluster::scheduler::remove_everywhere(engine, &drop.name).await;
     engine.publish_snapshot(&state);
     info!(name = %drop.name, kind = %drop.kind, "dropped");
     Ok(command(&tag))

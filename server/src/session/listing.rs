@@ -10,8 +10,8 @@ pub(super) async fn show(engine: &Engine, kind: ShowKind) -> Result<StatementRes
                 .sources
                 .iter()
                 .map(|(name, slot)| {
-                    let stats = slot.runtime.stats();
-                    let def = slot.runtime.def();
+                    let stats = &slot.stats;
+                    let def = &slot.def;
                     vec![
                         name.clone(),
                         def.connector.connector.clone(),
@@ -59,15 +59,8 @@ pub(super) async fn show(engine: &Engine, kind: ShowKind) -> Result<StatementRes
                 .views
                 .iter()
                 .map(|(name, slot)| {
-                    let plan = slot.runtime.plan();
-                    let rows: usize = slot
-                        .runtime
-                        .current()
-                        .rows
-                        .iter()
-                        .flat_map(|p| p.iter())
-                        .map(|b| b.num_rows())
-                        .sum();
+                    let plan = &slot.plan;
+                    let rows: u64 = slot.partition_rows.iter().sum();
                     vec![
                         name.clone(),
                         plan.source.clone(),

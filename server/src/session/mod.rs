@@ -16,25 +16,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arrow::array::{ArrayRef, RecordBatch, StringArray, UInt64Array};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::catalog::{MemTable, TableProvider};
+use datafusion::common::ParamValues;
 use datafusion::common::TableReference;
-use datafusion::common::{DFSchema, ParamValues};
-use datafusion::datasource::file_format::FileFormat;
-use datafusion::datasource::file_format::csv::CsvFormat;
-use datafusion::datasource::file_format::json::JsonFormat;
-use datafusion::datasource::file_format::parquet::ParquetFormat;
-use datafusion::datasource::listing::{
-    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
-};
-use datafusion::logical_expr::{DdlStatement, LogicalPlan};
+use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast;
-use dstream_executor::{SourceRuntime, ViewRuntime};
-use dstream_planner::catalog::{
-    CatalogObject, ConnectorSpec, SourceDef, TableDef, ViewDef, WatermarkDef,
-};
+use dstream_planner::catalog::{CatalogObject, ConnectorSpec, TableDef, ViewDef};
+use dstream_planner::definition::columns_schema;
 use dstream_planner::duration::format_duration;
 use dstream_planner::stage_dag::explain;
 use dstream_planner::statement::{
@@ -105,9 +96,9 @@ pub async fn execute_statement(engine: &Engine, statement: Statement) -> Result<
         Statement::Drop(drop) => drop_object(engine, drop).await,
         Statement::SetBatchInterval(d) => set_batch_interval(engine, d).await,
         Statement::Advance(n) => advance(engine, n).await,
-        Statement::Subscribe(name) => Ok(StatementResult::Subscribe(Subscription::start(
-            engine, &name,
-        )?)),
+        Statement::Subscribe(name) => Ok(StatementResult::Subscribe(
+            Subscription::start(engine, &name).await?,
+        )),
         Statement::Sql(stmt) => execute_sql(engine, *stmt).await,
     }
 }
@@ -193,28 +184,31 @@ async fn persist_catalog(
     Ok(())
 }
 
-/// The Arrow schema of column definitions, with DataFusion's SQL type mapping.
-async fn columns_schema(ctx: &SessionContext, columns: &[ast::ColumnDef]) -> Result<Schema> {
-    if columns.is_empty() {
-        return Err(Error::InvalidDefinition(
-            "at least one column is required".into(),
-        ));
+/// Installs a new object (already in `state`) on the workers, then persists the
+/// catalog if `persist`. On failure the object is taken out again — of `state`, with
+/// `previous` as the catalog, and of the workers — and the error returned.
+async fn install_or_undo(
+    engine: &Engine,
+    state: &mut EngineState,
+    name: &str,
+    previous: Catalog,
+    persist: bool,
+) -> Result<()> {
+    state.catalog_version += 1;
+    let mut outcome = crate::cluster::scheduler::sync_workers(engine, state).await;
+    if outcome.is_ok() && persist {
+        outcome = persist_catalog(engine, state, &state.catalog, &state.settings).await;
     }
-    let cols = columns
-        .iter()
-        .map(|c| c.to_string())
-        .collect::<Vec<_>>()
-        .join(", ");
-    let sql = format!("CREATE TABLE __columns ({cols})");
-    let plan = ctx.state().create_logical_plan(&sql).await?;
-    match plan {
-        LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(cmt)) => {
-            Ok(cmt.input.schema().as_arrow().clone())
-        }
-        other => Err(Error::Internal(format!(
-            "unexpected plan for columns: {other}"
-        ))),
+    if let Err(e) = outcome {
+        state.catalog = previous;
+        state.sources.remove(name);
+        state.views.remove(name);
+        state.tables.remove(name);
+        state.catalog_version += 1;
+        crate::cluster::scheduler::remove_everywhere(engine, name).await;
+        return Err(e);
     }
+    Ok(())
 }
 
 /// A context with every source (as an empty table of its schema) and table

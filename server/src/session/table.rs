@@ -27,8 +27,8 @@ pub(super) async fn create_table(
     }
     state.catalog.check_free(&name)?;
     let ctx = SessionContext::new_with_config(engine.inner.session_config.clone());
-    let schema = Arc::new(columns_schema(&ctx, &ct.columns).await?);
-    let options = table_options(&ct.table_options)?;
+    let schema = Arc::new(columns_schema(&ctx.state(), &ct.columns).await?);
+    let options = dstream_executor::table::table_options(&ct.table_options)?;
     let (slot, file) = if options.is_empty() {
         let stored = table_data::load_table(&engine.inner.data_dir, &name).await?;
         let rows = stored.unwrap_or_default();
@@ -42,7 +42,7 @@ pub(super) async fn create_table(
             options,
         };
         (
-            TableSlot::File(file_table(&spec, schema.clone()).await?),
+            TableSlot::File(dstream_executor::table::file_table(&spec, schema.clone())?),
             Some(spec),
         )
     };
@@ -54,113 +54,14 @@ pub(super) async fn create_table(
         file,
         sql,
     })))?;
+    let previous = std::mem::replace(&mut state.catalog, catalog);
+    state.tables.insert(name.clone(), slot);
+    install_or_undo(engine, &mut state, &name, previous, persist).await?;
     if persist {
-        persist_catalog(engine, &state, &catalog, &state.settings).await?;
         info!(table = %name, "created table");
     }
-    state.catalog = catalog;
-    state.tables.insert(name.clone(), slot);
     engine.publish_snapshot(&state);
     Ok(command("CREATE TABLE"))
-}
-
-pub(super) fn table_options(options: &ast::CreateTableOptions) -> Result<BTreeMap<String, String>> {
-    let list = match options {
-        ast::CreateTableOptions::None => return Ok(BTreeMap::new()),
-        ast::CreateTableOptions::With(list) => list,
-        other => return Err(Error::Unsupported(format!("table options {other}"))),
-    };
-    let mut out = BTreeMap::new();
-    for option in list {
-        match option {
-            ast::SqlOption::KeyValue { key, value } => {
-                let value = match value {
-                    ast::Expr::Value(v) => match &v.value {
-                        ast::Value::SingleQuotedString(s) => s.clone(),
-                        other => other.to_string(),
-                    },
-                    ast::Expr::Identifier(id) => id.value.clone(),
-                    other => other.to_string(),
-                };
-                out.insert(key.value.to_ascii_lowercase(), value);
-            }
-            other => {
-                return Err(Error::InvalidDefinition(format!(
-                    "unexpected table option {other}"
-                )));
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// A table over the files of a directory (or one file).
-pub(super) async fn file_table(
-    spec: &ConnectorSpec,
-    schema: SchemaRef,
-) -> Result<Arc<ListingTable>> {
-    if spec.connector != "file" {
-        return Err(Error::Invalid(format!(
-            "tables support connector = 'file', not '{}'",
-            spec.connector
-        )));
-    }
-    let allowed = ["connector", "path", "format", "header"];
-    if let Some(unknown) = spec.options.keys().find(|k| !allowed.contains(&k.as_str())) {
-        return Err(Error::Invalid(format!(
-            "unknown option '{unknown}' for a file table; options are {}",
-            allowed.join(", ")
-        )));
-    }
-    let path = spec
-        .options
-        .get("path")
-        .ok_or_else(|| Error::InvalidDefinition("a file table needs WITH (path = '...')".into()))?;
-    let format_name = spec
-        .options
-        .get("format")
-        .map(String::as_str)
-        .unwrap_or("parquet");
-    let header = spec
-        .options
-        .get("header")
-        .map(|h| h != "false")
-        .unwrap_or(true);
-    let (format, extension): (Arc<dyn FileFormat>, &str) = match format_name {
-        "parquet" => (Arc::new(ParquetFormat::default()), ".parquet"),
-        "csv" => (
-            Arc::new(CsvFormat::default().with_has_header(header)),
-            ".csv",
-        ),
-        "json" => (Arc::new(JsonFormat::default()), ".json"),
-        other => {
-            return Err(Error::Invalid(format!(
-                "unknown format '{other}'; use parquet, csv or json"
-            )));
-        }
-    };
-    let is_dir = std::path::Path::new(path).is_dir();
-    if !is_dir && !std::path::Path::new(path).exists() {
-        return Err(Error::InvalidDefinition(format!(
-            "path '{path}' does not exist"
-        )));
-    }
-    let url = if is_dir && !path.ends_with('/') {
-        format!("{path}/")
-    } else {
-        path.clone()
-    };
-    let url = ListingTableUrl::parse(&url)?;
-    let mut options = ListingOptions::new(format);
-    if is_dir {
-        options = options.with_file_extension(extension);
-    } else {
-        options = options.with_file_extension("");
-    }
-    let config = ListingTableConfig::new(url)
-        .with_listing_options(options)
-        .with_schema(schema);
-    Ok(Arc::new(ListingTable::try_new(config)?))
 }
 
 pub(super) async fn insert_into(engine: &Engine, insert: ast::Insert) -> Result<StatementResult> {
@@ -213,6 +114,8 @@ pub(super) async fn insert_into(engine: &Engine, insert: ast::Insert) -> Result<
         rows.extend(partition.read().await.iter().cloned());
     }
     table_data::store_table(&engine.inner.data_dir, &name, &table.schema(), &rows).await?;
+    // Views that join the table see the new rows from the next interval on.
+    crate::cluster::scheduler::push_table(engine, &name, table.schema(), rows).await?;
     drop(state);
     Ok(StatementResult::Command {
         tag: "INSERT".into(),

@@ -31,26 +31,18 @@ pub(super) async fn create_view(
     state.catalog.check_free(&create.name)?;
     let plan = plan(engine, &state, &create).await?;
     let plan = Arc::new(plan);
-    let runtime = ViewRuntime::new(plan.clone())?;
     let mut catalog = state.catalog.clone();
     catalog.insert(CatalogObject::View(Arc::new(ViewDef {
         name: create.name.clone(),
-        plan,
+        plan: plan.clone(),
         sql: create.to_string(),
     })))?;
+    let previous = std::mem::replace(&mut state.catalog, catalog);
+    state.views.insert(create.name.clone(), ViewSlot::new(plan));
+    install_or_undo(engine, &mut state, &create.name, previous, persist).await?;
     if persist {
-        persist_catalog(engine, &state, &catalog, &state.settings).await?;
         info!(view = %create.name, "created materialized view");
     }
-    state.catalog = catalog;
-    state.views.insert(
-        create.name.clone(),
-        ViewSlot {
-            runtime,
-            failure: None,
-            last_interval: None,
-        },
-    );
     engine.publish_snapshot(&state);
     Ok(command("CREATE MATERIALIZED VIEW"))
 }

@@ -1,9 +1,10 @@
-//! A dstream server for the CLI tests: in this process, on `127.0.0.1:0`, with the
-//! manual clock and a temporary data directory. It stops when dropped.
+//! A dstream server for the CLI tests: its coordinator in this process, on
+//! `127.0.0.1:0`, with two worker processes, the manual clock and a temporary data
+//! directory. It stops when dropped.
 
 use std::time::Duration;
 
-use dstream_server::config::{ClockKind, ServeConfig};
+use dstream_server::config::{ClockKind, ServeConfig, WorkerMode};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -29,6 +30,8 @@ pub async fn start() -> Server {
         pg_addr: addr,
         clock: ClockKind::Manual,
         batch_interval: Duration::from_secs(1),
+        grpc_addr: "127.0.0.1:0".parse().expect("address"),
+        worker_mode: WorkerMode::Process(Some(env!("CARGO_BIN_EXE_dstream").into())),
         ..ServeConfig::default()
     };
     let shutdown = CancellationToken::new();

@@ -1,0 +1,353 @@
+//! The data plane: Arrow Flight between workers, and between the coordinator and
+//! workers.
+//!
+//! [`FlightEndpoint`] serves a worker's data: `do_get` streams shuffle outputs, view
+//! partitions and input blocks; `do_put` stores a replica of an input block or the rows
+//! of a table. Tickets and put descriptors are [`proto::DataTicket`]s. Batches travel as
+//! Arrow IPC (Flight's own encoding) — no row-by-row encoding anywhere — and a worker
+//! reading its own data skips Flight and shares the batches (see `service`).
+//!
+//! [`FlightPeers`] is the client side: one lazily connected channel per peer.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use arrow_flight::decode::FlightRecordBatchStream;
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::error::FlightError;
+use arrow_flight::flight_service_server::FlightService;
+use arrow_flight::{
+    Action, ActionType, Criteria, Empty, FlightClient, FlightData, FlightDescriptor, FlightInfo,
+    HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
+};
+use bytes::Bytes;
+use dstream_storage::IntervalId;
+use futures::{Stream, StreamExt, TryStreamExt};
+use prost::Message;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::proto::{self, data_ticket::Kind};
+use super::state::{ViewRowsRead, WorkerState};
+use crate::block::Block;
+use crate::error::{Error, Result};
+
+type BoxedStream<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send + 'static>>;
+
+/// The Flight service of one worker.
+#[derive(Debug)]
+pub struct FlightEndpoint {
+    state: Arc<WorkerState>,
+}
+
+impl FlightEndpoint {
+    pub fn new(state: Arc<WorkerState>) -> Self {
+        FlightEndpoint { state }
+    }
+
+    fn batches_for(&self, kind: Kind) -> std::result::Result<Vec<RecordBatch>, Status> {
+        match kind {
+            Kind::Shuffle(s) => {
+                let key = (s.view.clone(), IntervalId(s.interval), s.block);
+                let pieces = self.state.shuffle(&key).ok_or_else(|| {
+                    Status::not_found(format!(
+                        "no map output of view {} for block {} of interval {}",
+                        s.view, s.block, s.interval
+                    ))
+                })?;
+                let piece = pieces.get(s.partition as usize).ok_or_else(|| {
+                    Status::invalid_argument(format!("no partition {}", s.partition))
+                })?;
+                Ok(match s.component {
+                    0 => piece.rows.clone(),
+                    k => piece
+                        .distinct
+                        .get(k as usize - 1)
+                        .cloned()
+                        .unwrap_or_default(),
+                })
+            }
+            Kind::ViewRows(v) => {
+                match self
+                    .state
+                    .view_rows(&v.view, v.partition, IntervalId(v.interval))
+                {
+                    ViewRowsRead::Rows(rows) => Ok(rows.as_ref().clone()),
+                    ViewRowsRead::TooOld => Err(Status::failed_precondition(format!(
+                        "view {} partition {} no longer holds interval {}; retry the query",
+                        v.view, v.partition, v.interval
+                    ))),
+                }
+            }
+            Kind::SourceBlocks(s) => {
+                let mut batches = Vec::new();
+                for b in &s.blocks {
+                    let block = self
+                        .state
+                        .block(&s.source, IntervalId(b.interval), b.index)
+                        .ok_or_else(|| {
+                            Status::not_found(format!(
+                                "block {} of interval {} of source {} is not held here",
+                                b.index, b.interval, s.source
+                            ))
+                        })?;
+                    batches.extend(block.batches.iter().cloned());
+                }
+                Ok(batches)
+            }
+            Kind::Block(_) | Kind::Table(_) => Err(Status::invalid_argument(
+                "blocks and tables are put, not fetched",
+            )),
+        }
+    }
+
+    async fn store(
+        &self,
+        kind: Kind,
+        batches: Vec<RecordBatch>,
+    ) -> std::result::Result<(), Status> {
+        match kind {
+            Kind::Block(b) => {
+                let schema = {
+                    let installed = self.state.installed.lock().await;
+                    installed
+                        .as_ref()
+                        .and_then(|i| i.catalog.source(&b.source).map(|d| d.schema.clone()))
+                        .ok_or_else(|| {
+                            Status::failed_precondition(format!("unknown source {}", b.source))
+                        })?
+                };
+                self.state.put_block(Arc::new(Block {
+                    source: b.source,
+                    interval: IntervalId(b.interval),
+                    index: b.index as usize,
+                    schema,
+                    batches,
+                }));
+                Ok(())
+            }
+            Kind::Table(t) => {
+                let installed = self.state.installed.lock().await;
+                let table = installed
+                    .as_ref()
+                    .and_then(|i| i.memory_tables.get(&t.name).cloned())
+                    .ok_or_else(|| {
+                        Status::failed_precondition(format!("unknown table {}", t.name))
+                    })?;
+                let partition = table.batches.first().cloned().ok_or_else(|| {
+                    Status::internal(format!("table {} has no partition", t.name))
+                })?;
+                *partition.write().await = batches;
+                Ok(())
+            }
+            _ => Err(Status::invalid_argument("only blocks and tables are put")),
+        }
+    }
+}
+
+/// Decodes a ticket or put descriptor.
+pub fn decode_ticket(bytes: &[u8]) -> std::result::Result<Kind, Status> {
+    proto::DataTicket::decode(bytes)
+        .ok()
+        .and_then(|t| t.kind)
+        .ok_or_else(|| Status::invalid_argument("not a dstream data ticket"))
+}
+
+/// Encodes a ticket.
+pub fn ticket(kind: Kind) -> Bytes {
+    Bytes::from(proto::DataTicket { kind: Some(kind) }.encode_to_vec())
+}
+
+fn unsupported<T>(what: &str) -> std::result::Result<T, Status> {
+    Err(Status::unimplemented(format!(
+        "{what} is not part of dstream's data plane"
+    )))
+}
+
+fn encode(batches: Vec<RecordBatch>) -> BoxedStream<FlightData> {
+    let stream = FlightDataEncoderBuilder::new()
+        .build(futures::stream::iter(batches.into_iter().map(Ok)))
+        .map_err(|e| Status::internal(e.to_string()));
+    Box::pin(stream)
+}
+
+#[tonic::async_trait]
+impl FlightService for FlightEndpoint {
+    type HandshakeStream = BoxedStream<HandshakeResponse>;
+    type ListFlightsStream = BoxedStream<FlightInfo>;
+    type DoGetStream = BoxedStream<FlightData>;
+    type DoPutStream = BoxedStream<PutResult>;
+    type DoExchangeStream = BoxedStream<FlightData>;
+    type DoActionStream = BoxedStream<arrow_flight::Result>;
+    type ListActionsStream = BoxedStream<ActionType>;
+
+    async fn do_get(
+        &self,
+        request: Request<Ticket>,
+    ) -> std::result::Result<Response<Self::DoGetStream>, Status> {
+        let kind = decode_ticket(&request.into_inner().ticket)?;
+        let batches = self.batches_for(kind)?;
+        Ok(Response::new(encode(batches)))
+    }
+
+    async fn do_put(
+        &self,
+        request: Request<Streaming<FlightData>>,
+    ) -> std::result::Result<Response<Self::DoPutStream>, Status> {
+        let mut stream = request.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty put"))?;
+        let descriptor = first
+            .flight_descriptor
+            .clone()
+            .ok_or_else(|| Status::invalid_argument("a put needs a descriptor"))?;
+        let kind = decode_ticket(&descriptor.cmd)?;
+        let rest = stream.map_err(|s| FlightError::Tonic(Box::new(s)));
+        let all = futures::stream::once(async move { Ok(first) }).chain(rest);
+        let batches: Vec<RecordBatch> = FlightRecordBatchStream::new_from_flight_data(all)
+            .try_collect()
+            .await
+            .map_err(|e| Status::invalid_argument(format!("bad put stream: {e}")))?;
+        self.store(kind, batches).await?;
+        let done = futures::stream::once(async { Ok(PutResult::default()) });
+        Ok(Response::new(Box::pin(done)))
+    }
+
+    async fn handshake(
+        &self,
+        _: Request<Streaming<HandshakeRequest>>,
+    ) -> std::result::Result<Response<Self::HandshakeStream>, Status> {
+        unsupported("handshake")
+    }
+
+    async fn list_flights(
+        &self,
+        _: Request<Criteria>,
+    ) -> std::result::Result<Response<Self::ListFlightsStream>, Status> {
+        unsupported("list_flights")
+    }
+
+    async fn get_flight_info(
+        &self,
+        _: Request<FlightDescriptor>,
+    ) -> std::result::Result<Response<FlightInfo>, Status> {
+        unsupported("get_flight_info")
+    }
+
+    async fn poll_flight_info(
+        &self,
+        _: Request<FlightDescriptor>,
+    ) -> std::result::Result<Response<PollInfo>, Status> {
+        unsupported("poll_flight_info")
+    }
+
+    async fn get_schema(
+        &self,
+        _: Request<FlightDescriptor>,
+    ) -> std::result::Result<Response<SchemaResult>, Status> {
+        unsupported("get_schema")
+    }
+
+    async fn do_exchange(
+        &self,
+        _: Request<Streaming<FlightData>>,
+    ) -> std::result::Result<Response<Self::DoExchangeStream>, Status> {
+        unsupported("do_exchange")
+    }
+
+    async fn do_action(
+        &self,
+        _: Request<Action>,
+    ) -> std::result::Result<Response<Self::DoActionStream>, Status> {
+        unsupported("do_action")
+    }
+
+    async fn list_actions(
+        &self,
+        _: Request<Empty>,
+    ) -> std::result::Result<Response<Self::ListActionsStream>, Status> {
+        unsupported("list_actions")
+    }
+}
+
+/// Flight clients of the peers a process talks to, one channel each.
+#[derive(Debug, Default)]
+pub struct FlightPeers {
+    channels: Mutex<HashMap<String, tonic::transport::Channel>>,
+}
+
+impl FlightPeers {
+    fn client(&self, address: &str) -> Result<FlightClient> {
+        let mut channels = match self.channels.lock() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let channel = match channels.get(address) {
+            Some(c) => c.clone(),
+            None => {
+                let c = super::channel(address)?;
+                channels.insert(address.to_string(), c.clone());
+                c
+            }
+        };
+        let inner = arrow_flight::flight_service_client::FlightServiceClient::new(channel)
+            .max_decoding_message_size(super::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(super::MAX_MESSAGE_BYTES);
+        Ok(FlightClient::new_from_inner(inner))
+    }
+
+    /// Fetches what `kind` names from the worker at `address`.
+    pub async fn fetch(&self, address: &str, kind: Kind) -> Result<Vec<RecordBatch>> {
+        let mut client = self.client(address)?;
+        let stream = client
+            .do_get(Ticket {
+                ticket: ticket(kind),
+            })
+            .await
+            .map_err(|e| flight_error(address, e))?;
+        stream
+            .try_collect()
+            .await
+            .map_err(|e| flight_error(address, e))
+    }
+
+    /// Stores `batches` at the worker at `address` under `kind`.
+    pub async fn put(
+        &self,
+        address: &str,
+        kind: Kind,
+        schema: SchemaRef,
+        batches: Vec<RecordBatch>,
+    ) -> Result<()> {
+        let mut client = self.client(address)?;
+        let descriptor = FlightDescriptor::new_cmd(ticket(kind));
+        let data = FlightDataEncoderBuilder::new()
+            .with_schema(schema)
+            .with_flight_descriptor(Some(descriptor))
+            .build(futures::stream::iter(batches.into_iter().map(Ok)));
+        let results: Vec<PutResult> = client
+            .do_put(data)
+            .await
+            .map_err(|e| flight_error(address, e))?
+            .try_collect()
+            .await
+            .map_err(|e| flight_error(address, e))?;
+        if results.is_empty() {
+            return Err(Error::Internal(format!(
+                "{address} did not acknowledge a put"
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn flight_error(address: &str, e: FlightError) -> Error {
+    match e {
+        FlightError::Tonic(status) => Error::Remote(format!("{address}: {}", status.message())),
+        other => Error::Remote(format!("{address}: {other}")),
+    }
+}

@@ -1,0 +1,197 @@
+//! Installing catalog objects on a worker.
+//!
+//! The coordinator ships each object as its canonical `CREATE` statement (the text the
+//! catalog file stores); the worker plans it with the same planner functions the
+//! coordinator used, against the same settings, so both hold the same stream plan.
+//! That statement text is dstream's serialized stage description: a task names a view
+//! and a stage, and every worker knows the view's plan.
+
+use std::sync::Arc;
+
+use datafusion::catalog::MemTable;
+use datafusion::common::TableReference;
+use datafusion::prelude::SessionContext;
+use datafusion::sql::sqlparser::ast;
+use dstream_planner::catalog::{CatalogObject, TableDef, ViewDef};
+use dstream_planner::definition::{columns_schema, source_def};
+use dstream_planner::statement::parse_statement;
+use dstream_planner::stream_plan::plan_view;
+use dstream_planner::{Catalog, ConnectorSpec, ObjectKind, Statement};
+use dstream_storage::Timeline;
+use tracing::info;
+
+use super::proto;
+use super::state::{Installed, InstalledView, WorkerState};
+use crate::error::{Error, Result};
+use crate::ingest::SourceRuntime;
+use crate::table::{file_table, table_options};
+use crate::task::session_config;
+use crate::view_runtime::operator_for;
+
+/// Installs the objects of `request` that the worker does not know yet, and opens the
+/// receivers placed on it.
+pub async fn install(state: &WorkerState, request: proto::InstallRequest) -> Result<()> {
+    let timeline = request
+        .timeline
+        .map(|t| Timeline {
+            origin_nanos: t.origin_nanos,
+            width_nanos: t.width_nanos.max(1),
+        })
+        .ok_or_else(|| Error::Internal("install without a timeline".into()))?;
+    let mut guard = state.installed.lock().await;
+    let installed = guard.get_or_insert_with(|| Installed {
+        timeline,
+        partitions: request.partitions.max(1) as usize,
+        block_rows: request.block_rows.max(1) as usize,
+        retain_intervals: request.retain_intervals.max(1),
+        catalog: Catalog::default(),
+        tables: Default::default(),
+        memory_tables: Default::default(),
+        views: Default::default(),
+    });
+    installed.timeline = timeline;
+    installed.partitions = request.partitions.max(1) as usize;
+    installed.block_rows = request.block_rows.max(1) as usize;
+    installed.retain_intervals = request.retain_intervals.max(1);
+    for object in &request.objects {
+        if installed.catalog.get(&object.name).is_some() {
+            continue;
+        }
+        install_object(installed, object).await?;
+    }
+    let mut receivers = state.receivers.lock().await;
+    for name in &request.receivers {
+        if receivers.contains_key(name) {
+            continue;
+        }
+        let def = installed
+            .catalog
+            .source(name)
+            .cloned()
+            .ok_or_else(|| Error::Internal(format!("receiver for unknown source {name}")))?;
+        // The worker's block store keeps the retained intervals; the runtime keeps one.
+        let runtime = SourceRuntime::open(def, &state.task_ctx, 1, installed.block_rows)?;
+        info!(source = %name, "opened receiver");
+        receivers.insert(name.clone(), runtime);
+    }
+    Ok(())
+}
+
+async fn install_object(installed: &mut Installed, object: &proto::CatalogObject) -> Result<()> {
+    let ctx = SessionContext::new_with_config(session_config(installed.partitions));
+    match (object.kind.as_str(), parse_statement(&object.sql)?) {
+        ("source", Statement::CreateSource(create)) => {
+            let def = source_def(&ctx.state(), &create).await?;
+            installed
+                .catalog
+                .insert(CatalogObject::Source(Arc::new(def)))?;
+        }
+        ("table", Statement::Sql(stmt)) => {
+            let ast::Statement::CreateTable(ct) = *stmt else {
+                return Err(Error::Internal(format!("not a table: {}", object.sql)));
+            };
+            let schema = Arc::new(columns_schema(&ctx.state(), &ct.columns).await?);
+            let options = table_options(&ct.table_options)?;
+            let file = if options.is_empty() {
+                let table = Arc::new(MemTable::try_new(schema.clone(), vec![vec![]])?);
+                installed
+                    .memory_tables
+                    .insert(object.name.clone(), table.clone());
+                installed.tables.insert(object.name.clone(), table);
+                None
+            } else {
+                let spec = ConnectorSpec {
+                    connector: options.get("connector").cloned().unwrap_or_default(),
+                    options,
+                };
+                installed
+                    .tables
+                    .insert(object.name.clone(), file_table(&spec, schema.clone())?);
+                Some(spec)
+            };
+            installed
+                .catalog
+                .insert(CatalogObject::Table(Arc::new(TableDef {
+                    name: object.name.clone(),
+                    schema,
+                    file,
+                    sql: object.sql.clone(),
+                })))?;
+        }
+        ("view", Statement::CreateMaterializedView(create)) => {
+            let planning = planning_context(installed)?;
+            let plan = Arc::new(
+                plan_view(
+                    &planning.state(),
+                    &installed.catalog,
+                    &create,
+                    installed.timeline.width(),
+                    installed.partitions,
+                )
+                .await?,
+            );
+            let operator = operator_for(plan.clone())?;
+            installed.views.insert(
+                object.name.clone(),
+                InstalledView {
+                    plan: plan.clone(),
+                    operator,
+                },
+            );
+            installed
+                .catalog
+                .insert(CatalogObject::View(Arc::new(ViewDef {
+                    name: object.name.clone(),
+                    plan,
+                    sql: object.sql.clone(),
+                })))?;
+        }
+        (kind, _) => {
+            return Err(Error::Internal(format!(
+                "cannot install {kind} from: {}",
+                object.sql
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Forgets `name` and whatever the worker held for it.
+pub async fn remove(state: &WorkerState, name: &str) -> Result<()> {
+    if let Some(installed) = state.installed.lock().await.as_mut()
+        && let Some(kind) = installed.catalog.get(name).map(|o| o.kind())
+    {
+        installed.catalog.remove(kind, name)?;
+        installed.tables.remove(name);
+        installed.memory_tables.remove(name);
+        installed.views.remove(name);
+        if kind == ObjectKind::Source {
+            state.receivers.lock().await.remove(name);
+        }
+    }
+    state.forget(name);
+    Ok(())
+}
+
+/// A context with every installed source (empty), table and view (empty): what views
+/// are planned against, as on the coordinator.
+fn planning_context(installed: &Installed) -> Result<SessionContext> {
+    let ctx = SessionContext::new_with_config(session_config(installed.partitions));
+    for object in installed.catalog.iter() {
+        let name = TableReference::bare(object.name());
+        match object {
+            CatalogObject::Table(t) => {
+                if let Some(provider) = installed.tables.get(&t.name) {
+                    ctx.register_table(name, provider.clone())?;
+                }
+            }
+            other => {
+                ctx.register_table(
+                    name,
+                    Arc::new(MemTable::try_new(other.schema(), vec![vec![]])?),
+                )?;
+            }
+        }
+    }
+    Ok(ctx)
+}

@@ -1,0 +1,233 @@
+//! The worker: a process that runs receivers, holds input blocks, shuffle outputs and
+//! state partitions, and runs the tasks the coordinator launches.
+//!
+//! [`run`] registers with the coordinator, heartbeats, and serves two gRPC services on
+//! one port: the control plane ([`proto::worker_server::Worker`], see [`service`]) and
+//! the Arrow Flight data plane ([`flight`]). Everything a worker holds lives in its
+//! [`WorkerState`].
+//!
+//! # Layout
+//! - [`proto`]: the control-plane messages and services (`proto/dstream.proto`).
+//! - [`state`]: [`WorkerState`]: installed definitions, blocks, shuffle outputs, state.
+//! - [`install`]: installing catalog objects: planning views the way the coordinator did.
+//! - [`service`]: the `Worker` gRPC service: seal, run tasks, commit, cancel.
+//! - [`flight`]: the Flight service and the client side of the data plane.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::error::{Error, Result};
+
+pub mod flight;
+pub mod install;
+pub mod service;
+pub mod state;
+
+pub use state::WorkerState;
+
+/// The generated control-plane code.
+#[allow(clippy::all, missing_docs)]
+pub mod proto {
+    tonic::include_proto!("dstream.v1");
+}
+
+/// The largest gRPC message either side accepts: Flight batches are split well below
+/// this, and control messages are small.
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+
+/// Where a worker finds its coordinator and how it presents itself.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// The coordinator's gRPC address, e.g. `http://127.0.0.1:6876`.
+    pub coordinator: String,
+    /// The address other processes reach this worker at; by default the listener's.
+    pub advertise: Option<String>,
+}
+
+/// Runs a worker on `listener` until `shutdown` is cancelled or the coordinator is gone
+/// for good. On shutdown the worker leaves the cluster cleanly.
+pub async fn run(
+    config: WorkerConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let local: SocketAddr = listener.local_addr()?;
+    let address = config
+        .advertise
+        .clone()
+        .unwrap_or_else(|| format!("http://{local}"));
+    let state = Arc::new(WorkerState::new(address.clone()));
+    let incoming = tokio_stream_listener(listener);
+    let worker_service =
+        proto::worker_server::WorkerServer::new(service::WorkerService::new(state.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let flight_service = arrow_flight::flight_service_server::FlightServiceServer::new(
+        flight::FlightEndpoint::new(state.clone()),
+    )
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let serving = shutdown.child_token();
+    let server = tonic::transport::Server::builder()
+        .add_service(worker_service)
+        .add_service(flight_service)
+        .serve_with_incoming_shutdown(incoming, serving.clone().cancelled_owned());
+    #[allow(clippy::disallowed_methods)] // awaited below
+    let server = tokio::spawn(server);
+
+    let membership = membership(&config, &state, &address, shutdown.clone()).await;
+    serving.cancel();
+    let served = server
+        .await
+        .map_err(|e| Error::Internal(format!("worker server task: {e}")))?;
+    served.map_err(|e| Error::Internal(format!("worker server: {e}")))?;
+    membership
+}
+
+/// Registers, heartbeats until shutdown, then leaves. Registers again when the
+/// coordinator forgot this worker; gives up when the coordinator cannot be reached for
+/// [`COORDINATOR_GONE`].
+async fn membership(
+    config: &WorkerConfig,
+    state: &Arc<WorkerState>,
+    address: &str,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let mut client = connect_coordinator(&config.coordinator, &shutdown).await?;
+    let mut registered = None;
+    let mut unreachable_since: Option<std::time::Instant> = None;
+    let mut every = Duration::from_millis(500);
+    loop {
+        if shutdown.is_cancelled() {
+            break;
+        }
+        let outcome = match registered {
+            None => client
+                .register(proto::RegisterRequest {
+                    address: address.to_string(),
+                    pid: std::process::id(),
+                })
+                .await
+                .map(|r| {
+                    let r = r.into_inner();
+                    state.set_id(r.worker_id);
+                    registered = Some(r.worker_id);
+                    every = Duration::from_millis(r.heartbeat_millis.max(50));
+                    info!(worker = r.worker_id, %address, "registered with the coordinator");
+                }),
+            Some(id) => client
+                .heartbeat(proto::HeartbeatRequest {
+                    worker_id: id,
+                    running_tasks: state.running_tasks(),
+                })
+                .await
+                .map(|r| {
+                    if !r.into_inner().known {
+                        warn!(
+                            worker = id,
+                            "the coordinator does not know this worker; registering again"
+                        );
+                        state.reset();
+                        registered = None;
+                    }
+                }),
+        };
+        match outcome {
+            Ok(()) => unreachable_since = None,
+            Err(status) => {
+                let since = *unreachable_since.get_or_insert_with(std::time::Instant::now);
+                warn!(error = %status.message(), "cannot reach the coordinator");
+                if since.elapsed() > COORDINATOR_GONE {
+                    return Err(Error::Internal(format!(
+                        "the coordinator at {} has been unreachable for {:?}; stopping",
+                        config.coordinator, COORDINATOR_GONE
+                    )));
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+    if let Some(id) = registered {
+        let left = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.leave(proto::LeaveRequest { worker_id: id }),
+        )
+        .await;
+        match left {
+            Ok(Ok(_)) => info!(worker = id, "left the cluster"),
+            _ => warn!(
+                worker = id,
+                "could not tell the coordinator that this worker leaves"
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// How long a worker keeps trying to reach a coordinator that stopped answering.
+const COORDINATOR_GONE: Duration = Duration::from_secs(30);
+
+async fn connect_coordinator(
+    url: &str,
+    shutdown: &CancellationToken,
+) -> Result<proto::coordinator_client::CoordinatorClient<tonic::transport::Channel>> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+        .map_err(|e| Error::Config(format!("bad coordinator address '{url}': {e}")))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10));
+    let started = std::time::Instant::now();
+    loop {
+        match endpoint.connect().await {
+            Ok(channel) => return Ok(proto::coordinator_client::CoordinatorClient::new(channel)),
+            Err(e) if started.elapsed() < COORDINATOR_GONE && !shutdown.is_cancelled() => {
+                warn!(coordinator = %url, error = %e, "waiting for the coordinator");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => {
+                return Err(Error::Internal(format!(
+                    "cannot reach the coordinator at {url}: {e}"
+                )));
+            }
+        }
+    }
+}
+
+/// The accepted connections of `listener`, with Nagle's algorithm off.
+pub fn tokio_stream_listener(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures::stream::unfold(listener, |listener| async move {
+        let accepted = listener.accept().await.map(|(stream, _)| {
+            let _ = stream.set_nodelay(true);
+            stream
+        });
+        Some((accepted, listener))
+    })
+}
+
+/// A channel to a peer (a worker, or the coordinator).
+pub fn channel(address: &str) -> Result<tonic::transport::Channel> {
+    Ok(tonic::transport::Endpoint::from_shared(address.to_string())
+        .map_err(|e| Error::Internal(format!("bad address '{address}': {e}")))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
+
+/// A control-plane status for an executor error: user mistakes (bad options) become
+/// `InvalidArgument`, everything else `Internal`.
+pub fn status(e: &Error) -> tonic::Status {
+    match e {
+        Error::Config(m) => tonic::Status::invalid_argument(m.clone()),
+        Error::Planner(p) => tonic::Status::invalid_argument(p.to_string()),
+        other => tonic::Status::internal(other.to_string()),
+    }
+}

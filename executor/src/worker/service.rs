@@ -1,0 +1,449 @@
+//! The `Worker` gRPC service: what the coordinator asks a worker to do.
+//!
+//! - `Install`/`Remove`: catalog objects (see [`super::install`]).
+//! - `Seal`: every receiver on this worker hands over the interval's records; each
+//!   block is stored here and put to the replica worker before the answer, so the
+//!   loss of one worker loses no sealed input.
+//! - `RunTasks`: map tasks (a view's stateless part over a local block, split into P
+//!   shuffle pieces kept here) and reduce tasks (the pieces of one partition, read
+//!   locally or over Flight, folded into the partition's state). Outputs wait for
+//!   `Commit`; `Cancel` drops them.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use dstream_storage::{IntervalId, Timeline};
+use tokio::task::JoinSet;
+use tonic::{Request, Response, Status};
+use tracing::warn;
+
+use super::flight::FlightPeers;
+use super::proto::{self, data_ticket::Kind, task::Kind as TaskKind};
+use super::state::{InstalledView, WorkerState};
+use super::{install, status};
+use crate::error::{Error, Result};
+use crate::operator::{PartitionInput, ShufflePiece, ViewUpdate};
+use crate::view_runtime::conform;
+
+/// The control-plane service of one worker.
+#[derive(Debug)]
+pub struct WorkerService {
+    state: Arc<WorkerState>,
+    peers: Arc<FlightPeers>,
+}
+
+impl WorkerService {
+    pub fn new(state: Arc<WorkerState>) -> Self {
+        WorkerService {
+            state,
+            peers: Arc::new(FlightPeers::default()),
+        }
+    }
+}
+
+fn timeline(t: Option<proto::Timeline>) -> std::result::Result<Timeline, Status> {
+    t.map(|t| Timeline {
+        origin_nanos: t.origin_nanos,
+        width_nanos: t.width_nanos.max(1),
+    })
+    .ok_or_else(|| Status::invalid_argument("missing timeline"))
+}
+
+#[tonic::async_trait]
+impl proto::worker_server::Worker for WorkerService {
+    async fn install(
+        &self,
+        request: Request<proto::InstallRequest>,
+    ) -> std::result::Result<Response<proto::InstallResponse>, Status> {
+        install::install(&self.state, request.into_inner())
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(proto::InstallResponse {}))
+    }
+
+    async fn remove(
+        &self,
+        request: Request<proto::RemoveRequest>,
+    ) -> std::result::Result<Response<proto::RemoveResponse>, Status> {
+        install::remove(&self.state, &request.into_inner().name)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(proto::RemoveResponse {}))
+    }
+
+    async fn seal(
+        &self,
+        request: Request<proto::SealRequest>,
+    ) -> std::result::Result<Response<proto::SealResponse>, Status> {
+        let request = request.into_inner();
+        let timeline = timeline(request.timeline)?;
+        let interval = IntervalId(request.interval);
+        let sources = seal(&self.state, &self.peers, interval, &timeline, &request).await;
+        Ok(Response::new(proto::SealResponse { sources }))
+    }
+
+    async fn run_tasks(
+        &self,
+        request: Request<proto::RunTasksRequest>,
+    ) -> std::result::Result<Response<proto::RunTasksResponse>, Status> {
+        let tasks = request.into_inner().tasks;
+        let Some(interval) = tasks.first().map(|t| IntervalId(t.interval)) else {
+            return Ok(Response::new(proto::RunTasksResponse::default()));
+        };
+        let cancel = self.state.cancel_token(interval);
+        let mut running = JoinSet::new();
+        for task in tasks {
+            let (state, peers) = (self.state.clone(), self.peers.clone());
+            running.spawn(async move {
+                let _running = state.task_started();
+                let started = Instant::now();
+                let id = task.id;
+                let mut result = match run_task(&state, &peers, task).await {
+                    Ok(result) => result,
+                    Err(e) => proto::TaskResult {
+                        error: crate::error::executor_message(&e),
+                        ..Default::default()
+                    },
+                };
+                result.id = id;
+                result.micros = started.elapsed().as_micros() as u64;
+                result
+            });
+        }
+        let mut results = Vec::new();
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => {
+                    running.abort_all();
+                    return Err(Status::cancelled(format!("interval {interval} was cancelled")));
+                }
+                joined = running.join_next() => match joined {
+                    None => break,
+                    Some(Ok(result)) => results.push(result),
+                    Some(Err(e)) => return Err(Status::internal(format!("task panicked: {e}"))),
+                }
+            }
+        }
+        results.sort_by_key(|r| r.id);
+        Ok(Response::new(proto::RunTasksResponse { results }))
+    }
+
+    async fn commit(
+        &self,
+        request: Request<proto::CommitRequest>,
+    ) -> std::result::Result<Response<proto::CommitResponse>, Status> {
+        let interval = IntervalId(request.into_inner().interval);
+        self.state.commit(interval);
+        self.state.expire_shuffle(interval);
+        let retain = self
+            .state
+            .installed
+            .lock()
+            .await
+            .as_ref()
+            .map_or(1, |i| i.retain_intervals);
+        self.state.expire_blocks(interval, retain);
+        self.state.finish_interval(interval);
+        Ok(Response::new(proto::CommitResponse {}))
+    }
+
+    async fn cancel(
+        &self,
+        request: Request<proto::CancelRequest>,
+    ) -> std::result::Result<Response<proto::CancelResponse>, Status> {
+        let interval = IntervalId(request.into_inner().interval);
+        self.state.cancel(interval);
+        let cancelled = self.state.discard(interval) as u32;
+        self.state.expire_shuffle(interval);
+        Ok(Response::new(proto::CancelResponse { cancelled }))
+    }
+
+    async fn status(
+        &self,
+        _: Request<proto::StatusRequest>,
+    ) -> std::result::Result<Response<proto::StatusResponse>, Status> {
+        Ok(Response::new(proto::StatusResponse {
+            running_tasks: self.state.running_tasks(),
+            blocks: self.state.block_count(),
+            state_partitions: self.state.partition_count(),
+        }))
+    }
+}
+
+/// Seals `interval` on every receiver of this worker.
+async fn seal(
+    state: &Arc<WorkerState>,
+    peers: &Arc<FlightPeers>,
+    interval: IntervalId,
+    timeline: &Timeline,
+    request: &proto::SealRequest,
+) -> Vec<proto::SealedSource> {
+    let mut receivers = state.receivers.lock().await;
+    let mut sealed_sources = Vec::new();
+    let mut failed = Vec::new();
+    for (name, runtime) in receivers.iter_mut() {
+        // Receivers may read files: keep that off the async worker's back.
+        let sealed = match tokio::runtime::Handle::current().runtime_flavor() {
+            tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| runtime.seal(interval, timeline))
+            }
+            _ => runtime.seal(interval, timeline),
+        };
+        let stats = runtime.stats();
+        let mut out = proto::SealedSource {
+            source: name.clone(),
+            watermark: stats.watermark,
+            records: stats.receiver.records,
+            malformed: stats.receiver.malformed,
+            late_rows: stats.late_rows,
+            ..Default::default()
+        };
+        match sealed {
+            Ok(blocks) => {
+                let mut puts = JoinSet::new();
+                for block in &blocks {
+                    state.put_block(block.clone());
+                    if !request.replica_address.is_empty() {
+                        let block = block.clone();
+                        let address = request.replica_address.clone();
+                        puts.spawn(put_replica(peers, address, block));
+                    }
+                }
+                let mut replicated = vec![false; blocks.len()];
+                while let Some(joined) = puts.join_next().await {
+                    match joined {
+                        Ok(Ok(index)) => {
+                            if let Some(r) = replicated.get_mut(index) {
+                                *r = true;
+                            }
+                        }
+                        Ok(Err(e)) => {
+                            warn!(source = %name, %interval, error = %e, "could not replicate a block")
+                        }
+                        Err(e) => warn!(source = %name, error = %e, "replication task failed"),
+                    }
+                }
+                out.blocks = blocks
+                    .iter()
+                    .zip(&replicated)
+                    .map(|(b, replicated)| {
+                        let mut holders = vec![state.id()];
+                        if *replicated {
+                            holders.push(request.replica_worker);
+                        }
+                        proto::BlockMeta {
+                            index: b.index as u32,
+                            rows: b.num_rows() as u64,
+                            bytes: b
+                                .batches
+                                .iter()
+                                .map(|x| x.get_array_memory_size() as u64)
+                                .sum(),
+                            holders,
+                        }
+                    })
+                    .collect();
+            }
+            Err(e) => {
+                warn!(source = %name, error = %e, "source failed and stopped");
+                out.failure = e.to_string();
+                failed.push(name.clone());
+            }
+        }
+        sealed_sources.push(out);
+    }
+    for name in failed {
+        receivers.remove(&name);
+    }
+    sealed_sources
+}
+
+fn put_replica(
+    peers: &Arc<FlightPeers>,
+    address: String,
+    block: Arc<crate::block::Block>,
+) -> impl std::future::Future<Output = Result<usize>> + Send + 'static {
+    let peers = peers.clone();
+    async move {
+        let kind = Kind::Block(proto::BlockRef {
+            source: block.source.clone(),
+            interval: block.interval.0,
+            index: block.index as u32,
+        });
+        peers
+            .put(&address, kind, block.schema.clone(), block.batches.clone())
+            .await?;
+        Ok(block.index)
+    }
+}
+
+async fn installed_view(state: &WorkerState, view: &str) -> Result<InstalledView> {
+    state
+        .installed
+        .lock()
+        .await
+        .as_ref()
+        .and_then(|i| i.views.get(view).cloned())
+        .ok_or_else(|| Error::Internal(format!("view {view} is not installed on this worker")))
+}
+
+async fn run_task(
+    state: &Arc<WorkerState>,
+    peers: &Arc<FlightPeers>,
+    task: proto::Task,
+) -> Result<proto::TaskResult> {
+    let interval = IntervalId(task.interval);
+    let view = installed_view(state, &task.view).await?;
+    match task.kind {
+        Some(TaskKind::Map(map)) => {
+            let block = state
+                .block(&map.source, interval, map.block)
+                .ok_or_else(|| {
+                    Error::Internal(format!(
+                        "block {} of {} interval {interval} is not held by this worker",
+                        map.block, map.source
+                    ))
+                })?;
+            let pieces = view.operator.map_block(&state.task_ctx, &block).await?;
+            let partition_rows = pieces.iter().map(piece_rows).collect();
+            let components = pieces.first().map_or(1, |p| 1 + p.distinct.len() as u32);
+            state.put_shuffle((task.view.clone(), interval, map.block), pieces);
+            Ok(proto::TaskResult {
+                partition_rows,
+                components,
+                ..Default::default()
+            })
+        }
+        Some(TaskKind::Reduce(reduce)) => {
+            let p = reduce.partition;
+            let mut pieces = Vec::with_capacity(reduce.pieces.len());
+            let mut bytes_read = 0u64;
+            for location in &reduce.pieces {
+                if location.worker == state.id() {
+                    let key = (task.view.clone(), interval, location.block);
+                    let local = state.shuffle(&key).ok_or_else(|| {
+                        Error::Internal(format!(
+                            "map output of block {} is missing",
+                            location.block
+                        ))
+                    })?;
+                    pieces.push(local.get(p as usize).cloned().unwrap_or_default());
+                } else {
+                    let piece = fetch_piece(peers, &task.view, interval, p, location).await?;
+                    bytes_read += piece_bytes(&piece);
+                    pieces.push(piece);
+                }
+            }
+            let input = PartitionInput {
+                interval,
+                state: state.partition_state(&task.view, p),
+                pieces,
+                watermark: reduce.watermark,
+            };
+            let output = view
+                .operator
+                .process_interval(&state.task_ctx, input)
+                .await?;
+            let schema = &view.plan.schema;
+            let update = match output.view {
+                ViewUpdate::Replace(rows) => ViewUpdate::Replace(conform(schema, rows)?),
+                ViewUpdate::Append(rows) => ViewUpdate::Append(conform(schema, rows)?),
+            };
+            let deletes = conform(schema, output.changelog.deletes)?;
+            let inserts = conform(schema, output.changelog.inserts)?;
+            let view_rows = match &update {
+                ViewUpdate::Replace(rows) => rows.iter().map(|b| b.num_rows() as u64).sum(),
+                ViewUpdate::Append(rows) => {
+                    let before: usize = state
+                        .current_view_rows(&task.view, p)
+                        .iter()
+                        .map(|b| b.num_rows())
+                        .sum();
+                    before as u64 + rows.iter().map(|b| b.num_rows() as u64).sum::<u64>()
+                }
+            };
+            state.set_pending(&task.view, p, interval, output.state, update);
+            Ok(proto::TaskResult {
+                view_rows,
+                deletes: ipc_bytes(schema, &deletes)?,
+                inserts: ipc_bytes(schema, &inserts)?,
+                shuffle_bytes_read: bytes_read,
+                ..Default::default()
+            })
+        }
+        None => Err(Error::Internal("a task without a kind".into())),
+    }
+}
+
+async fn fetch_piece(
+    peers: &FlightPeers,
+    view: &str,
+    interval: IntervalId,
+    partition: u32,
+    location: &proto::PieceLocation,
+) -> Result<ShufflePiece> {
+    let mut components = Vec::with_capacity(location.components.max(1) as usize);
+    for component in 0..location.components.max(1) {
+        let kind = Kind::Shuffle(proto::ShuffleRef {
+            view: view.to_string(),
+            interval: interval.0,
+            block: location.block,
+            partition,
+            component,
+        });
+        components.push(peers.fetch(&location.address, kind));
+    }
+    let mut fetched = futures::future::try_join_all(components).await?.into_iter();
+    let rows = fetched.next().unwrap_or_default();
+    Ok(ShufflePiece {
+        rows,
+        distinct: fetched.collect(),
+    })
+}
+
+fn piece_rows(piece: &ShufflePiece) -> u64 {
+    piece
+        .rows
+        .iter()
+        .chain(piece.distinct.iter().flatten())
+        .map(|b| b.num_rows() as u64)
+        .sum()
+}
+
+fn piece_bytes(piece: &ShufflePiece) -> u64 {
+    piece
+        .rows
+        .iter()
+        .chain(piece.distinct.iter().flatten())
+        .map(|b| b.get_array_memory_size() as u64)
+        .sum()
+}
+
+/// `batches` as an Arrow IPC stream (empty bytes for no rows).
+pub fn ipc_bytes(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>> {
+    if batches.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    {
+        let mut writer = arrow::ipc::writer::StreamWriter::try_new(&mut out, schema)?;
+        for batch in batches {
+            writer.write(batch)?;
+        }
+        writer.finish()?;
+    }
+    Ok(out)
+}
+
+/// Reads an Arrow IPC stream written by [`ipc_bytes`].
+pub fn read_ipc(bytes: &[u8]) -> Result<Vec<RecordBatch>> {
+    if bytes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)?;
+    reader
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(Error::from)
+}

@@ -1,0 +1,360 @@
+//! Everything one worker holds: installed definitions, receivers, input blocks,
+//! shuffle outputs and state partitions.
+//!
+//! [`WorkerState`] keeps each kind of data in its own map behind its own lock, so that
+//! Flight reads never wait for a task. All data is immutable once stored (`Arc`s of
+//! record batches); a new interval's state is a new version beside the old one until
+//! the coordinator commits it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use arrow::array::RecordBatch;
+use datafusion::catalog::{MemTable, TableProvider};
+use datafusion::prelude::SessionContext;
+use dstream_planner::{Catalog, StreamPlan};
+use dstream_storage::{IntervalId, Timeline};
+use tokio_util::sync::CancellationToken;
+
+use crate::block::Block;
+use crate::ingest::SourceRuntime;
+use crate::operator::{ShufflePiece, StatePartition, StreamOperator, ViewUpdate};
+use crate::task::session_config;
+use crate::view_runtime::ViewPartition;
+
+/// How many committed versions of a view partition's rows a worker keeps, so that an
+/// ad-hoc query that took its snapshot a few intervals ago can still read it.
+pub const VERSIONS_KEPT: u64 = 16;
+
+/// A view as installed on a worker.
+#[derive(Debug, Clone)]
+pub struct InstalledView {
+    pub plan: Arc<StreamPlan>,
+    pub operator: Arc<dyn StreamOperator>,
+}
+
+/// The definitions a worker knows, and the settings they were planned with.
+#[derive(Debug)]
+pub struct Installed {
+    pub timeline: Timeline,
+    pub partitions: usize,
+    pub block_rows: usize,
+    pub retain_intervals: u64,
+    pub catalog: Catalog,
+    /// Table contents: memory tables get their rows pushed by the coordinator.
+    pub tables: HashMap<String, Arc<dyn TableProvider>>,
+    pub memory_tables: HashMap<String, Arc<MemTable>>,
+    pub views: HashMap<String, InstalledView>,
+}
+
+/// One state partition of one view, on the worker that owns it.
+#[derive(Debug, Default)]
+pub struct PartitionSlot {
+    pub state: Arc<StatePartition>,
+    /// Committed view rows by interval, newest last; only intervals that changed them.
+    pub versions: BTreeMap<IntervalId, ViewPartition>,
+    /// Set once versions were dropped: reads before the kept ones cannot be served.
+    pub expired: bool,
+    /// The output of a reduce task, waiting for its interval's commit.
+    pub pending: Option<(IntervalId, Arc<StatePartition>, ViewUpdate)>,
+}
+
+impl PartitionSlot {
+    /// The view rows as of `interval`: the newest version at or before it.
+    pub fn rows_as_of(&self, interval: IntervalId) -> Option<ViewPartition> {
+        self.versions
+            .range(..=interval)
+            .next_back()
+            .map(|(_, rows)| rows.clone())
+    }
+
+    pub fn current_rows(&self) -> ViewPartition {
+        self.versions
+            .values()
+            .next_back()
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+/// The blocks of one source in one interval, by index.
+pub type IntervalBlocks = BTreeMap<u32, Arc<Block>>;
+
+/// Key of a map task's output: (view, interval, block).
+pub type ShuffleKey = (String, IntervalId, u32);
+
+/// The state of one worker.
+pub struct WorkerState {
+    address: String,
+    id: AtomicU64,
+    running: AtomicU32,
+    /// Runs tasks; has no tables, only functions and settings.
+    pub task_ctx: SessionContext,
+    pub installed: tokio::sync::Mutex<Option<Installed>>,
+    pub receivers: tokio::sync::Mutex<BTreeMap<String, SourceRuntime>>,
+    blocks: Mutex<BTreeMap<(String, IntervalId), IntervalBlocks>>,
+    shuffle: Mutex<HashMap<ShuffleKey, Arc<Vec<ShufflePiece>>>>,
+    partitions: Mutex<HashMap<(String, u32), PartitionSlot>>,
+    cancels: Mutex<HashMap<IntervalId, CancellationToken>>,
+}
+
+impl std::fmt::Debug for WorkerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerState")
+            .field("address", &self.address)
+            .field("id", &self.id())
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+impl WorkerState {
+    pub fn new(address: String) -> Self {
+        WorkerState {
+            address,
+            id: AtomicU64::new(0),
+            running: AtomicU32::new(0),
+            task_ctx: SessionContext::new_with_config(session_config(1)),
+            installed: tokio::sync::Mutex::new(None),
+            receivers: tokio::sync::Mutex::new(BTreeMap::new()),
+            blocks: Mutex::new(BTreeMap::new()),
+            shuffle: Mutex::new(HashMap::new()),
+            partitions: Mutex::new(HashMap::new()),
+            cancels: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Where other processes reach this worker.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// The id the coordinator gave this worker (0 before registration).
+    pub fn id(&self) -> u64 {
+        self.id.load(Ordering::Relaxed)
+    }
+
+    pub fn set_id(&self, id: u64) {
+        self.id.store(id, Ordering::Relaxed);
+    }
+
+    pub fn running_tasks(&self) -> u32 {
+        self.running.load(Ordering::Relaxed)
+    }
+
+    /// Counts a task as running until the guard is dropped.
+    pub fn task_started(self: &Arc<Self>) -> RunningTask {
+        self.running.fetch_add(1, Ordering::Relaxed);
+        RunningTask(self.clone())
+    }
+
+    /// Forgets everything: the coordinator no longer knows this worker, and will
+    /// install what it needs again.
+    pub fn reset(&self) {
+        if let Ok(mut installed) = self.installed.try_lock() {
+            *installed = None;
+        }
+        if let Ok(mut receivers) = self.receivers.try_lock() {
+            receivers.clear();
+        }
+        lock(&self.blocks).clear();
+        lock(&self.shuffle).clear();
+        lock(&self.partitions).clear();
+    }
+
+    // --- input blocks -------------------------------------------------------------
+
+    pub fn put_block(&self, block: Arc<Block>) {
+        lock(&self.blocks)
+            .entry((block.source.clone(), block.interval))
+            .or_default()
+            .insert(block.index as u32, block);
+    }
+
+    pub fn block(&self, source: &str, interval: IntervalId, index: u32) -> Option<Arc<Block>> {
+        lock(&self.blocks)
+            .get(&(source.to_string(), interval))
+            .and_then(|blocks| blocks.get(&index).cloned())
+    }
+
+    pub fn block_count(&self) -> u64 {
+        lock(&self.blocks).values().map(|b| b.len() as u64).sum()
+    }
+
+    /// Drops blocks older than the retention allows after `interval`.
+    pub fn expire_blocks(&self, interval: IntervalId, retain_intervals: u64) {
+        let keep_from = interval.0.saturating_sub(retain_intervals.max(1) - 1);
+        lock(&self.blocks).retain(|(_, i), _| i.0 >= keep_from);
+    }
+
+    // --- shuffle outputs ----------------------------------------------------------
+
+    pub fn put_shuffle(&self, key: ShuffleKey, pieces: Vec<ShufflePiece>) {
+        lock(&self.shuffle).insert(key, Arc::new(pieces));
+    }
+
+    pub fn shuffle(&self, key: &ShuffleKey) -> Option<Arc<Vec<ShufflePiece>>> {
+        lock(&self.shuffle).get(key).cloned()
+    }
+
+    /// Drops the map outputs of `interval` and earlier.
+    pub fn expire_shuffle(&self, interval: IntervalId) {
+        lock(&self.shuffle).retain(|(_, i, _), _| *i > interval);
+    }
+
+    // --- state partitions ---------------------------------------------------------
+
+    /// The committed state of a partition (empty if the partition is new here).
+    pub fn partition_state(&self, view: &str, partition: u32) -> Arc<StatePartition> {
+        lock(&self.partitions)
+            .get(&(view.to_string(), partition))
+            .map(|slot| slot.state.clone())
+            .unwrap_or_default()
+    }
+
+    /// Stores a reduce task's output until its interval is committed.
+    pub fn set_pending(
+        &self,
+        view: &str,
+        partition: u32,
+        interval: IntervalId,
+        state: Arc<StatePartition>,
+        update: ViewUpdate,
+    ) {
+        lock(&self.partitions)
+            .entry((view.to_string(), partition))
+            .or_default()
+            .pending = Some((interval, state, update));
+    }
+
+    /// Installs every pending output of `interval`; returns how many.
+    pub fn commit(&self, interval: IntervalId) -> usize {
+        let mut partitions = lock(&self.partitions);
+        let mut committed = 0;
+        for slot in partitions.values_mut() {
+            let Some((i, _, _)) = &slot.pending else {
+                continue;
+            };
+            if *i != interval {
+                continue;
+            }
+            let Some((_, state, update)) = slot.pending.take() else {
+                continue;
+            };
+            slot.state = state;
+            let rows: Option<ViewPartition> = match update {
+                ViewUpdate::Replace(rows) => Some(Arc::new(rows)),
+                ViewUpdate::Append(rows) if rows.is_empty() => None,
+                ViewUpdate::Append(rows) => {
+                    let mut all: Vec<RecordBatch> = slot.current_rows().as_ref().clone();
+                    all.extend(rows);
+                    Some(Arc::new(all))
+                }
+            };
+            if let Some(rows) = rows {
+                slot.versions.insert(interval, rows);
+            }
+            // Keep the newest version and those recent enough to be read.
+            let oldest = interval.0.saturating_sub(VERSIONS_KEPT);
+            while slot.versions.len() > 1 {
+                match slot.versions.keys().next() {
+                    Some(first) if first.0 < oldest => {
+                        let first = *first;
+                        slot.versions.remove(&first);
+                        slot.expired = true;
+                    }
+                    _ => break,
+                }
+            }
+            committed += 1;
+        }
+        committed
+    }
+
+    /// Drops the pending outputs of `interval`.
+    pub fn discard(&self, interval: IntervalId) -> usize {
+        let mut partitions = lock(&self.partitions);
+        let mut dropped = 0;
+        for slot in partitions.values_mut() {
+            if matches!(&slot.pending, Some((i, _, _)) if *i == interval) {
+                slot.pending = None;
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+
+    /// A partition's rows as of `interval`. `None` if that version is no longer kept.
+    pub fn view_rows(&self, view: &str, partition: u32, interval: IntervalId) -> ViewRowsRead {
+        let partitions = lock(&self.partitions);
+        match partitions.get(&(view.to_string(), partition)) {
+            None => ViewRowsRead::Rows(Arc::default()),
+            Some(slot) => match slot.rows_as_of(interval) {
+                Some(rows) => ViewRowsRead::Rows(rows),
+                None if slot.expired => ViewRowsRead::TooOld,
+                None => ViewRowsRead::Rows(Arc::default()),
+            },
+        }
+    }
+
+    /// A partition's committed view rows.
+    pub fn current_view_rows(&self, view: &str, partition: u32) -> ViewPartition {
+        lock(&self.partitions)
+            .get(&(view.to_string(), partition))
+            .map(|slot| slot.current_rows())
+            .unwrap_or_default()
+    }
+
+    pub fn partition_count(&self) -> u64 {
+        lock(&self.partitions).len() as u64
+    }
+
+    /// Forgets everything held for `name` (a view or a source).
+    pub fn forget(&self, name: &str) {
+        lock(&self.partitions).retain(|(view, _), _| view != name);
+        lock(&self.shuffle).retain(|(view, _, _), _| view != name);
+        lock(&self.blocks).retain(|(source, _), _| source != name);
+    }
+
+    // --- cancellation -------------------------------------------------------------
+
+    /// The token that cancels the tasks of `interval`.
+    pub fn cancel_token(&self, interval: IntervalId) -> CancellationToken {
+        lock(&self.cancels).entry(interval).or_default().clone()
+    }
+
+    /// Cancels the tasks of `interval` and forgets tokens of earlier intervals.
+    pub fn cancel(&self, interval: IntervalId) {
+        let mut cancels = lock(&self.cancels);
+        cancels.entry(interval).or_default().cancel();
+    }
+
+    pub fn finish_interval(&self, interval: IntervalId) {
+        lock(&self.cancels).retain(|i, _| *i > interval);
+    }
+}
+
+/// A partition read for an ad-hoc query.
+#[derive(Debug)]
+pub enum ViewRowsRead {
+    Rows(ViewPartition),
+    /// The interval asked for is older than the versions this worker keeps.
+    TooOld,
+}
+
+/// Marks a task as running while it lives.
+#[derive(Debug)]
+pub struct RunningTask(Arc<WorkerState>);
+
+impl Drop for RunningTask {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,349 @@
+//! The coordinator's view of its workers: membership, liveness and the calls it makes.
+//!
+//! [`Cluster`] is the registry of workers. Workers join through the `Coordinator` gRPC
+//! service ([`CoordinatorService`]), heartbeat every [`HEARTBEAT`], and leave; a worker
+//! that misses heartbeats for [`DEAD_AFTER`] (or whose connection fails) is declared
+//! dead, logged, and shown as such in `dstream_workers`. Every call the coordinator
+//! makes to a worker goes through [`Cluster::call`], which gives up as soon as that
+//! worker is declared dead, so an interval never hangs on a lost worker.
+//!
+//! # Layout
+//! - [`scheduler`]: one interval across the workers: seal, map, shuffle, reduce, commit.
+//! - [`remote_table`]: ad-hoc reads of view partitions and input blocks over Flight.
+//! - [`local`]: the worker processes `dstream serve` starts, or in-process workers.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use dstream_executor::worker::flight::FlightPeers;
+use dstream_executor::worker::proto::{self, worker_client::WorkerClient};
+use dstream_executor::worker::{MAX_MESSAGE_BYTES, channel};
+use tokio::sync::watch;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+use tracing::{error, info, warn};
+
+use crate::error::{Error, Result};
+
+pub mod local;
+pub mod remote_table;
+pub mod scheduler;
+
+/// How often workers heartbeat.
+pub const HEARTBEAT: Duration = Duration::from_millis(500);
+/// A worker silent for this long is declared dead.
+pub const DEAD_AFTER: Duration = Duration::from_secs(3);
+
+/// Where a worker is in its life.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WorkerStatus {
+    Alive,
+    /// Left cleanly.
+    Left,
+    /// Stopped answering; the reason, as logged.
+    Dead(String),
+}
+
+impl std::fmt::Display for WorkerStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WorkerStatus::Alive => write!(f, "alive"),
+            WorkerStatus::Left => write!(f, "left"),
+            WorkerStatus::Dead(reason) => write!(f, "dead: {reason}"),
+        }
+    }
+}
+
+/// One worker as the coordinator knows it.
+#[derive(Clone, Debug)]
+pub struct WorkerRecord {
+    pub id: u64,
+    pub address: String,
+    pub pid: u32,
+    pub client: WorkerClient<Channel>,
+    pub status: WorkerStatus,
+    pub joined: Instant,
+    pub last_seen: Instant,
+    pub running_tasks: u32,
+    /// The catalog version installed on the worker.
+    pub installed: u64,
+}
+
+impl WorkerRecord {
+    pub fn is_alive(&self) -> bool {
+        self.status == WorkerStatus::Alive
+    }
+
+    /// "worker 2 (http://127.0.0.1:7001)", for messages.
+    pub fn describe(&self) -> String {
+        format!("worker {} ({})", self.id, self.address)
+    }
+}
+
+/// The registry of workers.
+#[derive(Debug)]
+pub struct Cluster {
+    workers: Mutex<BTreeMap<u64, WorkerRecord>>,
+    next_id: AtomicU64,
+    /// Bumped whenever a worker joins, leaves or dies.
+    membership: watch::Sender<u64>,
+    pub peers: FlightPeers,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Cluster {
+            workers: Mutex::new(BTreeMap::new()),
+            next_id: AtomicU64::new(1),
+            membership: watch::channel(0).0,
+            peers: FlightPeers::default(),
+        }
+    }
+}
+
+impl Cluster {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, WorkerRecord>> {
+        match self.workers.lock() {
+            Ok(w) => w,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    fn bump(&self) {
+        self.membership.send_modify(|v| *v += 1);
+    }
+
+    /// Adds a worker; returns its id.
+    pub fn register(&self, address: String, pid: u32) -> Result<u64> {
+        let client = WorkerClient::new(channel(&address)?)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        info!(worker = id, %address, pid, "worker joined");
+        self.lock().insert(
+            id,
+            WorkerRecord {
+                id,
+                address,
+                pid,
+                client,
+                status: WorkerStatus::Alive,
+                joined: now,
+                last_seen: now,
+                running_tasks: 0,
+                installed: 0,
+            },
+        );
+        self.bump();
+        Ok(id)
+    }
+
+    /// Records a heartbeat; false if the worker is unknown or no longer alive.
+    pub fn heartbeat(&self, id: u64, running_tasks: u32) -> bool {
+        match self.lock().get_mut(&id) {
+            Some(w) if w.is_alive() => {
+                w.last_seen = Instant::now();
+                w.running_tasks = running_tasks;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A worker leaves cleanly.
+    pub fn leave(&self, id: u64) {
+        if let Some(w) = self.lock().get_mut(&id)
+            && w.is_alive()
+        {
+            info!(worker = id, address = %w.address, "worker left");
+            w.status = WorkerStatus::Left;
+        }
+        self.bump();
+    }
+
+    /// Declares a worker dead, once, with the reason.
+    pub fn mark_dead(&self, id: u64, reason: &str) {
+        let mut workers = self.lock();
+        if let Some(w) = workers.get_mut(&id)
+            && w.is_alive()
+        {
+            error!(worker = id, address = %w.address, reason, "worker is dead");
+            w.status = WorkerStatus::Dead(reason.to_string());
+            drop(workers);
+            self.bump();
+        }
+    }
+
+    /// Declares dead every worker whose last heartbeat is older than [`DEAD_AFTER`].
+    pub fn check_liveness(&self) {
+        let silent: Vec<(u64, Duration)> = self
+            .lock()
+            .values()
+            .filter(|w| w.is_alive() && w.last_seen.elapsed() > DEAD_AFTER)
+            .map(|w| (w.id, w.last_seen.elapsed()))
+            .collect();
+        for (id, silence) in silent {
+            self.mark_dead(
+                id,
+                &format!("no heartbeat for {:.1}s", silence.as_secs_f64()),
+            );
+        }
+    }
+
+    /// Every worker ever registered, by id.
+    pub fn workers(&self) -> Vec<WorkerRecord> {
+        self.lock().values().cloned().collect()
+    }
+
+    /// The live workers, by id.
+    pub fn alive(&self) -> Vec<WorkerRecord> {
+        self.lock()
+            .values()
+            .filter(|w| w.is_alive())
+            .cloned()
+            .collect()
+    }
+
+    pub fn get(&self, id: u64) -> Option<WorkerRecord> {
+        self.lock().get(&id).cloned()
+    }
+
+    pub fn is_alive(&self, id: u64) -> bool {
+        self.lock().get(&id).is_some_and(|w| w.is_alive())
+    }
+
+    /// Why worker `id` cannot be used, for messages: "worker 2 (...) is dead: ...".
+    pub fn unavailable(&self, id: u64) -> String {
+        match self.get(id) {
+            Some(w) => format!("{} is {}", w.describe(), w.status),
+            None => format!("worker {id} is unknown"),
+        }
+    }
+
+    pub fn set_installed(&self, id: u64, version: u64) {
+        if let Some(w) = self.lock().get_mut(&id) {
+            w.installed = version;
+        }
+    }
+
+    /// Waits until at least `count` workers are alive, or `timeout` passes.
+    pub async fn wait_for_workers(&self, count: usize, timeout: Duration) -> Result<()> {
+        let mut rx = self.membership.subscribe();
+        let waited = tokio::time::timeout(timeout, async {
+            loop {
+                if self.alive().len() >= count {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        match waited {
+            Ok(()) if self.alive().len() >= count => Ok(()),
+            _ => Err(Error::Internal(format!(
+                "{} of {count} workers joined within {timeout:?}",
+                self.alive().len()
+            ))),
+        }
+    }
+
+    /// Runs `call` against worker `id`, giving up with a clear error as soon as the
+    /// worker is declared dead. A transport failure declares the worker dead.
+    pub async fn call<T, F>(&self, id: u64, what: &str, call: F) -> Result<T>
+    where
+        F: Future<Output = std::result::Result<Response<T>, Status>>,
+    {
+        if !self.is_alive(id) {
+            return Err(Error::WorkerLost(format!(
+                "cannot {what}: {}",
+                self.unavailable(id)
+            )));
+        }
+        let mut rx = self.membership.subscribe();
+        tokio::pin!(call);
+        loop {
+            tokio::select! {
+                result = &mut call => {
+                    return match result {
+                        Ok(response) => Ok(response.into_inner()),
+                        Err(status) if is_transport_failure(&status) => {
+                            self.mark_dead(id, &format!("connection failed: {}", status.message()));
+                            Err(Error::WorkerLost(format!("cannot {what}: {}", self.unavailable(id))))
+                        }
+                        Err(status) => Err(Error::from_status(&status)),
+                    };
+                }
+                changed = rx.changed() => {
+                    if changed.is_err() || !self.is_alive(id) {
+                        return Err(Error::WorkerLost(format!("cannot {what}: {}", self.unavailable(id))));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn is_transport_failure(status: &Status) -> bool {
+    status.code() == tonic::Code::Unavailable
+}
+
+/// The `Coordinator` gRPC service workers call.
+#[derive(Debug)]
+pub struct CoordinatorService {
+    cluster: Arc<Cluster>,
+}
+
+impl CoordinatorService {
+    pub fn new(cluster: Arc<Cluster>) -> Self {
+        CoordinatorService { cluster }
+    }
+}
+
+#[tonic::async_trait]
+impl proto::coordinator_server::Coordinator for CoordinatorService {
+    async fn register(
+        &self,
+        request: Request<proto::RegisterRequest>,
+    ) -> std::result::Result<Response<proto::RegisterResponse>, Status> {
+        let request = request.into_inner();
+        let worker_id = self
+            .cluster
+            .register(request.address, request.pid)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(proto::RegisterResponse {
+            worker_id,
+            heartbeat_millis: HEARTBEAT.as_millis() as u64,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<proto::HeartbeatRequest>,
+    ) -> std::result::Result<Response<proto::HeartbeatResponse>, Status> {
+        let request = request.into_inner();
+        let known = self
+            .cluster
+            .heartbeat(request.worker_id, request.running_tasks);
+        if !known {
+            warn!(
+                worker = request.worker_id,
+                "heartbeat from a worker that is not alive here"
+            );
+        }
+        Ok(Response::new(proto::HeartbeatResponse { known }))
+    }
+
+    async fn leave(
+        &self,
+        request: Request<proto::LeaveRequest>,
+    ) -> std::result::Result<Response<proto::LeaveResponse>, Status> {
+        self.cluster.leave(request.into_inner().worker_id);
+        Ok(Response::new(proto::LeaveResponse {}))
+    }
+}

@@ -1,0 +1,623 @@
+//! One interval across the workers.
+//!
+//! [`run_interval`] is the coordinator's side of the per-interval stage DAG:
+//! 1. **seal**: every worker with receivers seals the interval; each block is stored
+//!    on that worker and on the next live worker (its replica) before the answer;
+//! 2. **map**: one task per (view, block), placed on a live holder of the block — the
+//!    less loaded of the two — so map work is local and spread;
+//! 3. **reduce**: one task per (view, partition) on the worker that owns the state
+//!    partition; it reads its shuffle pieces locally or over Flight;
+//! 4. **commit**: every worker installs the interval's outputs, and only then does the
+//!    coordinator publish the interval.
+//!
+//! All tasks of a stage on one worker go in one `RunTasks` call, so an interval costs
+//! a handful of round trips whatever the number of views. Intervals run one after the
+//! other: interval *t+1* is sealed only once *t* is committed, so results that depend
+//! on order (state, watermarks, window closes) never see *t+1* before *t*.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dstream_executor::worker::proto::{self, task::Kind as TaskKind};
+use dstream_executor::worker::service::read_ipc;
+use dstream_executor::{Changelog, ViewRuntime};
+use dstream_storage::IntervalId;
+use futures::future::join_all;
+use tracing::warn;
+
+use super::{Cluster, WorkerRecord};
+use crate::engine::{BlockInfo, Engine, EngineState};
+use crate::error::{Error, Result};
+
+/// What one interval did, for `dstream_intervals`.
+#[derive(Debug, Default)]
+pub struct StageCounts {
+    pub map_tasks: u64,
+    pub reduce_tasks: u64,
+    pub shuffle_bytes: u64,
+    pub workers: u64,
+}
+
+/// The outcome of one view in one interval.
+#[derive(Debug)]
+pub enum ViewOutcome {
+    Done {
+        changelog: Changelog,
+        partition_rows: Vec<u64>,
+    },
+    Failed(String),
+}
+
+/// Where a map task left its output.
+#[derive(Debug)]
+struct MapOutput {
+    block: u32,
+    worker: u64,
+    /// Rows for each partition; partitions with none are not read.
+    partition_rows: Vec<u64>,
+    components: u32,
+}
+
+/// The next live worker after `id` in id order: where `id`'s blocks are replicated.
+fn replica_of(alive: &[WorkerRecord], id: u64) -> Option<&WorkerRecord> {
+    let others: Vec<&WorkerRecord> = alive.iter().filter(|w| w.id != id).collect();
+    others
+        .iter()
+        .find(|w| w.id > id)
+        .or_else(|| others.first())
+        .copied()
+}
+
+/// Seals, maps, reduces and commits `interval`. Updates sources (stats, retained
+/// blocks, failures) in `state`; returns each view's outcome.
+pub async fn run_interval(
+    engine: &Engine,
+    state: &mut EngineState,
+    interval: IntervalId,
+) -> (BTreeMap<String, ViewOutcome>, StageCounts) {
+    let cluster = engine.inner.cluster.clone();
+    let timeline = state.timeline;
+    let alive = cluster.alive();
+    let mut counts = StageCounts {
+        workers: alive.len() as u64,
+        ..Default::default()
+    };
+    let proto_timeline = proto::Timeline {
+        origin_nanos: timeline.origin_nanos,
+        width_nanos: timeline.width_nanos,
+    };
+
+    // 1. Seal.
+    let mut receiver_workers: Vec<u64> = state
+        .sources
+        .values()
+        .filter(|s| s.failure.is_none())
+        .filter_map(|s| s.worker)
+        .collect();
+    receiver_workers.sort_unstable();
+    receiver_workers.dedup();
+    let seals = receiver_workers.iter().map(|&id| {
+        let cluster = cluster.clone();
+        let replica = replica_of(&alive, id);
+        let request = proto::SealRequest {
+            interval: interval.0,
+            timeline: Some(proto_timeline),
+            replica_address: replica.map(|r| r.address.clone()).unwrap_or_default(),
+            replica_worker: replica.map_or(0, |r| r.id),
+        };
+        async move {
+            let result = match cluster.get(id) {
+                Some(w) => {
+                    let mut client = w.client.clone();
+                    cluster
+                        .call(id, "seal the interval", client.seal(request))
+                        .await
+                }
+                None => Err(Error::WorkerLost(cluster.unavailable(id))),
+            };
+            (id, result)
+        }
+    });
+    let mut blocks: HashMap<String, Vec<BlockInfo>> = HashMap::new();
+    for (worker, result) in join_all(seals).await {
+        match result {
+            Ok(response) => {
+                for sealed in response.sources {
+                    let Some(slot) = state.sources.get_mut(&sealed.source) else {
+                        continue;
+                    };
+                    slot.stats.receiver.records = sealed.records;
+                    slot.stats.receiver.malformed = sealed.malformed;
+                    slot.stats.late_rows = sealed.late_rows;
+                    slot.stats.watermark = sealed.watermark;
+                    if !sealed.failure.is_empty() {
+                        warn!(source = %sealed.source, error = %sealed.failure, "source failed and stopped");
+                        slot.failure = Some(sealed.failure);
+                        continue;
+                    }
+                    let infos: Vec<BlockInfo> = sealed
+                        .blocks
+                        .iter()
+                        .map(|b| BlockInfo {
+                            interval,
+                            index: b.index,
+                            rows: b.rows,
+                            bytes: b.bytes,
+                            holders: b.holders.clone(),
+                        })
+                        .collect();
+                    slot.retain(interval, infos.clone());
+                    blocks.insert(sealed.source, infos);
+                }
+            }
+            Err(e) => {
+                for (name, slot) in state.sources.iter_mut() {
+                    if slot.worker == Some(worker) && slot.failure.is_none() {
+                        warn!(source = %name, error = %e, "source lost its receiver");
+                        slot.failure = Some(format!("its receiver was on a lost worker: {e}"));
+                    }
+                }
+            }
+        }
+    }
+
+    // 2. Map: one task per (view, block) on the less loaded live holder.
+    let mut failed: HashMap<String, String> = HashMap::new();
+    let mut next_task = 0u64;
+    let mut map_load: HashMap<u64, usize> = HashMap::new();
+    let mut map_tasks: BTreeMap<u64, Vec<proto::Task>> = BTreeMap::new();
+    let mut map_of_task: HashMap<u64, (String, u32, u64)> = HashMap::new();
+    let views: Vec<(String, Arc<dstream_planner::StreamPlan>, Vec<u64>)> = state
+        .views
+        .iter()
+        .filter(|(_, v)| v.failure.is_none() && !v.placement.is_empty())
+        .map(|(n, v)| (n.clone(), v.plan.clone(), v.placement.clone()))
+        .collect();
+    for (name, plan, placement) in &views {
+        if let Some(lost) = placement.iter().find(|w| !cluster.is_alive(**w)) {
+            let owned: Vec<String> = placement
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| *w == lost)
+                .map(|(p, _)| p.to_string())
+                .collect();
+            failed.insert(
+                name.clone(),
+                format!(
+                    "its state partition(s) {} were on {}",
+                    owned.join(", "),
+                    cluster.unavailable(*lost)
+                ),
+            );
+            continue;
+        }
+        for block in blocks.get(&plan.source).map(Vec::as_slice).unwrap_or(&[]) {
+            let holder = block
+                .holders
+                .iter()
+                .filter(|h| cluster.is_alive(**h))
+                .min_by_key(|h| (map_load.get(h).copied().unwrap_or(0), **h));
+            let Some(&holder) = holder else {
+                failed.insert(
+                    name.clone(),
+                    format!(
+                        "block {} of source \"{}\" is on no live worker",
+                        block.index, plan.source
+                    ),
+                );
+                break;
+            };
+            *map_load.entry(holder).or_default() += 1;
+            next_task += 1;
+            map_of_task.insert(next_task, (name.clone(), block.index, holder));
+            map_tasks.entry(holder).or_default().push(proto::Task {
+                id: next_task,
+                view: name.clone(),
+                interval: interval.0,
+                kind: Some(TaskKind::Map(proto::MapTask {
+                    source: plan.source.clone(),
+                    block: block.index,
+                })),
+            });
+        }
+    }
+    counts.map_tasks = map_of_task.len() as u64;
+    let mut map_outputs: HashMap<String, Vec<MapOutput>> = HashMap::new();
+    for (worker, result) in run_stage(&cluster, map_tasks, "run map tasks").await {
+        match result {
+            Ok(results) => {
+                for r in results {
+                    let Some((view, block, holder)) = map_of_task.get(&r.id) else {
+                        continue;
+                    };
+                    if !r.error.is_empty() {
+                        failed.entry(view.clone()).or_insert(r.error);
+                        continue;
+                    }
+                    map_outputs
+                        .entry(view.clone())
+                        .or_default()
+                        .push(MapOutput {
+                            block: *block,
+                            worker: *holder,
+                            partition_rows: r.partition_rows,
+                            components: r.components,
+                        });
+                }
+            }
+            Err(e) => fail_views_on(&map_of_task, worker, &e, &mut failed),
+        }
+    }
+
+    // 3. Reduce: one task per (view, partition) where the state partition lives.
+    let mut reduce_tasks: BTreeMap<u64, Vec<proto::Task>> = BTreeMap::new();
+    let mut reduce_of_task: HashMap<u64, (String, u32, u64)> = HashMap::new();
+    for (name, plan, placement) in &views {
+        if failed.contains_key(name) {
+            continue;
+        }
+        let watermark = ViewRuntime::window_watermark(
+            plan.window.as_ref(),
+            interval,
+            &timeline,
+            state
+                .sources
+                .get(&plan.source)
+                .and_then(|s| s.stats.watermark),
+        );
+        let mut outputs = map_outputs.remove(name).unwrap_or_default();
+        outputs.sort_by_key(|o| o.block);
+        for (p, &owner) in placement.iter().enumerate() {
+            let pieces = outputs
+                .iter()
+                .filter(|o| o.partition_rows.get(p).copied().unwrap_or(0) > 0)
+                .map(|o| proto::PieceLocation {
+                    block: o.block,
+                    worker: o.worker,
+                    address: cluster.get(o.worker).map(|w| w.address).unwrap_or_default(),
+                    components: o.components,
+                })
+                .collect();
+            next_task += 1;
+            reduce_of_task.insert(next_task, (name.clone(), p as u32, owner));
+            reduce_tasks.entry(owner).or_default().push(proto::Task {
+                id: next_task,
+                view: name.clone(),
+                interval: interval.0,
+                kind: Some(TaskKind::Reduce(proto::ReduceTask {
+                    partition: p as u32,
+                    pieces,
+                    watermark,
+                })),
+            });
+        }
+    }
+    counts.reduce_tasks = reduce_of_task.len() as u64;
+    let mut changes: HashMap<String, Vec<(u32, Changelog, u64)>> = HashMap::new();
+    for (worker, result) in run_stage(&cluster, reduce_tasks, "run reduce tasks").await {
+        match result {
+            Ok(results) => {
+                for r in results {
+                    let Some((view, p, _)) = reduce_of_task.get(&r.id) else {
+                        continue;
+                    };
+                    if !r.error.is_empty() {
+                        failed.entry(view.clone()).or_insert(r.error);
+                        continue;
+                    }
+                    counts.shuffle_bytes += r.shuffle_bytes_read;
+                    let changelog = read_ipc(&r.deletes).and_then(|deletes| {
+                        Ok(Changelog {
+                            deletes,
+                            inserts: read_ipc(&r.inserts)?,
+                        })
+                    });
+                    match changelog {
+                        Ok(c) => {
+                            changes
+                                .entry(view.clone())
+                                .or_default()
+                                .push((*p, c, r.view_rows))
+                        }
+                        Err(e) => {
+                            failed.entry(view.clone()).or_insert(e.to_string());
+                        }
+                    }
+                }
+            }
+            Err(e) => fail_views_on(&reduce_of_task, worker, &e, &mut failed),
+        }
+    }
+
+    // 4. Commit everywhere; a worker that cannot commit fails the views it holds.
+    let commits = alive.iter().map(|w| {
+        let cluster = cluster.clone();
+        let mut client = w.client.clone();
+        let id = w.id;
+        async move {
+            let request = proto::CommitRequest {
+                interval: interval.0,
+            };
+            (
+                id,
+                cluster
+                    .call(id, "commit the interval", client.commit(request))
+                    .await,
+            )
+        }
+    });
+    for (worker, result) in join_all(commits).await {
+        if let Err(e) = result {
+            for (name, _, placement) in &views {
+                if placement.contains(&worker) {
+                    failed.entry(name.clone()).or_insert(e.to_string());
+                }
+            }
+        }
+    }
+
+    let mut outcomes = BTreeMap::new();
+    for (name, _, placement) in &views {
+        if let Some(reason) = failed.remove(name) {
+            outcomes.insert(name.clone(), ViewOutcome::Failed(reason));
+            continue;
+        }
+        let mut parts = changes.remove(name).unwrap_or_default();
+        parts.sort_by_key(|(p, ..)| *p);
+        let mut changelog = Changelog::default();
+        let mut partition_rows = vec![0; placement.len()];
+        for (p, c, rows) in parts {
+            changelog.extend(c);
+            if let Some(slot) = partition_rows.get_mut(p as usize) {
+                *slot = rows;
+            }
+        }
+        outcomes.insert(
+            name.clone(),
+            ViewOutcome::Done {
+                changelog,
+                partition_rows,
+            },
+        );
+    }
+    (outcomes, counts)
+}
+
+/// Runs each worker's tasks of one stage, all workers at once.
+async fn run_stage(
+    cluster: &Arc<Cluster>,
+    tasks: BTreeMap<u64, Vec<proto::Task>>,
+    what: &'static str,
+) -> Vec<(u64, Result<Vec<proto::TaskResult>>)> {
+    let calls = tasks.into_iter().map(|(worker, tasks)| {
+        let cluster = cluster.clone();
+        async move {
+            let result = match cluster.get(worker) {
+                Some(w) => {
+                    let mut client = w.client.clone();
+                    cluster
+                        .call(
+                            worker,
+                            what,
+                            client.run_tasks(proto::RunTasksRequest { tasks }),
+                        )
+                        .await
+                        .map(|r| r.results)
+                }
+                None => Err(Error::WorkerLost(cluster.unavailable(worker))),
+            };
+            (worker, result)
+        }
+    });
+    join_all(calls).await
+}
+
+fn fail_views_on(
+    tasks: &HashMap<u64, (String, u32, u64)>,
+    worker: u64,
+    error: &Error,
+    failed: &mut HashMap<String, String>,
+) {
+    for (view, _, w) in tasks.values() {
+        if *w == worker {
+            failed.entry(view.clone()).or_insert(error.to_string());
+        }
+    }
+}
+
+/// Cancels whatever `interval` still runs on the live workers (at shutdown).
+pub async fn cancel_interval(cluster: &Arc<Cluster>, interval: IntervalId) {
+    let cancels = cluster.alive().into_iter().map(|w| {
+        let mut client = w.client.clone();
+        async move {
+            let request = proto::CancelRequest {
+                interval: interval.0,
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), client.cancel(request)).await;
+        }
+    });
+    join_all(cancels).await;
+}
+
+/// Installs the catalog on every live worker that does not have its current version,
+/// placing receivers and state partitions that have no worker yet. Returns the first
+/// error of installing on a worker, after marking what it concerned as failed.
+pub async fn sync_workers(engine: &Engine, state: &mut EngineState) -> Result<()> {
+    let cluster = engine.inner.cluster.clone();
+    let alive = cluster.alive();
+    if alive.is_empty() {
+        return Ok(());
+    }
+    place(state, &alive);
+    let started = Instant::now();
+    let objects: Vec<proto::CatalogObject> = state
+        .catalog
+        .iter()
+        .map(|o| proto::CatalogObject {
+            kind: match o.kind() {
+                dstream_planner::ObjectKind::Source => "source",
+                dstream_planner::ObjectKind::Table => "table",
+                dstream_planner::ObjectKind::MaterializedView => "view",
+            }
+            .to_string(),
+            name: o.name().to_string(),
+            sql: o.sql().to_string(),
+        })
+        .collect();
+    let retain_intervals = (engine.inner.config.source_retention.as_nanos()
+        / state.timeline.width().as_nanos().max(1))
+    .max(1) as u64;
+    let mut first_error = None;
+    for worker in alive.iter().filter(|w| w.installed < state.catalog_version) {
+        let receivers: Vec<String> = state
+            .sources
+            .iter()
+            .filter(|(_, s)| s.worker == Some(worker.id) && s.failure.is_none())
+            .map(|(n, _)| n.clone())
+            .collect();
+        let request = proto::InstallRequest {
+            timeline: Some(proto::Timeline {
+                origin_nanos: state.timeline.origin_nanos,
+                width_nanos: state.timeline.width_nanos,
+            }),
+            objects: objects.clone(),
+            receivers: receivers.clone(),
+            block_rows: engine.inner.config.block_rows as u64,
+            partitions: engine.inner.config.partitions as u32,
+            retain_intervals,
+        };
+        let mut client = worker.client.clone();
+        match cluster
+            .call(worker.id, "install the catalog", client.install(request))
+            .await
+        {
+            Ok(_) => {
+                if let Err(e) = push_tables(engine, state, worker).await {
+                    first_error.get_or_insert(e);
+                    continue;
+                }
+                cluster.set_installed(worker.id, state.catalog_version);
+            }
+            Err(e) => {
+                warn!(worker = worker.id, error = %e, "could not install the catalog");
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if started.elapsed() > Duration::from_millis(500) {
+        tracing::info!(elapsed = ?started.elapsed(), "installed the catalog on workers");
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Gives receivers and state partitions that have none a live worker: receivers go
+/// to the worker with the fewest, partitions round-robin from a per-view offset.
+fn place(state: &mut EngineState, alive: &[WorkerRecord]) {
+    let mut receivers: HashMap<u64, usize> = alive.iter().map(|w| (w.id, 0)).collect();
+    for slot in state.sources.values() {
+        if let Some(w) = slot.worker
+            && let Some(n) = receivers.get_mut(&w)
+        {
+            *n += 1;
+        }
+    }
+    for slot in state.sources.values_mut() {
+        if slot.worker.is_none() && slot.failure.is_none() {
+            let chosen = alive
+                .iter()
+                .map(|w| w.id)
+                .min_by_key(|id| (receivers.get(id).copied().unwrap_or(0), *id));
+            if let Some(id) = chosen {
+                *receivers.entry(id).or_default() += 1;
+                slot.worker = Some(id);
+            }
+        }
+    }
+    let placed_views = state
+        .views
+        .values()
+        .filter(|v| !v.placement.is_empty())
+        .count();
+    for (offset, slot) in state
+        .views
+        .values_mut()
+        .filter(|v| v.placement.is_empty())
+        .enumerate()
+    {
+        let start = placed_views + offset;
+        slot.placement = (0..slot.plan.partitions)
+            .map(|p| alive[(start + p) % alive.len()].id)
+            .collect();
+    }
+}
+
+/// Sends the rows of every memory table to `worker`, for views that join them.
+pub async fn push_tables(
+    engine: &Engine,
+    state: &EngineState,
+    worker: &WorkerRecord,
+) -> Result<()> {
+    for (name, slot) in &state.tables {
+        if let crate::engine::TableSlot::Memory(table) = slot {
+            let mut rows = Vec::new();
+            for partition in &table.batches {
+                rows.extend(partition.read().await.iter().cloned());
+            }
+            let kind = proto::data_ticket::Kind::Table(proto::TableRef { name: name.clone() });
+            let schema = datafusion::catalog::TableProvider::schema(table.as_ref());
+            engine
+                .inner
+                .cluster
+                .peers
+                .put(&worker.address, kind, schema, rows)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Sends a memory table's rows to every live worker.
+pub async fn push_table(
+    engine: &Engine,
+    name: &str,
+    schema: arrow::datatypes::SchemaRef,
+    rows: Vec<arrow::array::RecordBatch>,
+) -> Result<()> {
+    let cluster = &engine.inner.cluster;
+    let puts = cluster.alive().into_iter().map(|w| {
+        let kind = proto::data_ticket::Kind::Table(proto::TableRef {
+            name: name.to_string(),
+        });
+        let (schema, rows) = (schema.clone(), rows.clone());
+        async move { cluster.peers.put(&w.address, kind, schema, rows).await }
+    });
+    for result in join_all(puts).await {
+        result?;
+    }
+    Ok(())
+}
+
+/// Tells every live worker to forget `name`; a worker that cannot be told is logged.
+pub async fn remove_everywhere(engine: &Engine, name: &str) {
+    let cluster = engine.inner.cluster.clone();
+    let removes = cluster.alive().into_iter().map(|w| {
+        let cluster = cluster.clone();
+        let mut client = w.client.clone();
+        let request = proto::RemoveRequest {
+            name: name.to_string(),
+        };
+        async move {
+            if let Err(e) = cluster
+                .call(w.id, "remove an object", client.remove(request))
+                .await
+            {
+                warn!(worker = w.id, error = %e, "could not remove an object from a worker");
+            }
+        }
+    });
+    join_all(removes).await;
+}
