@@ -32,6 +32,7 @@ use crate::cluster::scheduler::{self, ViewOutcome};
 use crate::cluster::{Cluster, CoordinatorService, local::LocalWorkers};
 use crate::config::ServeConfig;
 use crate::error::{Error, Result};
+use crate::system_tables;
 
 /// How long `dstream serve` waits for its local workers to join.
 const WORKERS_JOIN: Duration = Duration::from_secs(30);
@@ -162,7 +163,6 @@ pub struct EngineState {
     pub sources: BTreeMap<String, SourceSlot>,
     pub tables: BTreeMap<String, TableSlot>,
     pub views: BTreeMap<String, ViewSlot>,
-    pub history: VecDeque<IntervalStat>,
     pub last_committed: Option<IntervalId>,
     /// Bumped by every change of the catalog; workers get it installed.
     pub catalog_version: u64,
@@ -220,6 +220,8 @@ pub(crate) struct Inner {
     /// Number of intervals committed since the engine started.
     pub committed: watch::Sender<u64>,
     pub subscribers: std::sync::Mutex<HashMap<String, broadcast::Sender<Arc<ChangeBatch>>>>,
+    /// Recent intervals, oldest first, for `dstream_intervals`.
+    pub history: std::sync::Mutex<VecDeque<IntervalStat>>,
     pub grpc_stop: CancellationToken,
     pub coordinator_url: String,
     /// The gRPC service and the liveness monitor, awaited by [`Engine::stopped`].
@@ -309,6 +311,7 @@ impl Engine {
                 session_config,
                 cluster,
                 local_workers: Mutex::new(local_workers),
+                history: std::sync::Mutex::new(VecDeque::new()),
                 grpc_stop,
                 coordinator_url,
                 background: std::sync::Mutex::new(vec![grpc_task, monitor]),
@@ -320,7 +323,6 @@ impl Engine {
                     sources: BTreeMap::new(),
                     tables: BTreeMap::new(),
                     views: BTreeMap::new(),
-                    history: VecDeque::new(),
                     last_committed: None,
                     catalog_version: 0,
                     unrestored: Vec::new(),
@@ -567,7 +569,11 @@ impl Engine {
         state.next = interval.next();
         state.last_committed = Some(interval);
         let processing_time = started.elapsed();
-        state.history.push_back(IntervalStat {
+        let mut history = match self.inner.history.lock() {
+            Ok(h) => h,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        history.push_back(IntervalStat {
             interval,
             start_nanos: timeline.start_nanos(interval),
             input_rows,
@@ -578,9 +584,10 @@ impl Engine {
             shuffle_bytes: counts.shuffle_bytes,
             workers: counts.workers,
         });
-        while state.history.len() > HISTORY {
-            state.history.pop_front();
+        while history.len() > HISTORY {
+            history.pop_front();
         }
+        drop(history);
         self.publish_snapshot(&state);
         drop(state);
         self.publish_changes(published);
@@ -691,6 +698,18 @@ impl Engine {
         for (name, provider) in &snapshot.tables {
             ctx.register_table(TableReference::bare(name.as_str()), provider.clone())?;
         }
+        let history: Vec<IntervalStat> = match self.inner.history.lock() {
+            Ok(h) => h.iter().copied().collect(),
+            Err(poisoned) => poisoned.into_inner().iter().copied().collect(),
+        };
+        ctx.register_table(
+            TableReference::bare(system_tables::INTERVALS),
+            Arc::new(system_tables::intervals_table(&history)?),
+        )?;
+        ctx.register_table(
+            TableReference::bare(system_tables::WORKERS),
+            Arc::new(system_tables::workers_table(&self.inner.cluster.workers())?),
+        )?;
         Ok(ctx)
     }
 

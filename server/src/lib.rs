@@ -10,6 +10,7 @@
 //!   remote reads, local worker processes.
 //! - [`session`]: executing statements.
 //! - [`subscribe`]: `SUBSCRIBE` streams.
+//! - [`system_tables`]: `dstream_intervals` and `dstream_workers`.
 //! - [`clock`]: the injected [`clock::IntervalClock`], real and manual.
 //! - [`pgwire`]: the Postgres wire protocol.
 //! - [`config`]: [`config::ServeConfig`] from flags, environment and TOML.
@@ -23,6 +24,7 @@ pub mod error;
 pub mod pgwire;
 pub mod session;
 pub mod subscribe;
+pub mod system_tables;
 
 use std::sync::Arc;
 

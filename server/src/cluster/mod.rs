@@ -68,6 +68,8 @@ pub struct WorkerRecord {
     pub joined: Instant,
     pub last_seen: Instant,
     pub running_tasks: u32,
+    /// Tasks the worker has completed.
+    pub tasks_done: u64,
     /// The catalog version installed on the worker.
     pub installed: u64,
 }
@@ -135,6 +137,7 @@ impl Cluster {
                 joined: now,
                 last_seen: now,
                 running_tasks: 0,
+                tasks_done: 0,
                 installed: 0,
             },
         );
@@ -221,6 +224,13 @@ impl Cluster {
         match self.get(id) {
             Some(w) => format!("{} is {}", w.describe(), w.status),
             None => format!("worker {id} is unknown"),
+        }
+    }
+
+    /// Counts tasks a worker completed.
+    pub fn tasks_done(&self, id: u64, count: u64) {
+        if let Some(w) = self.lock().get_mut(&id) {
+            w.tasks_done += count;
         }
     }
 

@@ -403,7 +403,10 @@ async fn run_stage(
                             client.run_tasks(proto::RunTasksRequest { tasks }),
                         )
                         .await
-                        .map(|r| r.results)
+                        .map(|r| {
+                            cluster.tasks_done(worker, r.results.len() as u64);
+                            r.results
+                        })
                 }
                 None => Err(Error::WorkerLost(cluster.unavailable(worker))),
             };

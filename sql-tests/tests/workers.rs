@@ -1,0 +1,198 @@
+//! Worker processes: the cluster as users see it in `dstream_workers` and
+//! `dstream_intervals`, a worker that joins late, and a worker that dies.
+
+use std::time::{Duration, Instant};
+
+use dstream_server::config::WorkerMode;
+use dstream_sql_tests::{TestServer, dstream_binary, simple_rows};
+use tokio_util::sync::CancellationToken;
+
+async fn rows(client: &tokio_postgres::Client, sql: &str) -> Vec<Vec<String>> {
+    simple_rows(client, sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_worker_is_reported_and_nothing_hangs() {
+    let server = TestServer::start_with(|config| {
+        config.worker_mode = WorkerMode::Process(Some(dstream_binary()));
+    })
+    .await
+    .expect("server");
+    let client = server.client().await.expect("connect");
+    client
+        .batch_execute(
+            "CREATE SOURCE s (k BIGINT, v BIGINT) WITH (connector = 'generator', rows_per_second = 500, key_cardinality = 20);
+             CREATE MATERIALIZED VIEW per_key AS SELECT k, count(*) AS n FROM s GROUP BY k;
+             CREATE TABLE t (a INT); INSERT INTO t VALUES (1), (2);
+             ADVANCE 3;",
+        )
+        .await
+        .expect("setup");
+    assert_eq!(
+        rows(
+            &client,
+            "SELECT status, count(*) FROM dstream_workers GROUP BY status"
+        )
+        .await,
+        vec![vec!["alive", "2"]]
+    );
+    // Every interval ran map tasks (500 rows / 64-row blocks) and 4 reduce tasks.
+    let stats = rows(
+        &client,
+        "SELECT interval_id, input_rows, map_tasks, reduce_tasks, workers FROM dstream_intervals ORDER BY interval_id",
+    )
+    .await;
+    assert_eq!(stats.len(), 3, "{stats:?}");
+    for row in &stats {
+        assert_eq!(row[1], "500", "{stats:?}");
+        assert_eq!(row[2], "8", "{stats:?}");
+        assert_eq!(row[3], "4", "{stats:?}");
+        assert_eq!(row[4], "2", "{stats:?}");
+    }
+    assert_eq!(
+        rows(&client, "SELECT sum(n) FROM per_key").await,
+        vec![vec!["1500"]]
+    );
+
+    // Kill one worker without warning.
+    let engine = server.engine.clone().expect("engine");
+    let pids = engine.local_worker_pids().await;
+    assert_eq!(pids.len(), 2);
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &pids[1].to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+
+    // The coordinator notices within seconds and says so.
+    let noticed = Instant::now();
+    loop {
+        let status = rows(&client, "SELECT status FROM dstream_workers ORDER BY id").await;
+        if status.iter().any(|r| r[0].starts_with("dead")) {
+            break;
+        }
+        assert!(
+            noticed.elapsed() < Duration::from_secs(10),
+            "dead worker not noticed: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(noticed.elapsed() < Duration::from_secs(6));
+
+    // Intervals go on; the view, which had state partitions on the dead worker,
+    // reports a clear error instead of hanging or answering wrongly.
+    let advanced = tokio::time::timeout(Duration::from_secs(20), client.batch_execute("ADVANCE 1"))
+        .await
+        .expect("ADVANCE does not hang");
+    advanced.expect("ADVANCE");
+    let err = simple_rows(&client, "SELECT * FROM per_key")
+        .await
+        .expect_err("the view lost state");
+    let message = err.to_string();
+    assert!(message.contains("is dead"), "{message}");
+    assert!(message.contains("worker"), "{message}");
+    // What does not depend on the dead worker keeps working.
+    assert_eq!(rows(&client, "SELECT sum(a) FROM t").await, vec![vec!["3"]]);
+    assert_eq!(
+        rows(
+            &client,
+            "SELECT count(*) FROM dstream_workers WHERE status = 'alive'"
+        )
+        .await,
+        vec![vec!["1"]]
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_joins_late_gets_work() {
+    // A coordinator without workers of its own, like `dstream coordinator`.
+    let server = TestServer::start_with(|config| config.workers = 0)
+        .await
+        .expect("server");
+    let engine = server.engine.clone().expect("engine");
+    let stop_workers = CancellationToken::new();
+    let mut workers = Vec::new();
+    let mut join = || {
+        let config = dstream_executor::worker::WorkerConfig {
+            coordinator: engine.coordinator_url().to_string(),
+            advertise: None,
+        };
+        let stop = stop_workers.clone();
+        async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            #[allow(clippy::disallowed_methods)] // awaited at the end of the test
+            tokio::spawn(dstream_executor::worker::run(config, listener, stop))
+        }
+    };
+    workers.push(join().await);
+    engine
+        .cluster()
+        .wait_for_workers(1, Duration::from_secs(10))
+        .await
+        .expect("first worker");
+    let client = server.client().await.expect("connect");
+    client
+        .batch_execute(
+            "CREATE SOURCE s (k BIGINT, v BIGINT) WITH (connector = 'generator', rows_per_second = 300, key_cardinality = 10);
+             CREATE MATERIALIZED VIEW a AS SELECT k, count(*) AS n, sum(v) AS total FROM s GROUP BY k;
+             ADVANCE 2;",
+        )
+        .await
+        .expect("setup");
+    workers.push(join().await);
+    engine
+        .cluster()
+        .wait_for_workers(2, Duration::from_secs(10))
+        .await
+        .expect("second worker");
+    client
+        .batch_execute(
+            "CREATE MATERIALIZED VIEW b AS SELECT k, max(v) AS top FROM s GROUP BY k; ADVANCE 3;",
+        )
+        .await
+        .expect("second view");
+    // The late worker holds replicas of new blocks, so both workers run map tasks,
+    // and it owns state partitions of the new view.
+    let last = rows(
+        &client,
+        "SELECT workers FROM dstream_intervals ORDER BY interval_id DESC LIMIT 1",
+    )
+    .await;
+    assert_eq!(last, vec![vec!["2"]]);
+    let done = rows(
+        &client,
+        "SELECT id, tasks_done FROM dstream_workers ORDER BY id",
+    )
+    .await;
+    assert_eq!(done.len(), 2, "{done:?}");
+    let late: u64 = done[1][1].parse().expect("count");
+    // 3 intervals: its share of 5 map tasks each, and 2 of the new view's 4 reduces.
+    assert!(late >= 6, "the late worker ran only {late} tasks: {done:?}");
+    // Both views equal the batch query over everything the source produced.
+    for (view, batch) in [
+        (
+            "a",
+            "SELECT k, count(*) AS n, sum(v) AS total FROM s GROUP BY k",
+        ),
+        ("b", "SELECT k, max(v) AS top FROM s GROUP BY k"),
+    ] {
+        let diff = rows(
+            &client,
+            &format!(
+                "SELECT count(*) FROM ((SELECT * FROM {view} EXCEPT ALL {batch}) UNION ALL ({batch} EXCEPT ALL SELECT * FROM {view}))"
+            ),
+        )
+        .await;
+        assert_eq!(diff, vec![vec!["0"]], "view {view} differs from batch");
+    }
+    server.stop().await;
+    stop_workers.cancel();
+    for worker in workers {
+        let _ = worker.await;
+    }
+}
