@@ -115,21 +115,19 @@ async fn a_worker_that_joins_late_gets_work() {
     let engine = server.engine.clone().expect("engine");
     let stop_workers = CancellationToken::new();
     let mut workers = Vec::new();
-    let mut join = || {
+    let join = || {
         let config = dstream_executor::worker::WorkerConfig {
             coordinator: engine.coordinator_url().to_string(),
             advertise: None,
         };
         let stop = stop_workers.clone();
-        async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("bind");
-            #[allow(clippy::disallowed_methods)] // awaited at the end of the test
-            tokio::spawn(dstream_executor::worker::run(config, listener, stop))
-        }
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+        #[allow(clippy::disallowed_methods)] // awaited at the end of the test
+        tokio::spawn(dstream_executor::worker::run(config, listener, stop))
     };
-    workers.push(join().await);
+    workers.push(join());
     engine
         .cluster()
         .wait_for_workers(1, Duration::from_secs(10))
@@ -144,7 +142,7 @@ async fn a_worker_that_joins_late_gets_work() {
         )
         .await
         .expect("setup");
-    workers.push(join().await);
+    workers.push(join());
     engine
         .cluster()
         .wait_for_workers(2, Duration::from_secs(10))
