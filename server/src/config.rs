@@ -42,6 +42,8 @@ pub struct ServeConfig {
     pub workers: usize,
     /// Whether those workers are child processes or run inside the server process.
     pub worker_mode: WorkerMode,
+    /// Task slots of each local worker (0: the machine's cores shared among them).
+    pub worker_cores: usize,
 }
 
 impl Default for ServeConfig {
@@ -57,6 +59,7 @@ impl Default for ServeConfig {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 6876)),
             workers: 2,
             worker_mode: WorkerMode::Process(None),
+            worker_cores: 0,
         }
     }
 }
@@ -74,6 +77,7 @@ pub struct FileConfig {
     pub block_rows: Option<usize>,
     pub grpc_addr: Option<SocketAddr>,
     pub workers: Option<usize>,
+    pub worker_cores: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -122,6 +126,9 @@ impl FileConfig {
         if let Some(v) = self.workers {
             config.workers = v;
         }
+        if let Some(v) = self.worker_cores {
+            config.worker_cores = v;
+        }
         Ok(())
     }
 }
@@ -132,6 +139,15 @@ pub fn parse_duration(text: &str) -> Result<Duration> {
 }
 
 impl ServeConfig {
+    /// Task slots per local worker: as configured, or the cores shared evenly.
+    pub fn worker_cores(&self) -> usize {
+        if self.worker_cores > 0 {
+            return self.worker_cores;
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores / self.workers.max(1)).max(1)
+    }
+
     /// Checks values that cannot work.
     pub fn validate(&self) -> Result<()> {
         if self.partitions == 0 || self.partitions > 1024 {

@@ -296,6 +296,7 @@ impl Engine {
         let coordinator_url = format!("http://{grpc_addr}");
         let local_workers = LocalWorkers::start(
             config.workers,
+            config.worker_cores(),
             &config.worker_mode,
             &coordinator_url,
             &shutdown,

@@ -73,6 +73,9 @@ struct ServeArgs {
     /// Worker processes `serve` starts [default: 2; `coordinator`: 0].
     #[arg(long, env = "DSTREAM_WORKERS")]
     workers: Option<usize>,
+    /// Task slots per local worker [default: the cores shared among the workers].
+    #[arg(long, env = "DSTREAM_WORKER_CORES")]
+    worker_cores: Option<usize>,
 }
 
 #[derive(Args, Debug)]
@@ -92,6 +95,9 @@ struct WorkerArgs {
     /// http://worker-3.dstream:7000 behind a Kubernetes service).
     #[arg(long, env = "DSTREAM_ADVERTISE")]
     advertise: Option<String>,
+    /// Task slots: how many tasks run at once [default: the machine's cores].
+    #[arg(long, env = "DSTREAM_WORKER_CORES")]
+    cores: Option<usize>,
 }
 
 impl ServeArgs {
@@ -126,6 +132,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.workers {
             config.workers = v;
+        }
+        if let Some(v) = self.worker_cores {
+            config.worker_cores = v;
         }
         config.validate()?;
         Ok(config)
@@ -211,6 +220,9 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let config = dstream_executor::worker::WorkerConfig {
         coordinator: args.coordinator,
         advertise: args.advertise,
+        cores: args
+            .cores
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
     };
     let shutdown = CancellationToken::new();
     #[allow(clippy::disallowed_methods)] // awaited below

@@ -47,6 +47,8 @@ pub struct WorkerConfig {
     pub coordinator: String,
     /// The address other processes reach this worker at; by default the listener's.
     pub advertise: Option<String>,
+    /// Task slots: how many tasks run at once (Spark's executor cores).
+    pub cores: usize,
 }
 
 /// Runs a worker on `listener` until `shutdown` is cancelled or the coordinator is gone
@@ -61,7 +63,7 @@ pub async fn run(
         .advertise
         .clone()
         .unwrap_or_else(|| format!("http://{local}"));
-    let state = Arc::new(WorkerState::new(address.clone()));
+    let state = Arc::new(WorkerState::new(address.clone(), config.cores));
     let incoming = tokio_stream_listener(listener);
     let worker_service =
         proto::worker_server::WorkerServer::new(service::WorkerService::new(state.clone()))

@@ -97,6 +97,8 @@ impl proto::worker_server::Worker for WorkerService {
         for task in tasks {
             let (state, peers) = (self.state.clone(), self.peers.clone());
             running.spawn(async move {
+                // Wait for a task slot; the semaphore is never closed.
+                let _slot = state.slots.clone().acquire_owned().await.ok();
                 let _running = state.task_started();
                 let started = Instant::now();
                 let id = task.id;

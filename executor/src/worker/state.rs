@@ -89,6 +89,8 @@ pub struct WorkerState {
     address: String,
     id: AtomicU64,
     running: AtomicU32,
+    /// One permit per task slot.
+    pub slots: Arc<tokio::sync::Semaphore>,
     /// Runs tasks; has no tables, only functions and settings.
     pub task_ctx: SessionContext,
     pub installed: tokio::sync::Mutex<Option<Installed>>,
@@ -116,11 +118,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl WorkerState {
-    pub fn new(address: String) -> Self {
+    pub fn new(address: String, cores: usize) -> Self {
         WorkerState {
             address,
             id: AtomicU64::new(0),
             running: AtomicU32::new(0),
+            slots: Arc::new(tokio::sync::Semaphore::new(cores.max(1))),
             task_ctx: SessionContext::new_with_config(session_config(1)),
             installed: tokio::sync::Mutex::new(None),
             receivers: tokio::sync::Mutex::new(BTreeMap::new()),

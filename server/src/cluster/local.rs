@@ -36,6 +36,7 @@ impl LocalWorkers {
     /// Starts `count` workers that join the coordinator at `coordinator`.
     pub async fn start(
         count: usize,
+        cores: usize,
         mode: &WorkerMode,
         coordinator: &str,
         shutdown: &CancellationToken,
@@ -50,6 +51,7 @@ impl LocalWorkers {
                     };
                     let child = Command::new(&program)
                         .args(["worker", "--coordinator", coordinator])
+                        .args(["--cores", &cores.to_string()])
                         .stdin(Stdio::null())
                         .kill_on_drop(true)
                         .spawn()
@@ -67,6 +69,7 @@ impl LocalWorkers {
                     let config = WorkerConfig {
                         coordinator: coordinator.to_string(),
                         advertise: None,
+                        cores,
                     };
                     #[allow(clippy::disallowed_methods)] // kept in `tasks`, awaited in `stop`
                     let task = tokio::spawn(run_worker(config, listener, shutdown.child_token()));
