@@ -3,10 +3,9 @@
 //! [`SourceRuntime`] owns a source's receiver and its watermark. Sealing interval *t*
 //! adds the `_interval` column, drops rows behind the watermark of interval *t-1*
 //! (counting them as late), and advances the watermark to the maximum of the watermark
-//! expression over the interval's rows. It also retains recent blocks so that ad-hoc
-//! queries can read the recent stream.
+//! expression over the interval's rows. Recent blocks are retained by whoever stores
+//! them (the worker's block store), not here.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -34,9 +33,6 @@ pub struct SourceRuntime {
     watermark_column: Option<usize>,
     watermark: Option<i64>,
     late_rows: u64,
-    /// The blocks of the most recent intervals, oldest first.
-    retained: VecDeque<Vec<Arc<Block>>>,
-    retain_intervals: usize,
     block_rows: usize,
 }
 
@@ -49,15 +45,9 @@ pub struct SourceStats {
 }
 
 impl SourceRuntime {
-    /// Opens the source's receiver and compiles its watermark expression. Recent
-    /// intervals are kept for `retain_intervals`; intervals are cut into blocks of at
-    /// most `block_rows` rows.
-    pub fn open(
-        def: Arc<SourceDef>,
-        ctx: &SessionContext,
-        retain_intervals: usize,
-        block_rows: usize,
-    ) -> Result<Self> {
+    /// Opens the source's receiver and compiles its watermark expression. Intervals
+    /// are cut into blocks of at most `block_rows` rows.
+    pub fn open(def: Arc<SourceDef>, ctx: &SessionContext, block_rows: usize) -> Result<Self> {
         let receiver = open_receiver(&def)?;
         let (watermark_expr, watermark_column) = match &def.watermark {
             Some(wm) => {
@@ -75,8 +65,6 @@ impl SourceRuntime {
             watermark_column,
             watermark: None,
             late_rows: 0,
-            retained: VecDeque::new(),
-            retain_intervals: retain_intervals.max(1),
             block_rows,
         })
     }
@@ -98,11 +86,6 @@ impl SourceRuntime {
         }
     }
 
-    /// The retained recent blocks, oldest first.
-    pub fn retained(&self) -> Vec<Arc<Block>> {
-        self.retained.iter().flatten().cloned().collect()
-    }
-
     /// Seals `interval`: returns its blocks and advances the watermark.
     pub fn seal(&mut self, interval: IntervalId, timeline: &Timeline) -> Result<Vec<Arc<Block>>> {
         let records = self.receiver.seal(interval, timeline)?;
@@ -118,7 +101,7 @@ impl SourceRuntime {
         for batch in &batches {
             self.advance_watermark(batch)?;
         }
-        let blocks: Vec<Arc<Block>> = cut_blocks(
+        Ok(cut_blocks(
             &self.def.name,
             interval,
             &self.def.schema,
@@ -127,12 +110,7 @@ impl SourceRuntime {
         )
         .into_iter()
         .map(Arc::new)
-        .collect();
-        self.retained.push_back(blocks.clone());
-        while self.retained.len() > self.retain_intervals {
-            self.retained.pop_front();
-        }
-        Ok(blocks)
+        .collect())
     }
 
     fn event_times(&self, batch: &RecordBatch, column: usize) -> Result<Arc<dyn Array>> {

@@ -1,8 +1,9 @@
 //! dstream-executor: runs stream plans interval by interval.
 //!
-//! The entry type is [`ViewRuntime`], which advances one materialized view through
-//! intervals by running its stage DAG of deterministic DataFusion tasks; sources are
-//! driven by [`SourceRuntime`], which seals each interval's records into a [`Block`].
+//! The entry point is [`worker::run`], a worker process: it runs the receivers of
+//! sources ([`SourceRuntime`] seals each interval's records into [`Block`]s) and the
+//! map and reduce tasks of views' stage DAGs, deterministic DataFusion tasks over
+//! immutable inputs.
 //!
 //! # Layout
 //! - [`connector`]: receivers of source records (the `generator`, ...).
@@ -12,7 +13,7 @@
 //! - [`shuffle`]: hash partitioning between stages.
 //! - [`table`]: tables over files, and `CREATE TABLE` options.
 //! - [`task`]: running a DataFusion plan over in-memory batches.
-//! - [`view_runtime`]: [`ViewRuntime`], one view's state across intervals.
+//! - [`view_runtime`]: a view's operator, output shape and window watermark.
 //! - [`worker`]: the worker process: its gRPC control plane and Flight data plane.
 //! - [`error`]: the crate's [`Error`] and [`Result`].
 
@@ -31,4 +32,3 @@ pub use block::Block;
 pub use error::{Error, Result};
 pub use ingest::{SourceRuntime, SourceStats};
 pub use operator::Changelog;
-pub use view_runtime::{IntervalOutcome, ViewRuntime, ViewVersion};

@@ -8,11 +8,14 @@ use std::sync::Arc;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
-use datafusion::catalog::MemTable;
+use datafusion::catalog::{MemTable, TableProvider};
+use datafusion::common::TableReference;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::datasource::provider_as_source;
 use datafusion::logical_expr::{LogicalPlan, LogicalPlanBuilder};
 use datafusion::prelude::{SessionConfig, SessionContext};
+
+use dstream_planner::{Catalog, CatalogObject};
 
 use crate::error::Result;
 
@@ -65,4 +68,32 @@ pub fn bind_scan(
         other => Ok(Transformed::no(other)),
     })?;
     Ok(bound.data)
+}
+
+/// A context with every object of `catalog` registered — sources and views as empty
+/// tables of their schema, tables as `table` provides them: what continuous queries
+/// are planned against, on the coordinator and on every worker alike.
+pub fn planning_context(
+    config: SessionConfig,
+    catalog: &Catalog,
+    table: impl Fn(&str) -> Option<Arc<dyn TableProvider>>,
+) -> Result<SessionContext> {
+    let ctx = SessionContext::new_with_config(config);
+    for object in catalog.iter() {
+        let name = TableReference::bare(object.name());
+        match object {
+            CatalogObject::Table(t) => {
+                if let Some(provider) = table(&t.name) {
+                    ctx.register_table(name, provider)?;
+                }
+            }
+            other => {
+                ctx.register_table(
+                    name,
+                    Arc::new(MemTable::try_new(other.schema(), vec![vec![]])?),
+                )?;
+            }
+        }
+    }
+    Ok(ctx)
 }

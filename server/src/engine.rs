@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use datafusion::catalog::{MemTable, TableProvider};
 use datafusion::common::TableReference;
@@ -78,6 +79,15 @@ pub struct BlockInfo {
     pub bytes: u64,
     /// Workers holding a copy: the receiver's worker and its replica.
     pub holders: Vec<u64>,
+}
+
+/// The rows of a memory table, every partition in order.
+pub async fn memory_rows(table: &MemTable) -> Vec<RecordBatch> {
+    let mut rows = Vec::new();
+    for partition in &table.batches {
+        rows.extend(partition.read().await.iter().cloned());
+    }
+    rows
 }
 
 /// A source: its definition, where its receiver runs and what it has seen.

@@ -14,7 +14,7 @@ use dstream_storage::IntervalId;
 use tokio::sync::broadcast;
 
 use crate::cluster::remote_table::RemoteView;
-use crate::engine::{ChangeBatch, Engine};
+use crate::engine::{ChangeBatch, Engine, Snapshot, SnapshotView};
 use crate::error::{Error, Result};
 
 /// The error for reading a view that stopped.
@@ -38,6 +38,17 @@ pub struct Subscription {
     changes: broadcast::Receiver<Arc<ChangeBatch>>,
 }
 
+/// `view` in `snapshot`, or an unknown-view error.
+fn view_in<'a>(snapshot: &'a Snapshot, view: &str) -> Result<&'a SnapshotView> {
+    snapshot
+        .views
+        .get(view)
+        .ok_or_else(|| Error::UnknownObject {
+            kind: "materialized view",
+            name: view.to_string(),
+        })
+}
+
 /// `_interval`, `op`, then the view's columns.
 fn changelog_schema(view_schema: &SchemaRef) -> SchemaRef {
     let mut fields = vec![
@@ -55,38 +66,19 @@ fn changelog_schema(view_schema: &SchemaRef) -> SchemaRef {
 impl Subscription {
     /// The schema a subscription to `view` streams, without starting one.
     pub fn schema_of(engine: &Engine, view: &str) -> Result<SchemaRef> {
-        let snapshot = engine.snapshot();
-        let current = snapshot
-            .views
-            .get(view)
-            .ok_or_else(|| Error::UnknownObject {
-                kind: "materialized view",
-                name: view.to_string(),
-            })?;
-        Ok(changelog_schema(&current.schema))
+        Ok(changelog_schema(&view_in(&engine.snapshot(), view)?.schema))
     }
 
     pub async fn start(engine: &Engine, view: &str) -> Result<Self> {
         let current = engine.snapshot();
-        if !current.views.contains_key(view) {
-            return Err(Error::UnknownObject {
-                kind: "materialized view",
-                name: view.to_string(),
-            });
-        }
+        view_in(&current, view)?;
         if let Some(failure) = current.failed.get(view) {
             return Err(failed_view(view, failure));
         }
         // Register first, then read the snapshot: changes already in it are skipped.
         let changes = engine.subscribe_changes(view);
         let snapshot = engine.snapshot();
-        let current_view = snapshot
-            .views
-            .get(view)
-            .ok_or_else(|| Error::UnknownObject {
-                kind: "materialized view",
-                name: view.to_string(),
-            })?;
+        let current_view = view_in(&snapshot, view)?;
         let view_schema = &current_view.schema;
         let schema = changelog_schema(view_schema);
         let remote = RemoteView {

@@ -9,7 +9,6 @@
 use std::sync::Arc;
 
 use datafusion::catalog::MemTable;
-use datafusion::common::TableReference;
 use datafusion::prelude::SessionContext;
 use datafusion::sql::sqlparser::ast;
 use dstream_planner::catalog::{CatalogObject, TableDef, ViewDef};
@@ -25,7 +24,7 @@ use super::state::{Installed, InstalledView, WorkerState};
 use crate::error::{Error, Result};
 use crate::ingest::SourceRuntime;
 use crate::table::{file_table, table_options};
-use crate::task::session_config;
+use crate::task::{planning_context, session_config};
 use crate::view_runtime::operator_for;
 
 /// Installs the objects of `request` that the worker does not know yet, and opens the
@@ -41,14 +40,15 @@ pub async fn install(state: &WorkerState, request: proto::InstallRequest) -> Res
     let mut guard = state.installed.lock().await;
     let installed = guard.get_or_insert_with(|| Installed {
         timeline,
-        partitions: request.partitions.max(1) as usize,
-        block_rows: request.block_rows.max(1) as usize,
-        retain_intervals: request.retain_intervals.max(1),
+        partitions: 1,
+        block_rows: 1,
+        retain_intervals: 1,
         catalog: Catalog::default(),
         tables: Default::default(),
         memory_tables: Default::default(),
         views: Default::default(),
     });
+    // The settings of the newest request apply (SET batch_interval moves the timeline).
     installed.timeline = timeline;
     installed.partitions = request.partitions.max(1) as usize;
     installed.block_rows = request.block_rows.max(1) as usize;
@@ -69,8 +69,7 @@ pub async fn install(state: &WorkerState, request: proto::InstallRequest) -> Res
             .source(name)
             .cloned()
             .ok_or_else(|| Error::Internal(format!("receiver for unknown source {name}")))?;
-        // The worker's block store keeps the retained intervals; the runtime keeps one.
-        let runtime = SourceRuntime::open(def, &state.task_ctx, 1, installed.block_rows)?;
+        let runtime = SourceRuntime::open(def, &state.task_ctx, installed.block_rows)?;
         info!(source = %name, "opened receiver");
         receivers.insert(name.clone(), runtime);
     }
@@ -119,7 +118,11 @@ async fn install_object(installed: &mut Installed, object: &proto::CatalogObject
                 })))?;
         }
         ("view", Statement::CreateMaterializedView(create)) => {
-            let planning = planning_context(installed)?;
+            let planning = planning_context(
+                session_config(installed.partitions),
+                &installed.catalog,
+                |name| installed.tables.get(name).cloned(),
+            )?;
             let plan = Arc::new(
                 plan_view(
                     &planning.state(),
@@ -171,27 +174,4 @@ pub async fn remove(state: &WorkerState, name: &str) -> Result<()> {
     }
     state.forget(name);
     Ok(())
-}
-
-/// A context with every installed source (empty), table and view (empty): what views
-/// are planned against, as on the coordinator.
-fn planning_context(installed: &Installed) -> Result<SessionContext> {
-    let ctx = SessionContext::new_with_config(session_config(installed.partitions));
-    for object in installed.catalog.iter() {
-        let name = TableReference::bare(object.name());
-        match object {
-            CatalogObject::Table(t) => {
-                if let Some(provider) = installed.tables.get(&t.name) {
-                    ctx.register_table(name, provider.clone())?;
-                }
-            }
-            other => {
-                ctx.register_table(
-                    name,
-                    Arc::new(MemTable::try_new(other.schema(), vec![vec![]])?),
-                )?;
-            }
-        }
-    }
-    Ok(ctx)
 }

@@ -122,22 +122,23 @@ async fn membership(
                     every = Duration::from_millis(r.heartbeat_millis.max(50));
                     info!(worker = r.worker_id, %address, "registered with the coordinator");
                 }),
-            Some(id) => client
-                .heartbeat(proto::HeartbeatRequest {
-                    worker_id: id,
-                    running_tasks: state.running_tasks(),
-                })
-                .await
-                .map(|r| {
-                    if !r.into_inner().known {
-                        warn!(
-                            worker = id,
-                            "the coordinator does not know this worker; registering again"
-                        );
-                        state.reset();
-                        registered = None;
-                    }
-                }),
+            Some(id) => {
+                let answer = client
+                    .heartbeat(proto::HeartbeatRequest {
+                        worker_id: id,
+                        running_tasks: state.running_tasks(),
+                    })
+                    .await;
+                if matches!(&answer, Ok(r) if !r.get_ref().known) {
+                    warn!(
+                        worker = id,
+                        "the coordinator does not know this worker; registering again"
+                    );
+                    state.reset().await;
+                    registered = None;
+                }
+                answer.map(|_| ())
+            }
         };
         match outcome {
             Ok(()) => unreachable_since = None,

@@ -160,13 +160,9 @@ impl WorkerState {
 
     /// Forgets everything: the coordinator no longer knows this worker, and will
     /// install what it needs again.
-    pub fn reset(&self) {
-        if let Ok(mut installed) = self.installed.try_lock() {
-            *installed = None;
-        }
-        if let Ok(mut receivers) = self.receivers.try_lock() {
-            receivers.clear();
-        }
+    pub async fn reset(&self) {
+        *self.installed.lock().await = None;
+        self.receivers.lock().await.clear();
         lock(&self.blocks).clear();
         lock(&self.shuffle).clear();
         lock(&self.partitions).clear();

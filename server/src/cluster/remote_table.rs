@@ -66,6 +66,20 @@ impl RemoteView {
     }
 }
 
+/// Scans fetched rows as an in-memory table.
+async fn scan_fetched(
+    schema: &SchemaRef,
+    partitions: Vec<Vec<RecordBatch>>,
+    state: &dyn Session,
+    projection: Option<&Vec<usize>>,
+    filters: &[Expr],
+    limit: Option<usize>,
+) -> Result<Arc<dyn ExecutionPlan>, DataFusionError> {
+    MemTable::try_new(schema.clone(), partitions)?
+        .scan(state, projection, filters, limit)
+        .await
+}
+
 fn lost(message: &str) -> DataFusionError {
     DataFusionError::External(message.to_string().into())
 }
@@ -92,9 +106,7 @@ impl TableProvider for RemoteView {
             // A view that has not run an interval yet: no rows.
             partitions.push(Vec::new());
         }
-        MemTable::try_new(self.schema.clone(), partitions)?
-            .scan(state, projection, filters, limit)
-            .await
+        scan_fetched(&self.schema, partitions, state, projection, filters, limit).await
     }
 }
 
@@ -174,8 +186,6 @@ impl TableProvider for RemoteSource {
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>, DataFusionError> {
         let rows = self.fetch().await?;
-        MemTable::try_new(self.schema.clone(), vec![rows])?
-            .scan(state, projection, filters, limit)
-            .await
+        scan_fetched(&self.schema, vec![rows], state, projection, filters, limit).await
     }
 }

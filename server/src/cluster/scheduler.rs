@@ -19,9 +19,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dstream_executor::Changelog;
+use dstream_executor::view_runtime::window_watermark;
 use dstream_executor::worker::proto::{self, task::Kind as TaskKind};
 use dstream_executor::worker::service::read_ipc;
-use dstream_executor::{Changelog, ViewRuntime};
 use dstream_storage::IntervalId;
 use futures::future::join_all;
 use tracing::warn;
@@ -257,7 +258,7 @@ pub async fn run_interval(
         if failed.contains_key(name) {
             continue;
         }
-        let watermark = ViewRuntime::window_watermark(
+        let watermark = window_watermark(
             plan.window.as_ref(),
             interval,
             &timeline,
@@ -429,20 +430,6 @@ fn fail_views_on(
     }
 }
 
-/// Cancels whatever `interval` still runs on the live workers (at shutdown).
-pub async fn cancel_interval(cluster: &Arc<Cluster>, interval: IntervalId) {
-    let cancels = cluster.alive().into_iter().map(|w| {
-        let mut client = w.client.clone();
-        async move {
-            let request = proto::CancelRequest {
-                interval: interval.0,
-            };
-            let _ = tokio::time::timeout(Duration::from_secs(1), client.cancel(request)).await;
-        }
-    });
-    join_all(cancels).await;
-}
-
 /// Installs the catalog on every live worker that does not have its current version,
 /// placing receivers and state partitions that have no worker yet. Returns the first
 /// error of installing on a worker, after marking what it concerned as failed.
@@ -566,38 +553,41 @@ pub async fn push_tables(
 ) -> Result<()> {
     for (name, slot) in &state.tables {
         if let crate::engine::TableSlot::Memory(table) = slot {
-            let mut rows = Vec::new();
-            for partition in &table.batches {
-                rows.extend(partition.read().await.iter().cloned());
-            }
-            let kind = proto::data_ticket::Kind::Table(proto::TableRef { name: name.clone() });
-            let schema = datafusion::catalog::TableProvider::schema(table.as_ref());
-            engine
-                .inner
-                .cluster
-                .peers
-                .put(&worker.address, kind, schema, rows)
-                .await?;
+            put_table(engine, &worker.address, name, table).await?;
         }
     }
     Ok(())
+}
+
+async fn put_table(
+    engine: &Engine,
+    address: &str,
+    name: &str,
+    table: &datafusion::catalog::MemTable,
+) -> Result<()> {
+    let kind = proto::data_ticket::Kind::Table(proto::TableRef {
+        name: name.to_string(),
+    });
+    let schema = datafusion::catalog::TableProvider::schema(table);
+    let rows = crate::engine::memory_rows(table).await;
+    Ok(engine
+        .inner
+        .cluster
+        .peers
+        .put(address, kind, schema, rows)
+        .await?)
 }
 
 /// Sends a memory table's rows to every live worker.
 pub async fn push_table(
     engine: &Engine,
     name: &str,
-    schema: arrow::datatypes::SchemaRef,
-    rows: Vec<arrow::array::RecordBatch>,
+    table: &datafusion::catalog::MemTable,
 ) -> Result<()> {
-    let cluster = &engine.inner.cluster;
-    let puts = cluster.alive().into_iter().map(|w| {
-        let kind = proto::data_ticket::Kind::Table(proto::TableRef {
-            name: name.to_string(),
-        });
-        let (schema, rows) = (schema.clone(), rows.clone());
-        async move { cluster.peers.put(&w.address, kind, schema, rows).await }
-    });
+    let alive = engine.inner.cluster.alive();
+    let puts = alive
+        .iter()
+        .map(|w| put_table(engine, &w.address, name, table));
     for result in join_all(puts).await {
         result?;
     }

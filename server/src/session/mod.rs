@@ -19,7 +19,6 @@ use arrow::array::{ArrayRef, RecordBatch, StringArray, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::catalog::{MemTable, TableProvider};
 use datafusion::common::ParamValues;
-use datafusion::common::TableReference;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::Statement as DFStatement;
@@ -209,32 +208,4 @@ async fn install_or_undo(
         return Err(e);
     }
     Ok(())
-}
-
-/// A context with every source (as an empty table of its schema) and table
-/// registered: what continuous queries are planned against.
-fn planning_context(engine: &Engine, state: &EngineState) -> Result<SessionContext> {
-    let ctx = SessionContext::new_with_config(engine.inner.session_config.clone());
-    for obj in state.catalog.iter() {
-        match obj {
-            CatalogObject::Source(s) => {
-                ctx.register_table(
-                    TableReference::bare(s.name.as_str()),
-                    Arc::new(MemTable::try_new(s.schema.clone(), vec![vec![]])?),
-                )?;
-            }
-            CatalogObject::Table(t) => {
-                if let Some(slot) = state.tables.get(&t.name) {
-                    ctx.register_table(TableReference::bare(t.name.as_str()), slot.provider())?;
-                }
-            }
-            CatalogObject::View(v) => {
-                ctx.register_table(
-                    TableReference::bare(v.name.as_str()),
-                    Arc::new(MemTable::try_new(v.plan.schema.clone(), vec![vec![]])?),
-                )?;
-            }
-        }
-    }
-    Ok(ctx)
 }

@@ -8,7 +8,11 @@ async fn plan(
     state: &EngineState,
     create: &CreateMaterializedView,
 ) -> Result<dstream_planner::StreamPlan> {
-    let ctx = planning_context(engine, state)?;
+    let ctx = dstream_executor::task::planning_context(
+        engine.inner.session_config.clone(),
+        &state.catalog,
+        |name| state.tables.get(name).map(|t| t.provider()),
+    )?;
     Ok(plan_view(
         &ctx.state(),
         &state.catalog,
