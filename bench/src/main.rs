@@ -11,6 +11,9 @@
 //! `dstream worker` process with `--worker-cores` task slots, and the throughput of
 //! each is reported against the first.
 //!
+//! `shuffle`: a worker's Flight endpoint serving map outputs to readers over loopback,
+//! in GB/s, against Arrow IPC encoding and decoding the same batches in memory.
+//!
 //! `empty-interval`: the coordinator's cost of an interval with no input, with the real
 //! clock at 100 ms and at 1 s intervals, read from `dstream_intervals`.
 //!
@@ -44,6 +47,24 @@ enum Bench {
     TumbleCount(TumbleCount),
     /// Processing time of empty intervals at 100 ms and 1 s.
     EmptyInterval(EmptyInterval),
+    /// Shuffle reads over Arrow Flight on loopback, in GB/s.
+    Shuffle(Shuffle),
+}
+
+#[derive(clap::Args, Debug)]
+struct Shuffle {
+    /// Megabytes of map output the serving worker holds (read once per run).
+    #[arg(long, default_value_t = 256)]
+    megabytes: usize,
+    /// Shuffle partitions the output is split into (one read each).
+    #[arg(long, default_value_t = 8)]
+    partitions: usize,
+    /// Concurrent readers to run with, e.g. 1,4.
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    readers: Vec<usize>,
+    /// Repetitions; the best is reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
 }
 
 #[derive(clap::Args, Debug)]
@@ -92,6 +113,7 @@ fn main() -> anyhow::Result<()> {
     match args.bench {
         Bench::TumbleCount(args) => runtime.block_on(tumble_count(args)),
         Bench::EmptyInterval(args) => runtime.block_on(empty_interval(args)),
+        Bench::Shuffle(args) => runtime.block_on(shuffle(args)),
     }
 }
 
@@ -374,9 +396,9 @@ async fn empty_interval(args: EmptyInterval) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_secs(args.seconds)).await;
         let sql = format!(
             "SELECT count(*), \
-               approx_percentile_cont(processing_time_ms, 0.5), \
-               approx_percentile_cont(processing_time_ms, 0.99), max(processing_time_ms), \
-               approx_percentile_cont(scheduling_delay_ms, 0.5) \
+               round(approx_percentile_cont(processing_time_ms, 0.5), 2), \
+               round(approx_percentile_cont(processing_time_ms, 0.99), 2), round(max(processing_time_ms), 2), \
+               round(approx_percentile_cont(scheduling_delay_ms, 0.5), 2) \
              FROM dstream_intervals WHERE interval_id >= {}",
             first + 1
         );
@@ -401,5 +423,165 @@ async fn empty_interval(args: EmptyInterval) -> anyhow::Result<()> {
         shutdown.cancel();
         engine.stopped().await;
     }
+    Ok(())
+}
+
+/// One shuffle piece's worth of partial aggregates: (window_start, k, n, label).
+fn shuffle_batch(rows: usize, seed: i64) -> anyhow::Result<RecordBatch> {
+    use arrow::array::{Int64Array, StringArray, TimestampNanosecondArray};
+    use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    let schema = Arc::new(Schema::new(vec![
+        Field::new(
+            "window_start",
+            DataType::Timestamp(TimeUnit::Nanosecond, None),
+            false,
+        ),
+        Field::new("k", DataType::Int64, false),
+        Field::new("n", DataType::Int64, false),
+        Field::new("label", DataType::Utf8, false),
+    ]));
+    let base = seed * rows as i64;
+    Ok(RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(TimestampNanosecondArray::from_iter_values(
+                (0..rows as i64).map(|i| 1_767_225_600_000_000_000 + (base + i) / 1000),
+            )),
+            Arc::new(Int64Array::from_iter_values(
+                (0..rows as i64).map(|i| base + i),
+            )),
+            Arc::new(Int64Array::from_iter_values(
+                (0..rows as i64).map(|i| (base + i) % 97),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                (0..rows as i64).map(|i| format!("key-{:08}", (base + i) % 100_000)),
+            )),
+        ],
+    )?)
+}
+
+fn gbps(bytes: usize, elapsed: Duration) -> f64 {
+    bytes as f64 / elapsed.as_secs_f64() / 1e9
+}
+
+async fn shuffle(args: Shuffle) -> anyhow::Result<()> {
+    use dstream_executor::operator::ShufflePiece;
+    use dstream_executor::worker::flight::FlightPeers;
+    use dstream_executor::worker::proto::{ShuffleRef, data_ticket::Kind};
+    use dstream_executor::worker::{WorkerState, serve};
+    use dstream_storage::IntervalId;
+
+    const BATCH_ROWS: usize = 8192;
+    let per_batch = shuffle_batch(BATCH_ROWS, 0)?.get_array_memory_size();
+    let partitions = args.partitions.max(1);
+    let batches_per_piece = (args.megabytes * 1_000_000 / per_batch / partitions).max(1);
+    let mut pieces = Vec::with_capacity(partitions);
+    let mut seed = 0;
+    for _ in 0..partitions {
+        let mut rows = Vec::with_capacity(batches_per_piece);
+        for _ in 0..batches_per_piece {
+            rows.push(shuffle_batch(BATCH_ROWS, seed)?);
+            seed += 1;
+        }
+        pieces.push(ShufflePiece {
+            rows,
+            distinct: vec![],
+        });
+    }
+    let total: usize = pieces
+        .iter()
+        .flat_map(|p| p.rows.iter())
+        .map(|b| b.get_array_memory_size())
+        .sum();
+    println!(
+        "shuffle: {:.0} MB of map output in {partitions} partitions ({} batches of {BATCH_ROWS} rows each), best of {}",
+        total as f64 / 1e6,
+        batches_per_piece,
+        args.runs
+    );
+
+    // Baseline: the same batches through Arrow IPC in memory, one thread.
+    let mut best_ipc = Duration::MAX;
+    for _ in 0..args.runs {
+        let started = Instant::now();
+        for piece in &pieces {
+            let schema = piece.rows[0].schema();
+            let mut buffer = Vec::new();
+            let mut writer = arrow::ipc::writer::StreamWriter::try_new(&mut buffer, &schema)?;
+            for batch in &piece.rows {
+                writer.write(batch)?;
+            }
+            writer.finish()?;
+            drop(writer);
+            let reader = arrow::ipc::reader::StreamReader::try_new(buffer.as_slice(), None)?;
+            for batch in reader {
+                std::hint::black_box(batch?);
+            }
+        }
+        best_ipc = best_ipc.min(started.elapsed());
+    }
+
+    // A worker's Flight endpoint holding the pieces as one map task's output.
+    let state = Arc::new(WorkerState::new(String::new(), 1));
+    state.put_shuffle(("v".to_string(), IntervalId(0), 0), pieces);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = format!("http://{}", listener.local_addr()?);
+    let stop = CancellationToken::new();
+    let server = serve(state, listener, stop.clone());
+    let peers = Arc::new(FlightPeers::default());
+
+    println!("| path | readers | time | GB/s | vs. in-memory IPC |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| Arrow IPC encode + decode in memory | 1 | {:.0} ms | {:.2} | 1.00x |",
+        best_ipc.as_secs_f64() * 1000.0,
+        gbps(total, best_ipc)
+    );
+    for &readers in &args.readers {
+        let readers = readers.max(1);
+        let mut best = Duration::MAX;
+        for _ in 0..args.runs {
+            let started = Instant::now();
+            let mut tasks = tokio::task::JoinSet::new();
+            for r in 0..readers {
+                let (peers, address) = (peers.clone(), address.clone());
+                tasks.spawn(async move {
+                    let mut rows = 0usize;
+                    for p in (r..partitions).step_by(readers) {
+                        let kind = Kind::Shuffle(ShuffleRef {
+                            view: "v".to_string(),
+                            interval: 0,
+                            block: 0,
+                            partition: p as u32,
+                            component: 0,
+                        });
+                        let batches = peers.fetch(&address, kind).await?;
+                        rows += batches.iter().map(|b| b.num_rows()).sum::<usize>();
+                    }
+                    anyhow::Ok(rows)
+                });
+            }
+            let mut rows = 0;
+            while let Some(done) = tasks.join_next().await {
+                rows += done??;
+            }
+            let elapsed = started.elapsed();
+            if rows != partitions * batches_per_piece * BATCH_ROWS {
+                bail!(
+                    "read {rows} rows, expected {}",
+                    partitions * batches_per_piece * BATCH_ROWS
+                );
+            }
+            best = best.min(elapsed);
+        }
+        println!(
+            "| Flight do_get over loopback | {readers} | {:.0} ms | {:.2} | {:.2}x |",
+            best.as_secs_f64() * 1000.0,
+            gbps(total, best),
+            gbps(total, best) / gbps(total, best_ipc)
+        );
+    }
+    stop.cancel();
+    let _ = server.await;
     Ok(())
 }

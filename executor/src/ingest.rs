@@ -21,7 +21,7 @@ use dstream_planner::SourceDef;
 use dstream_storage::{IntervalId, Timeline};
 
 use crate::block::{Block, cut_blocks, with_interval_column};
-use crate::connector::{Receiver, ReceiverStats, open_receiver};
+use crate::connector::{Receiver, ReceiverPosition, ReceiverStats, open_receiver};
 use crate::error::{Error, Result};
 
 /// The live side of one source.
@@ -34,6 +34,15 @@ pub struct SourceRuntime {
     watermark: Option<i64>,
     late_rows: u64,
     block_rows: usize,
+}
+
+/// Where a source stood when its receiver was released: the receiver's position,
+/// the watermark and the count of late rows.
+#[derive(Clone, Debug, Default)]
+pub struct SourceHandover {
+    pub position: ReceiverPosition,
+    pub watermark: Option<i64>,
+    pub late_rows: u64,
 }
 
 /// What users can see about a source.
@@ -76,6 +85,23 @@ impl SourceRuntime {
     /// The event-time watermark, nanoseconds since the epoch.
     pub fn watermark(&self) -> Option<i64> {
         self.watermark
+    }
+
+    /// Stops the receiver and says where the source stood, for
+    /// [`SourceRuntime::resume`] on another worker.
+    pub fn release(&mut self) -> SourceHandover {
+        SourceHandover {
+            position: self.receiver.release(),
+            watermark: self.watermark,
+            late_rows: self.late_rows,
+        }
+    }
+
+    /// Carries on from where a released source stood.
+    pub fn resume(&mut self, handover: SourceHandover) {
+        self.receiver.resume(handover.position);
+        self.watermark = handover.watermark;
+        self.late_rows = handover.late_rows;
     }
 
     pub fn stats(&self) -> SourceStats {

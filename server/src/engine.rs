@@ -19,6 +19,7 @@ use arrow::datatypes::SchemaRef;
 use datafusion::catalog::{MemTable, TableProvider};
 use datafusion::common::TableReference;
 use datafusion::prelude::{SessionConfig, SessionContext};
+use dstream_executor::worker::proto;
 use dstream_executor::{Changelog, SourceStats};
 use dstream_planner::{Catalog, SourceDef, StreamPlan};
 use dstream_storage::{CatalogFile, DataDir, IntervalId, Timeline};
@@ -28,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::clock::IntervalClock;
+use crate::cluster::handover;
 use crate::cluster::remote_table::{RemoteSource, RemoteView};
 use crate::cluster::scheduler::{self, ViewOutcome};
 use crate::cluster::{Cluster, CoordinatorService, local::LocalWorkers};
@@ -360,6 +362,7 @@ impl Engine {
             info!(workers = expected, "local workers joined");
         }
         engine.restore(&stored.entries).await?;
+        engine.start_handovers(shutdown.clone());
         let driver = engine.clone();
         #[allow(clippy::disallowed_methods)] // the handle is kept in `interval_loop`
         let handle = tokio::spawn(async move { driver.interval_loop(shutdown).await });
@@ -398,6 +401,8 @@ impl Engine {
     }
 
     async fn stop_cluster(&self) {
+        // Workers stopping with the coordinator just leave.
+        self.inner.cluster.set_handovers(false);
         self.inner.local_workers.lock().await.stop().await;
         self.inner.grpc_stop.cancel();
         let background: Vec<_> = match self.inner.background.lock() {
@@ -492,6 +497,33 @@ impl Engine {
             .subscribe()
     }
 
+    /// Hands a leaving worker's work over as soon as it asks to leave (the interval
+    /// loop also does so before each interval), until `shutdown`.
+    fn start_handovers(&self, shutdown: CancellationToken) {
+        let cluster = self.inner.cluster.clone();
+        cluster.set_handovers(true);
+        let mut changes = cluster.membership_changes();
+        let engine = self.clone();
+        #[allow(clippy::disallowed_methods)] // kept in `background`, awaited by `stopped`
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    changed = changes.changed() => if changed.is_err() { break },
+                }
+                if cluster.leaving().is_empty() {
+                    continue;
+                }
+                let mut state = engine.inner.state.lock().await;
+                handover::hand_over_leaving(&engine, &mut state).await;
+            }
+        });
+        match self.inner.background.lock() {
+            Ok(mut b) => b.push(task),
+            Err(poisoned) => poisoned.into_inner().push(task),
+        }
+    }
+
     async fn interval_loop(&self, shutdown: CancellationToken) {
         loop {
             let end = {
@@ -505,9 +537,48 @@ impl Engine {
             if shutdown.is_cancelled() {
                 break;
             }
-            self.run_next_interval().await;
+            tokio::select! {
+                _ = self.run_next_interval() => {}
+                _ = shutdown.cancelled() => {
+                    // Stopping mid-interval: the interval is not committed; the
+                    // workers drop its running tasks and outputs.
+                    self.cancel_interval().await;
+                    break;
+                }
+            }
         }
         info!("interval loop stopped");
+    }
+
+    /// Cancels the interval in progress (the next one, uncommitted) on every
+    /// reachable worker.
+    async fn cancel_interval(&self) {
+        let interval = self.inner.state.lock().await.next;
+        let cluster = self.inner.cluster.clone();
+        let cancels = cluster
+            .workers()
+            .into_iter()
+            .filter(|w| w.is_reachable())
+            .map(|w| {
+                let cluster = cluster.clone();
+                let mut client = w.client.clone();
+                async move {
+                    let request = proto::CancelRequest {
+                        interval: interval.0,
+                    };
+                    let answer = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        cluster.call(w.id, "cancel the interval", client.cancel(request)),
+                    )
+                    .await;
+                    match answer {
+                        Ok(Ok(r)) => info!(worker = w.id, interval = %interval, dropped = r.cancelled, "cancelled the interval in progress"),
+                        Ok(Err(e)) => warn!(worker = w.id, error = %e, "could not cancel the interval in progress"),
+                        Err(_) => warn!(worker = w.id, "cancelling the interval in progress timed out"),
+                    }
+                }
+            });
+        futures::future::join_all(cancels).await;
     }
 
     /// Seals the next interval, runs every view over it on the workers and commits
@@ -523,7 +594,9 @@ impl Engine {
         } else {
             Duration::from_nanos(delay_nanos.max(0) as u64)
         };
-        // Late-joining workers get the catalog; new objects get placed.
+        // Leaving workers hand their work over; late-joining workers get the catalog;
+        // new objects get placed.
+        handover::hand_over_leaving(self, &mut state).await;
         if let Err(e) = scheduler::sync_workers(self, &mut state).await {
             warn!(error = %e, "could not install the catalog on every worker");
         }
@@ -719,7 +792,9 @@ impl Engine {
         )?;
         ctx.register_table(
             TableReference::bare(system_tables::WORKERS),
-            Arc::new(system_tables::workers_table(&self.inner.cluster.workers())?),
+            Arc::new(system_tables::WorkersTable {
+                cluster: self.inner.cluster.clone(),
+            }),
         )?;
         Ok(ctx)
     }

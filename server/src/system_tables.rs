@@ -4,21 +4,32 @@
 //!   delay (how late processing started after the interval ended), its processing
 //!   time and total delay, as the Spark Streaming UI shows them, and the tasks and
 //!   shuffle bytes it took;
-//! - `dstream_workers`: every worker that joined, its address, status and heartbeat.
+//! - `dstream_workers`: every worker that joined, its address, status and heartbeat,
+//!   and — asked of each reachable worker (`Status`) when the table is scanned — its
+//!   running tasks, the input blocks and the state partitions it holds.
 //!
-//! Both are built when a query's context is made, from the engine's interval history
-//! and the cluster registry.
+//! `dstream_intervals` is built when a query's context is made, from the engine's
+//! interval history; `dstream_workers` when it is scanned.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use arrow::array::{
     ArrayRef, Float64Array, RecordBatch, StringArray, TimestampNanosecondArray, UInt32Array,
     UInt64Array,
 };
+use arrow::datatypes::SchemaRef;
 use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
-use datafusion::catalog::MemTable;
+use async_trait::async_trait;
+use datafusion::catalog::{MemTable, Session, TableProvider};
+use datafusion::common::DataFusionError;
+use datafusion::datasource::TableType;
+use datafusion::logical_expr::Expr;
+use datafusion::physical_plan::ExecutionPlan;
+use dstream_executor::worker::proto;
+use futures::future::join_all;
 
-use crate::cluster::WorkerRecord;
+use crate::cluster::{Cluster, WorkerRecord};
 use crate::engine::IntervalStat;
 use crate::error::Result;
 
@@ -86,18 +97,90 @@ pub fn intervals_table(history: &[IntervalStat]) -> Result<MemTable> {
     Ok(MemTable::try_new(schema, vec![vec![batch]])?)
 }
 
-/// `dstream_workers` over `workers` (by id).
-pub fn workers_table(workers: &[WorkerRecord]) -> Result<MemTable> {
-    let schema = Arc::new(Schema::new(vec![
+/// How long a scan of `dstream_workers` waits for a worker's status.
+const STATUS_WAIT: Duration = Duration::from_secs(1);
+
+fn workers_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
         Field::new("id", DataType::UInt64, false),
         Field::new("address", DataType::Utf8, false),
         Field::new("pid", DataType::UInt32, false),
         Field::new("status", DataType::Utf8, false),
         Field::new("running_tasks", DataType::UInt32, false),
         Field::new("tasks_done", DataType::UInt64, false),
+        Field::new("blocks", DataType::UInt64, true),
+        Field::new("state_partitions", DataType::UInt64, true),
         Field::new("last_heartbeat_ms", DataType::Float64, false),
         Field::new("up_seconds", DataType::Float64, false),
-    ]));
+    ]))
+}
+
+/// `dstream_workers`: the registry, with each reachable worker's own status.
+#[derive(Debug)]
+pub struct WorkersTable {
+    pub cluster: Arc<Cluster>,
+}
+
+impl WorkersTable {
+    /// The table's rows: asks every reachable worker for its status, at once; a
+    /// worker that does not answer in time shows its last heartbeat's task count and
+    /// NULL holdings.
+    pub async fn rows(&self) -> Result<RecordBatch> {
+        let workers = self.cluster.workers();
+        let asks = workers.iter().map(|w| {
+            let mut client = w.client.clone();
+            let reachable = w.is_reachable();
+            async move {
+                if !reachable {
+                    return None;
+                }
+                let answer =
+                    tokio::time::timeout(STATUS_WAIT, client.status(proto::StatusRequest {})).await;
+                match answer {
+                    Ok(Ok(status)) => Some(status.into_inner()),
+                    _ => None,
+                }
+            }
+        });
+        let statuses = join_all(asks).await;
+        workers_batch(&workers, &statuses)
+    }
+}
+
+#[async_trait]
+impl TableProvider for WorkersTable {
+    fn schema(&self) -> SchemaRef {
+        workers_schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::View
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> std::result::Result<Arc<dyn ExecutionPlan>, DataFusionError> {
+        let batch = self
+            .rows()
+            .await
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+        MemTable::try_new(workers_schema(), vec![vec![batch]])?
+            .scan(state, projection, filters, limit)
+            .await
+    }
+}
+
+/// The rows of `dstream_workers` for `workers` (by id) and what each answered.
+fn workers_batch(
+    workers: &[WorkerRecord],
+    statuses: &[Option<proto::StatusResponse>],
+) -> Result<RecordBatch> {
+    let schema = workers_schema();
+    let status = |i: usize| statuses.get(i).and_then(|s| s.as_ref());
     let columns: Vec<ArrayRef> = vec![
         Arc::new(UInt64Array::from_iter_values(workers.iter().map(|w| w.id))),
         Arc::new(StringArray::from_iter_values(
@@ -108,10 +191,19 @@ pub fn workers_table(workers: &[WorkerRecord]) -> Result<MemTable> {
             workers.iter().map(|w| w.status.to_string()),
         )),
         Arc::new(UInt32Array::from_iter_values(
-            workers.iter().map(|w| w.running_tasks),
+            workers
+                .iter()
+                .enumerate()
+                .map(|(i, w)| status(i).map_or(w.running_tasks, |s| s.running_tasks)),
         )),
         Arc::new(UInt64Array::from_iter_values(
             workers.iter().map(|w| w.tasks_done),
+        )),
+        Arc::new(UInt64Array::from_iter(
+            (0..workers.len()).map(|i| status(i).map(|s| s.blocks)),
+        )),
+        Arc::new(UInt64Array::from_iter(
+            (0..workers.len()).map(|i| status(i).map(|s| s.state_partitions)),
         )),
         Arc::new(Float64Array::from_iter_values(
             workers.iter().map(|w| millis(w.last_seen.elapsed())),
@@ -120,7 +212,5 @@ pub fn workers_table(workers: &[WorkerRecord]) -> Result<MemTable> {
             workers.iter().map(|w| w.joined.elapsed().as_secs_f64()),
         )),
     ];
-    let batch = RecordBatch::try_new(schema.clone(), columns)
-        .map_err(datafusion::error::DataFusionError::from)?;
-    Ok(MemTable::try_new(schema, vec![vec![batch]])?)
+    Ok(RecordBatch::try_new(schema, columns).map_err(DataFusionError::from)?)
 }

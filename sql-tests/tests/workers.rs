@@ -1,5 +1,6 @@
 //! Worker processes: the cluster as users see it in `dstream_workers` and
-//! `dstream_intervals`, a worker that joins late, and a worker that dies.
+//! `dstream_intervals`, a worker that joins late, a worker that dies, and a worker
+//! that leaves cleanly and hands its work over.
 
 use std::time::{Duration, Instant};
 
@@ -194,4 +195,94 @@ async fn a_worker_that_joins_late_gets_work() {
     for worker in workers {
         let _ = worker.await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_leaves_hands_its_work_over() {
+    let server = TestServer::start_with(|config| {
+        config.worker_mode = WorkerMode::Process(Some(dstream_binary()));
+    })
+    .await
+    .expect("server");
+    let client = server.client().await.expect("connect");
+    let views = [
+        (
+            "per_key",
+            "SELECT k, count(*) AS n, sum(v) AS total FROM s GROUP BY k",
+        ),
+        (
+            "distinct_v",
+            "SELECT k, count(DISTINCT v % 7) AS kinds FROM s GROUP BY k",
+        ),
+    ];
+    client
+        .batch_execute(
+            "CREATE SOURCE s (k BIGINT, v BIGINT) WITH (connector = 'generator', rows_per_second = 500, key_cardinality = 20);",
+        )
+        .await
+        .expect("source");
+    for (name, sql) in views {
+        client
+            .batch_execute(&format!("CREATE MATERIALIZED VIEW {name} AS {sql}"))
+            .await
+            .expect("view");
+    }
+    client.batch_execute("ADVANCE 3").await.expect("advance");
+    let before = rows(&client, "SELECT * FROM per_key ORDER BY k").await;
+
+    // Worker 1 runs the source's receiver (the first worker gets it) and owns half
+    // of every view's state partitions. Stop it the way an operator would.
+    let pid = rows(&client, "SELECT pid FROM dstream_workers WHERE id = 1").await;
+    let stopped = std::process::Command::new("kill")
+        .args(["-TERM", &pid[0][0]])
+        .status()
+        .expect("kill");
+    assert!(stopped.success());
+    let asked = Instant::now();
+    loop {
+        let status = rows(
+            &client,
+            "SELECT id, status FROM dstream_workers ORDER BY id",
+        )
+        .await;
+        if status[0][1] == "left" {
+            assert_eq!(status[1][1], "alive", "{status:?}");
+            break;
+        }
+        assert!(
+            asked.elapsed() < Duration::from_secs(30),
+            "the worker did not leave: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Nothing was lost: the state read from the new owner is the same, and ad-hoc
+    // reads of the raw stream are served by the replicas.
+    assert_eq!(
+        rows(&client, "SELECT * FROM per_key ORDER BY k").await,
+        before
+    );
+
+    // The remaining worker carries on with the receiver and all partitions.
+    client.batch_execute("ADVANCE 3").await.expect("advance");
+    let stats = rows(
+        &client,
+        "SELECT input_rows, workers FROM dstream_intervals ORDER BY interval_id DESC LIMIT 3",
+    )
+    .await;
+    assert_eq!(stats, vec![vec!["500", "1"]; 3]);
+    assert_eq!(
+        rows(&client, "SELECT sum(n) FROM per_key").await,
+        vec![vec!["3000"]]
+    );
+    for (view, batch) in views {
+        let diff = rows(
+            &client,
+            &format!(
+                "SELECT count(*) FROM ((SELECT * FROM {view} EXCEPT ALL {batch}) UNION ALL ({batch} EXCEPT ALL SELECT * FROM {view}))"
+            ),
+        )
+        .await;
+        assert_eq!(diff, vec![vec!["0"]], "view {view} differs from batch");
+    }
+    server.stop().await;
 }

@@ -19,7 +19,7 @@ use dstream_storage::{IntervalId, Timeline};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use crate::connector::decode::{Decoded, OnError, RecordDecoder, TextFormat};
-use crate::connector::{Options, Receiver, ReceiverStats};
+use crate::connector::{Options, Receiver, ReceiverPosition, ReceiverStats};
 use crate::error::{Error, Result, config_error};
 
 #[derive(Debug)]
@@ -166,5 +166,25 @@ impl Receiver for FileReceiver {
 
     fn stats(&self) -> ReceiverStats {
         self.stats
+    }
+
+    fn release(&mut self) -> ReceiverPosition {
+        let mut seen_files: Vec<String> = self
+            .seen
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect();
+        seen_files.sort();
+        ReceiverPosition {
+            stats: self.stats,
+            seen_files,
+            pending: Vec::new(),
+        }
+    }
+
+    fn resume(&mut self, position: ReceiverPosition) {
+        self.stats = position.stats;
+        self.seen
+            .extend(position.seen_files.into_iter().map(PathBuf::from));
     }
 }

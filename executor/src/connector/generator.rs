@@ -28,7 +28,7 @@ use dstream_planner::SourceDef;
 use dstream_planner::duration::parse_duration;
 use dstream_storage::{IntervalId, Timeline};
 
-use crate::connector::{Options, Receiver, ReceiverStats};
+use crate::connector::{Options, Receiver, ReceiverPosition, ReceiverStats};
 use crate::error::{Result, config_error};
 
 /// Largest batch the generator builds at once.
@@ -251,5 +251,13 @@ impl Receiver for Generator {
 
     fn stats(&self) -> ReceiverStats {
         self.stats
+    }
+
+    fn release(&mut self) -> ReceiverPosition {
+        ReceiverPosition::counters(self.stats)
+    }
+
+    fn resume(&mut self, position: ReceiverPosition) {
+        self.stats = position.stats;
     }
 }

@@ -39,6 +39,34 @@ pub trait Receiver: Send + Sync + std::fmt::Debug {
 
     /// What the receiver has seen so far.
     fn stats(&self) -> ReceiverStats;
+
+    /// Stops receiving and says where the receiver stood, so that a receiver opened
+    /// on another worker can carry on from there (see [`Receiver::resume`]).
+    fn release(&mut self) -> ReceiverPosition;
+
+    /// Carries on from where a released receiver stood. Called right after opening.
+    fn resume(&mut self, position: ReceiverPosition);
+}
+
+/// Where a receiver stood when it was released: what it counted, what it already
+/// read, and input it received but had not sealed yet.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReceiverPosition {
+    pub stats: ReceiverStats,
+    /// File sources: the files already read.
+    pub seen_files: Vec<String>,
+    /// Raw input not sealed yet (text lines of a tcp source).
+    pub pending: Vec<u8>,
+}
+
+impl ReceiverPosition {
+    /// Only the counters: for receivers whose records are a function of the interval.
+    pub fn counters(stats: ReceiverStats) -> Self {
+        ReceiverPosition {
+            stats,
+            ..Default::default()
+        }
+    }
 }
 
 /// Opens the receiver of `source`, checking its options.

@@ -26,7 +26,7 @@ use nexmark::EventGenerator;
 use nexmark::config::{NexmarkConfig, RateShape};
 use nexmark::event::Event;
 
-use crate::connector::{Options, Receiver, ReceiverStats};
+use crate::connector::{Options, Receiver, ReceiverPosition, ReceiverStats};
 use crate::error::{Result, config_error};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -282,5 +282,13 @@ impl Receiver for NexmarkReceiver {
 
     fn stats(&self) -> ReceiverStats {
         self.stats
+    }
+
+    fn release(&mut self) -> ReceiverPosition {
+        ReceiverPosition::counters(self.stats)
+    }
+
+    fn resume(&mut self, position: ReceiverPosition) {
+        self.stats = position.stats;
     }
 }

@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::connector::decode::{OnError, RecordDecoder, TextFormat};
-use crate::connector::{Options, Receiver, ReceiverStats};
+use crate::connector::{Options, Receiver, ReceiverPosition, ReceiverStats};
 use crate::error::{Error, Result, config_error};
 
 /// Lines received and not yet sealed.
@@ -131,5 +131,32 @@ impl Receiver for TcpReceiver {
 
     fn stats(&self) -> ReceiverStats {
         self.stats
+    }
+
+    /// Closes the connection; lines read but not sealed travel with the position.
+    /// Lines the server sent that were not read off the socket yet are not; the
+    /// server sees a disconnect, and the adopting receiver connects again.
+    fn release(&mut self) -> ReceiverPosition {
+        self.reader.abort();
+        let pending = match self.pending.lock() {
+            Ok(mut p) => std::mem::take(&mut p.data),
+            Err(poisoned) => std::mem::take(&mut poisoned.into_inner().data),
+        };
+        ReceiverPosition {
+            stats: self.stats,
+            seen_files: Vec::new(),
+            pending,
+        }
+    }
+
+    fn resume(&mut self, position: ReceiverPosition) {
+        self.stats = position.stats;
+        let mut pending = match self.pending.lock() {
+            Ok(p) => p,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let newer = std::mem::take(&mut pending.data);
+        pending.data = position.pending;
+        pending.data.extend_from_slice(&newer);
     }
 }

@@ -2,7 +2,7 @@
 //! workers.
 //!
 //! [`FlightEndpoint`] serves a worker's data: `do_get` streams shuffle outputs, view
-//! partitions and input blocks; `do_put` stores a replica of an input block or the rows
+//! partitions, input blocks and (for a handover) state partitions; `do_put` stores a replica of an input block or the rows
 //! of a table. Tickets and put descriptors are [`proto::DataTicket`]s. Batches travel as
 //! Arrow IPC (Flight's own encoding) — no row-by-row encoding anywhere — and a worker
 //! reading its own data skips Flight and shares the batches (see `service`).
@@ -97,6 +97,16 @@ impl FlightEndpoint {
                 }
                 Ok(batches)
             }
+            Kind::PartitionState(part) => super::handover::partition_part(&self.state, &part)
+                .ok_or_else(|| {
+                    Status::not_found(format!(
+                        "no {:?} part {} of view {} partition {} here",
+                        part.part(),
+                        part.index,
+                        part.view,
+                        part.partition
+                    ))
+                }),
             Kind::Block(_) | Kind::Table(_) => Err(Status::invalid_argument(
                 "blocks and tables are put, not fetched",
             )),

@@ -12,6 +12,7 @@
 //! - [`install`]: installing catalog objects: planning views the way the coordinator did.
 //! - [`service`]: the `Worker` gRPC service: seal, run tasks, commit, cancel.
 //! - [`flight`]: the Flight service and the client side of the data plane.
+//! - [`handover`]: moving receivers and state partitions off a worker that leaves.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use tracing::{info, warn};
 use crate::error::{Error, Result};
 
 pub mod flight;
+pub mod handover;
 pub mod install;
 pub mod service;
 pub mod state;
@@ -64,24 +66,10 @@ pub async fn run(
         .clone()
         .unwrap_or_else(|| format!("http://{local}"));
     let state = Arc::new(WorkerState::new(address.clone(), config.cores));
-    let incoming = tokio_stream_listener(listener);
-    let worker_service =
-        proto::worker_server::WorkerServer::new(service::WorkerService::new(state.clone()))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let flight_service = arrow_flight::flight_service_server::FlightServiceServer::new(
-        flight::FlightEndpoint::new(state.clone()),
-    )
-    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-    .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let serving = shutdown.child_token();
-    let server = tonic::transport::Server::builder()
-        .add_service(worker_service)
-        .add_service(flight_service)
-        .serve_with_incoming_shutdown(incoming, serving.clone().cancelled_owned());
-    #[allow(clippy::disallowed_methods)] // awaited below
-    let server = tokio::spawn(server);
-
+    // Not a child of `shutdown`: a leaving worker serves on until its work has been
+    // handed over.
+    let serving = CancellationToken::new();
+    let server = serve(state.clone(), listener, serving.clone());
     let membership = membership(&config, &state, &address, shutdown.clone()).await;
     serving.cancel();
     let served = server
@@ -89,6 +77,30 @@ pub async fn run(
         .map_err(|e| Error::Internal(format!("worker server task: {e}")))?;
     served.map_err(|e| Error::Internal(format!("worker server: {e}")))?;
     membership
+}
+
+/// Serves the `Worker` control-plane service and the Flight data plane for `state` on
+/// `listener` until `stop` is cancelled.
+pub fn serve(
+    state: Arc<WorkerState>,
+    listener: TcpListener,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<std::result::Result<(), tonic::transport::Error>> {
+    let worker_service =
+        proto::worker_server::WorkerServer::new(service::WorkerService::new(state.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let flight_service = arrow_flight::flight_service_server::FlightServiceServer::new(
+        flight::FlightEndpoint::new(state),
+    )
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let server = tonic::transport::Server::builder()
+        .add_service(worker_service)
+        .add_service(flight_service)
+        .serve_with_incoming_shutdown(tokio_stream_listener(listener), stop.cancelled_owned());
+    #[allow(clippy::disallowed_methods)] // the caller awaits the handle
+    tokio::spawn(server)
 }
 
 /// Registers, heartbeats until shutdown, then leaves. Registers again when the
@@ -159,21 +171,49 @@ async fn membership(
         }
     }
     if let Some(id) = registered {
-        let left = tokio::time::timeout(
-            Duration::from_secs(2),
-            client.leave(proto::LeaveRequest { worker_id: id }),
-        )
-        .await;
-        match left {
-            Ok(Ok(_)) => info!(worker = id, "left the cluster"),
-            _ => warn!(
-                worker = id,
-                "could not tell the coordinator that this worker leaves"
-            ),
-        }
+        leave(&config.coordinator, id).await;
     }
     Ok(())
 }
+
+/// Tells the coordinator this worker leaves, and waits while it hands the worker's
+/// receivers and state partitions over to other workers (they are fetched from here,
+/// so the worker serves on until the answer).
+async fn leave(coordinator: &str, id: u64) {
+    info!(worker = id, "leaving the cluster; handing work over");
+    let left = tokio::time::timeout(LEAVE_WAIT, async {
+        // A channel without the per-call timeout: the handover waits for the interval
+        // in progress.
+        let channel = tonic::transport::Endpoint::from_shared(coordinator.to_string())
+            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
+            .connect_timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        proto::coordinator_client::CoordinatorClient::new(channel)
+            .leave(proto::LeaveRequest { worker_id: id })
+            .await
+    })
+    .await;
+    match left {
+        Ok(Ok(answer)) if answer.get_ref().handed_over => {
+            info!(worker = id, "left the cluster; work handed over")
+        }
+        Ok(Ok(_)) => info!(worker = id, "left the cluster; nothing was handed over"),
+        Ok(Err(status)) => warn!(
+            worker = id,
+            error = %status.message(),
+            "could not tell the coordinator that this worker leaves"
+        ),
+        Err(_) => warn!(
+            worker = id,
+            "the coordinator did not finish the handover within {LEAVE_WAIT:?}; leaving anyway"
+        ),
+    }
+}
+
+/// How long a leaving worker waits for its handover.
+const LEAVE_WAIT: Duration = Duration::from_secs(60);
 
 /// How long a worker keeps trying to reach a coordinator that stopped answering.
 const COORDINATOR_GONE: Duration = Duration::from_secs(30);

@@ -8,6 +8,8 @@
 //!   shuffle pieces kept here) and reduce tasks (the pieces of one partition, read
 //!   locally or over Flight, folded into the partition's state). Outputs wait for
 //!   `Commit`; `Cancel` drops them.
+//! - `ReleaseReceiver`/`AdoptReceiver`/`DescribePartition`/`AdoptPartition`: handing
+//!   work over when a worker leaves (see [`super::handover`]).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,7 +24,7 @@ use tracing::warn;
 use super::flight::FlightPeers;
 use super::proto::{self, data_ticket::Kind, task::Kind as TaskKind};
 use super::state::{InstalledView, WorkerState};
-use super::{install, status};
+use super::{handover, install, status};
 use crate::error::{Error, Result};
 use crate::operator::{PartitionInput, ShufflePiece, ViewUpdate};
 use crate::view_runtime::conform;
@@ -171,6 +173,54 @@ impl proto::worker_server::Worker for WorkerService {
             blocks: self.state.block_count(),
             state_partitions: self.state.partition_count(),
         }))
+    }
+
+    async fn release_receiver(
+        &self,
+        request: Request<proto::ReleaseReceiverRequest>,
+    ) -> std::result::Result<Response<proto::ReceiverHandover>, Status> {
+        let source = request.into_inner().source;
+        handover::release_receiver(&self.state, &source)
+            .await
+            .map(Response::new)
+            .map_err(|e| status(&e))
+    }
+
+    async fn adopt_receiver(
+        &self,
+        request: Request<proto::ReceiverHandover>,
+    ) -> std::result::Result<Response<proto::AdoptReceiverResponse>, Status> {
+        handover::adopt_receiver(&self.state, request.into_inner())
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(proto::AdoptReceiverResponse {}))
+    }
+
+    async fn describe_partition(
+        &self,
+        request: Request<proto::DescribePartitionRequest>,
+    ) -> std::result::Result<Response<proto::PartitionDescription>, Status> {
+        let request = request.into_inner();
+        Ok(Response::new(handover::describe_partition(
+            &self.state,
+            &request.view,
+            request.partition,
+        )))
+    }
+
+    async fn adopt_partition(
+        &self,
+        request: Request<proto::AdoptPartitionRequest>,
+    ) -> std::result::Result<Response<proto::AdoptPartitionResponse>, Status> {
+        let request = request.into_inner();
+        let description = request.description.ok_or_else(|| {
+            Status::invalid_argument("adopting a partition needs its description")
+        })?;
+        let bytes =
+            handover::adopt_partition(&self.state, &self.peers, &request.from_address, description)
+                .await
+                .map_err(|e| status(&e))?;
+        Ok(Response::new(proto::AdoptPartitionResponse { bytes }))
     }
 }
 

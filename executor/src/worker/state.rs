@@ -311,6 +311,23 @@ impl WorkerState {
             .unwrap_or_default()
     }
 
+    /// Runs `f` on a partition's slot, if this worker holds the partition.
+    pub fn with_partition<R>(
+        &self,
+        view: &str,
+        partition: u32,
+        f: impl FnOnce(&PartitionSlot) -> R,
+    ) -> Option<R> {
+        lock(&self.partitions)
+            .get(&(view.to_string(), partition))
+            .map(f)
+    }
+
+    /// Takes over a partition handed over by a leaving worker.
+    pub fn adopt_partition(&self, view: &str, partition: u32, slot: PartitionSlot) {
+        lock(&self.partitions).insert((view.to_string(), partition), slot);
+    }
+
     pub fn partition_count(&self) -> u64 {
         lock(&self.partitions).len() as u64
     }

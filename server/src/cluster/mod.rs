@@ -3,18 +3,21 @@
 //! [`Cluster`] is the registry of workers. Workers join through the `Coordinator` gRPC
 //! service ([`CoordinatorService`]), heartbeat every [`HEARTBEAT`], and leave; a worker
 //! that misses heartbeats for [`DEAD_AFTER`] (or whose connection fails) is declared
-//! dead, logged, and shown as such in `dstream_workers`. Every call the coordinator
+//! dead, logged, and shown as such in `dstream_workers`. A worker that leaves cleanly
+//! is *leaving* until the engine has handed its receivers and state partitions over
+//! to the other workers ([`handover`]), then *left*. Every call the coordinator
 //! makes to a worker goes through [`Cluster::call`], which gives up as soon as that
 //! worker is declared dead, so an interval never hangs on a lost worker.
 //!
 //! # Layout
 //! - [`scheduler`]: one interval across the workers: seal, map, shuffle, reduce, commit.
+//! - [`handover`]: moving a leaving worker's receivers and state partitions.
 //! - [`remote_table`]: ad-hoc reads of view partitions and input blocks over Flight.
 //! - [`local`]: the worker processes `dstream serve` starts, or in-process workers.
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -28,6 +31,7 @@ use tracing::{error, info, warn};
 
 use crate::error::{Error, Result};
 
+pub mod handover;
 pub mod local;
 pub mod remote_table;
 pub mod scheduler;
@@ -36,11 +40,16 @@ pub mod scheduler;
 pub const HEARTBEAT: Duration = Duration::from_millis(500);
 /// A worker silent for this long is declared dead.
 pub const DEAD_AFTER: Duration = Duration::from_secs(3);
+/// How long a leaving worker's `Leave` call waits for its handover.
+pub const HANDOVER_WAIT: Duration = Duration::from_secs(50);
 
 /// Where a worker is in its life.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WorkerStatus {
     Alive,
+    /// Asked to leave; gets no new work, and is still reachable while its work is
+    /// handed over.
+    Leaving,
     /// Left cleanly.
     Left,
     /// Stopped answering; the reason, as logged.
@@ -51,6 +60,7 @@ impl std::fmt::Display for WorkerStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             WorkerStatus::Alive => write!(f, "alive"),
+            WorkerStatus::Leaving => write!(f, "leaving"),
             WorkerStatus::Left => write!(f, "left"),
             WorkerStatus::Dead(reason) => write!(f, "dead: {reason}"),
         }
@@ -72,11 +82,19 @@ pub struct WorkerRecord {
     pub tasks_done: u64,
     /// The catalog version installed on the worker.
     pub installed: u64,
+    /// Set when the worker left and its work was handed over.
+    pub handed_over: bool,
 }
 
 impl WorkerRecord {
+    /// Alive: gets new work.
     pub fn is_alive(&self) -> bool {
         self.status == WorkerStatus::Alive
+    }
+
+    /// Alive or leaving: answers calls and serves its data.
+    pub fn is_reachable(&self) -> bool {
+        matches!(self.status, WorkerStatus::Alive | WorkerStatus::Leaving)
     }
 
     /// "worker 2 (http://127.0.0.1:7001)", for messages.
@@ -92,6 +110,9 @@ pub struct Cluster {
     next_id: AtomicU64,
     /// Bumped whenever a worker joins, leaves or dies.
     membership: watch::Sender<u64>,
+    /// Whether a leaving worker's work is handed over (false once the coordinator
+    /// stops: leaving workers then just leave).
+    handovers: AtomicBool,
     pub peers: FlightPeers,
 }
 
@@ -101,6 +122,7 @@ impl Default for Cluster {
             workers: Mutex::new(BTreeMap::new()),
             next_id: AtomicU64::new(1),
             membership: watch::channel(0).0,
+            handovers: AtomicBool::new(false),
             peers: FlightPeers::default(),
         }
     }
@@ -139,16 +161,17 @@ impl Cluster {
                 running_tasks: 0,
                 tasks_done: 0,
                 installed: 0,
+                handed_over: false,
             },
         );
         self.bump();
         Ok(id)
     }
 
-    /// Records a heartbeat; false if the worker is unknown or no longer alive.
+    /// Records a heartbeat; false if the worker is unknown or no longer reachable.
     pub fn heartbeat(&self, id: u64, running_tasks: u32) -> bool {
         match self.lock().get_mut(&id) {
-            Some(w) if w.is_alive() => {
+            Some(w) if w.is_reachable() => {
                 w.last_seen = Instant::now();
                 w.running_tasks = running_tasks;
                 true
@@ -157,22 +180,84 @@ impl Cluster {
         }
     }
 
-    /// A worker leaves cleanly.
+    /// A worker asks to leave: it is leaving until its work is handed over, or left
+    /// at once when handovers are off.
     pub fn leave(&self, id: u64) {
+        let handovers = self.handovers.load(Ordering::SeqCst);
         if let Some(w) = self.lock().get_mut(&id)
             && w.is_alive()
         {
-            info!(worker = id, address = %w.address, "worker left");
-            w.status = WorkerStatus::Left;
+            if handovers {
+                info!(worker = id, address = %w.address, "worker is leaving; handing its work over");
+                w.status = WorkerStatus::Leaving;
+            } else {
+                info!(worker = id, address = %w.address, "worker left");
+                w.status = WorkerStatus::Left;
+            }
         }
         self.bump();
+    }
+
+    /// A leaving worker is gone; `handed_over` says whether its work moved.
+    pub fn set_left(&self, id: u64, handed_over: bool) {
+        if let Some(w) = self.lock().get_mut(&id)
+            && w.status == WorkerStatus::Leaving
+        {
+            info!(worker = id, address = %w.address, handed_over, "worker left");
+            w.status = WorkerStatus::Left;
+            w.handed_over = handed_over;
+        }
+        self.bump();
+    }
+
+    /// Workers waiting for their handover.
+    pub fn leaving(&self) -> Vec<WorkerRecord> {
+        self.lock()
+            .values()
+            .filter(|w| w.status == WorkerStatus::Leaving)
+            .cloned()
+            .collect()
+    }
+
+    /// Turns handovers on (the engine is running) or off (it stops; workers leaving
+    /// now, or still waiting, leave without one).
+    pub fn set_handovers(&self, on: bool) {
+        self.handovers.store(on, Ordering::SeqCst);
+        if !on {
+            for w in self.leaving() {
+                self.set_left(w.id, false);
+            }
+        }
+    }
+
+    /// Notified whenever a worker joins, leaves or dies.
+    pub fn membership_changes(&self) -> watch::Receiver<u64> {
+        self.membership.subscribe()
+    }
+
+    /// Waits until worker `id` is no longer leaving, at most `timeout`; returns
+    /// whether its work was handed over.
+    pub async fn wait_left(&self, id: u64, timeout: Duration) -> bool {
+        let mut rx = self.membership.subscribe();
+        let _ = tokio::time::timeout(timeout, async {
+            while self
+                .get(id)
+                .is_some_and(|w| w.status == WorkerStatus::Leaving)
+            {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        self.get(id).is_some_and(|w| w.handed_over)
     }
 
     /// Declares a worker dead, once, with the reason.
     pub fn mark_dead(&self, id: u64, reason: &str) {
         let mut workers = self.lock();
         if let Some(w) = workers.get_mut(&id)
-            && w.is_alive()
+            && w.is_reachable()
         {
             error!(worker = id, address = %w.address, reason, "worker is dead");
             w.status = WorkerStatus::Dead(reason.to_string());
@@ -186,7 +271,7 @@ impl Cluster {
         let silent: Vec<(u64, Duration)> = self
             .lock()
             .values()
-            .filter(|w| w.is_alive() && w.last_seen.elapsed() > DEAD_AFTER)
+            .filter(|w| w.is_reachable() && w.last_seen.elapsed() > DEAD_AFTER)
             .map(|w| (w.id, w.last_seen.elapsed()))
             .collect();
         for (id, silence) in silent {
@@ -217,6 +302,10 @@ impl Cluster {
 
     pub fn is_alive(&self, id: u64) -> bool {
         self.lock().get(&id).is_some_and(|w| w.is_alive())
+    }
+
+    pub fn is_reachable(&self, id: u64) -> bool {
+        self.lock().get(&id).is_some_and(|w| w.is_reachable())
     }
 
     /// Why worker `id` cannot be used, for messages: "worker 2 (...) is dead: ...".
@@ -264,12 +353,13 @@ impl Cluster {
     }
 
     /// Runs `call` against worker `id`, giving up with a clear error as soon as the
-    /// worker is declared dead. A transport failure declares the worker dead.
+    /// worker is declared dead (or has left). A transport failure declares the worker
+    /// dead.
     pub async fn call<T, F>(&self, id: u64, what: &str, call: F) -> Result<T>
     where
         F: Future<Output = std::result::Result<Response<T>, Status>>,
     {
-        if !self.is_alive(id) {
+        if !self.is_reachable(id) {
             return Err(Error::WorkerLost(format!(
                 "cannot {what}: {}",
                 self.unavailable(id)
@@ -290,7 +380,7 @@ impl Cluster {
                     };
                 }
                 changed = rx.changed() => {
-                    if changed.is_err() || !self.is_alive(id) {
+                    if changed.is_err() || !self.is_reachable(id) {
                         return Err(Error::WorkerLost(format!("cannot {what}: {}", self.unavailable(id))));
                     }
                 }
@@ -353,7 +443,9 @@ impl proto::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<proto::LeaveRequest>,
     ) -> std::result::Result<Response<proto::LeaveResponse>, Status> {
-        self.cluster.leave(request.into_inner().worker_id);
-        Ok(Response::new(proto::LeaveResponse {}))
+        let id = request.into_inner().worker_id;
+        self.cluster.leave(id);
+        let handed_over = self.cluster.wait_left(id, HANDOVER_WAIT).await;
+        Ok(Response::new(proto::LeaveResponse { handed_over }))
     }
 }

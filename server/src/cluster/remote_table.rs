@@ -47,7 +47,7 @@ impl RemoteView {
             let name = self.name.clone();
             async move {
                 let record = match cluster.get(worker) {
-                    Some(w) if w.is_alive() => w,
+                    Some(w) if w.is_reachable() => w,
                     _ => {
                         return Err(lost(&format!(
                             "materialized view \"{name}\": partition {p} is on {}",
@@ -127,7 +127,7 @@ impl RemoteSource {
             let holder = block
                 .holders
                 .iter()
-                .find(|h| self.cluster.is_alive(**h))
+                .find(|h| self.cluster.is_reachable(**h))
                 .ok_or_else(|| {
                     lost(&format!(
                         "source \"{}\": block {} of interval {} is on no live worker ({})",

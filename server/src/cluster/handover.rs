@@ -1,0 +1,224 @@
+//! Handing a leaving worker's work over to the workers that stay.
+//!
+//! A worker that leaves cleanly (`dstream worker` stopped with Ctrl-C or SIGTERM) asks
+//! the coordinator to let it go and serves on meanwhile. Between two intervals —
+//! under the engine's state lock, so no interval runs meanwhile — [`hand_over_leaving`]
+//! moves everything the worker holds:
+//! - each receiver goes to the staying worker with the fewest receivers; it carries on
+//!   where the leaving one stood (counters, watermark, files read, unsealed input);
+//! - each state partition goes to the staying worker with the fewest partitions, which
+//!   fetches it from the leaving worker over Flight, with the kept versions of its
+//!   view rows;
+//! - retained input blocks are kept by their replicas; the leaving worker is dropped
+//!   from their holders.
+//!
+//! Then the worker is marked *left* and its `Leave` call answers. Something that
+//! cannot be moved (no worker stays, or a move fails) stops the view or source that
+//! needed it, with a message saying why, as a dead worker would.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use dstream_executor::worker::proto;
+use futures::future::join_all;
+use tracing::{info, warn};
+
+use super::{Cluster, WorkerRecord, scheduler};
+use crate::engine::{Engine, EngineState};
+use crate::error::{Error, Result};
+
+/// Hands over the work of every leaving worker, then marks it left.
+pub async fn hand_over_leaving(engine: &Engine, state: &mut EngineState) {
+    let cluster = engine.inner.cluster.clone();
+    let leaving = cluster.leaving();
+    if leaving.is_empty() {
+        return;
+    }
+    // Workers that stay need the catalog before they adopt anything.
+    if let Err(e) = scheduler::sync_workers(engine, state).await {
+        warn!(error = %e, "could not install the catalog on every worker before a handover");
+    }
+    for worker in leaving {
+        let handed_over = hand_over(&cluster, state, &worker).await;
+        cluster.set_left(worker.id, handed_over);
+    }
+    engine.publish_snapshot(state);
+}
+
+/// Moves `leaving`'s receivers and state partitions; true if everything moved.
+async fn hand_over(cluster: &Cluster, state: &mut EngineState, leaving: &WorkerRecord) -> bool {
+    let staying = cluster.alive();
+    let started = Instant::now();
+    let mut complete = true;
+
+    // Receivers, one by one: each is small.
+    let mut receivers: HashMap<u64, usize> = staying.iter().map(|w| (w.id, 0)).collect();
+    for slot in state.sources.values() {
+        if let Some(n) = slot.worker.and_then(|w| receivers.get_mut(&w)) {
+            *n += 1;
+        }
+    }
+    let mut moved_receivers = 0;
+    for (name, slot) in state.sources.iter_mut() {
+        if slot.worker != Some(leaving.id) || slot.failure.is_some() {
+            continue;
+        }
+        let target = staying
+            .iter()
+            .min_by_key(|w| (receivers.get(&w.id).copied().unwrap_or(0), w.id));
+        let moved = match target {
+            Some(target) => move_receiver(cluster, leaving, target, name)
+                .await
+                .map(|()| target.id),
+            None => Err(Error::WorkerLost("no other worker is left".into())),
+        };
+        match moved {
+            Ok(target) => {
+                slot.worker = Some(target);
+                *receivers.entry(target).or_default() += 1;
+                moved_receivers += 1;
+            }
+            Err(e) => {
+                warn!(source = %name, error = %e, "could not move a receiver off a leaving worker");
+                slot.failure = Some(format!(
+                    "its receiver could not be moved off {}, which left: {e}",
+                    leaving.describe()
+                ));
+                complete = false;
+            }
+        }
+    }
+    // Retained blocks stay readable on their replicas.
+    for slot in state.sources.values_mut() {
+        for (_, blocks) in slot.retained.iter_mut() {
+            for block in blocks {
+                block.holders.retain(|h| *h != leaving.id);
+            }
+        }
+    }
+
+    // State partitions, all at once: each is fetched by its new owner.
+    let mut owned: HashMap<u64, usize> = staying.iter().map(|w| (w.id, 0)).collect();
+    for view in state.views.values() {
+        for w in &view.placement {
+            if let Some(n) = owned.get_mut(w) {
+                *n += 1;
+            }
+        }
+    }
+    let mut moves = Vec::new();
+    for (name, view) in &state.views {
+        if view.failure.is_some() {
+            continue;
+        }
+        for (p, owner) in view.placement.iter().enumerate() {
+            if *owner != leaving.id {
+                continue;
+            }
+            let target = staying
+                .iter()
+                .min_by_key(|w| (owned.get(&w.id).copied().unwrap_or(0), w.id));
+            if let Some(target) = target {
+                *owned.entry(target.id).or_default() += 1;
+            }
+            moves.push((name.clone(), p as u32, target.cloned()));
+        }
+    }
+    let results = join_all(moves.into_iter().map(|(view, p, target)| async move {
+        let moved = match &target {
+            Some(target) => move_partition(cluster, leaving, target, &view, p).await,
+            None => Err(Error::WorkerLost("no other worker is left".into())),
+        };
+        (view, p, target.map(|t| t.id), moved)
+    }))
+    .await;
+    let (mut moved_partitions, mut moved_bytes) = (0, 0u64);
+    for (name, p, target, moved) in results {
+        let Some(view) = state.views.get_mut(&name) else {
+            continue;
+        };
+        match (moved, target) {
+            (Ok(bytes), Some(target)) => {
+                view.placement[p as usize] = target;
+                moved_partitions += 1;
+                moved_bytes += bytes;
+            }
+            (Err(e), _) => {
+                complete = false;
+                warn!(view = %name, partition = p, error = %e, "could not move a state partition off a leaving worker");
+                if view.failure.is_none() {
+                    view.failure = Some(format!(
+                        "its state partition {p} could not be moved off {}, which left: {e}",
+                        leaving.describe()
+                    ));
+                }
+            }
+            (Ok(_), None) => complete = false,
+        }
+    }
+    info!(
+        worker = leaving.id,
+        receivers = moved_receivers,
+        partitions = moved_partitions,
+        bytes = moved_bytes,
+        elapsed = ?started.elapsed(),
+        "handed a leaving worker's work over"
+    );
+    complete
+}
+
+async fn move_receiver(
+    cluster: &Cluster,
+    from: &WorkerRecord,
+    to: &WorkerRecord,
+    source: &str,
+) -> Result<()> {
+    let mut client = from.client.clone();
+    let released = cluster
+        .call(
+            from.id,
+            "release a receiver",
+            client.release_receiver(proto::ReleaseReceiverRequest {
+                source: source.to_string(),
+            }),
+        )
+        .await?;
+    let mut client = to.client.clone();
+    cluster
+        .call(to.id, "adopt a receiver", client.adopt_receiver(released))
+        .await?;
+    info!(source, from = from.id, to = to.id, "moved a receiver");
+    Ok(())
+}
+
+async fn move_partition(
+    cluster: &Cluster,
+    from: &WorkerRecord,
+    to: &WorkerRecord,
+    view: &str,
+    partition: u32,
+) -> Result<u64> {
+    let mut client = from.client.clone();
+    let description = cluster
+        .call(
+            from.id,
+            "describe a state partition",
+            client.describe_partition(proto::DescribePartitionRequest {
+                view: view.to_string(),
+                partition,
+            }),
+        )
+        .await?;
+    let mut client = to.client.clone();
+    let adopted = cluster
+        .call(
+            to.id,
+            "adopt a state partition",
+            client.adopt_partition(proto::AdoptPartitionRequest {
+                from_address: from.address.clone(),
+                description: Some(description),
+            }),
+        )
+        .await?;
+    Ok(adopted.bytes)
+}
