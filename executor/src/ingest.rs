@@ -21,7 +21,7 @@ use dstream_planner::SourceDef;
 use dstream_storage::{IntervalId, Timeline};
 
 use crate::block::{Block, cut_blocks, with_interval_column};
-use crate::connector::{Receiver, ReceiverPosition, ReceiverStats, open_receiver};
+use crate::connector::{Receiver, ReceiverPosition, ReceiverStats, Split, open_receiver};
 use crate::error::{Error, Result};
 
 /// The live side of one source.
@@ -34,7 +34,13 @@ pub struct SourceRuntime {
     watermark: Option<i64>,
     late_rows: u64,
     block_rows: usize,
+    split: Split,
 }
+
+/// Blocks of one split of a source in one interval are numbered from
+/// `split.index * BLOCKS_PER_SPLIT`, so the splits' blocks never collide and sort in
+/// split order.
+pub const BLOCKS_PER_SPLIT: usize = 1 << 16;
 
 /// Where a source stood when its receiver was released: the receiver's position,
 /// the watermark and the count of late rows.
@@ -56,8 +62,13 @@ pub struct SourceStats {
 impl SourceRuntime {
     /// Opens the source's receiver and compiles its watermark expression. Intervals
     /// are cut into blocks of at most `block_rows` rows.
-    pub fn open(def: Arc<SourceDef>, ctx: &SessionContext, block_rows: usize) -> Result<Self> {
-        let receiver = open_receiver(&def)?;
+    pub fn open(
+        def: Arc<SourceDef>,
+        ctx: &SessionContext,
+        block_rows: usize,
+        split: Split,
+    ) -> Result<Self> {
+        let receiver = open_receiver(&def, split)?;
         let (watermark_expr, watermark_column) = match &def.watermark {
             Some(wm) => {
                 let schema = DFSchema::try_from(def.schema.as_ref().clone())?;
@@ -75,11 +86,26 @@ impl SourceRuntime {
             watermark: None,
             late_rows: 0,
             block_rows,
+            split,
         })
     }
 
     pub fn def(&self) -> &Arc<SourceDef> {
         &self.def
+    }
+
+    /// Which of the source's receivers this is.
+    pub fn split(&self) -> Split {
+        self.split
+    }
+
+    /// Sets the watermark rows are checked against: the source's, over all its
+    /// splits, as the coordinator knows it. The next seal drops rows older than it
+    /// and advances it by its own rows.
+    pub fn set_watermark(&mut self, watermark: Option<i64>) {
+        if watermark > self.watermark {
+            self.watermark = watermark;
+        }
     }
 
     /// The event-time watermark, nanoseconds since the epoch.
@@ -127,6 +153,7 @@ impl SourceRuntime {
         for batch in &batches {
             self.advance_watermark(batch)?;
         }
+        let first = self.split.index as usize * BLOCKS_PER_SPLIT;
         Ok(cut_blocks(
             &self.def.name,
             interval,
@@ -135,7 +162,10 @@ impl SourceRuntime {
             self.block_rows,
         )
         .into_iter()
-        .map(Arc::new)
+        .map(|mut block| {
+            block.index += first;
+            Arc::new(block)
+        })
         .collect())
     }
 

@@ -96,8 +96,8 @@ pub async fn memory_rows(table: &MemTable) -> Vec<RecordBatch> {
 #[derive(Debug)]
 pub struct SourceSlot {
     pub def: Arc<SourceDef>,
-    /// The worker running the receiver, once placed.
-    pub worker: Option<u64>,
+    /// The worker running each of the source's receivers (its splits), once placed.
+    pub receivers: Vec<u64>,
     pub stats: SourceStats,
     pub failure: Option<String>,
     /// Blocks of the retained recent intervals, oldest first.
@@ -109,7 +109,7 @@ impl SourceSlot {
     pub fn new(def: Arc<SourceDef>, retain_intervals: usize) -> Self {
         SourceSlot {
             def,
-            worker: None,
+            receivers: Vec::new(),
             stats: SourceStats::default(),
             failure: None,
             retained: VecDeque::new(),

@@ -28,7 +28,7 @@ use dstream_planner::SourceDef;
 use dstream_planner::duration::parse_duration;
 use dstream_storage::{IntervalId, Timeline};
 
-use crate::connector::{Options, Receiver, ReceiverPosition, ReceiverStats};
+use crate::connector::{Options, Receiver, ReceiverPosition, ReceiverStats, Split};
 use crate::error::{Result, config_error};
 
 /// Largest batch the generator builds at once.
@@ -49,6 +49,7 @@ pub struct Generator {
     rows_per_second: f64,
     seed: u64,
     max_delay_nanos: i64,
+    split: Split,
     stats: ReceiverStats,
 }
 
@@ -61,6 +62,12 @@ fn mix(mut z: u64) -> u64 {
 }
 
 impl Generator {
+    /// Makes this receiver generate only `split`'s share of each interval's rows.
+    pub fn split(mut self, split: Split) -> Self {
+        self.split = split;
+        self
+    }
+
     pub fn open(source: &SourceDef, options: &Options) -> Result<Self> {
         let rows_per_second: f64 = options.number("rows_per_second", 1000.0)?;
         if !(rows_per_second.is_finite() && rows_per_second >= 0.0) {
@@ -136,6 +143,7 @@ impl Generator {
             rows_per_second,
             seed,
             max_delay_nanos: max_delay.as_nanos() as i64,
+            split: Split::WHOLE,
             stats: ReceiverStats::default(),
         })
     }
@@ -149,9 +157,16 @@ impl Generator {
         mix(self.seed ^ mix(row ^ ((column as u64 + 1) << 48)))
     }
 
-    fn build(&self, rows: std::ops::Range<u64>, start: i64, step: f64) -> Result<RecordBatch> {
+    /// Rows `rows` of an interval whose first row is `first` and which starts at
+    /// `start`; rows arrive every `step` nanoseconds.
+    fn build(
+        &self,
+        rows: std::ops::Range<u64>,
+        first: u64,
+        start: i64,
+        step: f64,
+    ) -> Result<RecordBatch> {
         let n = (rows.end - rows.start) as usize;
-        let first = rows.start;
         let mut arrays: Vec<ArrayRef> = Vec::with_capacity(self.columns.len());
         for (c, (field, column_gen)) in self.schema.fields().iter().zip(&self.columns).enumerate() {
             let ints = |row: u64| -> u64 {
@@ -237,15 +252,15 @@ impl Receiver for Generator {
         } else {
             timeline.width_nanos as f64 / n as f64
         };
+        let mine = self.split.share(first, end);
         let mut batches = Vec::new();
-        let mut lo = first;
-        while lo < end {
-            let hi = (lo + BATCH_ROWS).min(end);
-            let offset = ((lo - first) as f64 * step) as i64;
-            batches.push(self.build(lo..hi, start + offset, step)?);
+        let mut lo = mine.start;
+        while lo < mine.end {
+            let hi = (lo + BATCH_ROWS).min(mine.end);
+            batches.push(self.build(lo..hi, first, start, step)?);
             lo = hi;
         }
-        self.stats.records += n;
+        self.stats.records += mine.end - mine.start;
         Ok(batches)
     }
 

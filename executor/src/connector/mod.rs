@@ -14,7 +14,7 @@ use arrow::array::RecordBatch;
 use dstream_planner::SourceDef;
 use dstream_storage::{IntervalId, Timeline};
 
-use crate::error::{Result, config_error};
+use crate::error::{Error, Result, config_error};
 
 pub mod decode;
 pub mod file;
@@ -69,12 +69,52 @@ impl ReceiverPosition {
     }
 }
 
-/// Opens the receiver of `source`, checking its options.
-pub fn open_receiver(source: &SourceDef) -> Result<Box<dyn Receiver>> {
+/// One of the parallel receivers of a source: receiver `index` of `count` reads its
+/// share of the records, so a source's ingest spreads over workers. Only connectors
+/// whose records are a function of their position split ([`splittable`]); the others
+/// always run as one receiver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Split {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl Split {
+    /// The only receiver of its source.
+    pub const WHOLE: Split = Split { index: 0, count: 1 };
+
+    /// This split's share of the positions `first..end`: a contiguous range, so the
+    /// splits' shares in index order are the whole range in order.
+    pub fn share(&self, first: u64, end: u64) -> std::ops::Range<u64> {
+        let n = end - first;
+        let count = u64::from(self.count.max(1));
+        let index = u64::from(self.index.min(self.count.saturating_sub(1)));
+        first + n * index / count..first + n * (index + 1) / count
+    }
+}
+
+/// Whether the connector of `source` can run as several receivers.
+pub fn splittable(source: &SourceDef) -> bool {
+    matches!(
+        source.connector.connector.as_str(),
+        "generator" | "datagen" | "nexmark"
+    )
+}
+
+/// Opens receiver `split` of `source`, checking its options.
+pub fn open_receiver(source: &SourceDef, split: Split) -> Result<Box<dyn Receiver>> {
     let options = Options::new(&source.connector.options);
+    if split.count > 1 && !splittable(source) {
+        return Err(Error::Internal(format!(
+            "source {} cannot run as {} receivers",
+            source.name, split.count
+        )));
+    }
     let receiver: Box<dyn Receiver> = match source.connector.connector.as_str() {
-        "generator" | "datagen" => Box::new(generator::Generator::open(source, &options)?),
-        "nexmark" => Box::new(nexmark::NexmarkReceiver::open(source, &options)?),
+        "generator" | "datagen" => {
+            Box::new(generator::Generator::open(source, &options)?.split(split))
+        }
+        "nexmark" => Box::new(nexmark::NexmarkReceiver::open(source, &options)?.split(split)),
         "tcp" => Box::new(tcp::TcpReceiver::open(source, &options)?),
         "file" => Box::new(file::FileReceiver::open(source, &options)?),
         other => {
@@ -139,5 +179,107 @@ impl<'a> Options<'a> {
         Err(config_error(format!(
             "unknown option(s) for connector '{connector}': {names}"
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use arrow::compute::concat_batches;
+    use datafusion::prelude::SessionContext;
+    use dstream_planner::Statement;
+    use dstream_planner::definition::source_def;
+    use dstream_planner::statement::parse_statement;
+
+    use super::*;
+
+    #[test]
+    fn shares_cover_the_range_in_order() {
+        for count in 1..6u32 {
+            let mut next = 10;
+            for index in 0..count {
+                let share = Split { index, count }.share(10, 27);
+                assert_eq!(share.start, next, "split {index} of {count}");
+                next = share.end;
+            }
+            assert_eq!(next, 27);
+        }
+    }
+
+    fn seal_all(sql: &str, splits: u32) -> RecordBatch {
+        let Ok(Statement::CreateSource(create)) = parse_statement(sql) else {
+            panic!("not a source: {sql}");
+        };
+        let ctx = SessionContext::new();
+        let def = futures::executor::block_on(source_def(&ctx.state(), &create)).expect("def");
+        let timeline = Timeline::new(1_767_225_600_000_000_000, Duration::from_secs(1));
+        let mut batches = Vec::new();
+        for index in 0..splits {
+            let split = Split {
+                index,
+                count: splits,
+            };
+            let mut receiver = open_receiver(&def, split).expect("open");
+            for interval in 0..3 {
+                batches.extend(
+                    receiver
+                        .seal(IntervalId(interval), &timeline)
+                        .expect("seal"),
+                );
+            }
+        }
+        concat_batches(&def.record_schema, &batches).expect("concat")
+    }
+
+    fn sorted_rows(batch: &RecordBatch) -> Vec<String> {
+        let mut rows: Vec<String> = (0..batch.num_rows())
+            .map(|r| {
+                batch
+                    .columns()
+                    .iter()
+                    .map(|c| arrow::util::display::array_value_to_string(c, r).expect("value"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .collect();
+        rows.sort();
+        rows
+    }
+
+    #[test]
+    fn the_splits_of_a_source_together_read_what_one_receiver_reads() {
+        for sql in [
+            "CREATE SOURCE g (k BIGINT, v DOUBLE, ts TIMESTAMP) WITH (connector = 'generator', rows_per_second = 1001, seed = 3)",
+            "CREATE SOURCE b (auction BIGINT, price BIGINT) WITH (connector = 'nexmark', nexmark.table = 'bid', nexmark.event_rate = 997)",
+        ] {
+            let whole = seal_all(sql, 1);
+            assert!(whole.num_rows() > 100, "{sql}");
+            for splits in [2, 3] {
+                let parts = seal_all(sql, splits);
+                assert_eq!(
+                    sorted_rows(&parts),
+                    sorted_rows(&whole),
+                    "{sql}, {splits} splits"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_source_that_cannot_split_says_so() {
+        let Ok(Statement::CreateSource(create)) = parse_statement(
+            "CREATE SOURCE t (a BIGINT) WITH (connector = 'tcp', port = 9, format = 'json')",
+        ) else {
+            panic!("not a source");
+        };
+        let ctx = SessionContext::new();
+        let def = futures::executor::block_on(source_def(&ctx.state(), &create)).expect("def");
+        assert!(!splittable(&def));
+        let err = open_receiver(&def, Split { index: 0, count: 2 }).expect_err("no split");
+        assert!(
+            err.to_string().contains("cannot run as 2 receivers"),
+            "{err}"
+        );
     }
 }

@@ -26,7 +26,7 @@ use nexmark::EventGenerator;
 use nexmark::config::{NexmarkConfig, RateShape};
 use nexmark::event::Event;
 
-use crate::connector::{Options, Receiver, ReceiverPosition, ReceiverStats};
+use crate::connector::{Options, Receiver, ReceiverPosition, ReceiverStats, Split};
 use crate::error::{Result, config_error};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -136,10 +136,17 @@ pub struct NexmarkReceiver {
     /// For each declared column, its index in the Nexmark table.
     columns: Vec<usize>,
     event_rate: f64,
+    split: Split,
     stats: ReceiverStats,
 }
 
 impl NexmarkReceiver {
+    /// Makes this receiver generate only `split`'s share of each interval's events.
+    pub fn split(mut self, split: Split) -> Self {
+        self.split = split;
+        self
+    }
+
     pub fn open(source: &SourceDef, options: &Options) -> Result<Self> {
         let table = match options.get("nexmark.table") {
             Some("person") => Table::Person,
@@ -198,6 +205,7 @@ impl NexmarkReceiver {
             schema: source.record_schema.clone(),
             columns,
             event_rate,
+            split: Split::WHOLE,
             stats: ReceiverStats::default(),
         })
     }
@@ -224,9 +232,10 @@ impl Receiver for NexmarkReceiver {
     fn seal(&mut self, interval: IntervalId, timeline: &Timeline) -> Result<Vec<RecordBatch>> {
         let first = self.events_before(interval, timeline);
         let end = self.events_before(interval.next(), timeline);
+        let mine = self.split.share(first, end);
         let events: Vec<Event> = self
-            .generator(timeline, first)
-            .take((end - first) as usize)
+            .generator(timeline, mine.start)
+            .take((mine.end - mine.start) as usize)
             .filter(|e| {
                 matches!(
                     (self.table, e),

@@ -21,26 +21,29 @@ use tracing::info;
 use super::flight::FlightPeers;
 use super::proto::{self, data_ticket::Kind, partition_state_ref::Part};
 use super::state::{PartitionSlot, WorkerState};
-use crate::connector::{ReceiverPosition, ReceiverStats};
+use crate::connector::{ReceiverPosition, ReceiverStats, Split};
 use crate::error::{Error, Result};
 use crate::ingest::{SourceHandover, SourceRuntime};
 use crate::operator::StatePartition;
 
-/// Stops the receiver of `source` on this worker and says where it stood.
+/// Stops receiver `split` of `source` on this worker and says where it stood.
 pub async fn release_receiver(
     state: &WorkerState,
     source: &str,
+    split: u32,
 ) -> Result<proto::ReceiverHandover> {
     let mut runtime = state
         .receivers
         .lock()
         .await
-        .remove(source)
-        .ok_or_else(|| Error::Internal(format!("no receiver of source {source} here")))?;
+        .remove(&(source.to_string(), split))
+        .ok_or_else(|| Error::Internal(format!("no receiver {split} of source {source} here")))?;
     let handover = runtime.release();
-    info!(source, "released receiver");
+    info!(source, split, "released receiver");
     Ok(proto::ReceiverHandover {
         source: source.to_string(),
+        split,
+        splits: runtime.split().count,
         records: handover.position.stats.records,
         malformed: handover.position.stats.malformed,
         late_rows: handover.late_rows,
@@ -69,7 +72,11 @@ pub async fn adopt_receiver(state: &WorkerState, handover: proto::ReceiverHandov
             })?;
         (def, installed.block_rows)
     };
-    let mut runtime = SourceRuntime::open(def, &state.task_ctx, block_rows)?;
+    let split = Split {
+        index: handover.split,
+        count: handover.splits.max(1),
+    };
+    let mut runtime = SourceRuntime::open(def, &state.task_ctx, block_rows, split)?;
     runtime.resume(SourceHandover {
         position: ReceiverPosition {
             stats: ReceiverStats {
@@ -82,12 +89,12 @@ pub async fn adopt_receiver(state: &WorkerState, handover: proto::ReceiverHandov
         watermark: handover.watermark,
         late_rows: handover.late_rows,
     });
-    info!(source = %handover.source, "adopted receiver");
+    info!(source = %handover.source, split = handover.split, "adopted receiver");
     state
         .receivers
         .lock()
         .await
-        .insert(handover.source, runtime);
+        .insert((handover.source, handover.split), runtime);
     Ok(())
 }
 

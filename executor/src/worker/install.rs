@@ -21,6 +21,7 @@ use tracing::info;
 
 use super::proto;
 use super::state::{Installed, InstalledView, WorkerState};
+use crate::connector::Split;
 use crate::error::{Error, Result};
 use crate::ingest::SourceRuntime;
 use crate::table::{file_table, table_options};
@@ -60,18 +61,25 @@ pub async fn install(state: &WorkerState, request: proto::InstallRequest) -> Res
         install_object(installed, object).await?;
     }
     let mut receivers = state.receivers.lock().await;
-    for name in &request.receivers {
-        if receivers.contains_key(name) {
+    for placed in &request.receivers {
+        let key = (placed.source.clone(), placed.split);
+        if receivers.contains_key(&key) {
             continue;
         }
         let def = installed
             .catalog
-            .source(name)
+            .source(&placed.source)
             .cloned()
-            .ok_or_else(|| Error::Internal(format!("receiver for unknown source {name}")))?;
-        let runtime = SourceRuntime::open(def, &state.task_ctx, installed.block_rows)?;
-        info!(source = %name, "opened receiver");
-        receivers.insert(name.clone(), runtime);
+            .ok_or_else(|| {
+                Error::Internal(format!("receiver for unknown source {}", placed.source))
+            })?;
+        let split = Split {
+            index: placed.split,
+            count: placed.splits.max(1),
+        };
+        let runtime = SourceRuntime::open(def, &state.task_ctx, installed.block_rows, split)?;
+        info!(source = %placed.source, split = placed.split, splits = split.count, "opened receiver");
+        receivers.insert(key, runtime);
     }
     Ok(())
 }
@@ -169,7 +177,11 @@ pub async fn remove(state: &WorkerState, name: &str) -> Result<()> {
         installed.memory_tables.remove(name);
         installed.views.remove(name);
         if kind == ObjectKind::Source {
-            state.receivers.lock().await.remove(name);
+            state
+                .receivers
+                .lock()
+                .await
+                .retain(|(source, _), _| source != name);
         }
     }
     state.forget(name);

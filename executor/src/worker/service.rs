@@ -179,8 +179,8 @@ impl proto::worker_server::Worker for WorkerService {
         &self,
         request: Request<proto::ReleaseReceiverRequest>,
     ) -> std::result::Result<Response<proto::ReceiverHandover>, Status> {
-        let source = request.into_inner().source;
-        handover::release_receiver(&self.state, &source)
+        let request = request.into_inner();
+        handover::release_receiver(&self.state, &request.source, request.split)
             .await
             .map(Response::new)
             .map_err(|e| status(&e))
@@ -235,7 +235,8 @@ async fn seal(
     let mut receivers = state.receivers.lock().await;
     let mut sealed_sources = Vec::new();
     let mut failed = Vec::new();
-    for (name, runtime) in receivers.iter_mut() {
+    for ((name, split), runtime) in receivers.iter_mut() {
+        runtime.set_watermark(request.watermarks.get(name).copied());
         // Receivers may read files: keep that off the async worker's back.
         let sealed = match tokio::runtime::Handle::current().runtime_flavor() {
             tokio::runtime::RuntimeFlavor::MultiThread => {
@@ -246,6 +247,7 @@ async fn seal(
         let stats = runtime.stats();
         let mut out = proto::SealedSource {
             source: name.clone(),
+            split: *split,
             watermark: stats.watermark,
             records: stats.receiver.records,
             malformed: stats.receiver.malformed,
@@ -255,12 +257,12 @@ async fn seal(
         match sealed {
             Ok(blocks) => {
                 let mut puts = JoinSet::new();
-                for block in &blocks {
+                for (i, block) in blocks.iter().enumerate() {
                     state.put_block(block.clone());
                     if !request.replica_address.is_empty() {
-                        let block = block.clone();
-                        let address = request.replica_address.clone();
-                        puts.spawn(put_replica(peers, address, block));
+                        let put =
+                            put_replica(peers, request.replica_address.clone(), block.clone());
+                        puts.spawn(async move { put.await.map(|()| i) });
                     }
                 }
                 let mut replicated = vec![false; blocks.len()];
@@ -301,13 +303,13 @@ async fn seal(
             Err(e) => {
                 warn!(source = %name, error = %e, "source failed and stopped");
                 out.failure = e.to_string();
-                failed.push(name.clone());
+                failed.push((name.clone(), *split));
             }
         }
         sealed_sources.push(out);
     }
-    for name in failed {
-        receivers.remove(&name);
+    for key in failed {
+        receivers.remove(&key);
     }
     sealed_sources
 }
@@ -316,7 +318,7 @@ fn put_replica(
     peers: &Arc<FlightPeers>,
     address: String,
     block: Arc<crate::block::Block>,
-) -> impl std::future::Future<Output = Result<usize>> + Send + 'static {
+) -> impl std::future::Future<Output = Result<()>> + Send + 'static {
     let peers = peers.clone();
     async move {
         let kind = Kind::Block(proto::BlockRef {
@@ -327,7 +329,7 @@ fn put_replica(
         peers
             .put(&address, kind, block.schema.clone(), block.batches.clone())
             .await?;
-        Ok(block.index)
+        Ok(())
     }
 }
 

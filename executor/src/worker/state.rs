@@ -94,7 +94,8 @@ pub struct WorkerState {
     /// Runs tasks; has no tables, only functions and settings.
     pub task_ctx: SessionContext,
     pub installed: tokio::sync::Mutex<Option<Installed>>,
-    pub receivers: tokio::sync::Mutex<BTreeMap<String, SourceRuntime>>,
+    /// Receivers by (source, split).
+    pub receivers: tokio::sync::Mutex<BTreeMap<(String, u32), SourceRuntime>>,
     blocks: Mutex<BTreeMap<(String, IntervalId), IntervalBlocks>>,
     shuffle: Mutex<HashMap<ShuffleKey, Arc<Vec<ShufflePiece>>>>,
     partitions: Mutex<HashMap<(String, u32), PartitionSlot>>,

@@ -54,37 +54,45 @@ async fn hand_over(cluster: &Cluster, state: &mut EngineState, leaving: &WorkerR
     // Receivers, one by one: each is small.
     let mut receivers: HashMap<u64, usize> = staying.iter().map(|w| (w.id, 0)).collect();
     for slot in state.sources.values() {
-        if let Some(n) = slot.worker.and_then(|w| receivers.get_mut(&w)) {
-            *n += 1;
+        for w in &slot.receivers {
+            if let Some(n) = receivers.get_mut(w) {
+                *n += 1;
+            }
         }
     }
     let mut moved_receivers = 0;
     for (name, slot) in state.sources.iter_mut() {
-        if slot.worker != Some(leaving.id) || slot.failure.is_some() {
+        if slot.failure.is_some() {
             continue;
         }
-        let target = staying
-            .iter()
-            .min_by_key(|w| (receivers.get(&w.id).copied().unwrap_or(0), w.id));
-        let moved = match target {
-            Some(target) => move_receiver(cluster, leaving, target, name)
-                .await
-                .map(|()| target.id),
-            None => Err(Error::WorkerLost("no other worker is left".into())),
-        };
-        match moved {
-            Ok(target) => {
-                slot.worker = Some(target);
-                *receivers.entry(target).or_default() += 1;
-                moved_receivers += 1;
+        for split in 0..slot.receivers.len() {
+            if slot.receivers[split] != leaving.id {
+                continue;
             }
-            Err(e) => {
-                warn!(source = %name, error = %e, "could not move a receiver off a leaving worker");
-                slot.failure = Some(format!(
-                    "its receiver could not be moved off {}, which left: {e}",
-                    leaving.describe()
-                ));
-                complete = false;
+            let target = staying
+                .iter()
+                .min_by_key(|w| (receivers.get(&w.id).copied().unwrap_or(0), w.id));
+            let moved = match target {
+                Some(target) => move_receiver(cluster, leaving, target, name, split as u32)
+                    .await
+                    .map(|()| target.id),
+                None => Err(Error::WorkerLost("no other worker is left".into())),
+            };
+            match moved {
+                Ok(target) => {
+                    slot.receivers[split] = target;
+                    *receivers.entry(target).or_default() += 1;
+                    moved_receivers += 1;
+                }
+                Err(e) => {
+                    warn!(source = %name, split, error = %e, "could not move a receiver off a leaving worker");
+                    slot.failure = Some(format!(
+                        "its receiver could not be moved off {}, which left: {e}",
+                        leaving.describe()
+                    ));
+                    complete = false;
+                    break;
+                }
             }
         }
     }
@@ -172,6 +180,7 @@ async fn move_receiver(
     from: &WorkerRecord,
     to: &WorkerRecord,
     source: &str,
+    split: u32,
 ) -> Result<()> {
     let mut client = from.client.clone();
     let released = cluster
@@ -180,6 +189,7 @@ async fn move_receiver(
             "release a receiver",
             client.release_receiver(proto::ReleaseReceiverRequest {
                 source: source.to_string(),
+                split,
             }),
         )
         .await?;
@@ -187,7 +197,13 @@ async fn move_receiver(
     cluster
         .call(to.id, "adopt a receiver", client.adopt_receiver(released))
         .await?;
-    info!(source, from = from.id, to = to.id, "moved a receiver");
+    info!(
+        source,
+        split,
+        from = from.id,
+        to = to.id,
+        "moved a receiver"
+    );
     Ok(())
 }
 

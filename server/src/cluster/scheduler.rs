@@ -2,7 +2,9 @@
 //!
 //! [`run_interval`] is the coordinator's side of the per-interval stage DAG:
 //! 1. **seal**: every worker with receivers seals the interval; each block is stored
-//!    on that worker and on the next live worker (its replica) before the answer;
+//!    on that worker and on the next live worker (its replica) before the answer. A
+//!    source may have several receivers (splits) on several workers; its blocks are
+//!    theirs in split order, and its watermark the highest they reached;
 //! 2. **map**: one task per (view, block), placed on a live holder of the block — the
 //!    less loaded of the two — so map work is local and spread;
 //! 3. **reduce**: one task per (view, partition) on the worker that owns the state
@@ -94,10 +96,15 @@ pub async fn run_interval(
         .sources
         .values()
         .filter(|s| s.failure.is_none())
-        .filter_map(|s| s.worker)
+        .flat_map(|s| s.receivers.iter().copied())
         .collect();
     receiver_workers.sort_unstable();
     receiver_workers.dedup();
+    let watermarks: HashMap<String, i64> = state
+        .sources
+        .iter()
+        .filter_map(|(name, s)| s.stats.watermark.map(|w| (name.clone(), w)))
+        .collect();
     let seals = receiver_workers.iter().map(|&id| {
         let cluster = cluster.clone();
         let replica = replica_of(&alive, id);
@@ -106,6 +113,7 @@ pub async fn run_interval(
             timeline: Some(proto_timeline),
             replica_address: replica.map(|r| r.address.clone()).unwrap_or_default(),
             replica_worker: replica.map_or(0, |r| r.id),
+            watermarks: watermarks.clone(),
         };
         async move {
             let result = match cluster.get(id) {
@@ -120,47 +128,71 @@ pub async fn run_interval(
             (id, result)
         }
     });
-    let mut blocks: HashMap<String, Vec<BlockInfo>> = HashMap::new();
+    let mut sealed: HashMap<String, Vec<proto::SealedSource>> = HashMap::new();
     for (worker, result) in join_all(seals).await {
         match result {
             Ok(response) => {
-                for sealed in response.sources {
-                    let Some(slot) = state.sources.get_mut(&sealed.source) else {
-                        continue;
-                    };
-                    slot.stats.receiver.records = sealed.records;
-                    slot.stats.receiver.malformed = sealed.malformed;
-                    slot.stats.late_rows = sealed.late_rows;
-                    slot.stats.watermark = sealed.watermark;
-                    if !sealed.failure.is_empty() {
-                        warn!(source = %sealed.source, error = %sealed.failure, "source failed and stopped");
-                        slot.failure = Some(sealed.failure);
-                        continue;
-                    }
-                    let infos: Vec<BlockInfo> = sealed
-                        .blocks
-                        .iter()
-                        .map(|b| BlockInfo {
-                            interval,
-                            index: b.index,
-                            rows: b.rows,
-                            bytes: b.bytes,
-                            holders: b.holders.clone(),
-                        })
-                        .collect();
-                    slot.retain(interval, infos.clone());
-                    blocks.insert(sealed.source, infos);
+                for split in response.sources {
+                    sealed.entry(split.source.clone()).or_default().push(split);
                 }
             }
             Err(e) => {
                 for (name, slot) in state.sources.iter_mut() {
-                    if slot.worker == Some(worker) && slot.failure.is_none() {
-                        warn!(source = %name, error = %e, "source lost its receiver");
-                        slot.failure = Some(format!("its receiver was on a lost worker: {e}"));
+                    if slot.receivers.contains(&worker) && slot.failure.is_none() {
+                        warn!(source = %name, error = %e, "source lost a receiver");
+                        slot.failure = Some(format!("a receiver was on a lost worker: {e}"));
                     }
                 }
             }
         }
+    }
+    let mut blocks: HashMap<String, Vec<BlockInfo>> = HashMap::new();
+    for (name, splits) in sealed {
+        let Some(slot) = state.sources.get_mut(&name) else {
+            continue;
+        };
+        if slot.failure.is_some() {
+            continue;
+        }
+        if let Some(failed) = splits.iter().find(|s| !s.failure.is_empty()) {
+            warn!(source = %name, error = %failed.failure, "source failed and stopped");
+            slot.failure = Some(failed.failure.clone());
+            continue;
+        }
+        if splits.len() < slot.receivers.len() {
+            let failure = format!(
+                "{} of its {} receivers did not seal interval {interval}",
+                slot.receivers.len() - splits.len(),
+                slot.receivers.len()
+            );
+            warn!(source = %name, error = %failure, "source failed and stopped");
+            slot.failure = Some(failure);
+            continue;
+        }
+        // The source's counters are the sums over its receivers; its watermark the
+        // highest any of them reached (each dropped late rows against the same one).
+        slot.stats.receiver.records = splits.iter().map(|s| s.records).sum();
+        slot.stats.receiver.malformed = splits.iter().map(|s| s.malformed).sum();
+        slot.stats.late_rows = splits.iter().map(|s| s.late_rows).sum();
+        slot.stats.watermark = splits
+            .iter()
+            .filter_map(|s| s.watermark)
+            .max()
+            .max(slot.stats.watermark);
+        let mut infos: Vec<BlockInfo> = splits
+            .iter()
+            .flat_map(|s| s.blocks.iter())
+            .map(|b| BlockInfo {
+                interval,
+                index: b.index,
+                rows: b.rows,
+                bytes: b.bytes,
+                holders: b.holders.clone(),
+            })
+            .collect();
+        infos.sort_by_key(|b| b.index);
+        slot.retain(interval, infos.clone());
+        blocks.insert(name, infos);
     }
 
     // 2. Map: one task per (view, block) on the less loaded live holder.
@@ -460,11 +492,22 @@ pub async fn sync_workers(engine: &Engine, state: &mut EngineState) -> Result<()
     .max(1) as u64;
     let mut first_error = None;
     for worker in alive.iter().filter(|w| w.installed < state.catalog_version) {
-        let receivers: Vec<String> = state
+        let receivers: Vec<proto::ReceiverSplit> = state
             .sources
             .iter()
-            .filter(|(_, s)| s.worker == Some(worker.id) && s.failure.is_none())
-            .map(|(n, _)| n.clone())
+            .filter(|(_, s)| s.failure.is_none())
+            .flat_map(|(name, s)| {
+                let splits = s.receivers.len() as u32;
+                s.receivers
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, w)| **w == worker.id)
+                    .map(move |(i, _)| proto::ReceiverSplit {
+                        source: name.clone(),
+                        split: i as u32,
+                        splits,
+                    })
+            })
             .collect();
         let request = proto::InstallRequest {
             timeline: Some(proto::Timeline {
@@ -504,26 +547,35 @@ pub async fn sync_workers(engine: &Engine, state: &mut EngineState) -> Result<()
     }
 }
 
-/// Gives receivers and state partitions that have none a live worker: receivers go
-/// to the worker with the fewest, partitions round-robin from a per-view offset.
+/// Gives receivers and state partitions that have none a live worker. A source whose
+/// connector splits gets one receiver per live worker, others one; each receiver goes
+/// to the worker with the fewest. Partitions go round-robin from a per-view offset.
 fn place(state: &mut EngineState, alive: &[WorkerRecord]) {
     let mut receivers: HashMap<u64, usize> = alive.iter().map(|w| (w.id, 0)).collect();
     for slot in state.sources.values() {
-        if let Some(w) = slot.worker
-            && let Some(n) = receivers.get_mut(&w)
-        {
-            *n += 1;
+        for w in &slot.receivers {
+            if let Some(n) = receivers.get_mut(w) {
+                *n += 1;
+            }
         }
     }
     for slot in state.sources.values_mut() {
-        if slot.worker.is_none() && slot.failure.is_none() {
+        if !slot.receivers.is_empty() || slot.failure.is_some() {
+            continue;
+        }
+        let splits = if dstream_executor::connector::splittable(&slot.def) {
+            alive.len()
+        } else {
+            1
+        };
+        for _ in 0..splits {
             let chosen = alive
                 .iter()
                 .map(|w| w.id)
                 .min_by_key(|id| (receivers.get(id).copied().unwrap_or(0), *id));
             if let Some(id) = chosen {
                 *receivers.entry(id).or_default() += 1;
-                slot.worker = Some(id);
+                slot.receivers.push(id);
             }
         }
     }
