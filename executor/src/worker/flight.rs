@@ -2,8 +2,9 @@
 //! workers.
 //!
 //! [`FlightEndpoint`] serves a worker's data: `do_get` streams shuffle outputs, view
-//! partitions, input blocks and (for a handover) state partitions; `do_put` stores a replica of an input block or the rows
-//! of a table. Tickets and put descriptors are [`proto::DataTicket`]s. Batches travel as
+//! partitions, input blocks and (for a handover) state partitions; `do_put` stores a
+//! replica of an input block (sent without its constant `_interval` column) or the
+//! rows of a table. Tickets and put descriptors are [`proto::DataTicket`]s. Batches travel as
 //! Arrow IPC (Flight's own encoding) — no row-by-row encoding anywhere — and a worker
 //! reading its own data skips Flight and shares the batches (see `service`).
 //!
@@ -31,7 +32,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::proto::{self, data_ticket::Kind};
 use super::state::{ViewRowsRead, WorkerState};
-use crate::block::Block;
+use crate::block::{Block, with_interval_column};
 use crate::error::{Error, Result};
 
 type BoxedStream<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send + 'static>>;
@@ -120,15 +121,33 @@ impl FlightEndpoint {
     ) -> std::result::Result<(), Status> {
         match kind {
             Kind::Block(b) => {
-                let schema = {
+                let (schema, start) = {
                     let installed = self.state.installed.lock().await;
                     installed
                         .as_ref()
-                        .and_then(|i| i.catalog.source(&b.source).map(|d| d.schema.clone()))
+                        .and_then(|i| {
+                            i.catalog.source(&b.source).map(|d| {
+                                (
+                                    d.schema.clone(),
+                                    i.timeline.start_nanos(IntervalId(b.interval)),
+                                )
+                            })
+                        })
                         .ok_or_else(|| {
                             Status::failed_precondition(format!("unknown source {}", b.source))
                         })?
                 };
+                // Replicas arrive without the `_interval` column; add it back.
+                let batches = batches
+                    .iter()
+                    .map(|batch| with_interval_column(batch, &schema, start))
+                    .collect::<Result<Vec<_>>>()
+                    .map_err(|e| {
+                        Status::invalid_argument(format!(
+                            "a block of source {} does not match its schema: {e}",
+                            b.source
+                        ))
+                    })?;
                 self.state.put_block(Arc::new(Block {
                     source: b.source,
                     interval: IntervalId(b.interval),

@@ -326,9 +326,16 @@ fn put_replica(
             interval: block.interval.0,
             index: block.index as u32,
         });
-        peers
-            .put(&address, kind, block.schema.clone(), block.batches.clone())
-            .await?;
+        // The `_interval` column (last) is the interval's start on every row: the
+        // replica adds it back instead of receiving it.
+        let records: Vec<usize> = (0..block.schema.fields().len().saturating_sub(1)).collect();
+        let schema = Arc::new(block.schema.project(&records)?);
+        let batches = block
+            .batches
+            .iter()
+            .map(|b| b.project(&records))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        peers.put(&address, kind, schema, batches).await?;
         Ok(())
     }
 }
