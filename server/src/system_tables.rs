@@ -29,6 +29,7 @@ use datafusion::physical_plan::ExecutionPlan;
 use dstream_executor::worker::proto;
 use futures::future::join_all;
 
+use crate::cluster::remote_table::scan_fetched;
 use crate::cluster::{Cluster, WorkerRecord};
 use crate::engine::IntervalStat;
 use crate::error::Result;
@@ -168,9 +169,15 @@ impl TableProvider for WorkersTable {
             .rows()
             .await
             .map_err(|e| DataFusionError::External(Box::new(e)))?;
-        MemTable::try_new(workers_schema(), vec![vec![batch]])?
-            .scan(state, projection, filters, limit)
-            .await
+        scan_fetched(
+            &workers_schema(),
+            vec![vec![batch]],
+            state,
+            projection,
+            filters,
+            limit,
+        )
+        .await
     }
 }
 

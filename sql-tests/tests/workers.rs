@@ -14,6 +14,18 @@ async fn rows(client: &tokio_postgres::Client, sql: &str) -> Vec<Vec<String>> {
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
+/// Asserts that `view` holds exactly the rows of the batch query `batch`.
+async fn assert_equals_batch(client: &tokio_postgres::Client, view: &str, batch: &str) {
+    let diff = rows(
+        client,
+        &format!(
+            "SELECT count(*) FROM ((SELECT * FROM {view} EXCEPT ALL {batch}) UNION ALL ({batch} EXCEPT ALL SELECT * FROM {view}))"
+        ),
+    )
+    .await;
+    assert_eq!(diff, vec![vec!["0"]], "view {view} differs from batch");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_worker_is_reported_and_nothing_hangs() {
     let server = TestServer::start_with(|config| {
@@ -181,14 +193,7 @@ async fn a_worker_that_joins_late_gets_work() {
         ),
         ("b", "SELECT k, max(v) AS top FROM s GROUP BY k"),
     ] {
-        let diff = rows(
-            &client,
-            &format!(
-                "SELECT count(*) FROM ((SELECT * FROM {view} EXCEPT ALL {batch}) UNION ALL ({batch} EXCEPT ALL SELECT * FROM {view}))"
-            ),
-        )
-        .await;
-        assert_eq!(diff, vec![vec!["0"]], "view {view} differs from batch");
+        assert_equals_batch(&client, view, batch).await;
     }
     server.stop().await;
     stop_workers.cancel();
@@ -275,14 +280,7 @@ async fn a_worker_that_leaves_hands_its_work_over() {
         vec![vec!["3000"]]
     );
     for (view, batch) in views {
-        let diff = rows(
-            &client,
-            &format!(
-                "SELECT count(*) FROM ((SELECT * FROM {view} EXCEPT ALL {batch}) UNION ALL ({batch} EXCEPT ALL SELECT * FROM {view}))"
-            ),
-        )
-        .await;
-        assert_eq!(diff, vec![vec!["0"]], "view {view} differs from batch");
+        assert_equals_batch(&client, view, batch).await;
     }
     server.stop().await;
 }

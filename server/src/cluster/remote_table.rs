@@ -67,7 +67,7 @@ impl RemoteView {
 }
 
 /// Scans fetched rows as an in-memory table.
-async fn scan_fetched(
+pub(crate) async fn scan_fetched(
     schema: &SchemaRef,
     partitions: Vec<Vec<RecordBatch>>,
     state: &dyn Session,
