@@ -34,6 +34,9 @@ use dstream_server::config::{ClockKind, ServeConfig};
 use dstream_server::session::{self, StatementResult};
 use tokio_util::sync::CancellationToken;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(about = "dstream benchmarks")]
 struct Args {
@@ -107,6 +110,12 @@ struct TumbleCount {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Coordinator logs, `warn` and above unless RUST_LOG says otherwise.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -5,17 +5,23 @@
 //! (counting them as late), and advances the watermark to the maximum of the watermark
 //! expression over the interval's rows. Recent blocks are retained by whoever stores
 //! them (the worker's block store), not here.
+//!
+//! A watermark expression that never decreases as its event-time column grows (the
+//! usual `ts - INTERVAL '5' SECOND`) is evaluated on one row per batch, the row with
+//! the latest event time, instead of on every row.
 
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, BooleanArray, Int64Array, RecordBatch, Scalar, TimestampNanosecondArray,
+    Array, AsArray, BooleanArray, Int64Array, RecordBatch, Scalar, TimestampNanosecondArray,
 };
 use arrow::compute::kernels::cmp::gt_eq;
 use arrow::compute::{cast, filter_record_batch, is_null, or_kleene};
-use arrow::datatypes::{DataType, TimeUnit};
+use arrow::datatypes::{DataType, TimeUnit, TimestampNanosecondType};
 use datafusion::common::DFSchema;
+use datafusion::logical_expr::Operator;
 use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_expr::expressions::{BinaryExpr, CastExpr, Column, Literal};
 use datafusion::prelude::SessionContext;
 use dstream_planner::SourceDef;
 use dstream_storage::{IntervalId, Timeline};
@@ -31,6 +37,8 @@ pub struct SourceRuntime {
     receiver: Box<dyn Receiver>,
     watermark_expr: Option<Arc<dyn PhysicalExpr>>,
     watermark_column: Option<usize>,
+    /// The watermark expression never decreases as its column grows.
+    watermark_monotone: bool,
     watermark: Option<i64>,
     late_rows: u64,
     block_rows: usize,
@@ -69,20 +77,22 @@ impl SourceRuntime {
         split: Split,
     ) -> Result<Self> {
         let receiver = open_receiver(&def, split)?;
-        let (watermark_expr, watermark_column) = match &def.watermark {
+        let (watermark_expr, watermark_column, watermark_monotone) = match &def.watermark {
             Some(wm) => {
                 let schema = DFSchema::try_from(def.schema.as_ref().clone())?;
                 let expr = ctx.create_physical_expr(wm.expr.clone(), &schema)?;
                 let column = def.schema.index_of(&wm.column)?;
-                (Some(expr), Some(column))
+                let monotone = monotone_in(&expr, column);
+                (Some(expr), Some(column), monotone)
             }
-            None => (None, None),
+            None => (None, None, false),
         };
         Ok(SourceRuntime {
             def,
             receiver,
             watermark_expr,
             watermark_column,
+            watermark_monotone,
             watermark: None,
             late_rows: 0,
             block_rows,
@@ -169,18 +179,11 @@ impl SourceRuntime {
         .collect())
     }
 
-    fn event_times(&self, batch: &RecordBatch, column: usize) -> Result<Arc<dyn Array>> {
-        Ok(cast(
-            batch.column(column),
-            &DataType::Timestamp(TimeUnit::Nanosecond, None),
-        )?)
-    }
-
     fn drop_late(&mut self, batch: RecordBatch) -> Result<RecordBatch> {
         let (Some(column), Some(wm)) = (self.watermark_column, self.watermark) else {
             return Ok(batch);
         };
-        let times = self.event_times(&batch, column)?;
+        let times = event_times(&batch, column)?;
         let bound = Scalar::new(TimestampNanosecondArray::from(vec![wm]));
         // A row without an event time is not late; it belongs to no window.
         let keep: BooleanArray = or_kleene(&gt_eq(&times, &bound)?, &is_null(&times)?)?;
@@ -196,15 +199,177 @@ impl SourceRuntime {
         let Some(expr) = &self.watermark_expr else {
             return Ok(());
         };
-        let values = expr.evaluate(batch)?.into_array(batch.num_rows())?;
-        let nanos = cast(&values, &DataType::Timestamp(TimeUnit::Nanosecond, None))?;
-        let nanos = cast(&nanos, &DataType::Int64)?;
-        let nanos = nanos
-            .as_any()
-            .downcast_ref::<Int64Array>()
-            .ok_or_else(|| Error::Internal("watermark cast did not give Int64".into()))?;
-        if let Some(max) = arrow::compute::max(nanos) {
+        let latest_by = self.watermark_column.filter(|_| self.watermark_monotone);
+        if let Some(max) = max_watermark(expr, batch, latest_by)? {
             self.watermark = Some(self.watermark.map_or(max, |w| w.max(max)));
+        }
+        Ok(())
+    }
+}
+
+/// The greatest value of the watermark expression over `batch`, in nanoseconds. With
+/// `latest_by`, the expression is monotone in that column and is evaluated only at
+/// the row where the column is greatest.
+fn max_watermark(
+    expr: &Arc<dyn PhysicalExpr>,
+    batch: &RecordBatch,
+    latest_by: Option<usize>,
+) -> Result<Option<i64>> {
+    let latest;
+    let batch = match latest_by {
+        Some(column) => {
+            let times = event_times(batch, column)?;
+            match latest_row(times.as_primitive::<TimestampNanosecondType>()) {
+                Some(row) => {
+                    latest = batch.slice(row, 1);
+                    &latest
+                }
+                None => return Ok(None),
+            }
+        }
+        None => batch,
+    };
+    let values = expr.evaluate(batch)?.into_array(batch.num_rows())?;
+    let nanos = cast(&values, &DataType::Timestamp(TimeUnit::Nanosecond, None))?;
+    let nanos = cast(&nanos, &DataType::Int64)?;
+    let nanos = nanos
+        .as_any()
+        .downcast_ref::<Int64Array>()
+        .ok_or_else(|| Error::Internal("watermark cast did not give Int64".into()))?;
+    Ok(arrow::compute::max(nanos))
+}
+
+/// A column of event times as nanosecond timestamps.
+fn event_times(batch: &RecordBatch, column: usize) -> Result<Arc<dyn Array>> {
+    Ok(cast(
+        batch.column(column),
+        &DataType::Timestamp(TimeUnit::Nanosecond, None),
+    )?)
+}
+
+/// The row with the latest non-null time, if any.
+fn latest_row(times: &TimestampNanosecondArray) -> Option<usize> {
+    let values = times.values();
+    let mut latest: Option<(usize, i64)> = None;
+    for row in 0..values.len() {
+        if times.is_valid(row) && latest.is_none_or(|(_, t)| values[row] > t) {
+            latest = Some((row, values[row]));
+        }
+    }
+    latest.map(|(row, _)| row)
+}
+
+/// Whether `expr` reads no column but `column` and never decreases as it grows, so
+/// that its maximum over a batch is its value at the row with the greatest `column`:
+/// the column itself, plus or minus constants, cast to a timestamp. (DataFusion's own
+/// ordering rules call time ± interval unordered because it could wrap around at the
+/// ends of the timestamp range, far from any real event time.) Anything else is
+/// evaluated on every row.
+fn monotone_in(expr: &Arc<dyn PhysicalExpr>, column: usize) -> bool {
+    #[derive(PartialEq)]
+    enum Shape {
+        Constant,
+        Increasing,
+        Other,
+    }
+    fn shape(expr: &Arc<dyn PhysicalExpr>, column: usize) -> Shape {
+        if let Some(c) = expr.downcast_ref::<Column>() {
+            return if c.index() == column {
+                Shape::Increasing
+            } else {
+                Shape::Other
+            };
+        }
+        if expr.downcast_ref::<Literal>().is_some() {
+            return Shape::Constant;
+        }
+        if let Some(c) = expr.downcast_ref::<CastExpr>() {
+            return match c.cast_type() {
+                DataType::Timestamp(..) => shape(c.expr(), column),
+                _ => Shape::Other,
+            };
+        }
+        if let Some(b) = expr.downcast_ref::<BinaryExpr>() {
+            let (left, right) = (shape(b.left(), column), shape(b.right(), column));
+            return match (b.op(), left, right) {
+                (_, Shape::Constant, Shape::Constant) => Shape::Constant,
+                (Operator::Plus | Operator::Minus, Shape::Increasing, Shape::Constant)
+                | (Operator::Plus, Shape::Constant, Shape::Increasing) => Shape::Increasing,
+                _ => Shape::Other,
+            };
+        }
+        Shape::Other
+    }
+    shape(expr, column) == Shape::Increasing
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{Field, Schema};
+    use datafusion::prelude::SessionContext;
+
+    use super::*;
+
+    fn schema() -> Arc<Schema> {
+        Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, true),
+            Field::new("ts", DataType::Timestamp(TimeUnit::Millisecond, None), true),
+        ]))
+    }
+
+    fn physical(sql: &str) -> Result<Arc<dyn PhysicalExpr>> {
+        let schema = schema();
+        let ctx = SessionContext::new();
+        let df_schema = DFSchema::try_from(schema.as_ref().clone())?;
+        let expr = ctx.parse_sql_expr(sql, &df_schema)?;
+        Ok(ctx.create_physical_expr(expr, &df_schema)?)
+    }
+
+    #[test]
+    fn watermark_expressions_that_only_shift_the_time_are_monotone() -> Result<()> {
+        for sql in [
+            "ts",
+            "ts - INTERVAL '5' SECOND",
+            "ts + INTERVAL '1' MINUTE",
+            "CAST(ts AS TIMESTAMP) - INTERVAL '1' SECOND",
+        ] {
+            assert!(monotone_in(&physical(sql)?, 1), "{sql}");
+        }
+        for sql in [
+            "CASE WHEN k > 0 THEN ts ELSE ts - INTERVAL '1' HOUR END",
+            "ts - CAST(k AS TIMESTAMP)",
+            "CAST(CAST(ts AS VARCHAR) AS TIMESTAMP)",
+        ] {
+            assert!(!monotone_in(&physical(sql)?, 1), "{sql}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_latest_row_gives_the_same_watermark_as_every_row() -> Result<()> {
+        // Times out of order, with nulls, including a batch of nulls only.
+        let times: Vec<Option<i64>> = (0..1000)
+            .map(|i: i64| (i % 7 != 3).then_some((i * 7919) % 1000 * 1000))
+            .collect();
+        let batches = [times.clone(), vec![None, None], times[..1].to_vec()];
+        for sql in ["ts", "ts - INTERVAL '5' SECOND"] {
+            let expr = physical(sql)?;
+            for times in &batches {
+                let batch = RecordBatch::try_new(
+                    schema(),
+                    vec![
+                        Arc::new(Int64Array::from_iter_values(0..times.len() as i64)),
+                        Arc::new(arrow::array::TimestampMillisecondArray::from(times.clone())),
+                    ],
+                )?;
+                assert_eq!(
+                    max_watermark(&expr, &batch, Some(1))?,
+                    max_watermark(&expr, &batch, None)?,
+                    "{sql} over {} rows",
+                    times.len()
+                );
+            }
         }
         Ok(())
     }

@@ -18,15 +18,14 @@
 
 use std::sync::Arc;
 
-use arrow::array::RecordBatch;
+use arrow::array::{AsArray, RecordBatch};
+use arrow::compute::{filter_record_batch, not as not_mask};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use async_trait::async_trait;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
-use datafusion::common::{Column, NullEquality, ScalarValue};
+use datafusion::common::{Column, DFSchema, NullEquality, ScalarValue};
 use datafusion::functions_aggregate::expr_fn::{count, max, min, sum};
-use datafusion::logical_expr::{
-    Expr, JoinType, LogicalPlan, LogicalPlanBuilder, cast, lit, not, when,
-};
+use datafusion::logical_expr::{Expr, JoinType, LogicalPlan, LogicalPlanBuilder, cast, lit, when};
 use datafusion::prelude::SessionContext;
 use dstream_planner::{AggregateKind, AggregatePlan, EmitMode, StreamPlan, WindowKind};
 
@@ -37,7 +36,7 @@ use crate::operator::{
     ViewUpdate,
 };
 use crate::shuffle::hash_partition;
-use crate::task::{bind_scan, execute, scan};
+use crate::task::{PlanTemplate, bind_scan, execute, scan};
 
 const ROWS: &str = "__rows";
 
@@ -66,6 +65,17 @@ pub struct AggregateOperator {
     /// HOP with window close and invertible aggregates: state keeps panes, and windows
     /// are assembled by add/subtract (see [`super::sliding`]).
     pub(crate) sliding: bool,
+    /// The plans every interval runs, optimized once (set by `new`).
+    templates: Option<Templates>,
+}
+
+/// The plans of an aggregate that every interval runs, over their input tables:
+/// `partial` over the source, `combine` and `view` over `state`.
+#[derive(Debug)]
+struct Templates {
+    partial: PlanTemplate,
+    combine: PlanTemplate,
+    view: PlanTemplate,
 }
 
 pub(crate) fn key_name(i: usize) -> String {
@@ -125,6 +135,7 @@ impl AggregateOperator {
                     .window
                     .as_ref()
                     .is_some_and(|w| w.kind == WindowKind::Hop),
+            templates: None,
         };
         // The layouts are whatever the partial plans produce over an empty input.
         let empty = bind_scan(
@@ -140,6 +151,15 @@ impl AggregateOperator {
                 op.distinct_schemas.push((i, schema));
             }
         }
+        let mut partial = op.partial_plan(empty)?;
+        if !op.sliding {
+            partial = op.expand_panes(partial)?;
+        }
+        op.templates = Some(Templates {
+            partial: PlanTemplate::new(partial)?,
+            combine: PlanTemplate::new(op.combine_plan(vec![])?)?,
+            view: PlanTemplate::new(op.view_plan(vec![])?)?,
+        });
         Ok(op)
     }
 
@@ -493,11 +513,23 @@ impl StreamOperator for AggregateOperator {
             block.batches.clone(),
         )?;
         let keys = self.shuffle_keys();
-        let mut partial = self.partial_plan(input.clone())?;
-        if !self.sliding {
-            partial = self.expand_panes(partial)?;
-        }
-        let rows = execute(ctx, partial).await?;
+        let rows = match &self.templates {
+            Some(t) => {
+                let source = (
+                    self.plan.source.as_str(),
+                    block.schema.clone(),
+                    block.batches.clone(),
+                );
+                t.partial.execute(ctx, vec![source]).await?
+            }
+            None => {
+                let mut partial = self.partial_plan(input.clone())?;
+                if !self.sliding {
+                    partial = self.expand_panes(partial)?;
+                }
+                execute(ctx, partial).await?
+            }
+        };
         let mut pieces: Vec<ShufflePiece> = hash_partition(&rows, &keys, p)?
             .into_iter()
             .map(|rows| ShufflePiece {
@@ -561,7 +593,7 @@ impl StreamOperator for AggregateOperator {
         let merged = if delta.is_empty() {
             prev.rows.clone()
         } else {
-            let merged = execute(ctx, self.combine_plan(all)?).await?;
+            let merged = self.combine(ctx, all).await?;
             merged
                 .iter()
                 .map(|b| relabel(b, &self.state_schema))
@@ -570,23 +602,11 @@ impl StreamOperator for AggregateOperator {
 
         if closing {
             let wm = input.watermark.unwrap_or(i64::MIN);
-            let closed_pred = self.closed_predicate(wm)?;
-            let closed = scan("state", self.state_schema.clone(), merged.clone())?
-                .filter(closed_pred.clone())?
-                .build()?;
-            let closed = execute(ctx, closed).await?;
-            let open = scan("state", self.state_schema.clone(), merged)?
-                .filter(not(closed_pred))?
-                .build()?;
-            let open = execute(ctx, open)
-                .await?
-                .iter()
-                .map(|b| relabel(b, &self.state_schema))
-                .collect::<Result<Vec<_>>>()?;
+            let (closed, open) = self.split_closed(ctx, &merged, wm)?;
             let emitted = if closed.is_empty() {
                 vec![]
             } else {
-                execute(ctx, self.view_plan(closed)?).await?
+                self.view(ctx, closed).await?
             };
             return Ok(PartitionOutput {
                 state: Arc::new(StatePartition {
@@ -648,7 +668,62 @@ impl AggregateOperator {
             .iter()
             .map(|b| relabel(b, &self.state_schema))
             .collect::<Result<Vec<_>>>()?;
-        let out = execute(ctx, self.view_plan(rows)?).await?;
+        let out = self.view(ctx, rows).await?;
         out.iter().map(|b| relabel(b, &self.plan.schema)).collect()
+    }
+
+    /// Runs [`AggregateOperator::combine_plan`] over `rows`.
+    pub(crate) async fn combine(
+        &self,
+        ctx: &SessionContext,
+        rows: Vec<RecordBatch>,
+    ) -> Result<Vec<RecordBatch>> {
+        match &self.templates {
+            Some(t) => {
+                let state = ("state", self.state_schema.clone(), rows);
+                t.combine.execute(ctx, vec![state]).await
+            }
+            None => execute(ctx, self.combine_plan(rows)?).await,
+        }
+    }
+
+    /// Runs [`AggregateOperator::view_plan`] over `rows`.
+    pub(crate) async fn view(
+        &self,
+        ctx: &SessionContext,
+        rows: Vec<RecordBatch>,
+    ) -> Result<Vec<RecordBatch>> {
+        match &self.templates {
+            Some(t) => {
+                let state = ("state", self.state_schema.clone(), rows);
+                t.view.execute(ctx, vec![state]).await
+            }
+            None => execute(ctx, self.view_plan(rows)?).await,
+        }
+    }
+
+    /// Splits state rows into those whose window has closed at watermark `wm` and
+    /// the rest. A row whose window end is NULL is in neither (it has no window).
+    fn split_closed(
+        &self,
+        ctx: &SessionContext,
+        rows: &[RecordBatch],
+        wm: i64,
+    ) -> Result<(Vec<RecordBatch>, Vec<RecordBatch>)> {
+        let schema = DFSchema::try_from(self.state_schema.as_ref().clone())?;
+        let predicate = ctx.create_physical_expr(self.closed_predicate(wm)?, &schema)?;
+        let (mut closed, mut open) = (Vec::new(), Vec::new());
+        for batch in rows {
+            let batch = relabel(batch, &self.state_schema)?;
+            let mask = predicate.evaluate(&batch)?.into_array(batch.num_rows())?;
+            let mask = mask.as_boolean();
+            for (kept, out) in [(mask.clone(), &mut closed), (not_mask(mask)?, &mut open)] {
+                let part = filter_record_batch(&batch, &kept)?;
+                if part.num_rows() > 0 {
+                    out.push(part);
+                }
+            }
+        }
+        Ok((closed, open))
     }
 }

@@ -26,7 +26,6 @@ use datafusion::prelude::SessionContext;
 use crate::error::{Error, Result};
 use crate::operator::aggregate::{AggregateOperator, relabel};
 use crate::operator::{Changelog, PartitionOutput, StatePartition, ViewUpdate};
-use crate::task::execute;
 
 /// How to set the window key columns of accumulator rows.
 enum WindowColumns {
@@ -150,7 +149,7 @@ impl AggregateOperator {
         if rows.is_empty() {
             return Ok(rows);
         }
-        let merged = execute(ctx, self.combine_plan(rows)?).await?;
+        let merged = self.combine(ctx, rows).await?;
         let rows_column = self.state_schema.fields().len() - 1;
         let mut out = Vec::new();
         for batch in merged {
@@ -226,7 +225,7 @@ impl AggregateOperator {
                 }
                 if !running.is_empty() {
                     let window = self.reshape(&running, WindowColumns::Window { end: e }, false)?;
-                    emitted.extend(execute(ctx, self.view_plan(window)?).await?);
+                    emitted.extend(self.view(ctx, window).await?);
                 }
                 until = Some(e);
                 end = Some(e + slide);

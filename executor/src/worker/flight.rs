@@ -3,8 +3,8 @@
 //!
 //! [`FlightEndpoint`] serves a worker's data: `do_get` streams shuffle outputs, view
 //! partitions, input blocks and (for a handover) state partitions; `do_put` stores a
-//! replica of an input block (sent without its constant `_interval` column) or the
-//! rows of a table. Tickets and put descriptors are [`proto::DataTicket`]s. Batches travel as
+//! replica of an input block (sent without its constant `_interval` column, and kept
+//! encoded until read) or the rows of a table. Tickets and put descriptors are [`proto::DataTicket`]s. Batches travel as
 //! Arrow IPC (Flight's own encoding) — no row-by-row encoding anywhere — and a worker
 //! reading its own data skips Flight and shares the batches (see `service`).
 //!
@@ -15,7 +15,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use arrow::array::RecordBatch;
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{Schema, SchemaRef};
 use arrow_flight::decode::FlightRecordBatchStream;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
@@ -31,8 +31,7 @@ use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::proto::{self, data_ticket::Kind};
-use super::state::{ViewRowsRead, WorkerState};
-use crate::block::{Block, with_interval_column};
+use super::state::{EncodedBlock, ViewRowsRead, WorkerState};
 use crate::error::{Error, Result};
 
 type BoxedStream<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send + 'static>>;
@@ -88,6 +87,7 @@ impl FlightEndpoint {
                     let block = self
                         .state
                         .block(&s.source, IntervalId(b.interval), b.index)
+                        .map_err(|e| Status::internal(e.to_string()))?
                         .ok_or_else(|| {
                             Status::not_found(format!(
                                 "block {} of interval {} of source {} is not held here",
@@ -114,49 +114,64 @@ impl FlightEndpoint {
         }
     }
 
+    /// Keeps a block replica as the Flight messages it arrived in, once its schema
+    /// is checked against the source's (less the `_interval` column it travels
+    /// without).
+    async fn store_replica(
+        &self,
+        b: proto::BlockRef,
+        messages: Vec<FlightData>,
+    ) -> std::result::Result<(), Status> {
+        let (schema, interval_start) = {
+            let installed = self.state.installed.lock().await;
+            installed
+                .as_ref()
+                .and_then(|i| {
+                    i.catalog.source(&b.source).map(|d| {
+                        (
+                            d.schema.clone(),
+                            i.timeline.start_nanos(IntervalId(b.interval)),
+                        )
+                    })
+                })
+                .ok_or_else(|| {
+                    Status::failed_precondition(format!("unknown source {}", b.source))
+                })?
+        };
+        let mismatch = |detail: String| {
+            Status::invalid_argument(format!(
+                "a block of source {} does not match its schema: {detail}",
+                b.source
+            ))
+        };
+        let sent = messages
+            .first()
+            .ok_or_else(|| mismatch("no schema".into()))
+            .and_then(|m| Schema::try_from(m).map_err(|e| mismatch(e.to_string())))?;
+        let records: Vec<usize> = (0..schema.fields().len().saturating_sub(1)).collect();
+        let expected = schema
+            .project(&records)
+            .map_err(|e| mismatch(e.to_string()))?;
+        if sent.fields() != expected.fields() {
+            return Err(mismatch(format!("got {sent:?}")));
+        }
+        self.state.put_encoded_block(EncodedBlock {
+            source: b.source,
+            interval: IntervalId(b.interval),
+            index: b.index as usize,
+            schema,
+            interval_start,
+            messages,
+        });
+        Ok(())
+    }
+
     async fn store(
         &self,
         kind: Kind,
         batches: Vec<RecordBatch>,
     ) -> std::result::Result<(), Status> {
         match kind {
-            Kind::Block(b) => {
-                let (schema, start) = {
-                    let installed = self.state.installed.lock().await;
-                    installed
-                        .as_ref()
-                        .and_then(|i| {
-                            i.catalog.source(&b.source).map(|d| {
-                                (
-                                    d.schema.clone(),
-                                    i.timeline.start_nanos(IntervalId(b.interval)),
-                                )
-                            })
-                        })
-                        .ok_or_else(|| {
-                            Status::failed_precondition(format!("unknown source {}", b.source))
-                        })?
-                };
-                // Replicas arrive without the `_interval` column; add it back.
-                let batches = batches
-                    .iter()
-                    .map(|batch| with_interval_column(batch, &schema, start))
-                    .collect::<Result<Vec<_>>>()
-                    .map_err(|e| {
-                        Status::invalid_argument(format!(
-                            "a block of source {} does not match its schema: {e}",
-                            b.source
-                        ))
-                    })?;
-                self.state.put_block(Arc::new(Block {
-                    source: b.source,
-                    interval: IntervalId(b.interval),
-                    index: b.index as usize,
-                    schema,
-                    batches,
-                }));
-                Ok(())
-            }
             Kind::Table(t) => {
                 let installed = self.state.installed.lock().await;
                 let table = installed
@@ -235,6 +250,15 @@ impl FlightService for FlightEndpoint {
             .clone()
             .ok_or_else(|| Status::invalid_argument("a put needs a descriptor"))?;
         let kind = decode_ticket(&descriptor.cmd)?;
+        if let Kind::Block(b) = kind {
+            let mut messages = vec![first];
+            while let Some(message) = stream.message().await? {
+                messages.push(message);
+            }
+            self.store_replica(b, messages).await?;
+            let done = futures::stream::once(async { Ok(PutResult::default()) });
+            return Ok(Response::new(Box::pin(done)));
+        }
         let rest = stream.map_err(|s| FlightError::Tonic(Box::new(s)));
         let all = futures::stream::once(async move { Ok(first) }).chain(rest);
         let batches: Vec<RecordBatch> = FlightRecordBatchStream::new_from_flight_data(all)

@@ -82,7 +82,9 @@ impl proto::worker_server::Worker for WorkerService {
         let request = request.into_inner();
         let timeline = timeline(request.timeline)?;
         let interval = IntervalId(request.interval);
+        let started = std::time::Instant::now();
         let sources = seal(&self.state, &self.peers, interval, &timeline, &request).await;
+        tracing::debug!(%interval, elapsed = ?started.elapsed(), "sealed");
         Ok(Response::new(proto::SealResponse { sources }))
     }
 
@@ -360,7 +362,7 @@ async fn run_task(
     match task.kind {
         Some(TaskKind::Map(map)) => {
             let block = state
-                .block(&map.source, interval, map.block)
+                .block(&map.source, interval, map.block)?
                 .ok_or_else(|| {
                     Error::Internal(format!(
                         "block {} of {} interval {interval} is not held by this worker",

@@ -11,13 +11,17 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use arrow_flight::FlightData;
+use arrow_flight::utils::flight_data_to_batches;
 use datafusion::catalog::{MemTable, TableProvider};
 use datafusion::prelude::SessionContext;
 use dstream_planner::{Catalog, StreamPlan};
 use dstream_storage::{IntervalId, Timeline};
 use tokio_util::sync::CancellationToken;
 
-use crate::block::Block;
+use crate::block::{Block, with_interval_column};
+use crate::error::Result;
 use crate::ingest::SourceRuntime;
 use crate::operator::{ShufflePiece, StatePartition, StreamOperator, ViewUpdate};
 use crate::task::session_config;
@@ -79,7 +83,47 @@ impl PartitionSlot {
 }
 
 /// The blocks of one source in one interval, by index.
-pub type IntervalBlocks = BTreeMap<u32, Arc<Block>>;
+pub type IntervalBlocks = BTreeMap<u32, HeldBlock>;
+
+/// An input block as a worker holds it.
+#[derive(Clone, Debug)]
+pub enum HeldBlock {
+    Decoded(Arc<Block>),
+    /// A replica, kept as the Arrow IPC messages it arrived in (without its
+    /// `_interval` column) and decoded the first time it is read: most replicas are
+    /// only there in case their first copy is lost, and are never read.
+    Encoded(Arc<EncodedBlock>),
+}
+
+/// A replica of an input block as it arrived over Flight.
+#[derive(Debug)]
+pub struct EncodedBlock {
+    pub source: String,
+    pub interval: IntervalId,
+    pub index: usize,
+    /// The source's full schema, `_interval` included.
+    pub schema: SchemaRef,
+    /// The start of the interval: the value of every row's `_interval`.
+    pub interval_start: i64,
+    /// Flight messages: the schema, then the record batches.
+    pub messages: Vec<FlightData>,
+}
+
+impl EncodedBlock {
+    fn decode(&self) -> Result<Block> {
+        let batches = flight_data_to_batches(&self.messages)?
+            .iter()
+            .map(|b| with_interval_column(b, &self.schema, self.interval_start))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Block {
+            source: self.source.clone(),
+            interval: self.interval,
+            index: self.index,
+            schema: self.schema.clone(),
+            batches,
+        })
+    }
+}
 
 /// Key of a map task's output: (view, interval, block).
 pub type ShuffleKey = (String, IntervalId, u32);
@@ -175,13 +219,41 @@ impl WorkerState {
         lock(&self.blocks)
             .entry((block.source.clone(), block.interval))
             .or_default()
-            .insert(block.index as u32, block);
+            .insert(block.index as u32, HeldBlock::Decoded(block));
     }
 
-    pub fn block(&self, source: &str, interval: IntervalId, index: u32) -> Option<Arc<Block>> {
+    /// Stores a replica as it arrived; [`WorkerState::block`] decodes it when read.
+    pub fn put_encoded_block(&self, block: EncodedBlock) {
         lock(&self.blocks)
-            .get(&(source.to_string(), interval))
-            .and_then(|blocks| blocks.get(&index).cloned())
+            .entry((block.source.clone(), block.interval))
+            .or_default()
+            .insert(block.index as u32, HeldBlock::Encoded(Arc::new(block)));
+    }
+
+    /// The block, if this worker holds it; a replica is decoded (once) here.
+    pub fn block(
+        &self,
+        source: &str,
+        interval: IntervalId,
+        index: u32,
+    ) -> Result<Option<Arc<Block>>> {
+        let key = (source.to_string(), interval);
+        let held = lock(&self.blocks)
+            .get(&key)
+            .and_then(|blocks| blocks.get(&index).cloned());
+        let encoded = match held {
+            None => return Ok(None),
+            Some(HeldBlock::Decoded(block)) => return Ok(Some(block)),
+            Some(HeldBlock::Encoded(encoded)) => encoded,
+        };
+        let block = Arc::new(encoded.decode()?);
+        if let Some(slot) = lock(&self.blocks)
+            .get_mut(&key)
+            .and_then(|blocks| blocks.get_mut(&index))
+        {
+            *slot = HeldBlock::Decoded(block.clone());
+        }
+        Ok(Some(block))
     }
 
     pub fn block_count(&self) -> u64 {
@@ -373,5 +445,56 @@ pub struct RunningTask(Arc<WorkerState>);
 impl Drop for RunningTask {
     fn drop(&mut self) {
         self.0.running.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    use arrow_flight::utils::batches_to_flight_data;
+
+    use super::*;
+
+    #[test]
+    fn a_replica_kept_encoded_reads_back_as_the_block_it_copies() -> Result<()> {
+        let records = Schema::new(vec![Field::new("k", DataType::Int64, true)]);
+        let mut fields = records.fields().to_vec();
+        fields.push(Arc::new(Field::new(
+            "_interval",
+            DataType::Timestamp(TimeUnit::Nanosecond, None),
+            false,
+        )));
+        let schema = Arc::new(Schema::new(fields));
+        let sent = vec![
+            RecordBatch::try_new(
+                Arc::new(records.clone()),
+                vec![Arc::new(Int64Array::from_iter_values(0..1000))],
+            )?,
+            RecordBatch::try_new(
+                Arc::new(records.clone()),
+                vec![Arc::new(Int64Array::from(vec![Some(7), None]))],
+            )?,
+        ];
+        let state = WorkerState::new("http://127.0.0.1:1".into(), 1);
+        state.put_encoded_block(EncodedBlock {
+            source: "s".into(),
+            interval: IntervalId(3),
+            index: 2,
+            schema: schema.clone(),
+            interval_start: 3_000,
+            messages: batches_to_flight_data(&records, sent.clone())?,
+        });
+        let expected = sent
+            .iter()
+            .map(|b| with_interval_column(b, &schema, 3_000))
+            .collect::<Result<Vec<_>>>()?;
+        for _ in 0..2 {
+            // Decoded on the first read, then held decoded.
+            let block = state.block("s", IntervalId(3), 2)?;
+            assert_eq!(block.map(|b| b.batches.clone()), Some(expected.clone()));
+        }
+        assert!(state.block("s", IntervalId(3), 0)?.is_none());
+        Ok(())
     }
 }

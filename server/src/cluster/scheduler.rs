@@ -72,6 +72,52 @@ fn replica_of(alive: &[WorkerRecord], id: u64) -> Option<&WorkerRecord> {
         .copied()
 }
 
+/// Places one map task per block on a live holder of the block: the first one (the
+/// receiver's worker, where the block is decoded already) unless that leaves the
+/// load uneven, in which case tasks move to replicas until no worker has more than
+/// one task above another that could take one. `load` counts tasks per worker across
+/// calls. Fails with the index of a block no live worker holds.
+fn place_map_tasks(
+    blocks: &[BlockInfo],
+    alive: impl Fn(u64) -> bool,
+    load: &mut HashMap<u64, usize>,
+) -> std::result::Result<Vec<u64>, u32> {
+    let mut placed = Vec::with_capacity(blocks.len());
+    for block in blocks {
+        let holder = *block
+            .holders
+            .iter()
+            .find(|h| alive(**h))
+            .ok_or(block.index)?;
+        *load.entry(holder).or_default() += 1;
+        placed.push(holder);
+    }
+    // Every move lowers the sum of squared loads, so this ends.
+    loop {
+        let mut moved = false;
+        for (block, holder) in blocks.iter().zip(placed.iter_mut()) {
+            let current = load.get(holder).copied().unwrap_or(0);
+            let lighter = block
+                .holders
+                .iter()
+                .filter(|h| alive(**h) && **h != *holder)
+                .map(|h| (load.get(h).copied().unwrap_or(0), *h))
+                .min();
+            if let Some((other_load, other)) = lighter
+                && other_load + 1 < current
+            {
+                *load.entry(*holder).or_default() -= 1;
+                *load.entry(other).or_default() += 1;
+                *holder = other;
+                moved = true;
+            }
+        }
+        if !moved {
+            return Ok(placed);
+        }
+    }
+}
+
 /// Seals, maps, reduces and commits `interval`. Updates sources (stats, retained
 /// blocks, failures) in `state`; returns each view's outcome.
 pub async fn run_interval(
@@ -91,6 +137,7 @@ pub async fn run_interval(
         width_nanos: timeline.width_nanos,
     };
 
+    let started = Instant::now();
     // 1. Seal.
     let mut receiver_workers: Vec<u64> = state
         .sources
@@ -195,7 +242,9 @@ pub async fn run_interval(
         blocks.insert(name, infos);
     }
 
-    // 2. Map: one task per (view, block) on the less loaded live holder.
+    let sealed_at = started.elapsed();
+    // 2. Map: one task per (view, block), where the block was received if the load
+    // allows (see `place_map_tasks`).
     let mut failed: HashMap<String, String> = HashMap::new();
     let mut next_task = 0u64;
     let mut map_load: HashMap<u64, usize> = HashMap::new();
@@ -225,23 +274,21 @@ pub async fn run_interval(
             );
             continue;
         }
-        for block in blocks.get(&plan.source).map(Vec::as_slice).unwrap_or(&[]) {
-            let holder = block
-                .holders
-                .iter()
-                .filter(|h| cluster.is_alive(**h))
-                .min_by_key(|h| (map_load.get(h).copied().unwrap_or(0), **h));
-            let Some(&holder) = holder else {
+        let source_blocks = blocks.get(&plan.source).map(Vec::as_slice).unwrap_or(&[]);
+        let placed = match place_map_tasks(source_blocks, |w| cluster.is_alive(w), &mut map_load) {
+            Ok(placed) => placed,
+            Err(index) => {
                 failed.insert(
                     name.clone(),
                     format!(
-                        "block {} of source \"{}\" is on no live worker",
-                        block.index, plan.source
+                        "block {index} of source \"{}\" is on no live worker",
+                        plan.source
                     ),
                 );
-                break;
-            };
-            *map_load.entry(holder).or_default() += 1;
+                continue;
+            }
+        };
+        for (block, holder) in source_blocks.iter().zip(placed) {
             next_task += 1;
             map_of_task.insert(next_task, (name.clone(), block.index, holder));
             map_tasks.entry(holder).or_default().push(proto::Task {
@@ -283,6 +330,7 @@ pub async fn run_interval(
         }
     }
 
+    let mapped_at = started.elapsed();
     // 3. Reduce: one task per (view, partition) where the state partition lives.
     let mut reduce_tasks: BTreeMap<u64, Vec<proto::Task>> = BTreeMap::new();
     let mut reduce_of_task: HashMap<u64, (String, u32, u64)> = HashMap::new();
@@ -363,6 +411,7 @@ pub async fn run_interval(
         }
     }
 
+    let reduced_at = started.elapsed();
     // 4. Commit everywhere; a worker that cannot commit fails the views it holds.
     let commits = alive.iter().map(|w| {
         let cluster = cluster.clone();
@@ -390,6 +439,14 @@ pub async fn run_interval(
         }
     }
 
+    tracing::debug!(
+        %interval,
+        seal = ?sealed_at,
+        map = ?(mapped_at - sealed_at),
+        reduce = ?(reduced_at - mapped_at),
+        commit = ?(started.elapsed() - reduced_at),
+        "interval stages"
+    );
     let mut outcomes = BTreeMap::new();
     for (name, _, placement) in &views {
         if let Some(reason) = failed.remove(name) {
@@ -665,4 +722,46 @@ pub async fn remove_everywhere(engine: &Engine, name: &str) {
         }
     });
     join_all(removes).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(index: u32, holders: &[u64]) -> BlockInfo {
+        BlockInfo {
+            interval: IntervalId(0),
+            index,
+            rows: 1,
+            bytes: 1,
+            holders: holders.to_vec(),
+        }
+    }
+
+    #[test]
+    fn map_tasks_run_where_blocks_were_received_while_that_is_even() {
+        // Two receivers, four blocks each, each replicated to the other worker.
+        let mut blocks: Vec<BlockInfo> = (0..4).map(|i| block(i, &[1, 2])).collect();
+        blocks.extend((4..8).map(|i| block(i, &[2, 1])));
+        let mut load = HashMap::new();
+        let placed = place_map_tasks(&blocks, |_| true, &mut load);
+        assert_eq!(placed, Ok(vec![1, 1, 1, 1, 2, 2, 2, 2]));
+    }
+
+    #[test]
+    fn map_tasks_move_to_replicas_to_even_the_load() {
+        // One receiver on worker 1: half its blocks go to the replica on worker 2.
+        let blocks: Vec<BlockInfo> = (0..6).map(|i| block(i, &[1, 2])).collect();
+        let mut load = HashMap::new();
+        let placed = place_map_tasks(&blocks, |_| true, &mut load).unwrap_or_default();
+        assert_eq!(placed.iter().filter(|w| **w == 1).count(), 3);
+        assert_eq!(load, HashMap::from([(1, 3), (2, 3)]));
+        // A dead first holder: its replica takes every task.
+        let mut load = HashMap::new();
+        let placed = place_map_tasks(&blocks, |w| w != 1, &mut load);
+        assert_eq!(placed, Ok(vec![2; 6]));
+        // No live holder at all.
+        let mut load = HashMap::new();
+        assert_eq!(place_map_tasks(&blocks, |_| false, &mut load), Err(0));
+    }
 }
