@@ -678,13 +678,9 @@ impl AggregateOperator {
         ctx: &SessionContext,
         rows: Vec<RecordBatch>,
     ) -> Result<Vec<RecordBatch>> {
-        match &self.templates {
-            Some(t) => {
-                let state = ("state", self.state_schema.clone(), rows);
-                t.combine.execute(ctx, vec![state]).await
-            }
-            None => execute(ctx, self.combine_plan(rows)?).await,
-        }
+        let template = self.templates.as_ref().map(|t| &t.combine);
+        self.over_state(ctx, template, Self::combine_plan, rows)
+            .await
     }
 
     /// Runs [`AggregateOperator::view_plan`] over `rows`.
@@ -693,12 +689,25 @@ impl AggregateOperator {
         ctx: &SessionContext,
         rows: Vec<RecordBatch>,
     ) -> Result<Vec<RecordBatch>> {
-        match &self.templates {
+        let template = self.templates.as_ref().map(|t| &t.view);
+        self.over_state(ctx, template, Self::view_plan, rows).await
+    }
+
+    /// Runs a plan over state rows: its template with `rows` bound to `state`, or,
+    /// without one, the plan `build` makes over them.
+    async fn over_state(
+        &self,
+        ctx: &SessionContext,
+        template: Option<&PlanTemplate>,
+        build: fn(&Self, Vec<RecordBatch>) -> Result<LogicalPlan>,
+        rows: Vec<RecordBatch>,
+    ) -> Result<Vec<RecordBatch>> {
+        match template {
             Some(t) => {
                 let state = ("state", self.state_schema.clone(), rows);
-                t.view.execute(ctx, vec![state]).await
+                t.execute(ctx, vec![state]).await
             }
-            None => execute(ctx, self.view_plan(rows)?).await,
+            None => execute(ctx, build(self, rows)?).await,
         }
     }
 
