@@ -9,7 +9,8 @@
 //!
 //! With `--workers 1,2` the stream side runs once per worker count, each worker a
 //! `dstream worker` process with `--worker-cores` task slots, and the throughput of
-//! each is reported against the first.
+//! each is reported against the first, with the CPU time the coordinator (this
+//! process) and the workers (its children) used during the best run, from `/proc`.
 //!
 //! `shuffle`: a worker's Flight endpoint serving map outputs to readers over loopback,
 //! in GB/s, against Arrow IPC encoding and decoding the same batches in memory.
@@ -252,8 +253,8 @@ async fn tumble_count(args: TumbleCount) -> anyhow::Result<()> {
     // Both sides seal one interval more than `intervals`: it moves the watermark past
     // the last window.
     let advance = format!("ADVANCE {}", intervals + 1);
-    // (workers, best stream time, best generator-alone time)
-    let mut measured: Vec<(usize, Duration, Duration)> = Vec::new();
+    // (workers, best stream time, best generator-alone time, CPU of the best stream run)
+    let mut measured: Vec<(usize, Duration, Duration, CpuTime)> = Vec::new();
     for &count in &workers {
         let cluster = Cluster {
             workers: count,
@@ -261,6 +262,7 @@ async fn tumble_count(args: TumbleCount) -> anyhow::Result<()> {
         };
         let mut best_stream = Duration::MAX;
         let mut best_gen = Duration::MAX;
+        let mut best_cpu = CpuTime::default();
         for _ in 0..runs {
             // Generator alone: a source with no view, sealed interval by interval.
             let e = start_engine(partitions, intervals, block_rows, &cluster).await?;
@@ -274,16 +276,21 @@ async fn tumble_count(args: TumbleCount) -> anyhow::Result<()> {
             let e = start_engine(partitions, intervals, block_rows, &cluster).await?;
             exec(&e.engine, &source).await?;
             exec(&e.engine, VIEW).await?;
+            let cpu_before = CpuTime::now()?;
             let started = Instant::now();
             exec(&e.engine, &advance).await?;
-            best_stream = best_stream.min(started.elapsed());
+            let elapsed = started.elapsed();
+            if elapsed < best_stream {
+                best_stream = elapsed;
+                best_cpu = CpuTime::now()?.minus(&cpu_before);
+            }
             windows = rows(&exec(&e.engine, "SELECT * FROM counts").await?);
             if input.is_empty() {
                 input = batches(exec(&e.engine, "SELECT k, ts FROM events").await?);
             }
             e.stop().await;
         }
-        measured.push((count, best_stream, best_gen));
+        measured.push((count, best_stream, best_gen, best_cpu));
     }
     let input_rows: usize = input.iter().map(|b| b.num_rows()).sum();
     let extra = rate as usize; // the extra interval that closes the last window
@@ -318,7 +325,7 @@ async fn tumble_count(args: TumbleCount) -> anyhow::Result<()> {
     let per_second = |d: Duration| total / d.as_secs_f64();
     println!("| measure | time | events/s | events/s/core |");
     println!("|---|---|---|---|");
-    for (count, best_stream, best_gen) in &measured {
+    for (count, best_stream, best_gen, _) in &measured {
         let stream_only = best_stream.saturating_sub(*best_gen);
         println!(
             "| generator alone, {count} worker(s) | {:.3} s | {:.0} | {:.0} |",
@@ -345,15 +352,27 @@ async fn tumble_count(args: TumbleCount) -> anyhow::Result<()> {
         per_second(best_batch),
         per_core(best_batch)
     );
-    if let Some((first_count, first, _)) = measured.first() {
-        for (count, best_stream, _) in measured.iter().skip(1) {
+    println!("| stream run | wall | coordinator CPU | workers' CPU | cores busy | worker CPU per million events |");
+    println!("|---|---|---|---|---|---|");
+    for (count, best_stream, _, cpu) in &measured {
+        println!(
+            "| {count} worker(s) | {:.3} s | {:.3} s | {:.3} s | {:.2} | {:.1} ms |",
+            best_stream.as_secs_f64(),
+            cpu.coordinator.as_secs_f64(),
+            cpu.workers.as_secs_f64(),
+            (cpu.coordinator + cpu.workers).as_secs_f64() / best_stream.as_secs_f64(),
+            cpu.workers.as_secs_f64() * 1e3 / (total / 1e6)
+        );
+    }
+    if let Some((first_count, first, _, _)) = measured.first() {
+        for (count, best_stream, _, _) in measured.iter().skip(1) {
             println!(
                 "throughput with {count} workers / with {first_count}: {:.2}x",
                 first.as_secs_f64() / best_stream.as_secs_f64()
             );
         }
     }
-    if let Some((count, best_stream, best_gen)) = measured.last() {
+    if let Some((count, best_stream, best_gen, _)) = measured.last() {
         let stream_only = best_stream.saturating_sub(*best_gen);
         println!(
             "ratio stream ({count} workers) / batch throughput: {:.2} (incl. generator), {:.2} (minus generator)",
@@ -365,6 +384,64 @@ async fn tumble_count(args: TumbleCount) -> anyhow::Result<()> {
         "stream emitted {windows} window rows; batch {batch_rows} (batch includes the still-open last window)"
     );
     Ok(())
+}
+
+/// CPU time used by this process (the coordinator) and by its children (the worker
+/// processes), from `/proc`.
+#[derive(Debug, Default, Clone, Copy)]
+struct CpuTime {
+    coordinator: Duration,
+    workers: Duration,
+}
+
+impl CpuTime {
+    fn now() -> anyhow::Result<Self> {
+        let me = std::process::id();
+        let mut cpu = CpuTime {
+            coordinator: proc_cpu(me)?.map(|(_, t)| t).unwrap_or_default(),
+            workers: Duration::ZERO,
+        };
+        for entry in std::fs::read_dir("/proc")? {
+            let Some(pid) = entry?.file_name().to_str().and_then(|n| n.parse().ok()) else {
+                continue;
+            };
+            if let Some((parent, time)) = proc_cpu(pid)?
+                && parent == me
+            {
+                cpu.workers += time;
+            }
+        }
+        Ok(cpu)
+    }
+
+    fn minus(&self, before: &CpuTime) -> CpuTime {
+        CpuTime {
+            coordinator: self.coordinator.saturating_sub(before.coordinator),
+            workers: self.workers.saturating_sub(before.workers),
+        }
+    }
+}
+
+/// A process's parent and user+system CPU time; `None` if it is gone.
+fn proc_cpu(pid: u32) -> anyhow::Result<Option<(u32, Duration)>> {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Ok(None);
+    };
+    // Fields after the parenthesised command name: state, ppid, ..., utime (12th), stime.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("malformed /proc stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let parent = fields.get(1).and_then(|f| f.parse().ok()).context("no ppid")?;
+    let ticks: u64 = fields
+        .get(11..13)
+        .context("no utime/stime")?
+        .iter()
+        .map(|f| f.parse::<u64>().unwrap_or(0))
+        .sum();
+    // The kernel reports in USER_HZ, which is 100 on Linux.
+    Ok(Some((parent, Duration::from_millis(ticks * 10))))
 }
 
 async fn empty_interval(args: EmptyInterval) -> anyhow::Result<()> {
