@@ -352,7 +352,9 @@ async fn tumble_count(args: TumbleCount) -> anyhow::Result<()> {
         per_second(best_batch),
         per_core(best_batch)
     );
-    println!("| stream run | wall | coordinator CPU | workers' CPU | cores busy | worker CPU per million events |");
+    println!(
+        "| stream run | wall | coordinator CPU | workers' CPU | cores busy | worker CPU per million events |"
+    );
     println!("|---|---|---|---|---|---|");
     for (count, best_stream, _, cpu) in &measured {
         println!(
@@ -433,7 +435,10 @@ fn proc_cpu(pid: u32) -> anyhow::Result<Option<(u32, Duration)>> {
         .map(|(_, rest)| rest)
         .context("malformed /proc stat")?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let parent = fields.get(1).and_then(|f| f.parse().ok()).context("no ppid")?;
+    let parent = fields
+        .get(1)
+        .and_then(|f| f.parse().ok())
+        .context("no ppid")?;
     let ticks: u64 = fields
         .get(11..13)
         .context("no utime/stime")?

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use dstream_storage::{S3Options, StoreConfig};
 use serde::Deserialize;
 
 pub use crate::cluster::local::WorkerMode;
@@ -44,6 +45,17 @@ pub struct ServeConfig {
     pub worker_mode: WorkerMode,
     /// Task slots of each local worker (0: the machine's cores shared among them).
     pub worker_cores: usize,
+    /// Where checkpoints, the catalog and table data live: `file:///path`,
+    /// `s3://bucket/prefix` or `memory://name`. `None`: `file://` + `data_dir`.
+    pub store: Option<String>,
+    /// Settings of an `s3://` store; unset ones come from the `AWS_*` environment.
+    pub s3: S3Options,
+    /// Checkpoint every this many intervals (0: the count does not trigger one).
+    pub checkpoint_intervals: u64,
+    /// Checkpoint at least this often (`None`: time does not trigger one).
+    pub checkpoint_every: Option<Duration>,
+    /// Committed checkpoints kept in the store; older ones are deleted.
+    pub checkpoints_kept: usize,
 }
 
 impl Default for ServeConfig {
@@ -60,6 +72,11 @@ impl Default for ServeConfig {
             workers: 2,
             worker_mode: WorkerMode::Process(None),
             worker_cores: 0,
+            store: None,
+            s3: S3Options::default(),
+            checkpoint_intervals: 10,
+            checkpoint_every: Some(Duration::from_secs(10)),
+            checkpoints_kept: 3,
         }
     }
 }
@@ -78,6 +95,15 @@ pub struct FileConfig {
     pub grpc_addr: Option<SocketAddr>,
     pub workers: Option<usize>,
     pub worker_cores: Option<usize>,
+    pub store: Option<String>,
+    pub s3_endpoint: Option<String>,
+    pub s3_region: Option<String>,
+    pub s3_access_key_id: Option<String>,
+    pub s3_secret_access_key: Option<String>,
+    pub s3_allow_http: Option<bool>,
+    pub checkpoint_intervals: Option<u64>,
+    pub checkpoint_every: Option<String>,
+    pub checkpoints_kept: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -129,8 +155,43 @@ impl FileConfig {
         if let Some(v) = self.worker_cores {
             config.worker_cores = v;
         }
+        if let Some(v) = self.store {
+            config.store = Some(v);
+        }
+        if let Some(v) = self.s3_endpoint {
+            config.s3.endpoint = Some(v);
+        }
+        if let Some(v) = self.s3_region {
+            config.s3.region = Some(v);
+        }
+        if let Some(v) = self.s3_access_key_id {
+            config.s3.access_key_id = Some(v);
+        }
+        if let Some(v) = self.s3_secret_access_key {
+            config.s3.secret_access_key = Some(v);
+        }
+        if let Some(v) = self.s3_allow_http {
+            config.s3.allow_http = Some(v);
+        }
+        if let Some(v) = self.checkpoint_intervals {
+            config.checkpoint_intervals = v;
+        }
+        if let Some(v) = self.checkpoint_every {
+            config.checkpoint_every = parse_optional_duration(&v)?;
+        }
+        if let Some(v) = self.checkpoints_kept {
+            config.checkpoints_kept = v;
+        }
         Ok(())
     }
+}
+
+/// A duration, or `off` for none.
+pub fn parse_optional_duration(text: &str) -> Result<Option<Duration>> {
+    if text.trim().eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    parse_duration(text).map(Some)
 }
 
 /// Parses a duration such as `1s` or `250ms` for configuration values.
@@ -148,6 +209,17 @@ impl ServeConfig {
         (cores / self.workers.max(1)).max(1)
     }
 
+    /// The object store: as configured, or the data directory.
+    pub fn store_config(&self) -> StoreConfig {
+        match &self.store {
+            Some(url) => StoreConfig {
+                url: url.clone(),
+                s3: self.s3.clone(),
+            },
+            None => StoreConfig::local(&self.data_dir),
+        }
+    }
+
     /// Checks values that cannot work.
     pub fn validate(&self) -> Result<()> {
         if self.partitions == 0 || self.partitions > 1024 {
@@ -163,6 +235,9 @@ impl ServeConfig {
         }
         if self.batch_interval < Duration::from_millis(10) {
             return Err(Error::Config("batch_interval must be at least 10ms".into()));
+        }
+        if self.checkpoints_kept == 0 {
+            return Err(Error::Config("checkpoints_kept must be at least 1".into()));
         }
         Ok(())
     }

@@ -22,6 +22,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use dstream_executor::worker::proto;
 use dstream_executor::{Changelog, SourceStats};
 use dstream_planner::{Catalog, SourceDef, StreamPlan};
+use dstream_storage::checkpoint::SourceCheckpoint;
 use dstream_storage::{CatalogFile, DataDir, IntervalId, Timeline};
 use tokio::net::TcpListener;
 use tokio::sync::{Mutex, broadcast, watch};
@@ -29,9 +30,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::clock::IntervalClock;
+use crate::cluster::checkpoint::{self, CheckpointedView, Checkpoints, Pending};
 use crate::cluster::handover;
 use crate::cluster::remote_table::{RemoteSource, RemoteView};
-use crate::cluster::scheduler::{self, ViewOutcome};
+use crate::cluster::scheduler::{self, CommitOptions, ViewOutcome};
 use crate::cluster::{Cluster, CoordinatorService, local::LocalWorkers};
 use crate::config::ServeConfig;
 use crate::error::{Error, Result};
@@ -39,6 +41,9 @@ use crate::system_tables;
 
 /// How long `dstream serve` waits for its local workers to join.
 const WORKERS_JOIN: Duration = Duration::from_secs(30);
+
+/// How long stopping waits for a checkpoint being written.
+const CHECKPOINT_ON_STOP: Duration = Duration::from_secs(10);
 
 /// How many intervals of history `dstream_intervals` keeps.
 const HISTORY: usize = 1000;
@@ -222,8 +227,10 @@ impl std::fmt::Debug for Engine {
 pub(crate) struct Inner {
     pub config: ServeConfig,
     pub clock: Arc<dyn IntervalClock>,
+    /// The object store: catalog, table data and checkpoints.
     pub data_dir: DataDir,
     pub catalog_file: CatalogFile,
+    pub checkpoints: Arc<std::sync::Mutex<Checkpoints>>,
     pub session_config: SessionConfig,
     pub cluster: Arc<Cluster>,
     pub local_workers: Mutex<LocalWorkers>,
@@ -256,7 +263,7 @@ impl Engine {
         shutdown: CancellationToken,
     ) -> Result<Engine> {
         config.validate()?;
-        let data_dir = DataDir::open_local(&config.data_dir)?;
+        let data_dir = DataDir::open(&config.store_config())?;
         let catalog_file = CatalogFile::new(data_dir.clone());
         let stored = catalog_file.load().await?;
         let mut batch_interval = config.batch_interval;
@@ -311,6 +318,7 @@ impl Engine {
             config.worker_cores(),
             &config.worker_mode,
             &coordinator_url,
+            &config.s3,
             &shutdown,
         )
         .await?;
@@ -321,6 +329,7 @@ impl Engine {
                 clock,
                 data_dir,
                 catalog_file,
+                checkpoints: Arc::new(std::sync::Mutex::new(Checkpoints::default())),
                 session_config,
                 cluster,
                 local_workers: Mutex::new(local_workers),
@@ -362,6 +371,9 @@ impl Engine {
             info!(workers = expected, "local workers joined");
         }
         engine.restore(&stored.entries).await?;
+        engine
+            .checkpoints()
+            .start_counting(None, engine.inner.clock.now_nanos());
         engine.start_handovers(shutdown.clone());
         let driver = engine.clone();
         #[allow(clippy::disallowed_methods)] // the handle is kept in `interval_loop`
@@ -400,7 +412,25 @@ impl Engine {
         self.stop_cluster().await;
     }
 
+    /// Checkpoint progress.
+    pub(crate) fn checkpoints(&self) -> std::sync::MutexGuard<'_, Checkpoints> {
+        match self.inner.checkpoints.lock() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
     async fn stop_cluster(&self) {
+        // A checkpoint being written gets a moment to commit while workers still serve.
+        let writing = self.checkpoints().take_writing();
+        if let Some(mut writing) = writing
+            && tokio::time::timeout(CHECKPOINT_ON_STOP, &mut writing)
+                .await
+                .is_err()
+        {
+            warn!("stopping before the checkpoint being written committed");
+            writing.abort();
+        }
         // Workers stopping with the coordinator just leave.
         self.inner.cluster.set_handovers(false);
         self.inner.local_workers.lock().await.stop().await;
@@ -600,7 +630,21 @@ impl Engine {
         if let Err(e) = scheduler::sync_workers(self, &mut state).await {
             warn!(error = %e, "could not install the catalog on every worker");
         }
-        let (outcomes, counts) = scheduler::run_interval(self, &mut state, interval).await;
+        let config = &self.inner.config;
+        let now = self.inner.clock.now_nanos();
+        let commit = {
+            let checkpoints = self.checkpoints();
+            CommitOptions {
+                checkpoint: checkpoints.due(
+                    interval,
+                    now,
+                    config.checkpoint_intervals,
+                    config.checkpoint_every,
+                ),
+                checkpointed: checkpoints.committed(),
+            }
+        };
+        let (outcomes, counts) = scheduler::run_interval(self, &mut state, interval, commit).await;
         let input_rows: u64 = state
             .sources
             .values()
@@ -652,6 +696,9 @@ impl Engine {
         }
         state.next = interval.next();
         state.last_committed = Some(interval);
+        if commit.checkpoint {
+            self.start_checkpoint(&state, interval, now);
+        }
         let processing_time = started.elapsed();
         let mut history = match self.inner.history.lock() {
             Ok(h) => h,
@@ -676,6 +723,56 @@ impl Engine {
         drop(state);
         self.publish_changes(published);
         self.inner.committed.send_modify(|c| *c += 1);
+    }
+
+    /// Starts committing the checkpoint the workers took at the commit of `interval`:
+    /// every view that is running, every source's position.
+    fn start_checkpoint(&self, state: &EngineState, interval: IntervalId, now: i64) {
+        let views = state
+            .views
+            .iter()
+            .filter(|(_, v)| v.failure.is_none() && !v.placement.is_empty())
+            .filter_map(|(name, v)| {
+                let sql = state.catalog.get(name)?.sql().to_string();
+                Some(CheckpointedView {
+                    name: name.clone(),
+                    sql,
+                    placement: v.placement.clone(),
+                })
+            })
+            .collect();
+        let sources = state
+            .sources
+            .iter()
+            .filter(|(_, s)| s.failure.is_none())
+            .map(|(name, s)| {
+                (
+                    name.clone(),
+                    SourceCheckpoint {
+                        records: s.stats.receiver.records,
+                        malformed: s.stats.receiver.malformed,
+                        late_rows: s.stats.late_rows,
+                        watermark: s.stats.watermark,
+                    },
+                )
+            })
+            .collect();
+        let pending = Pending {
+            interval,
+            timeline: state.timeline,
+            views,
+            sources,
+            workers: self.inner.cluster.alive(),
+            keep: self.inner.config.checkpoints_kept,
+        };
+        #[allow(clippy::disallowed_methods)] // kept in `checkpoints`, awaited by `stopped`
+        let writing = tokio::spawn(checkpoint::write(
+            self.inner.cluster.clone(),
+            self.inner.data_dir.clone(),
+            self.inner.checkpoints.clone(),
+            pending,
+        ));
+        self.checkpoints().started(interval, now, writing);
     }
 
     fn publish_changes(&self, published: Vec<(String, Arc<ChangeBatch>)>) {
@@ -789,6 +886,11 @@ impl Engine {
         ctx.register_table(
             TableReference::bare(system_tables::INTERVALS),
             Arc::new(system_tables::intervals_table(&history)?),
+        )?;
+        let checkpoints = self.checkpoints().history();
+        ctx.register_table(
+            TableReference::bare(system_tables::CHECKPOINTS),
+            Arc::new(system_tables::checkpoints_table(&checkpoints)?),
         )?;
         ctx.register_table(
             TableReference::bare(system_tables::WORKERS),

@@ -10,7 +10,7 @@
 //!   remote reads, local worker processes.
 //! - [`session`]: executing statements.
 //! - [`subscribe`]: `SUBSCRIBE` streams.
-//! - [`system_tables`]: `dstream_intervals` and `dstream_workers`.
+//! - [`system_tables`]: `dstream_intervals`, `dstream_workers` and `dstream_checkpoints`.
 //! - [`clock`]: the injected [`clock::IntervalClock`], real and manual.
 //! - [`pgwire`]: the Postgres wire protocol.
 //! - [`config`]: [`config::ServeConfig`] from flags, environment and TOML.

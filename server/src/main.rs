@@ -9,7 +9,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use dstream_server::config::{ClockKind, FileConfig, ServeConfig, parse_duration};
+use dstream_server::config::{
+    ClockKind, FileConfig, ServeConfig, parse_duration, parse_optional_duration,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -79,6 +81,25 @@ struct ServeArgs {
     /// Task slots per local worker [default: the cores shared among the workers].
     #[arg(long, env = "DSTREAM_WORKER_CORES")]
     worker_cores: Option<usize>,
+    /// Object store for checkpoints, the catalog and table data: file:///path,
+    /// s3://bucket/prefix or memory://name [default: file:// + the data directory].
+    #[arg(long, env = "DSTREAM_STORE")]
+    store: Option<String>,
+    /// S3-compatible endpoint of an s3:// store [default: AWS_ENDPOINT_URL, or AWS].
+    #[arg(long, env = "DSTREAM_S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
+    /// Region of an s3:// store [default: AWS_REGION, or us-east-1].
+    #[arg(long, env = "DSTREAM_S3_REGION")]
+    s3_region: Option<String>,
+    /// Checkpoint every N intervals; 0: only by time [default: 10].
+    #[arg(long, env = "DSTREAM_CHECKPOINT_INTERVALS")]
+    checkpoint_intervals: Option<u64>,
+    /// Checkpoint at least this often, e.g. 30s, or off [default: 10s].
+    #[arg(long, env = "DSTREAM_CHECKPOINT_EVERY")]
+    checkpoint_every: Option<String>,
+    /// Committed checkpoints kept in the store [default: 3].
+    #[arg(long, env = "DSTREAM_CHECKPOINTS_KEPT")]
+    checkpoints_kept: Option<usize>,
 }
 
 #[derive(Args, Debug)]
@@ -139,6 +160,24 @@ impl ServeArgs {
         if let Some(v) = self.worker_cores {
             config.worker_cores = v;
         }
+        if let Some(v) = self.store {
+            config.store = Some(v);
+        }
+        if let Some(v) = self.s3_endpoint {
+            config.s3.endpoint = Some(v);
+        }
+        if let Some(v) = self.s3_region {
+            config.s3.region = Some(v);
+        }
+        if let Some(v) = self.checkpoint_intervals {
+            config.checkpoint_intervals = v;
+        }
+        if let Some(v) = self.checkpoint_every {
+            config.checkpoint_every = parse_optional_duration(&v)?;
+        }
+        if let Some(v) = self.checkpoints_kept {
+            config.checkpoints_kept = v;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -187,6 +226,7 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", config.pg_addr))?;
     info!(
         data_dir = %config.data_dir.display(),
+        store = %config.store_config().url,
         batch_interval = ?config.batch_interval,
         partitions = config.partitions,
         clock = ?config.clock,
@@ -226,6 +266,8 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         cores: args
             .cores
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        // From the environment (AWS_ACCESS_KEY_ID, ...) when the store is opened.
+        s3_credentials: Default::default(),
     };
     let shutdown = CancellationToken::new();
     #[allow(clippy::disallowed_methods)] // awaited below

@@ -8,6 +8,10 @@
 //!   and — asked of each reachable worker (`Status`) when the table is scanned — its
 //!   running tasks, the input blocks and the state partitions it holds.
 //!
+//! - `dstream_checkpoints`: one row per recent checkpoint: its interval, when it was
+//!   taken, how long it took to commit, its size, and whether it committed (and if
+//!   not, why).
+//!
 //! `dstream_intervals` is built when a query's context is made, from the engine's
 //! interval history; `dstream_workers` when it is scanned.
 
@@ -29,6 +33,7 @@ use datafusion::physical_plan::ExecutionPlan;
 use dstream_executor::worker::proto;
 use futures::future::join_all;
 
+use crate::cluster::checkpoint::CheckpointStat;
 use crate::cluster::remote_table::scan_fetched;
 use crate::cluster::{Cluster, WorkerRecord};
 use crate::engine::IntervalStat;
@@ -36,6 +41,7 @@ use crate::error::Result;
 
 pub const INTERVALS: &str = "dstream_intervals";
 pub const WORKERS: &str = "dstream_workers";
+pub const CHECKPOINTS: &str = "dstream_checkpoints";
 
 fn millis(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -91,6 +97,61 @@ pub fn intervals_table(history: &[IntervalStat]) -> Result<MemTable> {
         )),
         Arc::new(UInt64Array::from_iter_values(
             history.iter().map(|h| h.workers),
+        )),
+    ];
+    let batch = RecordBatch::try_new(schema.clone(), columns)
+        .map_err(datafusion::error::DataFusionError::from)?;
+    Ok(MemTable::try_new(schema, vec![vec![batch]])?)
+}
+
+/// `dstream_checkpoints` over `history` (oldest first).
+pub fn checkpoints_table(history: &[CheckpointStat]) -> Result<MemTable> {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("interval_id", DataType::UInt64, false),
+        Field::new(
+            "started_at",
+            DataType::Timestamp(TimeUnit::Nanosecond, None),
+            false,
+        ),
+        Field::new("duration_ms", DataType::Float64, false),
+        Field::new("status", DataType::Utf8, false),
+        Field::new("views", DataType::UInt64, false),
+        Field::new("partitions", DataType::UInt64, false),
+        Field::new("files", DataType::UInt64, false),
+        Field::new("bytes", DataType::UInt64, false),
+        Field::new("error", DataType::Utf8, true),
+    ]));
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(UInt64Array::from_iter_values(
+            history.iter().map(|h| h.interval.0),
+        )),
+        Arc::new(TimestampNanosecondArray::from_iter_values(
+            history.iter().map(|h| h.started_at_nanos),
+        )),
+        Arc::new(Float64Array::from_iter_values(
+            history.iter().map(|h| millis(h.duration)),
+        )),
+        Arc::new(StringArray::from_iter_values(history.iter().map(|h| {
+            if h.error.is_some() {
+                "failed"
+            } else {
+                "committed"
+            }
+        }))),
+        Arc::new(UInt64Array::from_iter_values(
+            history.iter().map(|h| h.views),
+        )),
+        Arc::new(UInt64Array::from_iter_values(
+            history.iter().map(|h| h.partitions),
+        )),
+        Arc::new(UInt64Array::from_iter_values(
+            history.iter().map(|h| h.files),
+        )),
+        Arc::new(UInt64Array::from_iter_values(
+            history.iter().map(|h| h.bytes),
+        )),
+        Arc::new(StringArray::from(
+            history.iter().map(|h| h.error.clone()).collect::<Vec<_>>(),
         )),
     ];
     let batch = RecordBatch::try_new(schema.clone(), columns)

@@ -133,6 +133,7 @@ async fn a_worker_that_joins_late_gets_work() {
             coordinator: engine.coordinator_url().to_string(),
             advertise: None,
             cores: 1,
+            s3_credentials: Default::default(),
         };
         let stop = stop_workers.clone();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");

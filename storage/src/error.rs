@@ -6,6 +6,13 @@ pub enum Error {
     /// The object store refused or failed an operation.
     #[error("object store: {0}")]
     ObjectStore(#[from] object_store::Error),
+    /// An object store operation failed: what was being done, and why.
+    #[error("{what}: {source}")]
+    Store {
+        what: String,
+        #[source]
+        source: object_store::Error,
+    },
     /// A stored file could not be decoded.
     #[error("corrupt {what}: {reason}")]
     Corrupt { what: String, reason: String },

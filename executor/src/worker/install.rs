@@ -54,6 +54,9 @@ pub async fn install(state: &WorkerState, request: proto::InstallRequest) -> Res
     installed.partitions = request.partitions.max(1) as usize;
     installed.block_rows = request.block_rows.max(1) as usize;
     installed.retain_intervals = request.retain_intervals.max(1);
+    if let Some(store) = &request.store {
+        state.set_store(open_store(store, state.credentials())?);
+    }
     for object in &request.objects {
         if installed.catalog.get(&object.name).is_some() {
             continue;
@@ -82,6 +85,24 @@ pub async fn install(state: &WorkerState, request: proto::InstallRequest) -> Res
         receivers.insert(key, runtime);
     }
     Ok(())
+}
+
+/// Opens the object store the coordinator named, with this worker's own credentials.
+fn open_store(
+    store: &proto::Store,
+    credentials: dstream_storage::S3Options,
+) -> Result<dstream_storage::DataDir> {
+    let nonempty = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    let config = dstream_storage::StoreConfig {
+        url: store.url.clone(),
+        s3: dstream_storage::S3Options {
+            endpoint: nonempty(&store.s3_endpoint),
+            region: nonempty(&store.s3_region),
+            allow_http: store.s3_allow_http,
+            ..credentials
+        },
+    };
+    Ok(dstream_storage::DataDir::open(&config)?)
 }
 
 async fn install_object(installed: &mut Installed, object: &proto::CatalogObject) -> Result<()> {

@@ -13,6 +13,7 @@
 //! - [`service`]: the `Worker` gRPC service: seal, run tasks, commit, cancel.
 //! - [`flight`]: the Flight service and the client side of the data plane.
 //! - [`handover`]: moving receivers and state partitions off a worker that leaves.
+//! - [`checkpoint`]: writing the state partitions held here to the object store.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use tracing::{info, warn};
 
 use crate::error::{Error, Result};
 
+pub mod checkpoint;
 pub mod flight;
 pub mod handover;
 pub mod install;
@@ -57,6 +59,9 @@ pub struct WorkerConfig {
     pub advertise: Option<String>,
     /// Task slots: how many tasks run at once (Spark's executor cores).
     pub cores: usize,
+    /// Credentials for an `s3://` store, if not in the environment (in-process
+    /// workers get the server's configured ones here).
+    pub s3_credentials: dstream_storage::S3Options,
 }
 
 /// Runs a worker on `listener` until `shutdown` is cancelled or the coordinator is gone
@@ -72,6 +77,7 @@ pub async fn run(
         .clone()
         .unwrap_or_else(|| format!("http://{local}"));
     let state = Arc::new(WorkerState::new(address.clone(), config.cores));
+    state.set_credentials(config.s3_credentials.clone());
     // Not a child of `shutdown`: a leaving worker serves on until its work has been
     // handed over.
     let serving = CancellationToken::new();

@@ -8,6 +8,8 @@
 //!   shuffle pieces kept here) and reduce tasks (the pieces of one partition, read
 //!   locally or over Flight, folded into the partition's state). Outputs wait for
 //!   `Commit`; `Cancel` drops them.
+//! - `AwaitCheckpoint`: a checkpoint asked for in `Commit` is written in the
+//!   background (see [`super::checkpoint`]); this waits for it.
 //! - `ReleaseReceiver`/`AdoptReceiver`/`DescribePartition`/`AdoptPartition`: handing
 //!   work over when a worker leaves (see [`super::handover`]).
 
@@ -24,7 +26,7 @@ use tracing::warn;
 use super::flight::FlightPeers;
 use super::proto::{self, data_ticket::Kind, task::Kind as TaskKind};
 use super::state::{InstalledView, WorkerState};
-use super::{handover, install, status};
+use super::{checkpoint, handover, install, status};
 use crate::error::{Error, Result};
 use crate::operator::{PartitionInput, ShufflePiece, ViewUpdate};
 use crate::view_runtime::conform;
@@ -140,8 +142,16 @@ impl proto::worker_server::Worker for WorkerService {
         &self,
         request: Request<proto::CommitRequest>,
     ) -> std::result::Result<Response<proto::CommitResponse>, Status> {
-        let interval = IntervalId(request.into_inner().interval);
+        let request = request.into_inner();
+        let interval = IntervalId(request.interval);
         self.state.commit(interval);
+        if request.checkpoint {
+            let store = self
+                .state
+                .store()
+                .ok_or_else(|| Status::failed_precondition("no object store installed"))?;
+            checkpoint::start(&self.state, store, interval);
+        }
         self.state.expire_shuffle(interval);
         let retain = self
             .state
@@ -150,9 +160,21 @@ impl proto::worker_server::Worker for WorkerService {
             .await
             .as_ref()
             .map_or(1, |i| i.retain_intervals);
-        self.state.expire_blocks(interval, retain);
+        self.state
+            .expire_blocks(interval, retain, request.checkpointed.map(IntervalId));
         self.state.finish_interval(interval);
         Ok(Response::new(proto::CommitResponse {}))
+    }
+
+    async fn await_checkpoint(
+        &self,
+        request: Request<proto::AwaitCheckpointRequest>,
+    ) -> std::result::Result<Response<proto::AwaitCheckpointResponse>, Status> {
+        let interval = IntervalId(request.into_inner().interval);
+        let partitions = checkpoint::wait(&self.state, interval)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(proto::AwaitCheckpointResponse { partitions }))
     }
 
     async fn cancel(

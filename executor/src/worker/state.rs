@@ -17,9 +17,10 @@ use arrow_flight::utils::flight_data_to_batches;
 use datafusion::catalog::{MemTable, TableProvider};
 use datafusion::prelude::SessionContext;
 use dstream_planner::{Catalog, StreamPlan};
-use dstream_storage::{IntervalId, Timeline};
+use dstream_storage::{DataDir, IntervalId, S3Options, Timeline};
 use tokio_util::sync::CancellationToken;
 
+use super::checkpoint::{TakenPartition, Writing};
 use crate::block::{Block, with_interval_column};
 use crate::error::Result;
 use crate::ingest::SourceRuntime;
@@ -30,6 +31,9 @@ use crate::view_runtime::ViewPartition;
 /// How many committed versions of a view partition's rows a worker keeps, so that an
 /// ad-hoc query that took its snapshot a few intervals ago can still read it.
 pub const VERSIONS_KEPT: u64 = 16;
+
+/// How many checkpoints a worker remembers writing, for `AwaitCheckpoint`.
+const CHECKPOINTS_KEPT: usize = 4;
 
 /// A view as installed on a worker.
 #[derive(Debug, Clone)]
@@ -144,6 +148,12 @@ pub struct WorkerState {
     shuffle: Mutex<HashMap<ShuffleKey, Arc<Vec<ShufflePiece>>>>,
     partitions: Mutex<HashMap<(String, u32), PartitionSlot>>,
     cancels: Mutex<HashMap<IntervalId, CancellationToken>>,
+    /// Where checkpoints go, once the coordinator said.
+    store: Mutex<Option<DataDir>>,
+    /// Credentials for the store that did not come from the environment.
+    credentials: Mutex<S3Options>,
+    /// Checkpoints started here, by interval (the few most recent).
+    checkpoints: Mutex<BTreeMap<IntervalId, Writing>>,
 }
 
 impl std::fmt::Debug for WorkerState {
@@ -176,6 +186,9 @@ impl WorkerState {
             shuffle: Mutex::new(HashMap::new()),
             partitions: Mutex::new(HashMap::new()),
             cancels: Mutex::new(HashMap::new()),
+            store: Mutex::new(None),
+            credentials: Mutex::new(S3Options::default()),
+            checkpoints: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -260,9 +273,18 @@ impl WorkerState {
         lock(&self.blocks).values().map(|b| b.len() as u64).sum()
     }
 
-    /// Drops blocks older than the retention allows after `interval`.
-    pub fn expire_blocks(&self, interval: IntervalId, retain_intervals: u64) {
-        let keep_from = interval.0.saturating_sub(retain_intervals.max(1) - 1);
+    /// Drops blocks older than the retention allows after `interval`, except those
+    /// after the latest checkpoint (`checkpointed`): recovery replays them.
+    pub fn expire_blocks(
+        &self,
+        interval: IntervalId,
+        retain_intervals: u64,
+        checkpointed: Option<IntervalId>,
+    ) {
+        let mut keep_from = interval.0.saturating_sub(retain_intervals.max(1) - 1);
+        if let Some(checkpointed) = checkpointed {
+            keep_from = keep_from.min(checkpointed.0 + 1);
+        }
         lock(&self.blocks).retain(|(_, i), _| i.0 >= keep_from);
     }
 
@@ -410,6 +432,50 @@ impl WorkerState {
         lock(&self.partitions).retain(|(view, _), _| view != name);
         lock(&self.shuffle).retain(|(view, _, _), _| view != name);
         lock(&self.blocks).retain(|(source, _), _| source != name);
+    }
+
+    // --- checkpoints --------------------------------------------------------------
+
+    pub fn set_credentials(&self, credentials: S3Options) {
+        *lock(&self.credentials) = credentials;
+    }
+
+    pub fn credentials(&self) -> S3Options {
+        lock(&self.credentials).clone()
+    }
+
+    pub fn set_store(&self, store: DataDir) {
+        *lock(&self.store) = Some(store);
+    }
+
+    pub fn store(&self) -> Option<DataDir> {
+        lock(&self.store).clone()
+    }
+
+    /// Every partition held here, as last committed.
+    pub fn committed_partitions(&self) -> Vec<TakenPartition> {
+        lock(&self.partitions)
+            .iter()
+            .map(|((view, partition), slot)| TakenPartition {
+                view: view.clone(),
+                partition: *partition,
+                state: slot.state.clone(),
+                rows: slot.current_rows(),
+            })
+            .collect()
+    }
+
+    /// Records a checkpoint being written; forgets all but the most recent few.
+    pub fn add_checkpoint(&self, interval: IntervalId, writing: Writing) {
+        let mut checkpoints = lock(&self.checkpoints);
+        checkpoints.insert(interval, writing);
+        while checkpoints.len() > CHECKPOINTS_KEPT {
+            checkpoints.pop_first();
+        }
+    }
+
+    pub fn checkpoint(&self, interval: IntervalId) -> Option<Writing> {
+        lock(&self.checkpoints).get(&interval).cloned()
     }
 
     // --- cancellation -------------------------------------------------------------

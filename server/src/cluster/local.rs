@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 
 use dstream_executor::worker::{WorkerConfig, run as run_worker};
+use dstream_storage::S3Options;
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
@@ -34,11 +35,14 @@ pub struct LocalWorkers {
 
 impl LocalWorkers {
     /// Starts `count` workers that join the coordinator at `coordinator`.
+    /// Credentials of an `s3://` store given in the configuration reach worker
+    /// processes through their environment (`s3`), never over the network.
     pub async fn start(
         count: usize,
         cores: usize,
         mode: &WorkerMode,
         coordinator: &str,
+        s3: &S3Options,
         shutdown: &CancellationToken,
     ) -> Result<LocalWorkers> {
         let mut workers = LocalWorkers::default();
@@ -49,7 +53,14 @@ impl LocalWorkers {
                         Some(p) => p.clone(),
                         None => std::env::current_exe()?,
                     };
-                    let child = Command::new(&program)
+                    let mut command = Command::new(&program);
+                    if let Some(key) = &s3.access_key_id {
+                        command.env("AWS_ACCESS_KEY_ID", key);
+                    }
+                    if let Some(secret) = &s3.secret_access_key {
+                        command.env("AWS_SECRET_ACCESS_KEY", secret);
+                    }
+                    let child = command
                         .args(["worker", "--coordinator", coordinator])
                         .args(["--cores", &cores.to_string()])
                         .stdin(Stdio::null())
@@ -70,6 +81,11 @@ impl LocalWorkers {
                         coordinator: coordinator.to_string(),
                         advertise: None,
                         cores,
+                        s3_credentials: S3Options {
+                            access_key_id: s3.access_key_id.clone(),
+                            secret_access_key: s3.secret_access_key.clone(),
+                            ..Default::default()
+                        },
                     };
                     #[allow(clippy::disallowed_methods)] // kept in `tasks`, awaited in `stop`
                     let task = tokio::spawn(run_worker(config, listener, shutdown.child_token()));

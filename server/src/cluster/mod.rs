@@ -12,6 +12,7 @@
 //! # Layout
 //! - [`scheduler`]: one interval across the workers: seal, map, shuffle, reduce, commit.
 //! - [`handover`]: moving a leaving worker's receivers and state partitions.
+//! - [`checkpoint`]: when to checkpoint, and committing a checkpoint's manifest.
 //! - [`remote_table`]: ad-hoc reads of view partitions and input blocks over Flight.
 //! - [`local`]: the worker processes `dstream serve` starts, or in-process workers.
 
@@ -31,6 +32,7 @@ use tracing::{error, info, warn};
 
 use crate::error::{Error, Result};
 
+pub mod checkpoint;
 pub mod handover;
 pub mod local;
 pub mod remote_table;

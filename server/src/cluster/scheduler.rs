@@ -118,12 +118,22 @@ fn place_map_tasks(
     }
 }
 
+/// What the commit of an interval tells the workers about checkpoints.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CommitOptions {
+    /// Take a checkpoint of the state this commit leaves.
+    pub checkpoint: bool,
+    /// The newest committed checkpoint: input after it is kept for replay.
+    pub checkpointed: Option<IntervalId>,
+}
+
 /// Seals, maps, reduces and commits `interval`. Updates sources (stats, retained
 /// blocks, failures) in `state`; returns each view's outcome.
 pub async fn run_interval(
     engine: &Engine,
     state: &mut EngineState,
     interval: IntervalId,
+    commit: CommitOptions,
 ) -> (BTreeMap<String, ViewOutcome>, StageCounts) {
     let cluster = engine.inner.cluster.clone();
     let timeline = state.timeline;
@@ -420,6 +430,8 @@ pub async fn run_interval(
         async move {
             let request = proto::CommitRequest {
                 interval: interval.0,
+                checkpoint: commit.checkpoint,
+                checkpointed: commit.checkpointed.map(|c| c.0),
             };
             (
                 id,
@@ -547,6 +559,13 @@ pub async fn sync_workers(engine: &Engine, state: &mut EngineState) -> Result<()
     let retain_intervals = (engine.inner.config.source_retention.as_nanos()
         / state.timeline.width().as_nanos().max(1))
     .max(1) as u64;
+    let config = &engine.inner.config;
+    let store = proto::Store {
+        url: engine.inner.data_dir.url().to_string(),
+        s3_endpoint: config.s3.endpoint.clone().unwrap_or_default(),
+        s3_region: config.s3.region.clone().unwrap_or_default(),
+        s3_allow_http: config.s3.allow_http,
+    };
     let mut first_error = None;
     for worker in alive.iter().filter(|w| w.installed < state.catalog_version) {
         let receivers: Vec<proto::ReceiverSplit> = state
@@ -576,6 +595,7 @@ pub async fn sync_workers(engine: &Engine, state: &mut EngineState) -> Result<()
             block_rows: engine.inner.config.block_rows as u64,
             partitions: engine.inner.config.partitions as u32,
             retain_intervals,
+            store: Some(store.clone()),
         };
         let mut client = worker.client.clone();
         match cluster

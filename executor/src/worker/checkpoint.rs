@@ -1,0 +1,123 @@
+//! A worker's part of a checkpoint: writing the state partitions it owns.
+//!
+//! The coordinator asks for a checkpoint in the `Commit` of an interval. The worker
+//! then takes the partitions as that commit left them — immutable `Arc`s, so taking
+//! them costs nothing and later intervals do not change them — and writes them to the
+//! object store while the next intervals run. `AwaitCheckpoint` drives the writing and
+//! answers with the files written; the coordinator commits the checkpoint with a
+//! manifest once every worker has answered (see `dstream_storage::checkpoint` for the
+//! format).
+
+use std::sync::Arc;
+
+use dstream_storage::checkpoint::{self, Part};
+use dstream_storage::{DataDir, IntervalId};
+use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::{StreamExt, TryStreamExt};
+use tracing::{debug, info};
+
+use super::proto;
+use super::state::WorkerState;
+use crate::error::{Error, Result};
+use crate::operator::StatePartition;
+use crate::view_runtime::ViewPartition;
+
+/// Partitions written at once by one worker.
+const CONCURRENT_WRITES: usize = 4;
+
+/// A checkpoint being written: shared by every `AwaitCheckpoint` for its interval.
+pub type Writing =
+    Shared<BoxFuture<'static, std::result::Result<Vec<proto::PartitionCheckpoint>, String>>>;
+
+/// One committed partition, as a checkpoint takes it.
+#[derive(Debug, Clone)]
+pub struct TakenPartition {
+    pub view: String,
+    pub partition: u32,
+    pub state: Arc<StatePartition>,
+    pub rows: ViewPartition,
+}
+
+/// Takes the committed partitions held here for the checkpoint of `interval` and
+/// prepares their writing to `store`.
+pub fn start(state: &WorkerState, store: DataDir, interval: IntervalId) {
+    let taken = state.committed_partitions();
+    let count = taken.len();
+    let writing = async move {
+        let started = std::time::Instant::now();
+        let written: Vec<proto::PartitionCheckpoint> = futures::stream::iter(taken)
+            .map(|p| write_partition(&store, interval, p))
+            .buffer_unordered(CONCURRENT_WRITES)
+            .try_collect()
+            .await
+            .map_err(|e| e.to_string())?;
+        let bytes: u64 = written
+            .iter()
+            .flat_map(|p| p.files.iter())
+            .map(|f| f.bytes)
+            .sum();
+        info!(%interval, partitions = written.len(), bytes, elapsed = ?started.elapsed(), "wrote checkpoint partitions");
+        Ok(written)
+    }
+    .boxed()
+    .shared();
+    debug!(%interval, partitions = count, "checkpoint taken");
+    state.add_checkpoint(interval, writing);
+}
+
+async fn write_partition(
+    store: &DataDir,
+    interval: IntervalId,
+    taken: TakenPartition,
+) -> Result<proto::PartitionCheckpoint> {
+    let TakenPartition {
+        view,
+        partition,
+        state,
+        rows,
+    } = taken;
+    let mut parts: Vec<(Part, u32, &[arrow::array::RecordBatch])> = vec![
+        (Part::Rows, 0, &state.rows),
+        (Part::Running, 0, &state.running),
+        (Part::View, 0, rows.as_slice()),
+    ];
+    for (k, pairs) in state.distinct.iter().enumerate() {
+        parts.push((Part::Distinct, k as u32, pairs));
+    }
+    let mut files = Vec::new();
+    for (part, index, batches) in parts {
+        let written =
+            checkpoint::write_part(store, interval, &view, partition, part, index, batches).await?;
+        if let Some(file) = written {
+            files.push(proto::CheckpointFile {
+                path: file.path,
+                bytes: file.bytes,
+                rows: file.rows,
+                part: file.part.as_str().to_string(),
+                index: file.index,
+            });
+        }
+    }
+    Ok(proto::PartitionCheckpoint {
+        view,
+        partition,
+        files,
+        distinct: state.distinct.len() as u32,
+        emitted_until: state.emitted_until,
+        watermark: state.watermark,
+        view_rows: rows.iter().map(|b| b.num_rows() as u64).sum(),
+    })
+}
+
+/// Waits for the checkpoint of `interval` started here to be written.
+pub async fn wait(
+    state: &WorkerState,
+    interval: IntervalId,
+) -> Result<Vec<proto::PartitionCheckpoint>> {
+    let writing = state.checkpoint(interval).ok_or_else(|| {
+        Error::Internal(format!(
+            "no checkpoint of interval {interval} was started on this worker"
+        ))
+    })?;
+    writing.await.map_err(Error::Internal)
+}
