@@ -9,9 +9,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use dstream_server::config::{
-    ClockKind, FileConfig, ServeConfig, parse_duration, parse_optional_duration,
-};
+use dstream_server::config::{ClockKind, FileConfig, ServeConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -125,59 +123,33 @@ struct WorkerArgs {
 }
 
 impl ServeArgs {
+    /// The defaults, then the file, then the flags (and their environment variables),
+    /// each applied the same way.
     fn into_config(self) -> anyhow::Result<ServeConfig> {
         let mut config = ServeConfig::default();
         if let Some(path) = &self.config {
             FileConfig::load(path)?.apply(&mut config)?;
         }
-        if let Some(v) = self.data_dir {
-            config.data_dir = v;
+        FileConfig {
+            data_dir: self.data_dir,
+            pg_addr: self.pg_addr,
+            batch_interval: self.batch_interval,
+            partitions: self.partitions,
+            clock: self.clock,
+            source_retention: self.source_retention,
+            block_rows: self.block_rows,
+            grpc_addr: self.grpc_addr,
+            workers: self.workers,
+            worker_cores: self.worker_cores,
+            store: self.store,
+            s3_endpoint: self.s3_endpoint,
+            s3_region: self.s3_region,
+            checkpoint_intervals: self.checkpoint_intervals,
+            checkpoint_every: self.checkpoint_every,
+            checkpoints_kept: self.checkpoints_kept,
+            ..FileConfig::default()
         }
-        if let Some(v) = self.pg_addr {
-            config.pg_addr = v;
-        }
-        if let Some(v) = self.batch_interval {
-            config.batch_interval = parse_duration(&v)?;
-        }
-        if let Some(v) = self.partitions {
-            config.partitions = v;
-        }
-        if let Some(v) = self.clock {
-            config.clock = v;
-        }
-        if let Some(v) = self.source_retention {
-            config.source_retention = parse_duration(&v)?;
-        }
-        if let Some(v) = self.block_rows {
-            config.block_rows = v;
-        }
-        if let Some(v) = self.grpc_addr {
-            config.grpc_addr = v;
-        }
-        if let Some(v) = self.workers {
-            config.workers = v;
-        }
-        if let Some(v) = self.worker_cores {
-            config.worker_cores = v;
-        }
-        if let Some(v) = self.store {
-            config.store = Some(v);
-        }
-        if let Some(v) = self.s3_endpoint {
-            config.s3.endpoint = Some(v);
-        }
-        if let Some(v) = self.s3_region {
-            config.s3.region = Some(v);
-        }
-        if let Some(v) = self.checkpoint_intervals {
-            config.checkpoint_intervals = v;
-        }
-        if let Some(v) = self.checkpoint_every {
-            config.checkpoint_every = parse_optional_duration(&v)?;
-        }
-        if let Some(v) = self.checkpoints_kept {
-            config.checkpoints_kept = v;
-        }
+        .apply(&mut config)?;
         config.validate()?;
         Ok(config)
     }

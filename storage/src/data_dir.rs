@@ -172,20 +172,6 @@ impl DataDir {
         &self.url
     }
 
-    /// A data directory over `store`, for wrappers such as fault injection.
-    pub fn with_store(&self, store: Arc<dyn ObjectStore>) -> Self {
-        DataDir {
-            url: self.url.clone(),
-            store,
-            prefix: self.prefix.clone(),
-        }
-    }
-
-    /// The object store underneath.
-    pub fn store(&self) -> &Arc<dyn ObjectStore> {
-        &self.store
-    }
-
     fn path(&self, relative: &str) -> StorePath {
         let mut path = self.prefix.clone();
         for part in relative.split('/').filter(|p| !p.is_empty()) {
@@ -323,8 +309,7 @@ fn s3_store(
             allow.to_string(),
         );
     }
-    // A custom endpoint (MinIO, moto, ...) is addressed path-style unless configured
-    // otherwise; a region is required by the signer even where it means nothing.
+    // The request signer needs a region even where the endpoint ignores it.
     if builder
         .get_config_value(&AmazonS3ConfigKey::Region)
         .is_none()

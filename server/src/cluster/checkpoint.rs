@@ -21,7 +21,6 @@ use dstream_storage::checkpoint::{
     self, CheckpointFile, Manifest, PartitionCheckpoint, SourceCheckpoint, ViewCheckpoint,
 };
 use dstream_storage::{DataDir, IntervalId, Timeline};
-use futures::future::join_all;
 use tracing::{info, warn};
 
 use super::{Cluster, WorkerRecord};
@@ -49,9 +48,9 @@ pub struct CheckpointStat {
 /// Checkpoint progress of one engine.
 #[derive(Debug, Default)]
 pub struct Checkpoints {
-    /// The interval after which counting starts, and the clock time then: the last
-    /// checkpoint started, or the engine's start.
-    since: Option<(IntervalId, i64)>,
+    /// The interval after which counting starts (`None`: before the first one), and
+    /// the clock time then: the last checkpoint started, or the engine's start.
+    since: (Option<IntervalId>, i64),
     /// The newest committed checkpoint.
     committed: Option<IntervalId>,
     writing: Option<tokio::task::JoinHandle<()>>,
@@ -61,7 +60,7 @@ pub struct Checkpoints {
 impl Checkpoints {
     /// Counts intervals and time from `interval` (exclusive) at clock time `now`.
     pub fn start_counting(&mut self, interval: Option<IntervalId>, now_nanos: i64) {
-        self.since = Some((interval.unwrap_or(IntervalId(u64::MAX)), now_nanos));
+        self.since = (interval, now_nanos);
     }
 
     /// The newest committed checkpoint.
@@ -86,9 +85,8 @@ impl Checkpoints {
         if self.writing.as_ref().is_some_and(|h| !h.is_finished()) {
             return false;
         }
-        let (since, since_nanos) = self.since.unwrap_or((IntervalId(u64::MAX), now_nanos));
-        // `u64::MAX` stands for "before the first interval".
-        let intervals = interval.0.wrapping_sub(since.0);
+        let (since, since_nanos) = self.since;
+        let intervals = (interval.0 + 1).saturating_sub(since.map_or(0, |s| s.0 + 1));
         let by_count = every_intervals > 0 && intervals >= every_intervals;
         let by_time = every
             .is_some_and(|every| now_nanos.saturating_sub(since_nanos) >= every.as_nanos() as i64);
@@ -102,7 +100,7 @@ impl Checkpoints {
         now_nanos: i64,
         writing: tokio::task::JoinHandle<()>,
     ) {
-        self.since = Some((interval, now_nanos));
+        self.since = (Some(interval), now_nanos);
         self.writing = Some(writing);
     }
 
@@ -211,24 +209,18 @@ pub async fn write(
 
 async fn commit(cluster: &Arc<Cluster>, store: &DataDir, pending: &Pending) -> Result<Manifest> {
     let interval = pending.interval;
-    let answers = pending.workers.iter().map(|w| {
-        let cluster = cluster.clone();
-        let mut client = w.client.clone();
-        let id = w.id;
-        async move {
-            let request = proto::AwaitCheckpointRequest {
-                interval: interval.0,
-            };
-            (
-                id,
-                cluster
-                    .call(id, "write a checkpoint", client.await_checkpoint(request))
-                    .await,
-            )
-        }
-    });
+    let request = proto::AwaitCheckpointRequest {
+        interval: interval.0,
+    };
+    let answers = cluster
+        .call_each(
+            &pending.workers,
+            "write a checkpoint",
+            |mut client| async move { client.await_checkpoint(request).await },
+        )
+        .await;
     let mut written: HashMap<(u64, String, u32), proto::PartitionCheckpoint> = HashMap::new();
-    for (worker, answer) in join_all(answers).await {
+    for (worker, answer) in answers {
         let answer = answer.map_err(|e| {
             Error::Internal(format!("worker {worker} did not write its partitions: {e}"))
         })?;
@@ -323,7 +315,7 @@ mod tests {
         // Neither configured: never.
         assert!(!c.due(IntervalId(1000), 1000 * second, 0, None));
         // Counting restarts at the last checkpoint started.
-        c.since = Some((IntervalId(9), 10 * second));
+        c.start_counting(Some(IntervalId(9)), 10 * second);
         assert!(!c.due(
             IntervalId(18),
             11 * second,

@@ -354,6 +354,24 @@ impl Cluster {
         }
     }
 
+    /// Makes the same call to each of `workers`, all at once, each through
+    /// [`Cluster::call`]; the answers come back with the worker's id.
+    pub async fn call_each<T, F, Fut>(
+        &self,
+        workers: &[WorkerRecord],
+        what: &str,
+        call: F,
+    ) -> Vec<(u64, Result<T>)>
+    where
+        F: Fn(WorkerClient<Channel>) -> Fut,
+        Fut: Future<Output = std::result::Result<Response<T>, Status>>,
+    {
+        let calls = workers
+            .iter()
+            .map(|w| async { (w.id, self.call(w.id, what, call(w.client.clone())).await) });
+        futures::future::join_all(calls).await
+    }
+
     /// Runs `call` against worker `id`, giving up with a clear error as soon as the
     /// worker is declared dead (or has left). A transport failure declares the worker
     /// dead.

@@ -423,25 +423,17 @@ pub async fn run_interval(
 
     let reduced_at = started.elapsed();
     // 4. Commit everywhere; a worker that cannot commit fails the views it holds.
-    let commits = alive.iter().map(|w| {
-        let cluster = cluster.clone();
-        let mut client = w.client.clone();
-        let id = w.id;
-        async move {
-            let request = proto::CommitRequest {
-                interval: interval.0,
-                checkpoint: commit.checkpoint,
-                checkpointed: commit.checkpointed.map(|c| c.0),
-            };
-            (
-                id,
-                cluster
-                    .call(id, "commit the interval", client.commit(request))
-                    .await,
-            )
-        }
-    });
-    for (worker, result) in join_all(commits).await {
+    let request = proto::CommitRequest {
+        interval: interval.0,
+        checkpoint: commit.checkpoint,
+        checkpointed: commit.checkpointed.map(|c| c.0),
+    };
+    let commits = cluster
+        .call_each(&alive, "commit the interval", |mut client| async move {
+            client.commit(request).await
+        })
+        .await;
+    for (worker, result) in commits {
         if let Err(e) = result {
             for (name, _, placement) in &views {
                 if placement.contains(&worker) {
@@ -725,23 +717,21 @@ pub async fn push_table(
 
 /// Tells every live worker to forget `name`; a worker that cannot be told is logged.
 pub async fn remove_everywhere(engine: &Engine, name: &str) {
-    let cluster = engine.inner.cluster.clone();
-    let removes = cluster.alive().into_iter().map(|w| {
-        let cluster = cluster.clone();
-        let mut client = w.client.clone();
-        let request = proto::RemoveRequest {
-            name: name.to_string(),
-        };
-        async move {
-            if let Err(e) = cluster
-                .call(w.id, "remove an object", client.remove(request))
-                .await
-            {
-                warn!(worker = w.id, error = %e, "could not remove an object from a worker");
-            }
+    let cluster = &engine.inner.cluster;
+    let request = proto::RemoveRequest {
+        name: name.to_string(),
+    };
+    let removed = cluster
+        .call_each(&cluster.alive(), "remove an object", |mut client| {
+            let request = request.clone();
+            async move { client.remove(request).await }
+        })
+        .await;
+    for (worker, result) in removed {
+        if let Err(e) = result {
+            warn!(worker, error = %e, "could not remove an object from a worker");
         }
-    });
-    join_all(removes).await;
+    }
 }
 
 #[cfg(test)]
