@@ -140,6 +140,11 @@ impl SourceRuntime {
         self.late_rows = handover.late_rows;
     }
 
+    /// File sources: the files read since the last call.
+    pub fn take_new_files(&mut self) -> Vec<String> {
+        self.receiver.take_new_files()
+    }
+
     pub fn stats(&self) -> SourceStats {
         SourceStats {
             receiver: self.receiver.stats(),

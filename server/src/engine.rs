@@ -10,7 +10,7 @@
 //! Statements are executed by [`crate::session`]; this module holds the state they act
 //! on.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -32,8 +32,9 @@ use tracing::{error, info, warn};
 use crate::clock::IntervalClock;
 use crate::cluster::checkpoint::{self, CheckpointedView, Checkpoints, Pending};
 use crate::cluster::handover;
+use crate::cluster::recovery::{self, RecoveryStat};
 use crate::cluster::remote_table::{RemoteSource, RemoteView};
-use crate::cluster::scheduler::{self, CommitOptions, ViewOutcome};
+use crate::cluster::scheduler::{self, CommitOptions, Interrupted, StageCounts, ViewOutcome};
 use crate::cluster::{Cluster, CoordinatorService, local::LocalWorkers};
 use crate::config::ServeConfig;
 use crate::error::{Error, Result};
@@ -44,6 +45,9 @@ const WORKERS_JOIN: Duration = Duration::from_secs(30);
 
 /// How long stopping waits for a checkpoint being written.
 const CHECKPOINT_ON_STOP: Duration = Duration::from_secs(10);
+
+/// How many times an interval is tried when lost workers interrupt it.
+const INTERVAL_ATTEMPTS: u32 = 4;
 
 /// How many intervals of history `dstream_intervals` keeps.
 const HISTORY: usize = 1000;
@@ -97,16 +101,41 @@ pub async fn memory_rows(table: &MemTable) -> Vec<RecordBatch> {
     rows
 }
 
+/// The input of one source in one interval: its blocks, and the source's watermark
+/// once they were sealed.
+#[derive(Clone, Debug)]
+pub struct SealedInterval {
+    pub interval: IntervalId,
+    pub blocks: Vec<BlockInfo>,
+    pub watermark: Option<i64>,
+}
+
+/// Where one receiver of a source stood after the last interval it sealed: enough
+/// to reopen it on another worker if its worker dies.
+#[derive(Clone, Debug, Default)]
+pub struct SplitPosition {
+    pub records: u64,
+    pub malformed: u64,
+    pub late_rows: u64,
+    pub watermark: Option<i64>,
+    /// File sources: the files read.
+    pub seen_files: BTreeSet<String>,
+}
+
 /// A source: its definition, where its receiver runs and what it has seen.
 #[derive(Debug)]
 pub struct SourceSlot {
     pub def: Arc<SourceDef>,
     /// The worker running each of the source's receivers (its splits), once placed.
     pub receivers: Vec<u64>,
+    /// Where each receiver stood after its last seal.
+    pub positions: Vec<SplitPosition>,
     pub stats: SourceStats,
     pub failure: Option<String>,
-    /// Blocks of the retained recent intervals, oldest first.
-    pub retained: VecDeque<(IntervalId, Vec<BlockInfo>)>,
+    /// The input of recent intervals, oldest first: the last `retain_intervals` (for
+    /// ad-hoc reads of the raw stream) and every one recovery may replay (the
+    /// lineage since the latest checkpoint).
+    pub retained: VecDeque<SealedInterval>,
     pub retain_intervals: usize,
 }
 
@@ -115,6 +144,7 @@ impl SourceSlot {
         SourceSlot {
             def,
             receivers: Vec::new(),
+            positions: Vec::new(),
             stats: SourceStats::default(),
             failure: None,
             retained: VecDeque::new(),
@@ -122,12 +152,40 @@ impl SourceSlot {
         }
     }
 
-    /// Records the blocks of `interval` and forgets intervals past retention.
-    pub fn retain(&mut self, interval: IntervalId, blocks: Vec<BlockInfo>) {
-        self.retained.push_back((interval, blocks));
-        while self.retained.len() > self.retain_intervals {
+    /// Records the input of an interval (again, if an earlier attempt of it did) and
+    /// forgets intervals that are neither retained nor from `lineage` on.
+    pub fn retain(&mut self, sealed: SealedInterval, lineage: Option<IntervalId>) {
+        if self
+            .retained
+            .back()
+            .is_some_and(|s| s.interval == sealed.interval)
+        {
+            self.retained.pop_back();
+        }
+        self.retained.push_back(sealed);
+        while self.retained.len() > self.retain_intervals
+            && self
+                .retained
+                .front()
+                .is_some_and(|s| lineage.is_none_or(|l| s.interval < l))
+        {
             self.retained.pop_front();
         }
+    }
+
+    /// The input of `interval`, if still held.
+    pub fn input_of(&self, interval: IntervalId) -> Option<&SealedInterval> {
+        self.retained.iter().find(|s| s.interval == interval)
+    }
+
+    /// The blocks of the last `retain_intervals` intervals, for ad-hoc reads.
+    pub fn recent_blocks(&self) -> Vec<BlockInfo> {
+        let skip = self.retained.len().saturating_sub(self.retain_intervals);
+        self.retained
+            .iter()
+            .skip(skip)
+            .flat_map(|s| s.blocks.iter().cloned())
+            .collect()
     }
 }
 
@@ -138,6 +196,9 @@ pub struct ViewSlot {
     /// The worker of each state partition, once placed.
     pub placement: Vec<u64>,
     pub failure: Option<String>,
+    /// The first interval the view ran: recovery without a checkpoint replays from
+    /// there.
+    pub first_interval: Option<IntervalId>,
     pub last_interval: Option<IntervalId>,
     /// Rows of each partition after the last interval.
     pub partition_rows: Vec<u64>,
@@ -149,6 +210,7 @@ impl ViewSlot {
             plan,
             placement: Vec::new(),
             failure: None,
+            first_interval: None,
             last_interval: None,
             partition_rows: Vec::new(),
         }
@@ -185,6 +247,19 @@ pub struct EngineState {
     pub catalog_version: u64,
     /// Stored definitions that could not be restored at startup, and why.
     pub unrestored: Vec<(dstream_storage::CatalogEntry, String)>,
+    /// The interval in progress as far as it was sealed: an attempt of it after a
+    /// lost worker seals only the receivers that had not.
+    pub sealing: Option<Sealing>,
+}
+
+/// The receivers that sealed an interval, and what they were told.
+#[derive(Debug)]
+pub struct Sealing {
+    pub interval: IntervalId,
+    /// Each source's watermark after the previous interval.
+    pub watermarks: HashMap<String, i64>,
+    /// What each receiver sealed, by (source, split).
+    pub splits: HashMap<(String, u32), proto::SealedSource>,
 }
 
 /// A view as a snapshot shows it: where its partitions are.
@@ -241,6 +316,8 @@ pub(crate) struct Inner {
     pub subscribers: std::sync::Mutex<HashMap<String, broadcast::Sender<Arc<ChangeBatch>>>>,
     /// Recent intervals, oldest first, for `dstream_intervals`.
     pub history: std::sync::Mutex<VecDeque<IntervalStat>>,
+    /// Recoveries from lost workers, oldest first, for `dstream_recoveries`.
+    pub recoveries: std::sync::Mutex<VecDeque<RecoveryStat>>,
     pub grpc_stop: CancellationToken,
     pub coordinator_url: String,
     /// The gRPC service and the liveness monitor, awaited by [`Engine::stopped`].
@@ -334,6 +411,7 @@ impl Engine {
                 cluster,
                 local_workers: Mutex::new(local_workers),
                 history: std::sync::Mutex::new(VecDeque::new()),
+                recoveries: std::sync::Mutex::new(VecDeque::new()),
                 grpc_stop,
                 coordinator_url,
                 background: std::sync::Mutex::new(vec![grpc_task, monitor]),
@@ -348,6 +426,7 @@ impl Engine {
                     last_committed: None,
                     catalog_version: 0,
                     unrestored: Vec::new(),
+                    sealing: None,
                 }),
                 snapshot: RwLock::new(Arc::new(Snapshot::default())),
                 committed,
@@ -572,7 +651,8 @@ impl Engine {
                 _ = shutdown.cancelled() => {
                     // Stopping mid-interval: the interval is not committed; the
                     // workers drop its running tasks and outputs.
-                    self.cancel_interval().await;
+                    let interval = self.inner.state.lock().await.next;
+                    self.cancel_interval(interval).await;
                     break;
                 }
             }
@@ -580,10 +660,9 @@ impl Engine {
         info!("interval loop stopped");
     }
 
-    /// Cancels the interval in progress (the next one, uncommitted) on every
-    /// reachable worker.
-    async fn cancel_interval(&self) {
-        let interval = self.inner.state.lock().await.next;
+    /// Cancels `interval` (in progress, uncommitted) on every reachable worker: its
+    /// running tasks stop and its outputs are dropped.
+    async fn cancel_interval(&self, interval: IntervalId) {
         let cluster = self.inner.cluster.clone();
         let cancels = cluster
             .workers()
@@ -641,16 +720,44 @@ impl Engine {
                     config.checkpoint_intervals,
                     config.checkpoint_every,
                 ),
-                checkpointed: checkpoints.committed(),
+                lineage: self.lineage(&state, checkpoints.committed()),
             }
         };
-        let (outcomes, counts) = scheduler::run_interval(self, &mut state, interval, commit).await;
+        // Work of lost workers is recovered first; a worker lost during the interval
+        // interrupts it, and it runs again once that worker's work is recovered.
+        let mut attempts = 0;
+        let (outcomes, counts) = loop {
+            if let Some(stat) = recovery::recover(self, &mut state, commit.lineage).await {
+                self.record_recovery(stat);
+            }
+            match scheduler::run_interval(self, &mut state, interval, commit).await {
+                Ok(done) => break done,
+                Err(Interrupted(reason)) => {
+                    attempts += 1;
+                    self.cancel_interval(interval).await;
+                    if attempts >= INTERVAL_ATTEMPTS {
+                        error!(%interval, attempts, %reason, "interval interrupted by lost workers too often; stopping its views");
+                        let reason =
+                            format!("interrupted {attempts} times by lost workers, last: {reason}");
+                        let outcomes = state
+                            .views
+                            .iter()
+                            .filter(|(_, v)| v.failure.is_none() && !v.placement.is_empty())
+                            .map(|(name, _)| (name.clone(), ViewOutcome::Failed(reason.clone())))
+                            .collect();
+                        break (outcomes, StageCounts::default());
+                    }
+                    warn!(%interval, attempt = attempts, %reason, "interval interrupted by a lost worker; recovering, then running it again");
+                }
+            }
+        };
+        state.sealing = None;
         let input_rows: u64 = state
             .sources
             .values()
             .filter_map(|s| s.retained.back())
-            .filter(|(i, _)| *i == interval)
-            .flat_map(|(_, blocks)| blocks.iter().map(|b| b.rows))
+            .filter(|s| s.interval == interval)
+            .flat_map(|s| s.blocks.iter().map(|b| b.rows))
             .sum();
 
         // Commit: record every view's new version, then publish.
@@ -664,6 +771,7 @@ impl Engine {
                     changelog,
                     partition_rows,
                 } => {
+                    slot.first_interval.get_or_insert(interval);
                     slot.last_interval = Some(interval);
                     slot.partition_rows = partition_rows;
                     if !changelog.is_empty() {
@@ -723,6 +831,37 @@ impl Engine {
         drop(state);
         self.publish_changes(published);
         self.inner.committed.send_modify(|c| *c += 1);
+    }
+
+    /// The first interval recovery may replay, whose input commits keep: the one
+    /// after the latest committed checkpoint, or before there is one, the first
+    /// interval of any running view. `None` when checkpoints are off.
+    fn lineage(&self, state: &EngineState, checkpointed: Option<IntervalId>) -> Option<IntervalId> {
+        let config = &self.inner.config;
+        if config.checkpoint_intervals == 0 && config.checkpoint_every.is_none() {
+            return None;
+        }
+        Some(match checkpointed {
+            Some(c) => c.next(),
+            None => state
+                .views
+                .values()
+                .filter(|v| v.failure.is_none())
+                .filter_map(|v| v.first_interval)
+                .min()
+                .unwrap_or(state.next),
+        })
+    }
+
+    fn record_recovery(&self, stat: RecoveryStat) {
+        let mut recoveries = match self.inner.recoveries.lock() {
+            Ok(r) => r,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        recoveries.push_back(stat);
+        while recoveries.len() > HISTORY {
+            recoveries.pop_front();
+        }
     }
 
     /// Starts committing the checkpoint the workers took at the commit of `interval`:
@@ -825,13 +964,7 @@ impl Engine {
                 .map(|(name, slot)| {
                     (
                         name.clone(),
-                        (
-                            slot.def.schema.clone(),
-                            slot.retained
-                                .iter()
-                                .flat_map(|(_, blocks)| blocks.iter().cloned())
-                                .collect(),
-                        ),
+                        (slot.def.schema.clone(), slot.recent_blocks()),
                     )
                 })
                 .collect(),
@@ -891,6 +1024,14 @@ impl Engine {
         ctx.register_table(
             TableReference::bare(system_tables::CHECKPOINTS),
             Arc::new(system_tables::checkpoints_table(&checkpoints)?),
+        )?;
+        let recoveries: Vec<RecoveryStat> = match self.inner.recoveries.lock() {
+            Ok(r) => r.iter().cloned().collect(),
+            Err(poisoned) => poisoned.into_inner().iter().cloned().collect(),
+        };
+        ctx.register_table(
+            TableReference::bare(system_tables::RECOVERIES),
+            Arc::new(system_tables::recoveries_table(&recoveries)?),
         )?;
         ctx.register_table(
             TableReference::bare(system_tables::WORKERS),

@@ -12,6 +12,10 @@
 //!   taken, how long it took to commit, its size, and whether it committed (and if
 //!   not, why).
 //!
+//! - `dstream_recoveries`: one row per recovery from lost workers: when, which
+//!   workers, how many receivers and state partitions moved, the checkpoint loaded,
+//!   the intervals replayed, how long it took, and whether it completed.
+//!
 //! `dstream_intervals` is built when a query's context is made, from the engine's
 //! interval history; `dstream_workers` when it is scanned.
 
@@ -34,6 +38,7 @@ use dstream_executor::worker::proto;
 use futures::future::join_all;
 
 use crate::cluster::checkpoint::CheckpointStat;
+use crate::cluster::recovery::RecoveryStat;
 use crate::cluster::remote_table::scan_fetched;
 use crate::cluster::{Cluster, WorkerRecord};
 use crate::engine::IntervalStat;
@@ -42,6 +47,7 @@ use crate::error::Result;
 pub const INTERVALS: &str = "dstream_intervals";
 pub const WORKERS: &str = "dstream_workers";
 pub const CHECKPOINTS: &str = "dstream_checkpoints";
+pub const RECOVERIES: &str = "dstream_recoveries";
 
 fn millis(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -150,6 +156,72 @@ pub fn checkpoints_table(history: &[CheckpointStat]) -> Result<MemTable> {
         Arc::new(UInt64Array::from_iter_values(
             history.iter().map(|h| h.bytes),
         )),
+        Arc::new(StringArray::from(
+            history.iter().map(|h| h.error.clone()).collect::<Vec<_>>(),
+        )),
+    ];
+    let batch = RecordBatch::try_new(schema.clone(), columns)
+        .map_err(datafusion::error::DataFusionError::from)?;
+    Ok(MemTable::try_new(schema, vec![vec![batch]])?)
+}
+
+/// `dstream_recoveries` over `history` (oldest first).
+pub fn recoveries_table(history: &[RecoveryStat]) -> Result<MemTable> {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new(
+            "started_at",
+            DataType::Timestamp(TimeUnit::Nanosecond, None),
+            false,
+        ),
+        Field::new("interval_id", DataType::UInt64, false),
+        Field::new("lost_workers", DataType::Utf8, false),
+        Field::new("receivers", DataType::UInt64, false),
+        Field::new("partitions", DataType::UInt64, false),
+        Field::new("checkpoint_interval", DataType::UInt64, true),
+        Field::new("replayed_intervals", DataType::UInt64, false),
+        Field::new("duration_ms", DataType::Float64, false),
+        Field::new("status", DataType::Utf8, false),
+        Field::new("error", DataType::Utf8, true),
+    ]));
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(TimestampNanosecondArray::from_iter_values(
+            history.iter().map(|h| h.started_at_nanos),
+        )),
+        Arc::new(UInt64Array::from_iter_values(
+            history.iter().map(|h| h.interval.0),
+        )),
+        Arc::new(StringArray::from_iter_values(history.iter().map(|h| {
+            h.workers
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        }))),
+        Arc::new(UInt64Array::from_iter_values(
+            history.iter().map(|h| h.receivers),
+        )),
+        Arc::new(UInt64Array::from_iter_values(
+            history.iter().map(|h| h.partitions),
+        )),
+        Arc::new(UInt64Array::from(
+            history
+                .iter()
+                .map(|h| h.checkpoint.map(|c| c.0))
+                .collect::<Vec<_>>(),
+        )),
+        Arc::new(UInt64Array::from_iter_values(
+            history.iter().map(|h| h.replayed_intervals),
+        )),
+        Arc::new(Float64Array::from_iter_values(
+            history.iter().map(|h| millis(h.duration)),
+        )),
+        Arc::new(StringArray::from_iter_values(history.iter().map(|h| {
+            if h.error.is_some() {
+                "failed"
+            } else {
+                "recovered"
+            }
+        }))),
         Arc::new(StringArray::from(
             history.iter().map(|h| h.error.clone()).collect::<Vec<_>>(),
         )),

@@ -40,6 +40,8 @@ pub struct FileReceiver {
     format: FileFormat,
     on_error: OnError,
     seen: HashSet<PathBuf>,
+    /// Files read since the last `take_new_files`.
+    read: Vec<String>,
     stats: ReceiverStats,
 }
 
@@ -71,6 +73,7 @@ impl FileReceiver {
             format,
             on_error: OnError::from_options(options)?,
             seen: HashSet::new(),
+            read: Vec::new(),
             stats: ReceiverStats::default(),
         })
     }
@@ -159,6 +162,7 @@ impl Receiver for FileReceiver {
                 &mut self.stats,
             )?;
             out.extend(rows);
+            self.read.push(origin);
             self.seen.insert(path);
         }
         Ok(out)
@@ -186,5 +190,9 @@ impl Receiver for FileReceiver {
         self.stats = position.stats;
         self.seen
             .extend(position.seen_files.into_iter().map(PathBuf::from));
+    }
+
+    fn take_new_files(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.read)
     }
 }

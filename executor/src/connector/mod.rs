@@ -46,6 +46,13 @@ pub trait Receiver: Send + Sync + std::fmt::Debug {
 
     /// Carries on from where a released receiver stood. Called right after opening.
     fn resume(&mut self, position: ReceiverPosition);
+
+    /// File sources: the files read since the last call, so that the coordinator
+    /// knows where the receiver stands after every interval (and can reopen it
+    /// elsewhere if its worker dies).
+    fn take_new_files(&mut self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Where a receiver stood when it was released: what it counted, what it already

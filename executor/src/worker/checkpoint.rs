@@ -7,7 +7,11 @@
 //! answers with the files written; the coordinator commits the checkpoint with a
 //! manifest once every worker has answered (see `dstream_storage::checkpoint` for the
 //! format).
+//!
+//! Recovery goes the other way: [`restore`] loads a lost partition from the latest
+//! checkpoint onto a surviving worker, which then replays the input since.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use dstream_storage::checkpoint::{self, Part};
@@ -17,7 +21,7 @@ use futures::{StreamExt, TryStreamExt};
 use tracing::{debug, info};
 
 use super::proto;
-use super::state::WorkerState;
+use super::state::{PartitionSlot, WorkerState};
 use crate::error::{Error, Result};
 use crate::operator::StatePartition;
 use crate::view_runtime::ViewPartition;
@@ -107,6 +111,73 @@ async fn write_partition(
         watermark: state.watermark,
         view_rows: rows.iter().map(|b| b.num_rows() as u64).sum(),
     })
+}
+
+/// Makes a lost state partition this worker's, as the checkpoint in `request` holds
+/// it (or empty, without one). Returns the bytes read.
+pub async fn restore(state: &WorkerState, request: proto::RestorePartitionRequest) -> Result<u64> {
+    let (view, partition) = (request.view.clone(), request.partition);
+    let Some(interval) = request.checkpoint.map(IntervalId) else {
+        state.adopt_partition(&view, partition, PartitionSlot::default());
+        info!(view = %view, partition, "restored state partition empty (no checkpoint of it)");
+        return Ok(0);
+    };
+    let store = state
+        .store()
+        .ok_or_else(|| Error::Internal("no object store installed".into()))?;
+    let mut restored = StatePartition {
+        distinct: vec![Vec::new(); request.distinct as usize],
+        emitted_until: request.emitted_until,
+        watermark: request.watermark,
+        ..Default::default()
+    };
+    let mut rows = Vec::new();
+    let mut bytes = 0;
+    for file in request.files {
+        let part = Part::parse(&file.part).ok_or_else(|| {
+            Error::Internal(format!(
+                "unknown checkpoint part {} in {}",
+                file.part, file.path
+            ))
+        })?;
+        let file = checkpoint::CheckpointFile {
+            path: file.path,
+            part,
+            index: file.index,
+            bytes: file.bytes,
+            rows: file.rows,
+        };
+        let batches = checkpoint::read_part(&store, &file).await?;
+        bytes += file.bytes;
+        match part {
+            Part::Rows => restored.rows = batches,
+            Part::Running => restored.running = batches,
+            Part::View => rows = batches,
+            Part::Distinct => match restored.distinct.get_mut(file.index as usize) {
+                Some(pairs) => *pairs = batches,
+                None => {
+                    return Err(Error::Internal(format!(
+                        "{} is distinct part {} of {}",
+                        file.path, file.index, request.distinct
+                    )));
+                }
+            },
+        }
+    }
+    // Versions before the checkpoint are gone: ad-hoc reads of them say so.
+    let versions = BTreeMap::from([(interval, Arc::new(rows))]);
+    state.adopt_partition(
+        &view,
+        partition,
+        PartitionSlot {
+            state: Arc::new(restored),
+            versions,
+            expired: true,
+            pending: None,
+        },
+    );
+    info!(view = %view, partition, %interval, bytes, "restored state partition from a checkpoint");
+    Ok(bytes)
 }
 
 /// Waits for the checkpoint of `interval` started here to be written.

@@ -161,7 +161,7 @@ impl proto::worker_server::Worker for WorkerService {
             .as_ref()
             .map_or(1, |i| i.retain_intervals);
         self.state
-            .expire_blocks(interval, retain, request.checkpointed.map(IntervalId));
+            .expire_blocks(interval, retain, request.keep_from.map(IntervalId));
         self.state.finish_interval(interval);
         Ok(Response::new(proto::CommitResponse {}))
     }
@@ -246,6 +246,16 @@ impl proto::worker_server::Worker for WorkerService {
                 .map_err(|e| status(&e))?;
         Ok(Response::new(proto::AdoptPartitionResponse { bytes }))
     }
+
+    async fn restore_partition(
+        &self,
+        request: Request<proto::RestorePartitionRequest>,
+    ) -> std::result::Result<Response<proto::RestorePartitionResponse>, Status> {
+        let bytes = checkpoint::restore(&self.state, request.into_inner())
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(proto::RestorePartitionResponse { bytes }))
+    }
 }
 
 /// Seals `interval` on every receiver of this worker.
@@ -259,7 +269,15 @@ async fn seal(
     let mut receivers = state.receivers.lock().await;
     let mut sealed_sources = Vec::new();
     let mut failed = Vec::new();
+    let wanted: std::collections::HashSet<(&str, u32)> = request
+        .splits
+        .iter()
+        .map(|s| (s.source.as_str(), s.split))
+        .collect();
     for ((name, split), runtime) in receivers.iter_mut() {
+        if !wanted.contains(&(name.as_str(), *split)) {
+            continue;
+        }
         runtime.set_watermark(request.watermarks.get(name).copied());
         // Receivers may read files: keep that off the async worker's back.
         let sealed = match tokio::runtime::Handle::current().runtime_flavor() {
@@ -272,6 +290,7 @@ async fn seal(
         let mut out = proto::SealedSource {
             source: name.clone(),
             split: *split,
+            new_files: runtime.take_new_files(),
             watermark: stats.watermark,
             records: stats.receiver.records,
             malformed: stats.receiver.malformed,
@@ -436,8 +455,16 @@ async fn run_task(
                 ViewUpdate::Replace(rows) => ViewUpdate::Replace(conform(schema, rows)?),
                 ViewUpdate::Append(rows) => ViewUpdate::Append(conform(schema, rows)?),
             };
-            let deletes = conform(schema, output.changelog.deletes)?;
-            let inserts = conform(schema, output.changelog.inserts)?;
+            // A replay rebuilds state only: its changelog went out when the interval
+            // first ran.
+            let (deletes, inserts) = if reduce.replay {
+                (Vec::new(), Vec::new())
+            } else {
+                (
+                    conform(schema, output.changelog.deletes)?,
+                    conform(schema, output.changelog.inserts)?,
+                )
+            };
             let view_rows = match &update {
                 ViewUpdate::Replace(rows) => rows.iter().map(|b| b.num_rows() as u64).sum(),
                 ViewUpdate::Append(rows) => {

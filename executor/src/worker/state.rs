@@ -274,16 +274,16 @@ impl WorkerState {
     }
 
     /// Drops blocks older than the retention allows after `interval`, except those
-    /// after the latest checkpoint (`checkpointed`): recovery replays them.
+    /// from `lineage` on: recovery may replay them.
     pub fn expire_blocks(
         &self,
         interval: IntervalId,
         retain_intervals: u64,
-        checkpointed: Option<IntervalId>,
+        lineage: Option<IntervalId>,
     ) {
         let mut keep_from = interval.0.saturating_sub(retain_intervals.max(1) - 1);
-        if let Some(checkpointed) = checkpointed {
-            keep_from = keep_from.min(checkpointed.0 + 1);
+        if let Some(lineage) = lineage {
+            keep_from = keep_from.min(lineage.0);
         }
         lock(&self.blocks).retain(|(_, i), _| i.0 >= keep_from);
     }
@@ -485,10 +485,12 @@ impl WorkerState {
         lock(&self.cancels).entry(interval).or_default().clone()
     }
 
-    /// Cancels the tasks of `interval` and forgets tokens of earlier intervals.
+    /// Cancels the running tasks of `interval`. Its token is forgotten, so that tasks
+    /// of a later attempt of the interval get a fresh one.
     pub fn cancel(&self, interval: IntervalId) {
-        let mut cancels = lock(&self.cancels);
-        cancels.entry(interval).or_default().cancel();
+        if let Some(token) = lock(&self.cancels).remove(&interval) {
+            token.cancel();
+        }
     }
 
     pub fn finish_interval(&self, interval: IntervalId) {

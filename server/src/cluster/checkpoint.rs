@@ -53,6 +53,11 @@ pub struct Checkpoints {
     since: (Option<IntervalId>, i64),
     /// The newest committed checkpoint.
     committed: Option<IntervalId>,
+    /// Its manifest, which recovery loads lost partitions from.
+    latest: Option<Arc<Manifest>>,
+    /// Take a checkpoint at the next commit, whatever the count (after a recovery,
+    /// whose replayed input is held by fewer workers than before).
+    soon: bool,
     writing: Option<tokio::task::JoinHandle<()>>,
     history: VecDeque<CheckpointStat>,
 }
@@ -66,6 +71,16 @@ impl Checkpoints {
     /// The newest committed checkpoint.
     pub fn committed(&self) -> Option<IntervalId> {
         self.committed
+    }
+
+    /// The manifest of the newest committed checkpoint.
+    pub fn latest(&self) -> Option<Arc<Manifest>> {
+        self.latest.clone()
+    }
+
+    /// Asks for a checkpoint at the next commit.
+    pub fn request(&mut self) {
+        self.soon = true;
     }
 
     /// Recent checkpoints, oldest first.
@@ -90,7 +105,8 @@ impl Checkpoints {
         let by_count = every_intervals > 0 && intervals >= every_intervals;
         let by_time = every
             .is_some_and(|every| now_nanos.saturating_sub(since_nanos) >= every.as_nanos() as i64);
-        by_count || by_time
+        let enabled = every_intervals > 0 || every.is_some();
+        by_count || by_time || (self.soon && enabled)
     }
 
     /// Records that a checkpoint of `interval` is being written by `writing`.
@@ -101,15 +117,16 @@ impl Checkpoints {
         writing: tokio::task::JoinHandle<()>,
     ) {
         self.since = (Some(interval), now_nanos);
+        self.soon = false;
         self.writing = Some(writing);
     }
 
-    fn finished(&mut self, stat: CheckpointStat) {
-        if stat.error.is_none() {
-            self.committed = Some(
-                self.committed
-                    .map_or(stat.interval, |c| c.max(stat.interval)),
-            );
+    fn finished(&mut self, stat: CheckpointStat, manifest: Option<Manifest>) {
+        if let Some(manifest) = manifest
+            && self.committed.is_none_or(|c| c < stat.interval)
+        {
+            self.committed = Some(stat.interval);
+            self.latest = Some(Arc::new(manifest));
         }
         self.history.push_back(stat);
         while self.history.len() > HISTORY {
@@ -190,9 +207,10 @@ pub async fn write(
         }
     }
     let committed = result.is_ok();
+    let manifest = result.ok();
     match checkpoints.lock() {
-        Ok(mut c) => c.finished(stat),
-        Err(poisoned) => poisoned.into_inner().finished(stat),
+        Ok(mut c) => c.finished(stat, manifest),
+        Err(poisoned) => poisoned.into_inner().finished(stat, manifest),
     }
     if committed {
         match checkpoint::collect_garbage(&store, pending.keep).await {

@@ -98,8 +98,8 @@ async fn hand_over(cluster: &Cluster, state: &mut EngineState, leaving: &WorkerR
     }
     // Retained blocks stay readable on their replicas.
     for slot in state.sources.values_mut() {
-        for (_, blocks) in slot.retained.iter_mut() {
-            for block in blocks {
+        for sealed in slot.retained.iter_mut() {
+            for block in &mut sealed.blocks {
                 block.holders.retain(|h| *h != leaving.id);
             }
         }

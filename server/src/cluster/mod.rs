@@ -13,6 +13,8 @@
 //! - [`scheduler`]: one interval across the workers: seal, map, shuffle, reduce, commit.
 //! - [`handover`]: moving a leaving worker's receivers and state partitions.
 //! - [`checkpoint`]: when to checkpoint, and committing a checkpoint's manifest.
+//! - [`recovery`]: rebuilding a dead worker's receivers and state partitions on the
+//!   workers that survive.
 //! - [`remote_table`]: ad-hoc reads of view partitions and input blocks over Flight.
 //! - [`local`]: the worker processes `dstream serve` starts, or in-process workers.
 
@@ -35,6 +37,7 @@ use crate::error::{Error, Result};
 pub mod checkpoint;
 pub mod handover;
 pub mod local;
+pub mod recovery;
 pub mod remote_table;
 pub mod scheduler;
 
@@ -42,6 +45,8 @@ pub mod scheduler;
 pub const HEARTBEAT: Duration = Duration::from_millis(500);
 /// A worker silent for this long is declared dead.
 pub const DEAD_AFTER: Duration = Duration::from_secs(3);
+/// How long asking a worker whether it is still there may take.
+pub const PROBE_WAIT: Duration = Duration::from_secs(2);
 /// How long a leaving worker's `Leave` call waits for its handover.
 pub const HANDOVER_WAIT: Duration = Duration::from_secs(50);
 
@@ -392,7 +397,9 @@ impl Cluster {
                 result = &mut call => {
                     return match result {
                         Ok(response) => Ok(response.into_inner()),
-                        Err(status) if is_transport_failure(&status) => {
+                        // A connection cut mid-call may not say so: a worker that
+                        // failed a call and then does not answer is dead too.
+                        Err(status) if is_transport_failure(&status) || !self.answers(id).await => {
                             self.mark_dead(id, &format!("connection failed: {}", status.message()));
                             Err(Error::WorkerLost(format!("cannot {what}: {}", self.unavailable(id))))
                         }
@@ -405,6 +412,21 @@ impl Cluster {
                     }
                 }
             }
+        }
+    }
+}
+
+impl Cluster {
+    /// Whether worker `id` answers a status call. Slow is not dead: a worker that
+    /// takes longer than [`PROBE_WAIT`] is left to its heartbeats.
+    async fn answers(&self, id: u64) -> bool {
+        let Some(worker) = self.get(id) else {
+            return false;
+        };
+        let mut client = worker.client.clone();
+        match tokio::time::timeout(PROBE_WAIT, client.status(proto::StatusRequest {})).await {
+            Ok(answer) => answer.is_ok(),
+            Err(_) => true,
         }
     }
 }

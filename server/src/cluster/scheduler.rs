@@ -16,6 +16,14 @@
 //! a handful of round trips whatever the number of views. Intervals run one after the
 //! other: interval *t+1* is sealed only once *t* is committed, so results that depend
 //! on order (state, watermarks, window closes) never see *t+1* before *t*.
+//!
+//! A worker lost before every reduce task answered *interrupts* the interval
+//! ([`Interrupted`]): nothing of it is published, the engine drops its uncommitted
+//! work, recovers what the worker held (`recovery`) and runs the interval again. The
+//! receivers that sealed it already are not sealed again (`EngineState::sealing`),
+//! so the second attempt sees the same input. A worker lost during the commit does
+//! not interrupt it: every result is in, and recovery replays the interval into the
+//! partitions that worker held.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -29,8 +37,8 @@ use dstream_storage::IntervalId;
 use futures::future::join_all;
 use tracing::warn;
 
-use super::{Cluster, WorkerRecord};
-use crate::engine::{BlockInfo, Engine, EngineState};
+use super::{Cluster, PROBE_WAIT, WorkerRecord};
+use crate::engine::{BlockInfo, Engine, EngineState, SealedInterval, Sealing};
 use crate::error::{Error, Result};
 
 /// What one interval did, for `dstream_intervals`.
@@ -54,12 +62,31 @@ pub enum ViewOutcome {
 
 /// Where a map task left its output.
 #[derive(Debug)]
-struct MapOutput {
-    block: u32,
-    worker: u64,
+pub(crate) struct MapOutput {
+    pub block: u32,
+    pub worker: u64,
     /// Rows for each partition; partitions with none are not read.
-    partition_rows: Vec<u64>,
-    components: u32,
+    pub partition_rows: Vec<u64>,
+    pub components: u32,
+}
+
+/// The map outputs partition `p`'s reduce task reads (those with rows for it), in
+/// block order as `outputs` are.
+pub(crate) fn pieces_for(
+    cluster: &Cluster,
+    outputs: &[MapOutput],
+    p: usize,
+) -> Vec<proto::PieceLocation> {
+    outputs
+        .iter()
+        .filter(|o| o.partition_rows.get(p).copied().unwrap_or(0) > 0)
+        .map(|o| proto::PieceLocation {
+            block: o.block,
+            worker: o.worker,
+            address: cluster.get(o.worker).map(|w| w.address).unwrap_or_default(),
+            components: o.components,
+        })
+        .collect()
 }
 
 /// The next live worker after `id` in id order: where `id`'s blocks are replicated.
@@ -77,7 +104,7 @@ fn replica_of(alive: &[WorkerRecord], id: u64) -> Option<&WorkerRecord> {
 /// load uneven, in which case tasks move to replicas until no worker has more than
 /// one task above another that could take one. `load` counts tasks per worker across
 /// calls. Fails with the index of a block no live worker holds.
-fn place_map_tasks(
+pub(crate) fn place_map_tasks(
     blocks: &[BlockInfo],
     alive: impl Fn(u64) -> bool,
     load: &mut HashMap<u64, usize>,
@@ -123,8 +150,33 @@ fn place_map_tasks(
 pub struct CommitOptions {
     /// Take a checkpoint of the state this commit leaves.
     pub checkpoint: bool,
-    /// The newest committed checkpoint: input after it is kept for replay.
-    pub checkpointed: Option<IntervalId>,
+    /// The first interval recovery may replay: input from there on is kept whatever
+    /// the retention. `None` when checkpoints are off (nothing is replayed).
+    pub lineage: Option<IntervalId>,
+}
+
+/// An interval that could not complete because a worker it needed was lost; says
+/// which.
+#[derive(Debug)]
+pub struct Interrupted(pub String);
+
+/// The first worker of `alive` that is no longer alive, described. With `probe`,
+/// every worker is asked first (a task failed: perhaps reading from a worker that
+/// died), so that a dead one is noticed before its heartbeats stop.
+async fn lost_worker(cluster: &Cluster, alive: &[WorkerRecord], probe: bool) -> Option<String> {
+    if probe {
+        let _ = tokio::time::timeout(
+            PROBE_WAIT,
+            cluster.call_each(alive, "report status", |mut client| async move {
+                client.status(proto::StatusRequest {}).await
+            }),
+        )
+        .await;
+    }
+    alive
+        .iter()
+        .find(|w| !cluster.is_alive(w.id))
+        .map(|w| cluster.unavailable(w.id))
 }
 
 /// Seals, maps, reduces and commits `interval`. Updates sources (stats, retained
@@ -134,7 +186,7 @@ pub async fn run_interval(
     state: &mut EngineState,
     interval: IntervalId,
     commit: CommitOptions,
-) -> (BTreeMap<String, ViewOutcome>, StageCounts) {
+) -> std::result::Result<(BTreeMap<String, ViewOutcome>, StageCounts), Interrupted> {
     let cluster = engine.inner.cluster.clone();
     let timeline = state.timeline;
     let alive = cluster.alive();
@@ -148,21 +200,39 @@ pub async fn run_interval(
     };
 
     let started = Instant::now();
-    // 1. Seal.
-    let mut receiver_workers: Vec<u64> = state
-        .sources
-        .values()
-        .filter(|s| s.failure.is_none())
-        .flat_map(|s| s.receivers.iter().copied())
-        .collect();
-    receiver_workers.sort_unstable();
-    receiver_workers.dedup();
-    let watermarks: HashMap<String, i64> = state
-        .sources
-        .iter()
-        .filter_map(|(name, s)| s.stats.watermark.map(|w| (name.clone(), w)))
-        .collect();
-    let seals = receiver_workers.iter().map(|&id| {
+    // 1. Seal the receivers that have not sealed this interval yet.
+    let mut sealing = match state.sealing.take() {
+        Some(sealing) if sealing.interval == interval => sealing,
+        _ => Sealing {
+            interval,
+            // Each source's watermark after the previous interval: every attempt
+            // drops late rows against the same one.
+            watermarks: state
+                .sources
+                .iter()
+                .filter_map(|(name, s)| s.stats.watermark.map(|w| (name.clone(), w)))
+                .collect(),
+            splits: HashMap::new(),
+        },
+    };
+    let mut to_seal: BTreeMap<u64, Vec<proto::ReceiverSplit>> = BTreeMap::new();
+    for (name, slot) in state.sources.iter().filter(|(_, s)| s.failure.is_none()) {
+        let splits = slot.receivers.len() as u32;
+        for (split, worker) in slot.receivers.iter().enumerate() {
+            let split = split as u32;
+            if !sealing.splits.contains_key(&(name.clone(), split)) {
+                to_seal
+                    .entry(*worker)
+                    .or_default()
+                    .push(proto::ReceiverSplit {
+                        source: name.clone(),
+                        split,
+                        splits,
+                    });
+            }
+        }
+    }
+    let seals = to_seal.into_iter().map(|(id, splits)| {
         let cluster = cluster.clone();
         let replica = replica_of(&alive, id);
         let request = proto::SealRequest {
@@ -170,7 +240,8 @@ pub async fn run_interval(
             timeline: Some(proto_timeline),
             replica_address: replica.map(|r| r.address.clone()).unwrap_or_default(),
             replica_worker: replica.map_or(0, |r| r.id),
-            watermarks: watermarks.clone(),
+            watermarks: sealing.watermarks.clone(),
+            splits,
         };
         async move {
             let result = match cluster.get(id) {
@@ -185,23 +256,36 @@ pub async fn run_interval(
             (id, result)
         }
     });
-    let mut sealed: HashMap<String, Vec<proto::SealedSource>> = HashMap::new();
+    let mut lost = None;
     for (worker, result) in join_all(seals).await {
         match result {
             Ok(response) => {
                 for split in response.sources {
-                    sealed.entry(split.source.clone()).or_default().push(split);
+                    sealing
+                        .splits
+                        .insert((split.source.clone(), split.split), split);
                 }
+            }
+            Err(e) if !cluster.is_alive(worker) => {
+                lost.get_or_insert(e.to_string());
             }
             Err(e) => {
                 for (name, slot) in state.sources.iter_mut() {
                     if slot.receivers.contains(&worker) && slot.failure.is_none() {
                         warn!(source = %name, error = %e, "source lost a receiver");
-                        slot.failure = Some(format!("a receiver was on a lost worker: {e}"));
+                        slot.failure = Some(format!("a receiver could not seal: {e}"));
                     }
                 }
             }
         }
+    }
+    let mut sealed: HashMap<String, Vec<proto::SealedSource>> = HashMap::new();
+    for ((name, _), split) in &sealing.splits {
+        sealed.entry(name.clone()).or_default().push(split.clone());
+    }
+    state.sealing = Some(sealing);
+    if let Some(reason) = lost {
+        return Err(Interrupted(reason));
     }
     let mut blocks: HashMap<String, Vec<BlockInfo>> = HashMap::new();
     for (name, splits) in sealed {
@@ -236,6 +320,18 @@ pub async fn run_interval(
             .filter_map(|s| s.watermark)
             .max()
             .max(slot.stats.watermark);
+        // Where each receiver stands, in case its worker is lost.
+        slot.positions
+            .resize_with(slot.receivers.len(), Default::default);
+        for split in &splits {
+            if let Some(position) = slot.positions.get_mut(split.split as usize) {
+                position.records = split.records;
+                position.malformed = split.malformed;
+                position.late_rows = split.late_rows;
+                position.watermark = split.watermark;
+                position.seen_files.extend(split.new_files.iter().cloned());
+            }
+        }
         let mut infos: Vec<BlockInfo> = splits
             .iter()
             .flat_map(|s| s.blocks.iter())
@@ -248,11 +344,21 @@ pub async fn run_interval(
             })
             .collect();
         infos.sort_by_key(|b| b.index);
-        slot.retain(interval, infos.clone());
+        slot.retain(
+            SealedInterval {
+                interval,
+                blocks: infos.clone(),
+                watermark: slot.stats.watermark,
+            },
+            commit.lineage,
+        );
         blocks.insert(name, infos);
     }
 
     let sealed_at = started.elapsed();
+    if let Some(reason) = lost_worker(&cluster, &alive, false).await {
+        return Err(Interrupted(reason));
+    }
     // 2. Map: one task per (view, block), where the block was received if the load
     // allows (see `place_map_tasks`).
     let mut failed: HashMap<String, String> = HashMap::new();
@@ -268,17 +374,11 @@ pub async fn run_interval(
         .collect();
     for (name, plan, placement) in &views {
         if let Some(lost) = placement.iter().find(|w| !cluster.is_alive(**w)) {
-            let owned: Vec<String> = placement
-                .iter()
-                .enumerate()
-                .filter(|(_, w)| *w == lost)
-                .map(|(p, _)| p.to_string())
-                .collect();
+            // Recovery could not move it (it says why when it gives up).
             failed.insert(
                 name.clone(),
                 format!(
-                    "its state partition(s) {} were on {}",
-                    owned.join(", "),
+                    "a state partition is on {}, and was not recovered",
                     cluster.unavailable(*lost)
                 ),
             );
@@ -339,6 +439,9 @@ pub async fn run_interval(
             Err(e) => fail_views_on(&map_of_task, worker, &e, &mut failed),
         }
     }
+    if let Some(reason) = lost_worker(&cluster, &alive, !failed.is_empty()).await {
+        return Err(Interrupted(reason));
+    }
 
     let mapped_at = started.elapsed();
     // 3. Reduce: one task per (view, partition) where the state partition lives.
@@ -360,16 +463,7 @@ pub async fn run_interval(
         let mut outputs = map_outputs.remove(name).unwrap_or_default();
         outputs.sort_by_key(|o| o.block);
         for (p, &owner) in placement.iter().enumerate() {
-            let pieces = outputs
-                .iter()
-                .filter(|o| o.partition_rows.get(p).copied().unwrap_or(0) > 0)
-                .map(|o| proto::PieceLocation {
-                    block: o.block,
-                    worker: o.worker,
-                    address: cluster.get(o.worker).map(|w| w.address).unwrap_or_default(),
-                    components: o.components,
-                })
-                .collect();
+            let pieces = pieces_for(&cluster, &outputs, p);
             next_task += 1;
             reduce_of_task.insert(next_task, (name.clone(), p as u32, owner));
             reduce_tasks.entry(owner).or_default().push(proto::Task {
@@ -380,6 +474,7 @@ pub async fn run_interval(
                     partition: p as u32,
                     pieces,
                     watermark,
+                    replay: false,
                 })),
             });
         }
@@ -420,13 +515,17 @@ pub async fn run_interval(
             Err(e) => fail_views_on(&reduce_of_task, worker, &e, &mut failed),
         }
     }
+    if let Some(reason) = lost_worker(&cluster, &alive, !failed.is_empty()).await {
+        return Err(Interrupted(reason));
+    }
 
     let reduced_at = started.elapsed();
-    // 4. Commit everywhere; a worker that cannot commit fails the views it holds.
+    // 4. Commit everywhere. A worker that cannot commit fails the views it holds,
+    // unless it was lost: recovery then replays this interval into its partitions.
     let request = proto::CommitRequest {
         interval: interval.0,
         checkpoint: commit.checkpoint,
-        checkpointed: commit.checkpointed.map(|c| c.0),
+        keep_from: commit.lineage.map(|c| c.0),
     };
     let commits = cluster
         .call_each(&alive, "commit the interval", |mut client| async move {
@@ -434,7 +533,9 @@ pub async fn run_interval(
         })
         .await;
     for (worker, result) in commits {
-        if let Err(e) = result {
+        if let Err(e) = result
+            && cluster.is_alive(worker)
+        {
             for (name, _, placement) in &views {
                 if placement.contains(&worker) {
                     failed.entry(name.clone()).or_insert(e.to_string());
@@ -475,11 +576,11 @@ pub async fn run_interval(
             },
         );
     }
-    (outcomes, counts)
+    Ok((outcomes, counts))
 }
 
 /// Runs each worker's tasks of one stage, all workers at once.
-async fn run_stage(
+pub(crate) async fn run_stage(
     cluster: &Arc<Cluster>,
     tasks: BTreeMap<u64, Vec<proto::Task>>,
     what: &'static str,

@@ -1,0 +1,624 @@
+//! Parallel recovery: rebuilding what a dead worker held on the workers that survive.
+//!
+//! Between two intervals (or between two attempts of one, see `scheduler`), under the
+//! engine's state lock, [`recover`] finds the receivers and state partitions that are
+//! on dead workers and moves them:
+//! - each receiver is reopened on the survivor with the fewest, where the
+//!   coordinator last knew it to stand (counters, watermark, files read); sources
+//!   whose records are a function of the interval (generator, nexmark) and file
+//!   sources lose nothing, a `tcp` source loses what its connections sent since
+//!   the last seal;
+//! - each state partition goes to the survivor with the fewest, which loads it from
+//!   the latest committed checkpoint (or starts it empty when the view began after
+//!   it), and the input since is replayed into it, interval by interval: map tasks
+//!   over the blocks, on any live worker holding them, and reduce tasks for the lost
+//!   partitions only, marked `replay` so that nothing is published twice. Many
+//!   partitions are rebuilt on many workers at once; the state of the partitions
+//!   that were not lost is not touched.
+//!
+//! Only when every lost partition of a view is rebuilt does its placement change, so
+//! a recovery cut short by another lost worker is simply done again. Something that
+//! cannot be rebuilt (no survivor, input no longer held) stops the view or source
+//! with a message saying why. Each recovery is logged and shown in
+//! `dstream_recoveries`, and asks for a checkpoint at the next commit, since the
+//! replayed input may now be held by a single worker.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use dstream_executor::view_runtime::window_watermark;
+use dstream_executor::worker::proto::{self, task::Kind as TaskKind};
+use dstream_storage::IntervalId;
+use dstream_storage::checkpoint::ViewCheckpoint;
+use futures::future::join_all;
+use tracing::{info, warn};
+
+use super::scheduler::{self, CommitOptions, Interrupted, MapOutput};
+use super::{Cluster, WorkerRecord, WorkerStatus};
+use crate::engine::{Engine, EngineState};
+
+/// One recovery, as `dstream_recoveries` shows it.
+#[derive(Clone, Debug)]
+pub struct RecoveryStat {
+    /// When it started (wall clock, nanoseconds since the epoch).
+    pub started_at_nanos: i64,
+    /// The interval about to run when it started.
+    pub interval: IntervalId,
+    /// The dead workers whose work it moved.
+    pub workers: Vec<u64>,
+    pub receivers: u64,
+    pub partitions: u64,
+    /// The checkpoint lost partitions were loaded from (the latest one used).
+    pub checkpoint: Option<IntervalId>,
+    /// Intervals of input replayed.
+    pub replayed_intervals: u64,
+    pub duration: Duration,
+    /// Why it did not complete, if it did not.
+    pub error: Option<String>,
+}
+
+/// The lost partitions of one view and how they are rebuilt.
+#[derive(Debug)]
+struct Rebuild {
+    view: String,
+    /// (partition, new owner).
+    partitions: Vec<(u32, WorkerRecord)>,
+    /// The checkpoint loaded, and what it holds of the view.
+    checkpoint: Option<(IntervalId, ViewCheckpoint)>,
+    /// Intervals replayed: from the one after the checkpoint (or the view's first)
+    /// to the view's last.
+    from: IntervalId,
+    to: IntervalId,
+}
+
+/// Whether worker `id` is dead (or unknown): its work must be recovered. Leaving
+/// workers hand their work over instead; workers that left have done so.
+fn is_lost(cluster: &Cluster, id: u64) -> bool {
+    cluster
+        .get(id)
+        .is_none_or(|w| matches!(w.status, WorkerStatus::Dead(_)))
+}
+
+/// Recovers the receivers and state partitions of dead workers; `None` if there were
+/// none. `lineage` is what commits keep of the input (see [`CommitOptions`]).
+pub async fn recover(
+    engine: &Engine,
+    state: &mut EngineState,
+    lineage: Option<IntervalId>,
+) -> Option<RecoveryStat> {
+    let cluster = engine.inner.cluster.clone();
+    let mut lost = BTreeSet::new();
+    for slot in state.sources.values().filter(|s| s.failure.is_none()) {
+        lost.extend(slot.receivers.iter().filter(|w| is_lost(&cluster, **w)));
+    }
+    for view in state.views.values().filter(|v| v.failure.is_none()) {
+        lost.extend(view.placement.iter().filter(|w| is_lost(&cluster, **w)));
+    }
+    if lost.is_empty() {
+        return None;
+    }
+    let started = Instant::now();
+    let mut stat = RecoveryStat {
+        started_at_nanos: chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0),
+        interval: state.next,
+        workers: lost.iter().copied().collect(),
+        receivers: 0,
+        partitions: 0,
+        checkpoint: None,
+        replayed_intervals: 0,
+        duration: Duration::ZERO,
+        error: None,
+    };
+    let described = lost
+        .iter()
+        .map(|w| cluster.unavailable(*w))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let survivors = cluster.alive();
+    if survivors.is_empty() {
+        let reason = format!("no live worker is left to recover on ({described})");
+        warn!(%reason, "cannot recover");
+        stop_dependents(state, &lost, &reason);
+        stat.error = Some(reason);
+        stat.duration = started.elapsed();
+        return Some(stat);
+    }
+    info!(lost = %described, survivors = survivors.len(), "recovering the work of lost workers");
+    if let Err(e) = scheduler::sync_workers(engine, state).await {
+        warn!(error = %e, "could not install the catalog on every worker before recovering");
+    }
+    stat.receivers = reopen_receivers(&cluster, state, &lost, &survivors).await;
+    if let Err(Interrupted(reason)) =
+        rebuild_partitions(engine, state, &lost, &survivors, lineage, &mut stat).await
+    {
+        // Placements of what was not finished still name the dead worker: the next
+        // attempt recovers it again.
+        warn!(%reason, "recovery was cut short by another lost worker");
+        stat.error = Some(format!("cut short: {reason}"));
+    }
+    stat.duration = started.elapsed();
+    info!(
+        receivers = stat.receivers,
+        partitions = stat.partitions,
+        checkpoint = ?stat.checkpoint.map(|c| c.0),
+        replayed_intervals = stat.replayed_intervals,
+        elapsed = ?stat.duration,
+        "recovered the work of lost workers"
+    );
+    engine.checkpoints().request();
+    engine.publish_snapshot(state);
+    Some(stat)
+}
+
+/// Stops every view and source that needs one of `lost`.
+fn stop_dependents(state: &mut EngineState, lost: &BTreeSet<u64>, reason: &str) {
+    for slot in state.sources.values_mut() {
+        if slot.failure.is_none() && slot.receivers.iter().any(|w| lost.contains(w)) {
+            slot.failure = Some(reason.to_string());
+        }
+    }
+    for view in state.views.values_mut() {
+        if view.failure.is_none() && view.placement.iter().any(|w| lost.contains(w)) {
+            view.failure = Some(reason.to_string());
+        }
+    }
+}
+
+/// Reopens the receivers of `lost` workers on survivors; returns how many.
+async fn reopen_receivers(
+    cluster: &Cluster,
+    state: &mut EngineState,
+    lost: &BTreeSet<u64>,
+    survivors: &[WorkerRecord],
+) -> u64 {
+    let mut load: HashMap<u64, usize> = survivors.iter().map(|w| (w.id, 0)).collect();
+    for slot in state.sources.values() {
+        for w in &slot.receivers {
+            if let Some(n) = load.get_mut(w) {
+                *n += 1;
+            }
+        }
+    }
+    let mut reopened = 0;
+    for (name, slot) in state.sources.iter_mut() {
+        if slot.failure.is_some() {
+            continue;
+        }
+        let splits = slot.receivers.len() as u32;
+        for split in 0..slot.receivers.len() {
+            let dead = slot.receivers[split];
+            if !lost.contains(&dead) {
+                continue;
+            }
+            let Some(target) = survivors
+                .iter()
+                .min_by_key(|w| (load.get(&w.id).copied().unwrap_or(0), w.id))
+            else {
+                break;
+            };
+            let position = slot.positions.get(split).cloned().unwrap_or_default();
+            let handover = proto::ReceiverHandover {
+                source: name.clone(),
+                split: split as u32,
+                splits,
+                records: position.records,
+                malformed: position.malformed,
+                late_rows: position.late_rows,
+                watermark: position.watermark,
+                seen_files: position.seen_files.into_iter().collect(),
+                pending: Vec::new(),
+            };
+            let mut client = target.client.clone();
+            match cluster
+                .call(
+                    target.id,
+                    "reopen a receiver",
+                    client.adopt_receiver(handover),
+                )
+                .await
+            {
+                Ok(_) => {
+                    info!(source = %name, split, from = dead, to = target.id, "reopened the receiver of a lost worker");
+                    slot.receivers[split] = target.id;
+                    *load.entry(target.id).or_default() += 1;
+                    reopened += 1;
+                }
+                Err(e) => {
+                    warn!(source = %name, split, error = %e, "could not reopen the receiver of a lost worker");
+                    slot.failure = Some(format!(
+                        "its receiver {split} was on {}, and could not be reopened on {}: {e}",
+                        cluster.unavailable(dead),
+                        target.describe()
+                    ));
+                    break;
+                }
+            }
+        }
+    }
+    reopened
+}
+
+/// Rebuilds the state partitions of `lost` workers on survivors: load, then replay.
+async fn rebuild_partitions(
+    engine: &Engine,
+    state: &mut EngineState,
+    lost: &BTreeSet<u64>,
+    survivors: &[WorkerRecord],
+    lineage: Option<IntervalId>,
+    stat: &mut RecoveryStat,
+) -> std::result::Result<(), Interrupted> {
+    let cluster = engine.inner.cluster.clone();
+    let manifest = engine.checkpoints().latest();
+    let mut owned: HashMap<u64, usize> = survivors.iter().map(|w| (w.id, 0)).collect();
+    for view in state.views.values() {
+        for w in &view.placement {
+            if let Some(n) = owned.get_mut(w) {
+                *n += 1;
+            }
+        }
+    }
+    let mut rebuilds = Vec::new();
+    for (name, view) in state.views.iter_mut() {
+        if view.failure.is_some() {
+            continue;
+        }
+        let mut partitions = Vec::new();
+        for (p, owner) in view.placement.iter().enumerate() {
+            if !lost.contains(owner) {
+                continue;
+            }
+            let Some(target) = survivors
+                .iter()
+                .min_by_key(|w| (owned.get(&w.id).copied().unwrap_or(0), w.id))
+            else {
+                continue;
+            };
+            *owned.entry(target.id).or_default() += 1;
+            partitions.push((p as u32, target.clone()));
+        }
+        if partitions.is_empty() {
+            continue;
+        }
+        let Some(last) = view.last_interval else {
+            // The view has not run yet: there is no state to rebuild.
+            for (p, target) in &partitions {
+                view.placement[*p as usize] = target.id;
+            }
+            continue;
+        };
+        let first = view.first_interval.unwrap_or(last);
+        let sql = state.catalog.get(name).map(|o| o.sql().to_string());
+        // The checkpoint holds this view if it was taken while the view ran, from
+        // the same definition.
+        let checkpoint = manifest.as_ref().and_then(|m| {
+            let at = IntervalId(m.interval);
+            let held = m.views.get(name)?;
+            (first <= at
+                && at <= last
+                && Some(&held.sql) == sql.as_ref()
+                && held.partitions.len() == view.placement.len())
+            .then(|| (at, held.clone()))
+        });
+        let from = checkpoint.as_ref().map_or(first, |(at, _)| at.next());
+        let source = state.sources.get(&view.plan.source);
+        let missing = (from.0..=last.0)
+            .map(IntervalId)
+            .find(|i| source.is_none_or(|s| s.input_of(*i).is_none()));
+        if let Some(missing) = missing {
+            let reason = format!(
+                "its state partition(s) {} were on lost {}, and the input of interval {missing} needed to rebuild them is no longer held{}",
+                partitions
+                    .iter()
+                    .map(|(p, _)| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                cluster.unavailable(view.placement[partitions[0].0 as usize]),
+                if lineage.is_none() {
+                    " (checkpoints are off, so input is kept only as long as source_retention says)"
+                } else {
+                    ""
+                }
+            );
+            warn!(view = %name, %reason, "cannot rebuild a view");
+            view.failure = Some(reason);
+            continue;
+        }
+        rebuilds.push(Rebuild {
+            view: name.clone(),
+            partitions,
+            checkpoint,
+            from,
+            to: last,
+        });
+    }
+    if rebuilds.is_empty() {
+        return Ok(());
+    }
+    stat.checkpoint = rebuilds
+        .iter()
+        .filter_map(|r| r.checkpoint.as_ref().map(|(at, _)| *at))
+        .max();
+
+    // Load every lost partition at once.
+    let mut failed: BTreeMap<String, String> = BTreeMap::new();
+    let restores = rebuilds.iter().flat_map(|r| {
+        let cluster = &cluster;
+        r.partitions.iter().map(move |(p, target)| {
+            let held = r
+                .checkpoint
+                .as_ref()
+                .and_then(|(_, v)| v.partitions.get(*p as usize));
+            let request = proto::RestorePartitionRequest {
+                view: r.view.clone(),
+                partition: *p,
+                checkpoint: r.checkpoint.as_ref().map(|(at, _)| at.0),
+                files: held
+                    .map(|h| {
+                        h.files
+                            .iter()
+                            .map(|f| proto::CheckpointFile {
+                                path: f.path.clone(),
+                                bytes: f.bytes,
+                                rows: f.rows,
+                                part: f.part.as_str().to_string(),
+                                index: f.index,
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                distinct: held.map_or(0, |h| h.distinct),
+                emitted_until: held.and_then(|h| h.emitted_until),
+                watermark: held.and_then(|h| h.watermark),
+            };
+            async move {
+                let mut client = target.client.clone();
+                let result = cluster
+                    .call(
+                        target.id,
+                        "restore a state partition",
+                        client.restore_partition(request),
+                    )
+                    .await;
+                (r.view.clone(), target.id, result)
+            }
+        })
+    });
+    for (view, target, result) in join_all(restores).await {
+        match result {
+            Ok(_) => {}
+            Err(e) if !cluster.is_alive(target) => return Err(Interrupted(e.to_string())),
+            Err(e) => {
+                failed
+                    .entry(view)
+                    .or_insert(format!("could not load its checkpoint: {e}"));
+            }
+        }
+    }
+
+    // Replay, interval by interval, every view that needs it at once.
+    let (Some(first), Some(last)) = (
+        rebuilds.iter().map(|r| r.from).min(),
+        rebuilds.iter().map(|r| r.to).max(),
+    ) else {
+        return Ok(());
+    };
+    for i in (first.0..=last.0).map(IntervalId) {
+        let active: Vec<&Rebuild> = rebuilds
+            .iter()
+            .filter(|r| r.from <= i && i <= r.to && !failed.contains_key(&r.view))
+            .collect();
+        if active.is_empty() {
+            continue;
+        }
+        replay_interval(engine, state, &active, i, lineage, &mut failed).await?;
+        stat.replayed_intervals += 1;
+    }
+
+    for rebuild in rebuilds {
+        let Some(view) = state.views.get_mut(&rebuild.view) else {
+            continue;
+        };
+        if let Some(reason) = failed.remove(&rebuild.view) {
+            warn!(view = %rebuild.view, %reason, "could not rebuild a view's lost partitions");
+            view.failure = Some(format!("while recovering from a lost worker: {reason}"));
+            continue;
+        }
+        for (p, target) in &rebuild.partitions {
+            view.placement[*p as usize] = target.id;
+        }
+        stat.partitions += rebuild.partitions.len() as u64;
+    }
+    Ok(())
+}
+
+/// Replays interval `i` into the lost partitions of `active` views: map tasks over
+/// the interval's blocks, reduce tasks for those partitions only, and a commit on
+/// their new owners. A view that fails goes into `failed`.
+async fn replay_interval(
+    engine: &Engine,
+    state: &EngineState,
+    active: &[&Rebuild],
+    i: IntervalId,
+    lineage: Option<IntervalId>,
+    failed: &mut BTreeMap<String, String>,
+) -> std::result::Result<(), Interrupted> {
+    let cluster = engine.inner.cluster.clone();
+    let alive = cluster.alive();
+    let mut next_task = 0u64;
+    let mut load = HashMap::new();
+    let mut map_tasks: BTreeMap<u64, Vec<proto::Task>> = BTreeMap::new();
+    let mut map_of_task: HashMap<u64, (String, u32, u64)> = HashMap::new();
+    for rebuild in active {
+        let Some(view) = state.views.get(&rebuild.view) else {
+            continue;
+        };
+        let source = &view.plan.source;
+        let Some(input) = state.sources.get(source).and_then(|s| s.input_of(i)) else {
+            failed.insert(
+                rebuild.view.clone(),
+                format!("the input of interval {i} is no longer held"),
+            );
+            continue;
+        };
+        let placed =
+            match scheduler::place_map_tasks(&input.blocks, |w| cluster.is_alive(w), &mut load) {
+                Ok(placed) => placed,
+                Err(index) => {
+                    failed.insert(
+                    rebuild.view.clone(),
+                    format!(
+                        "block {index} of interval {i} of source \"{source}\" is on no live worker"
+                    ),
+                );
+                    continue;
+                }
+            };
+        for (block, holder) in input.blocks.iter().zip(placed) {
+            next_task += 1;
+            map_of_task.insert(next_task, (rebuild.view.clone(), block.index, holder));
+            map_tasks.entry(holder).or_default().push(proto::Task {
+                id: next_task,
+                view: rebuild.view.clone(),
+                interval: i.0,
+                kind: Some(TaskKind::Map(proto::MapTask {
+                    source: source.clone(),
+                    block: block.index,
+                })),
+            });
+        }
+    }
+    let mut outputs: HashMap<String, Vec<MapOutput>> = HashMap::new();
+    for (worker, result) in scheduler::run_stage(&cluster, map_tasks, "replay map tasks").await {
+        match result {
+            Ok(results) => {
+                for r in results {
+                    let Some((view, block, holder)) = map_of_task.get(&r.id) else {
+                        continue;
+                    };
+                    if !r.error.is_empty() {
+                        failed.entry(view.clone()).or_insert(r.error);
+                        continue;
+                    }
+                    outputs.entry(view.clone()).or_default().push(MapOutput {
+                        block: *block,
+                        worker: *holder,
+                        partition_rows: r.partition_rows,
+                        components: r.components,
+                    });
+                }
+            }
+            Err(e) if !cluster.is_alive(worker) => return Err(Interrupted(e.to_string())),
+            Err(e) => {
+                for (view, _, w) in map_of_task.values() {
+                    if *w == worker {
+                        failed.entry(view.clone()).or_insert(e.to_string());
+                    }
+                }
+            }
+        }
+    }
+
+    let mut reduce_tasks: BTreeMap<u64, Vec<proto::Task>> = BTreeMap::new();
+    let mut reduce_of_task: HashMap<u64, String> = HashMap::new();
+    let mut owners = BTreeSet::new();
+    for rebuild in active {
+        if failed.contains_key(&rebuild.view) {
+            continue;
+        }
+        let Some(view) = state.views.get(&rebuild.view) else {
+            continue;
+        };
+        let watermark = window_watermark(
+            view.plan.window.as_ref(),
+            i,
+            &state.timeline,
+            state
+                .sources
+                .get(&view.plan.source)
+                .and_then(|s| s.input_of(i))
+                .and_then(|input| input.watermark),
+        );
+        let mut view_outputs = outputs.remove(&rebuild.view).unwrap_or_default();
+        view_outputs.sort_by_key(|o| o.block);
+        for (p, target) in &rebuild.partitions {
+            let pieces = scheduler::pieces_for(&cluster, &view_outputs, *p as usize);
+            next_task += 1;
+            reduce_of_task.insert(next_task, rebuild.view.clone());
+            owners.insert(target.id);
+            reduce_tasks
+                .entry(target.id)
+                .or_default()
+                .push(proto::Task {
+                    id: next_task,
+                    view: rebuild.view.clone(),
+                    interval: i.0,
+                    kind: Some(TaskKind::Reduce(proto::ReduceTask {
+                        partition: *p,
+                        pieces,
+                        watermark,
+                        replay: true,
+                    })),
+                });
+        }
+    }
+    for (worker, result) in
+        scheduler::run_stage(&cluster, reduce_tasks, "replay reduce tasks").await
+    {
+        match result {
+            Ok(results) => {
+                for r in results {
+                    if let Some(view) = reduce_of_task.get(&r.id)
+                        && !r.error.is_empty()
+                    {
+                        failed.entry(view.clone()).or_insert(r.error);
+                    }
+                }
+            }
+            Err(e) if !cluster.is_alive(worker) => return Err(Interrupted(e.to_string())),
+            Err(e) => {
+                for view in reduce_of_task.values() {
+                    failed.entry(view.clone()).or_insert(e.to_string());
+                }
+            }
+        }
+    }
+    if let Some(w) = alive.iter().find(|w| !cluster.is_alive(w.id)) {
+        return Err(Interrupted(cluster.unavailable(w.id)));
+    }
+
+    let owners: Vec<WorkerRecord> = alive
+        .iter()
+        .filter(|w| owners.contains(&w.id))
+        .cloned()
+        .collect();
+    let commit = CommitOptions {
+        checkpoint: false,
+        lineage,
+    };
+    let request = proto::CommitRequest {
+        interval: i.0,
+        checkpoint: commit.checkpoint,
+        keep_from: commit.lineage.map(|l| l.0),
+    };
+    let commits = cluster
+        .call_each(
+            &owners,
+            "commit a replayed interval",
+            |mut client| async move { client.commit(request).await },
+        )
+        .await;
+    for (worker, result) in commits {
+        match result {
+            Ok(_) => {}
+            Err(e) if !cluster.is_alive(worker) => return Err(Interrupted(e.to_string())),
+            Err(e) => {
+                for rebuild in active {
+                    if rebuild.partitions.iter().any(|(_, t)| t.id == worker) {
+                        failed.entry(rebuild.view.clone()).or_insert(e.to_string());
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}

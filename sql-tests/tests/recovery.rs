@@ -1,0 +1,258 @@
+//! Recovery from lost workers: `kill -9` of worker processes between intervals,
+//! under load (while intervals and checkpoints run), and twice in a row. Every run's
+//! views must equal a fault-free run's, and the batch oracle over the raw input;
+//! `dstream_recoveries` says what was rebuilt and from which checkpoint.
+
+use std::time::Duration;
+
+use arrow::array::RecordBatch;
+use dstream_server::Engine;
+use dstream_server::config::WorkerMode;
+use dstream_server::session::{self, StatementResult};
+use dstream_sql_tests::{TestServer, dstream_binary};
+
+const SETUP: &str = "
+    CREATE SOURCE s (k BIGINT, v BIGINT, ts TIMESTAMP, WATERMARK FOR ts AS ts - INTERVAL '1' SECOND)
+      WITH (connector = 'generator', rows_per_second = 20000, key_cardinality = 500, seed = 11);
+    CREATE MATERIALIZED VIEW totals AS
+      SELECT k, count(*) AS n, sum(v) AS total, count(DISTINCT v % 10) AS d FROM s GROUP BY k;
+    CREATE MATERIALIZED VIEW tumbles AS
+      SELECT window_start, k % 20 AS b, count(*) AS n, sum(v) AS total
+      FROM TUMBLE(s, ts, INTERVAL '2' SECOND) GROUP BY window_start, k % 20;
+    CREATE MATERIALIZED VIEW closed AS
+      SELECT window_start, k % 5 AS b, count(*) AS n FROM TUMBLE(s, ts, INTERVAL '3' SECOND)
+      GROUP BY window_start, k % 5 EMIT ON WINDOW CLOSE;";
+
+/// Each view, read as text, with the batch query over the raw input that must give
+/// the same rows (`None`: compared with the fault-free run only).
+const VIEWS: [(&str, &str, Option<&str>); 3] = [
+    (
+        "totals",
+        "SELECT k, n, total, d FROM totals",
+        Some("SELECT k, count(*), sum(v), count(DISTINCT v % 10) FROM s GROUP BY k"),
+    ),
+    (
+        "tumbles",
+        "SELECT CAST(window_start AS VARCHAR), b, n, total FROM tumbles",
+        Some(
+            "SELECT CAST(date_bin(INTERVAL '2 seconds', ts, TIMESTAMP '1970-01-01 00:00:00') AS VARCHAR), \
+             k % 20, count(*), sum(v) FROM s GROUP BY 1, 2",
+        ),
+    ),
+    (
+        "closed",
+        "SELECT CAST(window_start AS VARCHAR), b, n FROM closed",
+        None,
+    ),
+];
+
+async fn batches(engine: &Engine, sql: &str) -> Vec<RecordBatch> {
+    session::execute(engine, sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .into_iter()
+        .flat_map(|r| match r {
+            StatementResult::Rows { batches, .. } => batches,
+            _ => vec![],
+        })
+        .collect()
+}
+
+/// Rows as sorted lines of text, to compare row sets.
+fn lines(batches: &[RecordBatch]) -> Vec<String> {
+    let text = arrow::util::pretty::pretty_format_batches(batches)
+        .expect("format")
+        .to_string();
+    let mut rows: Vec<String> = text
+        .lines()
+        .filter(|l| l.starts_with('|'))
+        .skip(1) // the header
+        .map(|l| l.split('|').map(str::trim).collect::<Vec<_>>().join("|"))
+        .collect();
+    rows.sort();
+    rows
+}
+
+async fn query(engine: &Engine, sql: &str) -> Vec<String> {
+    lines(&batches(engine, sql).await)
+}
+
+/// What a run does, in order.
+#[derive(Clone, Copy, Debug)]
+enum Step {
+    Advance(u64),
+    /// Waits until a checkpoint of interval `at` or later is committed.
+    Checkpointed(u64),
+    /// `kill -9` of the n-th worker process.
+    Kill(usize),
+    /// Advances while `kill -9` hits the n-th worker after the delay.
+    KillDuring(u64, usize, Duration),
+}
+
+/// What a run ends with: each view's rows, and `dstream_recoveries`.
+struct Outcome {
+    views: Vec<(String, Vec<String>)>,
+    recoveries: Vec<String>,
+}
+
+/// Runs `steps` on a fresh server; with `oracle`, checks the views against batch
+/// queries over the raw input (which needs every input block on a live worker).
+async fn run(workers: usize, checkpoint_intervals: u64, steps: &[Step], oracle: bool) -> Outcome {
+    let server = TestServer::start_with(|c| {
+        c.worker_mode = WorkerMode::Process(Some(dstream_binary()));
+        c.workers = workers;
+        c.block_rows = 4096;
+        c.checkpoint_intervals = checkpoint_intervals;
+        c.checkpoint_every = None;
+    })
+    .await
+    .expect("server");
+    let engine = server.engine.clone().expect("engine");
+    let pids = engine.local_worker_pids().await;
+    assert_eq!(pids.len(), workers);
+    batches(&engine, SETUP).await;
+    let kill = |n: usize| {
+        let pid: u32 = pids[n];
+        let killed = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(killed.success(), "kill -9 {pid}");
+    };
+    for step in steps {
+        match *step {
+            Step::Advance(n) => {
+                batches(&engine, &format!("ADVANCE {n}")).await;
+            }
+            Step::Checkpointed(at) => {
+                let sql = format!(
+                    "SELECT interval_id FROM dstream_checkpoints WHERE status = 'committed' AND interval_id >= {at}"
+                );
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+                while query(&engine, &sql).await.is_empty() {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "no checkpoint at or after {at}: {:?}",
+                        query(&engine, "SELECT * FROM dstream_checkpoints").await
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            Step::Kill(n) => kill(n),
+            Step::KillDuring(intervals, n, delay) => {
+                let sql = format!("ADVANCE {intervals}");
+                let advance = batches(&engine, &sql);
+                let killing = async {
+                    tokio::time::sleep(delay).await;
+                    kill(n);
+                };
+                tokio::join!(advance, killing);
+            }
+        }
+    }
+    let mut views = Vec::new();
+    let check_oracle = oracle;
+    for (name, select, oracle) in VIEWS {
+        let rows = query(&engine, select).await;
+        assert!(!rows.is_empty(), "{name} has rows");
+        if let Some(oracle) = oracle.filter(|_| check_oracle) {
+            assert_eq!(
+                rows,
+                query(&engine, oracle).await,
+                "{name} equals the batch query over all the input"
+            );
+        }
+        views.push((name.to_string(), rows));
+    }
+    let recoveries = query(
+        &engine,
+        "SELECT status, lost_workers, partitions, receivers, checkpoint_interval IS NOT NULL, \
+         replayed_intervals > 0, coalesce(error, '') FROM dstream_recoveries",
+    )
+    .await;
+    server.stop().await;
+    Outcome { views, recoveries }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_workers_are_recovered_with_the_same_results() {
+    // What the coordinator logs about recoveries shows with RUST_LOG=info.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let intervals = 12;
+    let clean = run(2, 3, &[Step::Advance(intervals)], true).await;
+    assert!(clean.recoveries.is_empty(), "{:?}", clean.recoveries);
+
+    // Between intervals, after a checkpoint: the lost partitions are loaded from it
+    // and the intervals since are replayed.
+    let killed = run(
+        2,
+        3,
+        &[
+            Step::Advance(7),
+            Step::Checkpointed(5),
+            Step::Kill(1),
+            Step::Advance(intervals - 7),
+        ],
+        true,
+    )
+    .await;
+    assert_eq!(killed.views, clean.views, "kill between intervals");
+    assert_eq!(killed.recoveries.len(), 1, "{:?}", killed.recoveries);
+    let recovery: Vec<&str> = killed.recoveries[0].split('|').collect();
+    // status, lost worker, partitions, receivers, from a checkpoint, replayed, error
+    assert_eq!(recovery[1], "recovered", "{recovery:?}");
+    assert_ne!(recovery[3], "0", "partitions were rebuilt: {recovery:?}");
+    assert_ne!(recovery[4], "0", "receivers were reopened: {recovery:?}");
+    assert_eq!(recovery[5], "true", "from a checkpoint: {recovery:?}");
+    assert_eq!(recovery[6], "true", "input was replayed: {recovery:?}");
+
+    // Under load, while intervals run and checkpoints are written.
+    let under_load = run(
+        2,
+        2,
+        &[
+            Step::Advance(3),
+            Step::KillDuring(intervals - 3, 0, Duration::from_millis(150)),
+        ],
+        true,
+    )
+    .await;
+    assert_eq!(under_load.views, clean.views, "kill under load");
+    assert!(
+        !under_load.recoveries.is_empty()
+            && under_load
+                .recoveries
+                .iter()
+                .all(|r| r.contains("recovered")),
+        "{:?}",
+        under_load.recoveries
+    );
+
+    // Two deaths in a row, out of three workers: the first recovery's checkpoint
+    // makes the second one possible.
+    let twice = run(
+        3,
+        3,
+        &[
+            Step::Advance(4),
+            Step::Kill(0),
+            Step::Advance(3),
+            Step::Checkpointed(4),
+            Step::Kill(2),
+            Step::Advance(intervals - 7),
+        ],
+        // Input from before the first death may have lost both its copies.
+        false,
+    )
+    .await;
+    assert_eq!(twice.views, clean.views, "two deaths in a row");
+    assert_eq!(twice.recoveries.len(), 2, "{:?}", twice.recoveries);
+    assert!(
+        twice.recoveries.iter().all(|r| r.contains("recovered")),
+        "{:?}",
+        twice.recoveries
+    );
+}
