@@ -709,6 +709,7 @@ impl Engine {
         if let Err(e) = scheduler::sync_workers(self, &mut state).await {
             warn!(error = %e, "could not install the catalog on every worker");
         }
+        handover::rebalance(self, &mut state).await;
         let config = &self.inner.config;
         let now = self.inner.clock.now_nanos();
         let commit = {

@@ -87,12 +87,16 @@ enum Step {
     Kill(usize),
     /// Advances while `kill -9` hits the n-th worker after the delay.
     KillDuring(u64, usize, Duration),
+    /// Starts another `dstream worker` process, which joins the cluster.
+    Join,
 }
 
-/// What a run ends with: each view's rows, and `dstream_recoveries`.
+/// What a run ends with: each view's rows, `dstream_recoveries`, and the state
+/// partitions each live worker holds.
 struct Outcome {
     views: Vec<(String, Vec<String>)>,
     recoveries: Vec<String>,
+    partitions: Vec<String>,
 }
 
 /// Runs `steps` on a fresh server; with `oracle`, checks the views against batch
@@ -119,8 +123,23 @@ async fn run(workers: usize, checkpoint_intervals: u64, steps: &[Step], oracle: 
             .expect("kill");
         assert!(killed.success(), "kill -9 {pid}");
     };
+    let mut joined = Vec::new();
     for step in steps {
         match *step {
+            Step::Join => {
+                let alive = engine.cluster().alive().len();
+                let child = tokio::process::Command::new(dstream_binary())
+                    .args(["worker", "--coordinator", engine.coordinator_url()])
+                    .kill_on_drop(true)
+                    .spawn()
+                    .expect("start a worker");
+                joined.push(child);
+                engine
+                    .cluster()
+                    .wait_for_workers(alive + 1, Duration::from_secs(20))
+                    .await
+                    .expect("the new worker joins");
+            }
             Step::Advance(n) => {
                 batches(&engine, &format!("ADVANCE {n}")).await;
             }
@@ -170,8 +189,20 @@ async fn run(workers: usize, checkpoint_intervals: u64, steps: &[Step], oracle: 
          replayed_intervals > 0, coalesce(error, '') FROM dstream_recoveries",
     )
     .await;
+    let partitions = query(
+        &engine,
+        "SELECT state_partitions FROM dstream_workers WHERE status = 'alive'",
+    )
+    .await;
     server.stop().await;
-    Outcome { views, recoveries }
+    for mut child in joined {
+        let _ = child.kill().await;
+    }
+    Outcome {
+        views,
+        recoveries,
+        partitions,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -186,7 +217,8 @@ async fn killed_workers_are_recovered_with_the_same_results() {
     assert!(clean.recoveries.is_empty(), "{:?}", clean.recoveries);
 
     // Between intervals, after a checkpoint: the lost partitions are loaded from it
-    // and the intervals since are replayed.
+    // and the intervals since are replayed. A replacement worker that joins later
+    // takes its share of partitions back.
     let killed = run(
         2,
         3,
@@ -194,7 +226,9 @@ async fn killed_workers_are_recovered_with_the_same_results() {
             Step::Advance(7),
             Step::Checkpointed(5),
             Step::Kill(1),
-            Step::Advance(intervals - 7),
+            Step::Advance(2),
+            Step::Join,
+            Step::Advance(intervals - 9),
         ],
         true,
     )
@@ -208,6 +242,8 @@ async fn killed_workers_are_recovered_with_the_same_results() {
     assert_ne!(recovery[4], "0", "receivers were reopened: {recovery:?}");
     assert_eq!(recovery[5], "true", "from a checkpoint: {recovery:?}");
     assert_eq!(recovery[6], "true", "input was replayed: {recovery:?}");
+    // 12 partitions, evenly over the survivor and the replacement.
+    assert_eq!(killed.partitions, vec!["|6|", "|6|"], "{:?}", killed.partitions);
 
     // Under load, while intervals run and checkpoints are written.
     let under_load = run(

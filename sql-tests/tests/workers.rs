@@ -194,6 +194,18 @@ async fn a_worker_that_joins_late_gets_work() {
     let late: u64 = done[1][1].parse().expect("count");
     // 3 intervals: its share of 5 map tasks each, and 2 of the new view's 4 reduces.
     assert!(late >= 6, "the late worker ran only {late} tasks: {done:?}");
+    // It took half the first view's state partitions too: each worker holds 4 of 8.
+    assert_eq!(
+        rows(
+            &client,
+            "SELECT id, state_partitions FROM dstream_workers ORDER BY id"
+        )
+        .await
+        .iter()
+        .map(|r| r[1].clone())
+        .collect::<Vec<_>>(),
+        vec!["4", "4"]
+    );
     // Both views equal the batch query over everything the source produced.
     for (view, batch) in [
         (

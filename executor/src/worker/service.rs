@@ -247,6 +247,15 @@ impl proto::worker_server::Worker for WorkerService {
         Ok(Response::new(proto::AdoptPartitionResponse { bytes }))
     }
 
+    async fn drop_partition(
+        &self,
+        request: Request<proto::DescribePartitionRequest>,
+    ) -> std::result::Result<Response<proto::DropPartitionResponse>, Status> {
+        let request = request.into_inner();
+        self.state.drop_partition(&request.view, request.partition);
+        Ok(Response::new(proto::DropPartitionResponse {}))
+    }
+
     async fn restore_partition(
         &self,
         request: Request<proto::RestorePartitionRequest>,

@@ -423,6 +423,11 @@ impl WorkerState {
         lock(&self.partitions).insert((view.to_string(), partition), slot);
     }
 
+    /// Forgets a partition another worker took over.
+    pub fn drop_partition(&self, view: &str, partition: u32) {
+        lock(&self.partitions).remove(&(view.to_string(), partition));
+    }
+
     pub fn partition_count(&self) -> u64 {
         lock(&self.partitions).len() as u64
     }

@@ -15,6 +15,11 @@
 //! Then the worker is marked *left* and its `Leave` call answers. Something that
 //! cannot be moved (no worker stays, or a move fails) stops the view or source that
 //! needed it, with a message saying why, as a dead worker would.
+//!
+//! The same moves even the load out when a worker joins (or a replacement for a
+//! dead one starts): [`rebalance`] moves state partitions from the workers with the
+//! most to those with the fewest until no two differ by more than one; the worker
+//! that gave a partition away then drops it.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -43,6 +48,119 @@ pub async fn hand_over_leaving(engine: &Engine, state: &mut EngineState) {
         cluster.set_left(worker.id, handed_over);
     }
     engine.publish_snapshot(state);
+}
+
+/// Evens out the state partitions of running views over the live workers, moving
+/// partitions from the busiest workers to the idlest ones.
+pub async fn rebalance(engine: &Engine, state: &mut EngineState) {
+    let cluster = engine.inner.cluster.clone();
+    let alive: Vec<WorkerRecord> = cluster
+        .alive()
+        .into_iter()
+        .filter(|w| w.installed >= state.catalog_version)
+        .collect();
+    if alive.len() < 2 {
+        return;
+    }
+    let mut owned: HashMap<u64, Vec<(String, u32)>> =
+        alive.iter().map(|w| (w.id, Vec::new())).collect();
+    for (name, view) in state.views.iter().filter(|(_, v)| v.failure.is_none()) {
+        for (p, owner) in view.placement.iter().enumerate() {
+            if let Some(partitions) = owned.get_mut(owner) {
+                partitions.push((name.clone(), p as u32));
+            }
+        }
+    }
+    let mut moves = Vec::new();
+    loop {
+        let busiest = owned
+            .iter()
+            .max_by_key(|(id, p)| (p.len(), std::cmp::Reverse(**id)))
+            .map(|(id, p)| (*id, p.len()));
+        let idlest = owned
+            .iter()
+            .min_by_key(|(id, p)| (p.len(), **id))
+            .map(|(id, p)| (*id, p.len()));
+        let (Some((from, most)), Some((to, fewest))) = (busiest, idlest) else {
+            break;
+        };
+        if most <= fewest + 1 {
+            break;
+        }
+        let Some((view, p)) = owned.get_mut(&from).and_then(Vec::pop) else {
+            break;
+        };
+        owned.entry(to).or_default().push((view.clone(), p));
+        moves.push((view, p, from, to));
+    }
+    if moves.is_empty() {
+        return;
+    }
+    let started = Instant::now();
+    let planned = moves.len();
+    let results = join_all(moves.into_iter().map(|(view, p, from, to)| {
+        let cluster = &cluster;
+        let ran = state
+            .views
+            .get(&view)
+            .is_some_and(|v| v.last_interval.is_some());
+        async move {
+            let moved = match (cluster.get(from), cluster.get(to)) {
+                // A view that has not run has nothing to move yet.
+                _ if !ran => Ok(0),
+                (Some(from), Some(to)) => move_partition(cluster, &from, &to, &view, p).await,
+                _ => Err(Error::WorkerLost("a worker left meanwhile".into())),
+            };
+            (view, p, from, to, moved)
+        }
+    }))
+    .await;
+    let (mut moved, mut bytes) = (0, 0);
+    let mut drops = Vec::new();
+    for (name, p, from, to, result) in results {
+        match result {
+            Ok(size) => {
+                if let Some(view) = state.views.get_mut(&name) {
+                    view.placement[p as usize] = to;
+                }
+                moved += 1;
+                bytes += size;
+                drops.push((name, p, from));
+            }
+            Err(e) => {
+                warn!(view = %name, partition = p, from, to, error = %e, "could not move a state partition to even the load; it stays")
+            }
+        }
+    }
+    engine.publish_snapshot(state);
+    // The old owners forget what moved.
+    let drops = drops.into_iter().map(|(view, partition, from)| {
+        let cluster = &cluster;
+        async move {
+            let Some(worker) = cluster.get(from) else {
+                return;
+            };
+            let mut client = worker.client.clone();
+            let request = proto::DescribePartitionRequest {
+                view: view.clone(),
+                partition,
+            };
+            if let Err(e) = cluster
+                .call(from, "drop a moved partition", client.drop_partition(request))
+                .await
+            {
+                warn!(view = %view, partition, worker = from, error = %e, "could not drop a moved partition");
+            }
+        }
+    });
+    join_all(drops).await;
+    info!(
+        partitions = moved,
+        planned,
+        bytes,
+        elapsed = ?started.elapsed(),
+        "evened out state partitions over the workers"
+    );
 }
 
 /// Moves `leaving`'s receivers and state partitions; true if everything moved.
