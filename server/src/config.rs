@@ -9,6 +9,7 @@ use dstream_storage::{S3Options, StoreConfig};
 use serde::Deserialize;
 
 pub use crate::cluster::local::WorkerMode;
+pub use crate::cluster::stage::Speculation;
 use crate::error::{Error, Result};
 
 /// Which interval clock the server runs on.
@@ -56,6 +57,8 @@ pub struct ServeConfig {
     pub checkpoint_every: Option<Duration>,
     /// Committed checkpoints kept in the store; older ones are deleted.
     pub checkpoints_kept: usize,
+    /// When straggling tasks get a speculative copy (`None`: never).
+    pub speculation: Option<Speculation>,
 }
 
 impl Default for ServeConfig {
@@ -77,6 +80,7 @@ impl Default for ServeConfig {
             checkpoint_intervals: 10,
             checkpoint_every: Some(Duration::from_secs(10)),
             checkpoints_kept: 3,
+            speculation: Some(Speculation::default()),
         }
     }
 }
@@ -104,6 +108,9 @@ pub struct FileConfig {
     pub checkpoint_intervals: Option<u64>,
     pub checkpoint_every: Option<String>,
     pub checkpoints_kept: Option<usize>,
+    pub speculation: Option<bool>,
+    pub speculation_multiplier: Option<f64>,
+    pub speculation_min: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -182,6 +189,17 @@ impl FileConfig {
         if let Some(v) = self.checkpoints_kept {
             config.checkpoints_kept = v;
         }
+        if let Some(on) = self.speculation {
+            config.speculation = on.then(|| config.speculation.unwrap_or_default());
+        }
+        if let Some(policy) = &mut config.speculation {
+            if let Some(v) = self.speculation_multiplier {
+                policy.multiplier = v;
+            }
+            if let Some(v) = &self.speculation_min {
+                policy.min_runtime = parse_duration(v)?;
+            }
+        }
         Ok(())
     }
 }
@@ -238,6 +256,13 @@ impl ServeConfig {
         }
         if self.checkpoints_kept == 0 {
             return Err(Error::Config("checkpoints_kept must be at least 1".into()));
+        }
+        if let Some(policy) = &self.speculation
+            && !(policy.multiplier >= 1.0 && policy.multiplier.is_finite())
+        {
+            return Err(Error::Config(
+                "speculation_multiplier must be at least 1".into(),
+            ));
         }
         Ok(())
     }

@@ -230,6 +230,8 @@ pub struct IntervalStat {
     pub reduce_tasks: u64,
     pub shuffle_bytes: u64,
     pub workers: u64,
+    /// Speculative copies of straggling tasks started.
+    pub speculative_tasks: u64,
 }
 
 /// What the coordinator changes: the catalog, the runtimes and the timeline.
@@ -250,6 +252,11 @@ pub struct EngineState {
     /// The interval in progress as far as it was sealed: an attempt of it after a
     /// lost worker seals only the receivers that had not.
     pub sealing: Option<Sealing>,
+    /// The cluster membership (see `Cluster::membership_version`) that state
+    /// partitions were last evened out for: they are evened out again only when a
+    /// worker joins, leaves or dies, so partitions that speculative copies moved off
+    /// a straggler stay off it.
+    pub balanced_for: Option<u64>,
 }
 
 /// The receivers that sealed an interval, and what they were told.
@@ -427,6 +434,7 @@ impl Engine {
                     catalog_version: 0,
                     unrestored: Vec::new(),
                     sealing: None,
+                    balanced_for: None,
                 }),
                 snapshot: RwLock::new(Arc::new(Snapshot::default())),
                 committed,
@@ -709,7 +717,10 @@ impl Engine {
         if let Err(e) = scheduler::sync_workers(self, &mut state).await {
             warn!(error = %e, "could not install the catalog on every worker");
         }
-        handover::rebalance(self, &mut state).await;
+        let membership = self.inner.cluster.membership_version();
+        if state.balanced_for != Some(membership) && handover::rebalance(self, &mut state).await {
+            state.balanced_for = Some(membership);
+        }
         let config = &self.inner.config;
         let now = self.inner.clock.now_nanos();
         let commit = {
@@ -823,6 +834,7 @@ impl Engine {
             reduce_tasks: counts.reduce_tasks,
             shuffle_bytes: counts.shuffle_bytes,
             workers: counts.workers,
+            speculative_tasks: counts.speculative_tasks,
         });
         while history.len() > HISTORY {
             history.pop_front();

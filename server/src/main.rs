@@ -98,6 +98,15 @@ struct ServeArgs {
     /// Committed checkpoints kept in the store [default: 3].
     #[arg(long, env = "DSTREAM_CHECKPOINTS_KEPT")]
     checkpoints_kept: Option<usize>,
+    /// Start speculative copies of straggling tasks: true or false [default: true].
+    #[arg(long, env = "DSTREAM_SPECULATION")]
+    speculation: Option<bool>,
+    /// A task straggles once it runs this many times its stage's median [default: 1.5].
+    #[arg(long, env = "DSTREAM_SPECULATION_MULTIPLIER")]
+    speculation_multiplier: Option<f64>,
+    /// ... and at least this long [default: 100ms].
+    #[arg(long, env = "DSTREAM_SPECULATION_MIN")]
+    speculation_min: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -120,6 +129,10 @@ struct WorkerArgs {
     /// Task slots: how many tasks run at once [default: the machine's cores].
     #[arg(long, env = "DSTREAM_WORKER_CORES")]
     cores: Option<usize>,
+    /// Fault injection, for testing and benchmarks: every task of this worker first
+    /// waits this long (e.g. 200ms), making it a straggler.
+    #[arg(long, env = "DSTREAM_FAULT_TASK_DELAY")]
+    fault_task_delay: Option<String>,
 }
 
 impl ServeArgs {
@@ -147,6 +160,9 @@ impl ServeArgs {
             checkpoint_intervals: self.checkpoint_intervals,
             checkpoint_every: self.checkpoint_every,
             checkpoints_kept: self.checkpoints_kept,
+            speculation: self.speculation,
+            speculation_multiplier: self.speculation_multiplier,
+            speculation_min: self.speculation_min,
             ..FileConfig::default()
         }
         .apply(&mut config)?;
@@ -240,6 +256,10 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         // From the environment (AWS_ACCESS_KEY_ID, ...) when the store is opened.
         s3_credentials: Default::default(),
+        task_delay: match &args.fault_task_delay {
+            Some(text) => dstream_server::config::parse_duration(text)?,
+            None => std::time::Duration::ZERO,
+        },
     };
     let shutdown = CancellationToken::new();
     #[allow(clippy::disallowed_methods)] // awaited below

@@ -70,6 +70,7 @@ pub fn intervals_table(history: &[IntervalStat]) -> Result<MemTable> {
         Field::new("reduce_tasks", DataType::UInt64, false),
         Field::new("shuffle_bytes", DataType::UInt64, false),
         Field::new("workers", DataType::UInt64, false),
+        Field::new("speculative_tasks", DataType::UInt64, false),
     ]));
     let columns: Vec<ArrayRef> = vec![
         Arc::new(UInt64Array::from_iter_values(
@@ -103,6 +104,9 @@ pub fn intervals_table(history: &[IntervalStat]) -> Result<MemTable> {
         )),
         Arc::new(UInt64Array::from_iter_values(
             history.iter().map(|h| h.workers),
+        )),
+        Arc::new(UInt64Array::from_iter_values(
+            history.iter().map(|h| h.speculative_tasks),
         )),
     ];
     let batch = RecordBatch::try_new(schema.clone(), columns)

@@ -142,6 +142,7 @@ async fn a_worker_that_joins_late_gets_work() {
             advertise: None,
             cores: 1,
             s3_credentials: Default::default(),
+            task_delay: Duration::ZERO,
         };
         let stop = stop_workers.clone();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");

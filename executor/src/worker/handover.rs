@@ -147,12 +147,26 @@ pub async fn adopt_partition(
     from: &str,
     description: proto::PartitionDescription,
 ) -> Result<u64> {
+    let (view, partition) = (description.view.clone(), description.partition);
+    let (slot, bytes) = fetch_partition(peers, from, description).await?;
+    state.adopt_partition(&view, partition, slot);
+    info!(view = %view, partition, bytes, from, "adopted state partition");
+    Ok(bytes)
+}
+
+/// Fetches a described partition from the worker at `from` over Flight: every part
+/// of its state and every kept version of its view rows. Returns it with the bytes
+/// fetched.
+pub async fn fetch_partition(
+    peers: &FlightPeers,
+    from: &str,
+    description: proto::PartitionDescription,
+) -> Result<(PartitionSlot, u64)> {
+    if !description.present {
+        return Ok((PartitionSlot::default(), 0));
+    }
     let view = description.view.clone();
     let partition = description.partition;
-    if !description.present {
-        state.adopt_partition(&view, partition, PartitionSlot::default());
-        return Ok(0);
-    }
     let fetch = |part: Part, index: u64| {
         let kind = Kind::PartitionState(proto::PartitionStateRef {
             view: view.clone(),
@@ -185,22 +199,17 @@ pub async fn adopt_partition(
         count(&rows);
         versions.insert(IntervalId(interval), Arc::new(rows));
     }
-    state.adopt_partition(
-        &view,
-        partition,
-        PartitionSlot {
-            state: Arc::new(StatePartition {
-                rows,
-                distinct,
-                running,
-                emitted_until: description.emitted_until,
-                watermark: description.watermark,
-            }),
-            versions,
-            expired: description.expired,
-            pending: None,
-        },
-    );
-    info!(view = %view, partition, bytes, from, "adopted state partition");
-    Ok(bytes)
+    let slot = PartitionSlot {
+        state: Arc::new(StatePartition {
+            rows,
+            distinct,
+            running,
+            emitted_until: description.emitted_until,
+            watermark: description.watermark,
+        }),
+        versions,
+        expired: description.expired,
+        pending: None,
+    };
+    Ok((slot, bytes))
 }

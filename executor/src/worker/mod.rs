@@ -62,6 +62,9 @@ pub struct WorkerConfig {
     /// Credentials for an `s3://` store, if not in the environment (in-process
     /// workers get the server's configured ones here).
     pub s3_credentials: dstream_storage::S3Options,
+    /// Fault injection: every task of this worker first waits this long, making it
+    /// a straggler (for testing and measuring speculation). Zero normally.
+    pub task_delay: std::time::Duration,
 }
 
 /// Runs a worker on `listener` until `shutdown` is cancelled or the coordinator is gone
@@ -76,7 +79,14 @@ pub async fn run(
         .advertise
         .clone()
         .unwrap_or_else(|| format!("http://{local}"));
-    let state = Arc::new(WorkerState::new(address.clone(), config.cores));
+    let state = Arc::new(WorkerState::with_task_delay(
+        address.clone(),
+        config.cores,
+        config.task_delay,
+    ));
+    if !config.task_delay.is_zero() {
+        tracing::warn!(delay = ?config.task_delay, "fault injection: every task of this worker is delayed");
+    }
     state.set_credentials(config.s3_credentials.clone());
     // Not a child of `shutdown`: a leaving worker serves on until its work has been
     // handed over.

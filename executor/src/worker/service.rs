@@ -31,6 +31,11 @@ use crate::error::{Error, Result};
 use crate::operator::{PartitionInput, ShufflePiece, ViewUpdate};
 use crate::view_runtime::conform;
 
+/// The results of a `RunTasks` call, streamed as its tasks finish.
+pub type TaskResults = std::pin::Pin<
+    Box<dyn futures::Stream<Item = std::result::Result<proto::TaskResult, Status>> + Send>,
+>;
+
 /// The control-plane service of one worker.
 #[derive(Debug)]
 pub struct WorkerService {
@@ -90,52 +95,93 @@ impl proto::worker_server::Worker for WorkerService {
         Ok(Response::new(proto::SealResponse { sources }))
     }
 
+    type RunTasksStream = TaskResults;
+
     async fn run_tasks(
         &self,
         request: Request<proto::RunTasksRequest>,
-    ) -> std::result::Result<Response<proto::RunTasksResponse>, Status> {
+    ) -> std::result::Result<Response<TaskResults>, Status> {
         let tasks = request.into_inner().tasks;
         let Some(interval) = tasks.first().map(|t| IntervalId(t.interval)) else {
-            return Ok(Response::new(proto::RunTasksResponse::default()));
+            return Ok(Response::new(Box::pin(futures::stream::empty())));
         };
         let cancel = self.state.cancel_token(interval);
+        let (events, received) = tokio::sync::mpsc::unbounded_channel();
         let mut running = JoinSet::new();
         for task in tasks {
             let (state, peers) = (self.state.clone(), self.peers.clone());
+            let abandon = state.task_token(interval, task.id);
+            let events = events.clone();
             running.spawn(async move {
-                // Wait for a task slot; the semaphore is never closed.
-                let _slot = state.slots.clone().acquire_owned().await.ok();
-                let _running = state.task_started();
-                let started = Instant::now();
                 let id = task.id;
-                let mut result = match run_task(&state, &peers, task).await {
-                    Ok(result) => result,
-                    Err(e) => proto::TaskResult {
-                        error: crate::error::executor_message(&e),
-                        ..Default::default()
-                    },
+                let outcome = tokio::select! {
+                    biased;
+                    _ = abandon.cancelled() => Err(Error::Internal(format!("task {id} was abandoned"))),
+                    outcome = async {
+                        // Wait for a task slot; the semaphore is never closed.
+                        let _slot = state.slots.clone().acquire_owned().await.ok();
+                        let _running = state.task_started();
+                        let _ = events.send(proto::TaskResult { id, started: true, ..Default::default() });
+                        let started = Instant::now();
+                        if !state.task_delay().is_zero() {
+                            tokio::time::sleep(state.task_delay()).await;
+                        }
+                        run_task(&state, &peers, task, &abandon).await.map(|mut result| {
+                            result.micros = started.elapsed().as_micros() as u64;
+                            result
+                        })
+                    } => outcome,
                 };
+                let mut result = outcome.unwrap_or_else(|e| proto::TaskResult {
+                    error: crate::error::executor_message(&e),
+                    ..Default::default()
+                });
                 result.id = id;
-                result.micros = started.elapsed().as_micros() as u64;
-                result
+                let _ = events.send(result);
             });
         }
-        let mut results = Vec::new();
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => {
-                    running.abort_all();
-                    return Err(Status::cancelled(format!("interval {interval} was cancelled")));
-                }
-                joined = running.join_next() => match joined {
-                    None => break,
-                    Some(Ok(result)) => results.push(result),
-                    Some(Err(e)) => return Err(Status::internal(format!("task panicked: {e}"))),
+        drop(events);
+        // Each task's start and result go out as they happen; the stream ends when
+        // every task has answered. Dropping it (the coordinator no longer wants the
+        // rest) drops the set, which stops the tasks still running.
+        let results = futures::stream::unfold(Some((received, running)), move |open| {
+            let cancel = cancel.clone();
+            async move {
+                let (mut received, mut running) = open?;
+                // A task that finished without panicking is joined and nothing else
+                // happens: `select!` then waits on the other branches.
+                tokio::select! {
+                    _ = cancel.cancelled() => {
+                        running.abort_all();
+                        let cancelled = Status::cancelled(format!("interval {interval} was cancelled"));
+                        Some((Err(cancelled), None))
+                    }
+                    event = received.recv() => {
+                        event.map(|event| (Ok(event), Some((received, running))))
+                    }
+                    Some(Err(e)) = running.join_next(), if !running.is_empty() => {
+                        let panicked = Status::internal(format!("task panicked: {e}"));
+                        Some((Err(panicked), None))
+                    }
                 }
             }
-        }
-        results.sort_by_key(|r| r.id);
-        Ok(Response::new(proto::RunTasksResponse { results }))
+        });
+        Ok(Response::new(Box::pin(results)))
+    }
+
+    async fn abandon(
+        &self,
+        request: Request<proto::AbandonRequest>,
+    ) -> std::result::Result<Response<proto::AbandonResponse>, Status> {
+        let request = request.into_inner();
+        let drop: Vec<(String, u32)> = request
+            .drop
+            .into_iter()
+            .map(|p| (p.view, p.partition))
+            .collect();
+        self.state
+            .abandon(IntervalId(request.interval), &request.tasks, &drop);
+        Ok(Response::new(proto::AbandonResponse {}))
     }
 
     async fn commit(
@@ -406,6 +452,7 @@ async fn run_task(
     state: &Arc<WorkerState>,
     peers: &Arc<FlightPeers>,
     task: proto::Task,
+    abandon: &tokio_util::sync::CancellationToken,
 ) -> Result<proto::TaskResult> {
     let interval = IntervalId(task.interval);
     let view = installed_view(state, &task.view).await?;
@@ -449,9 +496,26 @@ async fn run_task(
                     pieces.push(piece);
                 }
             }
+            // A speculative copy starts from the owner's committed partition.
+            let adopted = match reduce.adopt {
+                Some(adopt) => {
+                    let description = adopt.description.ok_or_else(|| {
+                        Error::Internal("a speculative reduce task without a description".into())
+                    })?;
+                    let (slot, bytes) =
+                        handover::fetch_partition(peers, &adopt.from_address, description).await?;
+                    bytes_read += bytes;
+                    Some(slot)
+                }
+                None => None,
+            };
+            let prior = match &adopted {
+                Some(slot) => slot.state.clone(),
+                None => state.partition_state(&task.view, p),
+            };
             let input = PartitionInput {
                 interval,
-                state: state.partition_state(&task.view, p),
+                state: prior,
                 pieces,
                 watermark: reduce.watermark,
             };
@@ -477,15 +541,27 @@ async fn run_task(
             let view_rows = match &update {
                 ViewUpdate::Replace(rows) => rows.iter().map(|b| b.num_rows() as u64).sum(),
                 ViewUpdate::Append(rows) => {
-                    let before: usize = state
-                        .current_view_rows(&task.view, p)
+                    let before: usize = adopted
+                        .as_ref()
+                        .map_or_else(
+                            || state.current_view_rows(&task.view, p),
+                            |s| s.current_rows(),
+                        )
                         .iter()
                         .map(|b| b.num_rows())
                         .sum();
                     before as u64 + rows.iter().map(|b| b.num_rows() as u64).sum::<u64>()
                 }
             };
-            state.set_pending(&task.view, p, interval, output.state, update);
+            if !state.set_pending(
+                (&task.view, p),
+                interval,
+                (output.state, update),
+                adopted,
+                abandon,
+            ) {
+                return Err(Error::Internal(format!("task {} was abandoned", task.id)));
+            }
             Ok(proto::TaskResult {
                 view_rows,
                 deletes: ipc_bytes(schema, &deletes)?,

@@ -148,6 +148,11 @@ pub struct WorkerState {
     shuffle: Mutex<HashMap<ShuffleKey, Arc<Vec<ShufflePiece>>>>,
     partitions: Mutex<HashMap<(String, u32), PartitionSlot>>,
     cancels: Mutex<HashMap<IntervalId, CancellationToken>>,
+    /// Per-task tokens (children of their interval's), so that one task can be
+    /// abandoned when a copy of it won elsewhere.
+    task_cancels: Mutex<HashMap<(IntervalId, u64), CancellationToken>>,
+    /// Fault injection: every task waits this long first (see `WorkerConfig`).
+    task_delay: std::time::Duration,
     /// Where checkpoints go, once the coordinator said.
     store: Mutex<Option<DataDir>>,
     /// Credentials for the store that did not come from the environment.
@@ -174,6 +179,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl WorkerState {
     pub fn new(address: String, cores: usize) -> Self {
+        Self::with_task_delay(address, cores, std::time::Duration::ZERO)
+    }
+
+    /// A worker whose every task first waits `task_delay`: a straggler, for testing
+    /// speculation.
+    pub fn with_task_delay(address: String, cores: usize, task_delay: std::time::Duration) -> Self {
         WorkerState {
             address,
             id: AtomicU64::new(0),
@@ -186,6 +197,8 @@ impl WorkerState {
             shuffle: Mutex::new(HashMap::new()),
             partitions: Mutex::new(HashMap::new()),
             cancels: Mutex::new(HashMap::new()),
+            task_cancels: Mutex::new(HashMap::new()),
+            task_delay,
             store: Mutex::new(None),
             credentials: Mutex::new(S3Options::default()),
             checkpoints: Mutex::new(BTreeMap::new()),
@@ -208,6 +221,11 @@ impl WorkerState {
 
     pub fn running_tasks(&self) -> u32 {
         self.running.load(Ordering::Relaxed)
+    }
+
+    /// How long each task waits before it runs (fault injection; zero normally).
+    pub fn task_delay(&self) -> std::time::Duration {
+        self.task_delay
     }
 
     /// Counts a task as running until the guard is dropped.
@@ -313,19 +331,30 @@ impl WorkerState {
             .unwrap_or_default()
     }
 
-    /// Stores a reduce task's output until its interval is committed.
+    /// Stores a reduce task's output until its interval is committed, unless the task
+    /// was abandoned (`cancel`): checked under the partitions' lock, which
+    /// [`WorkerState::abandon`] also takes, so an abandoned task never leaves output.
+    /// `adopted` is the partition a speculative copy fetched from its owner: it
+    /// becomes this worker's here, with the output pending. Returns whether stored.
     pub fn set_pending(
         &self,
-        view: &str,
-        partition: u32,
+        key: (&str, u32),
         interval: IntervalId,
-        state: Arc<StatePartition>,
-        update: ViewUpdate,
-    ) {
-        lock(&self.partitions)
-            .entry((view.to_string(), partition))
-            .or_default()
-            .pending = Some((interval, state, update));
+        output: (Arc<StatePartition>, ViewUpdate),
+        adopted: Option<PartitionSlot>,
+        cancel: &CancellationToken,
+    ) -> bool {
+        let mut partitions = lock(&self.partitions);
+        if cancel.is_cancelled() {
+            return false;
+        }
+        let (view, partition) = key;
+        let slot = partitions.entry((view.to_string(), partition)).or_default();
+        if let Some(adopted) = adopted {
+            *slot = adopted;
+        }
+        slot.pending = Some((interval, output.0, output.1));
+        true
     }
 
     /// Installs every pending output of `interval`; returns how many.
@@ -490,16 +519,44 @@ impl WorkerState {
         lock(&self.cancels).entry(interval).or_default().clone()
     }
 
-    /// Cancels the running tasks of `interval`. Its token is forgotten, so that tasks
-    /// of a later attempt of the interval get a fresh one.
+    /// The token that abandons task `task` of `interval` (cancelled with the
+    /// interval too). A task abandoned before it arrived gets a cancelled one.
+    pub fn task_token(&self, interval: IntervalId, task: u64) -> CancellationToken {
+        let parent = self.cancel_token(interval);
+        lock(&self.task_cancels)
+            .entry((interval, task))
+            .or_insert_with(|| parent.child_token())
+            .clone()
+    }
+
+    /// Cancels the running tasks of `interval`. Its tokens are forgotten, so that
+    /// tasks of a later attempt of the interval get fresh ones.
     pub fn cancel(&self, interval: IntervalId) {
         if let Some(token) = lock(&self.cancels).remove(&interval) {
             token.cancel();
+        }
+        lock(&self.task_cancels).retain(|(i, _), _| *i != interval);
+    }
+
+    /// Stops `tasks` of `interval` (their copies won elsewhere) and forgets the
+    /// partitions in `drop`, pending output included. A stopped task stores nothing
+    /// afterwards (see [`WorkerState::set_pending`]).
+    pub fn abandon(&self, interval: IntervalId, tasks: &[u64], drop: &[(String, u32)]) {
+        {
+            let mut tokens = lock(&self.task_cancels);
+            for task in tasks {
+                tokens.entry((interval, *task)).or_default().cancel();
+            }
+        }
+        let mut partitions = lock(&self.partitions);
+        for key in drop {
+            partitions.remove(key);
         }
     }
 
     pub fn finish_interval(&self, interval: IntervalId) {
         lock(&self.cancels).retain(|i, _| *i > interval);
+        lock(&self.task_cancels).retain(|(i, _), _| *i > interval);
     }
 }
 

@@ -51,16 +51,20 @@ pub async fn hand_over_leaving(engine: &Engine, state: &mut EngineState) {
 }
 
 /// Evens out the state partitions of running views over the live workers, moving
-/// partitions from the busiest workers to the idlest ones.
-pub async fn rebalance(engine: &Engine, state: &mut EngineState) {
+/// partitions from the busiest workers to the idlest ones. Returns false if a live
+/// worker could not take part (its catalog is not installed yet): evening out is
+/// then worth trying again.
+pub async fn rebalance(engine: &Engine, state: &mut EngineState) -> bool {
     let cluster = engine.inner.cluster.clone();
-    let alive: Vec<WorkerRecord> = cluster
-        .alive()
+    let live = cluster.alive();
+    let ready = live.len();
+    let alive: Vec<WorkerRecord> = live
         .into_iter()
         .filter(|w| w.installed >= state.catalog_version)
         .collect();
+    let complete = alive.len() == ready;
     if alive.len() < 2 {
-        return;
+        return complete;
     }
     let mut owned: HashMap<u64, Vec<(String, u32)>> =
         alive.iter().map(|w| (w.id, Vec::new())).collect();
@@ -94,7 +98,7 @@ pub async fn rebalance(engine: &Engine, state: &mut EngineState) {
         moves.push((view, p, from, to));
     }
     if moves.is_empty() {
-        return;
+        return complete;
     }
     let started = Instant::now();
     let planned = moves.len();
@@ -161,6 +165,7 @@ pub async fn rebalance(engine: &Engine, state: &mut EngineState) {
         elapsed = ?started.elapsed(),
         "evened out state partitions over the workers"
     );
+    complete
 }
 
 /// Moves `leaving`'s receivers and state partitions; true if everything moved.

@@ -86,6 +86,7 @@ impl LocalWorkers {
                             secret_access_key: s3.secret_access_key.clone(),
                             ..Default::default()
                         },
+                        task_delay: std::time::Duration::ZERO,
                     };
                     #[allow(clippy::disallowed_methods)] // kept in `tasks`, awaited in `stop`
                     let task = tokio::spawn(run_worker(config, listener, shutdown.child_token()));

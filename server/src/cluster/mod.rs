@@ -11,6 +11,8 @@
 //!
 //! # Layout
 //! - [`scheduler`]: one interval across the workers: seal, map, shuffle, reduce, commit.
+//! - [`stage`]: the tasks of one stage on the workers, with speculative copies of
+//!   stragglers.
 //! - [`handover`]: moving a leaving worker's receivers and state partitions.
 //! - [`checkpoint`]: when to checkpoint, and committing a checkpoint's manifest.
 //! - [`recovery`]: rebuilding a dead worker's receivers and state partitions on the
@@ -40,6 +42,7 @@ pub mod local;
 pub mod recovery;
 pub mod remote_table;
 pub mod scheduler;
+pub mod stage;
 
 /// How often workers heartbeat.
 pub const HEARTBEAT: Duration = Duration::from_millis(500);
@@ -235,6 +238,11 @@ impl Cluster {
                 self.set_left(w.id, false);
             }
         }
+    }
+
+    /// Counts joins, leaves and deaths: changes whenever the membership does.
+    pub fn membership_version(&self) -> u64 {
+        *self.membership.borrow()
     }
 
     /// Notified whenever a worker joins, leaves or dies.

@@ -34,6 +34,7 @@ use futures::future::join_all;
 use tracing::{info, warn};
 
 use super::scheduler::{self, CommitOptions, Interrupted, MapOutput};
+use super::stage::{StageTask, run_stage};
 use super::{Cluster, WorkerRecord, WorkerStatus};
 use crate::engine::{Engine, EngineState};
 
@@ -446,8 +447,8 @@ async fn replay_interval(
     let alive = cluster.alive();
     let mut next_task = 0u64;
     let mut load = HashMap::new();
-    let mut map_tasks: BTreeMap<u64, Vec<proto::Task>> = BTreeMap::new();
-    let mut map_of_task: HashMap<u64, (String, u32, u64)> = HashMap::new();
+    let mut map_tasks: Vec<StageTask> = Vec::new();
+    let mut map_of_task: HashMap<u64, (String, u32)> = HashMap::new();
     for rebuild in active {
         let Some(view) = state.views.get(&rebuild.view) else {
             continue;
@@ -475,51 +476,50 @@ async fn replay_interval(
             };
         for (block, holder) in input.blocks.iter().zip(placed) {
             next_task += 1;
-            map_of_task.insert(next_task, (rebuild.view.clone(), block.index, holder));
-            map_tasks.entry(holder).or_default().push(proto::Task {
-                id: next_task,
-                view: rebuild.view.clone(),
-                interval: i.0,
-                kind: Some(TaskKind::Map(proto::MapTask {
-                    source: source.clone(),
-                    block: block.index,
-                })),
+            map_of_task.insert(next_task, (rebuild.view.clone(), block.index));
+            map_tasks.push(StageTask {
+                worker: holder,
+                task: proto::Task {
+                    id: next_task,
+                    view: rebuild.view.clone(),
+                    interval: i.0,
+                    kind: Some(TaskKind::Map(proto::MapTask {
+                        source: source.clone(),
+                        block: block.index,
+                    })),
+                },
+                alternatives: block.holders.clone(),
             });
         }
     }
     let mut outputs: HashMap<String, Vec<MapOutput>> = HashMap::new();
-    for (worker, result) in scheduler::run_stage(&cluster, map_tasks, "replay map tasks").await {
-        match result {
-            Ok(results) => {
-                for r in results {
-                    let Some((view, block, holder)) = map_of_task.get(&r.id) else {
-                        continue;
-                    };
-                    if !r.error.is_empty() {
-                        failed.entry(view.clone()).or_insert(r.error);
-                        continue;
-                    }
-                    outputs.entry(view.clone()).or_default().push(MapOutput {
-                        block: *block,
-                        worker: *holder,
-                        partition_rows: r.partition_rows,
-                        components: r.components,
-                    });
-                }
-            }
-            Err(e) if !cluster.is_alive(worker) => return Err(Interrupted(e.to_string())),
-            Err(e) => {
-                for (view, _, w) in map_of_task.values() {
-                    if *w == worker {
-                        failed.entry(view.clone()).or_insert(e.to_string());
-                    }
-                }
-            }
+    let stage = run_stage(
+        &cluster,
+        map_tasks,
+        "replay map tasks",
+        engine.inner.config.speculation,
+        &mut next_task,
+    )
+    .await;
+    for (id, (worker, r)) in stage.results {
+        let Some((view, block)) = map_of_task.get(&id) else {
+            continue;
+        };
+        if !r.error.is_empty() {
+            failed.entry(view.clone()).or_insert(r.error);
+            continue;
         }
+        outputs.entry(view.clone()).or_default().push(MapOutput {
+            block: *block,
+            worker,
+            partition_rows: r.partition_rows,
+            components: r.components,
+        });
     }
+    lost_tasks(&cluster, &map_of_task, stage.lost, failed)?;
 
-    let mut reduce_tasks: BTreeMap<u64, Vec<proto::Task>> = BTreeMap::new();
-    let mut reduce_of_task: HashMap<u64, String> = HashMap::new();
+    let mut reduce_tasks: Vec<StageTask> = Vec::new();
+    let mut reduce_of_task: HashMap<u64, (String, u32)> = HashMap::new();
     let mut owners = BTreeSet::new();
     for rebuild in active {
         if failed.contains_key(&rebuild.view) {
@@ -543,12 +543,11 @@ async fn replay_interval(
         for (p, target) in &rebuild.partitions {
             let pieces = scheduler::pieces_for(&cluster, &view_outputs, *p as usize);
             next_task += 1;
-            reduce_of_task.insert(next_task, rebuild.view.clone());
+            reduce_of_task.insert(next_task, (rebuild.view.clone(), *p));
             owners.insert(target.id);
-            reduce_tasks
-                .entry(target.id)
-                .or_default()
-                .push(proto::Task {
+            reduce_tasks.push(StageTask {
+                worker: target.id,
+                task: proto::Task {
                     id: next_task,
                     view: rebuild.view.clone(),
                     interval: i.0,
@@ -557,31 +556,30 @@ async fn replay_interval(
                         pieces,
                         watermark,
                         replay: true,
+                        adopt: None,
                     })),
-                });
+                },
+                // The partition is being rebuilt on its new owner: no copies.
+                alternatives: Vec::new(),
+            });
         }
     }
-    for (worker, result) in
-        scheduler::run_stage(&cluster, reduce_tasks, "replay reduce tasks").await
-    {
-        match result {
-            Ok(results) => {
-                for r in results {
-                    if let Some(view) = reduce_of_task.get(&r.id)
-                        && !r.error.is_empty()
-                    {
-                        failed.entry(view.clone()).or_insert(r.error);
-                    }
-                }
-            }
-            Err(e) if !cluster.is_alive(worker) => return Err(Interrupted(e.to_string())),
-            Err(e) => {
-                for view in reduce_of_task.values() {
-                    failed.entry(view.clone()).or_insert(e.to_string());
-                }
-            }
+    let stage = run_stage(
+        &cluster,
+        reduce_tasks,
+        "replay reduce tasks",
+        None,
+        &mut next_task,
+    )
+    .await;
+    for (id, (_, r)) in stage.results {
+        if let Some((view, _)) = reduce_of_task.get(&id)
+            && !r.error.is_empty()
+        {
+            failed.entry(view.clone()).or_insert(r.error);
         }
     }
+    lost_tasks(&cluster, &reduce_of_task, stage.lost, failed)?;
     if let Some(w) = alive.iter().find(|w| !cluster.is_alive(w.id)) {
         return Err(Interrupted(cluster.unavailable(w.id)));
     }
@@ -618,6 +616,25 @@ async fn replay_interval(
                     }
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+/// Fails the views of tasks that got no result, or interrupts the recovery when a
+/// worker was lost meanwhile.
+fn lost_tasks(
+    cluster: &Cluster,
+    tasks: &HashMap<u64, (String, u32)>,
+    lost: HashMap<u64, (u64, String)>,
+    failed: &mut BTreeMap<String, String>,
+) -> std::result::Result<(), Interrupted> {
+    for (id, (worker, error)) in lost {
+        if !cluster.is_alive(worker) {
+            return Err(Interrupted(error));
+        }
+        if let Some((view, _)) = tasks.get(&id) {
+            failed.entry(view.clone()).or_insert(error);
         }
     }
     Ok(())

@@ -13,7 +13,9 @@
 //!    coordinator publish the interval.
 //!
 //! All tasks of a stage on one worker go in one `RunTasks` call, so an interval costs
-//! a handful of round trips whatever the number of views. Intervals run one after the
+//! a handful of round trips whatever the number of views; a task that straggles gets
+//! a speculative copy on another worker (see [`super::stage`]), and a reduce task
+//! whose copy wins moves its state partition there. Intervals run one after the
 //! other: interval *t+1* is sealed only once *t* is committed, so results that depend
 //! on order (state, watermarks, window closes) never see *t+1* before *t*.
 //!
@@ -35,8 +37,9 @@ use dstream_executor::worker::proto::{self, task::Kind as TaskKind};
 use dstream_executor::worker::service::read_ipc;
 use dstream_storage::IntervalId;
 use futures::future::join_all;
-use tracing::warn;
+use tracing::{info, warn};
 
+use super::stage::{StageTask, run_stage};
 use super::{Cluster, PROBE_WAIT, WorkerRecord};
 use crate::engine::{BlockInfo, Engine, EngineState, SealedInterval, Sealing};
 use crate::error::{Error, Result};
@@ -48,6 +51,8 @@ pub struct StageCounts {
     pub reduce_tasks: u64,
     pub shuffle_bytes: u64,
     pub workers: u64,
+    /// Speculative copies of straggling tasks started.
+    pub speculative_tasks: u64,
 }
 
 /// The outcome of one view in one interval.
@@ -188,6 +193,7 @@ pub async fn run_interval(
     commit: CommitOptions,
 ) -> std::result::Result<(BTreeMap<String, ViewOutcome>, StageCounts), Interrupted> {
     let cluster = engine.inner.cluster.clone();
+    let speculation = engine.inner.config.speculation;
     let timeline = state.timeline;
     let alive = cluster.alive();
     let mut counts = StageCounts {
@@ -364,8 +370,8 @@ pub async fn run_interval(
     let mut failed: HashMap<String, String> = HashMap::new();
     let mut next_task = 0u64;
     let mut map_load: HashMap<u64, usize> = HashMap::new();
-    let mut map_tasks: BTreeMap<u64, Vec<proto::Task>> = BTreeMap::new();
-    let mut map_of_task: HashMap<u64, (String, u32, u64)> = HashMap::new();
+    let mut map_tasks: Vec<StageTask> = Vec::new();
+    let mut map_of_task: HashMap<u64, (String, u32)> = HashMap::new();
     let views: Vec<(String, Arc<dstream_planner::StreamPlan>, Vec<u64>)> = state
         .views
         .iter()
@@ -400,43 +406,55 @@ pub async fn run_interval(
         };
         for (block, holder) in source_blocks.iter().zip(placed) {
             next_task += 1;
-            map_of_task.insert(next_task, (name.clone(), block.index, holder));
-            map_tasks.entry(holder).or_default().push(proto::Task {
-                id: next_task,
-                view: name.clone(),
-                interval: interval.0,
-                kind: Some(TaskKind::Map(proto::MapTask {
-                    source: plan.source.clone(),
-                    block: block.index,
-                })),
+            map_of_task.insert(next_task, (name.clone(), block.index));
+            map_tasks.push(StageTask {
+                worker: holder,
+                task: proto::Task {
+                    id: next_task,
+                    view: name.clone(),
+                    interval: interval.0,
+                    kind: Some(TaskKind::Map(proto::MapTask {
+                        source: plan.source.clone(),
+                        block: block.index,
+                    })),
+                },
+                // A copy may run on any other holder of the block.
+                alternatives: block.holders.clone(),
             });
         }
     }
     counts.map_tasks = map_of_task.len() as u64;
     let mut map_outputs: HashMap<String, Vec<MapOutput>> = HashMap::new();
-    for (worker, result) in run_stage(&cluster, map_tasks, "run map tasks").await {
-        match result {
-            Ok(results) => {
-                for r in results {
-                    let Some((view, block, holder)) = map_of_task.get(&r.id) else {
-                        continue;
-                    };
-                    if !r.error.is_empty() {
-                        failed.entry(view.clone()).or_insert(r.error);
-                        continue;
-                    }
-                    map_outputs
-                        .entry(view.clone())
-                        .or_default()
-                        .push(MapOutput {
-                            block: *block,
-                            worker: *holder,
-                            partition_rows: r.partition_rows,
-                            components: r.components,
-                        });
-                }
-            }
-            Err(e) => fail_views_on(&map_of_task, worker, &e, &mut failed),
+    let stage = run_stage(
+        &cluster,
+        map_tasks,
+        "run map tasks",
+        speculation,
+        &mut next_task,
+    )
+    .await;
+    counts.speculative_tasks += stage.speculated;
+    for (id, (worker, r)) in stage.results {
+        let Some((view, block)) = map_of_task.get(&id) else {
+            continue;
+        };
+        if !r.error.is_empty() {
+            failed.entry(view.clone()).or_insert(r.error);
+            continue;
+        }
+        map_outputs
+            .entry(view.clone())
+            .or_default()
+            .push(MapOutput {
+                block: *block,
+                worker,
+                partition_rows: r.partition_rows,
+                components: r.components,
+            });
+    }
+    for (id, (_, error)) in stage.lost {
+        if let Some((view, _)) = map_of_task.get(&id) {
+            failed.entry(view.clone()).or_insert(error);
         }
     }
     if let Some(reason) = lost_worker(&cluster, &alive, !failed.is_empty()).await {
@@ -445,8 +463,8 @@ pub async fn run_interval(
 
     let mapped_at = started.elapsed();
     // 3. Reduce: one task per (view, partition) where the state partition lives.
-    let mut reduce_tasks: BTreeMap<u64, Vec<proto::Task>> = BTreeMap::new();
-    let mut reduce_of_task: HashMap<u64, (String, u32, u64)> = HashMap::new();
+    let mut reduce_tasks: Vec<StageTask> = Vec::new();
+    let mut reduce_of_task: HashMap<u64, (String, u32)> = HashMap::new();
     for (name, plan, placement) in &views {
         if failed.contains_key(name) {
             continue;
@@ -465,54 +483,73 @@ pub async fn run_interval(
         for (p, &owner) in placement.iter().enumerate() {
             let pieces = pieces_for(&cluster, &outputs, p);
             next_task += 1;
-            reduce_of_task.insert(next_task, (name.clone(), p as u32, owner));
-            reduce_tasks.entry(owner).or_default().push(proto::Task {
-                id: next_task,
-                view: name.clone(),
-                interval: interval.0,
-                kind: Some(TaskKind::Reduce(proto::ReduceTask {
-                    partition: p as u32,
-                    pieces,
-                    watermark,
-                    replay: false,
-                })),
+            reduce_of_task.insert(next_task, (name.clone(), p as u32));
+            reduce_tasks.push(StageTask {
+                worker: owner,
+                task: proto::Task {
+                    id: next_task,
+                    view: name.clone(),
+                    interval: interval.0,
+                    kind: Some(TaskKind::Reduce(proto::ReduceTask {
+                        partition: p as u32,
+                        pieces,
+                        watermark,
+                        replay: false,
+                        adopt: None,
+                    })),
+                },
+                // A copy may run on any other live worker: it fetches the partition.
+                alternatives: alive.iter().map(|w| w.id).collect(),
             });
         }
     }
     counts.reduce_tasks = reduce_of_task.len() as u64;
     let mut changes: HashMap<String, Vec<(u32, Changelog, u64)>> = HashMap::new();
-    for (worker, result) in run_stage(&cluster, reduce_tasks, "run reduce tasks").await {
-        match result {
-            Ok(results) => {
-                for r in results {
-                    let Some((view, p, _)) = reduce_of_task.get(&r.id) else {
-                        continue;
-                    };
-                    if !r.error.is_empty() {
-                        failed.entry(view.clone()).or_insert(r.error);
-                        continue;
-                    }
-                    counts.shuffle_bytes += r.shuffle_bytes_read;
-                    let changelog = read_ipc(&r.deletes).and_then(|deletes| {
-                        Ok(Changelog {
-                            deletes,
-                            inserts: read_ipc(&r.inserts)?,
-                        })
-                    });
-                    match changelog {
-                        Ok(c) => {
-                            changes
-                                .entry(view.clone())
-                                .or_default()
-                                .push((*p, c, r.view_rows))
-                        }
-                        Err(e) => {
-                            failed.entry(view.clone()).or_insert(e.to_string());
-                        }
-                    }
-                }
+    let stage = run_stage(
+        &cluster,
+        reduce_tasks,
+        "run reduce tasks",
+        speculation,
+        &mut next_task,
+    )
+    .await;
+    counts.speculative_tasks += stage.speculated;
+    for (id, (worker, r)) in stage.results {
+        let Some((view, p)) = reduce_of_task.get(&id) else {
+            continue;
+        };
+        // A copy that won moved the state partition to its worker.
+        if let Some(slot) = state.views.get_mut(view)
+            && let Some(owner) = slot.placement.get_mut(*p as usize)
+            && *owner != worker
+        {
+            info!(view = %view, partition = p, from = *owner, to = worker, "a speculative copy won; the state partition moved");
+            *owner = worker;
+        }
+        if !r.error.is_empty() {
+            failed.entry(view.clone()).or_insert(r.error);
+            continue;
+        }
+        counts.shuffle_bytes += r.shuffle_bytes_read;
+        let changelog = read_ipc(&r.deletes).and_then(|deletes| {
+            Ok(Changelog {
+                deletes,
+                inserts: read_ipc(&r.inserts)?,
+            })
+        });
+        match changelog {
+            Ok(c) => changes
+                .entry(view.clone())
+                .or_default()
+                .push((*p, c, r.view_rows)),
+            Err(e) => {
+                failed.entry(view.clone()).or_insert(e.to_string());
             }
-            Err(e) => fail_views_on(&reduce_of_task, worker, &e, &mut failed),
+        }
+    }
+    for (id, (_, error)) in stage.lost {
+        if let Some((view, _)) = reduce_of_task.get(&id) {
+            failed.entry(view.clone()).or_insert(error);
         }
     }
     if let Some(reason) = lost_worker(&cluster, &alive, !failed.is_empty()).await {
@@ -536,8 +573,8 @@ pub async fn run_interval(
         if let Err(e) = result
             && cluster.is_alive(worker)
         {
-            for (name, _, placement) in &views {
-                if placement.contains(&worker) {
+            for (name, slot) in &state.views {
+                if slot.placement.contains(&worker) {
                     failed.entry(name.clone()).or_insert(e.to_string());
                 }
             }
@@ -577,51 +614,6 @@ pub async fn run_interval(
         );
     }
     Ok((outcomes, counts))
-}
-
-/// Runs each worker's tasks of one stage, all workers at once.
-pub(crate) async fn run_stage(
-    cluster: &Arc<Cluster>,
-    tasks: BTreeMap<u64, Vec<proto::Task>>,
-    what: &'static str,
-) -> Vec<(u64, Result<Vec<proto::TaskResult>>)> {
-    let calls = tasks.into_iter().map(|(worker, tasks)| {
-        let cluster = cluster.clone();
-        async move {
-            let result = match cluster.get(worker) {
-                Some(w) => {
-                    let mut client = w.client.clone();
-                    cluster
-                        .call(
-                            worker,
-                            what,
-                            client.run_tasks(proto::RunTasksRequest { tasks }),
-                        )
-                        .await
-                        .map(|r| {
-                            cluster.tasks_done(worker, r.results.len() as u64);
-                            r.results
-                        })
-                }
-                None => Err(Error::WorkerLost(cluster.unavailable(worker))),
-            };
-            (worker, result)
-        }
-    });
-    join_all(calls).await
-}
-
-fn fail_views_on(
-    tasks: &HashMap<u64, (String, u32, u64)>,
-    worker: u64,
-    error: &Error,
-    failed: &mut HashMap<String, String>,
-) {
-    for (view, _, w) in tasks.values() {
-        if *w == worker {
-            failed.entry(view.clone()).or_insert(error.to_string());
-        }
-    }
 }
 
 /// Installs the catalog on every live worker that does not have its current version,

@@ -1,0 +1,568 @@
+//! One stage of an interval's DAG on the workers, with speculative copies of
+//! stragglers.
+//!
+//! [`run_stage`] sends each worker its tasks of the stage in one `RunTasks` call and
+//! reads, task by task, when each one starts (gets a task slot) and finishes. With
+//! [`Speculation`] on, a task straggles when it has run longer than `multiplier` ×
+//! the median run time of the finished tasks of the same view and kind (map or
+//! reduce) — once at least [`SPECULATION_QUANTILE`] of those are done, else of all
+//! tasks of that kind — and at least `min_runtime`. Workers queue tasks behind their slots, so the tasks queued on a
+//! worker with a straggling task straggle too. A straggler gets a copy on another
+//! worker that can run it: for a map task another holder of its block, for a reduce
+//! task any other live worker, which first fetches the committed state partition
+//! from its owner over Flight. The first copy to finish wins. The other is
+//! *abandoned*: stopped, and for a reduce task its worker forgets the partition, so
+//! a reduce task won by its copy moves the state partition to the copy's worker
+//! ([`StageOutcome::results`] says where each task ran). Tasks are deterministic,
+//! so which copy wins does not change any result.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dstream_executor::worker::proto::{self, task::Kind as TaskKind};
+use futures::stream::{BoxStream, SelectAll, StreamExt};
+use tonic::Response;
+use tracing::{info, warn};
+
+use super::Cluster;
+use crate::error::{Error, Result};
+
+/// Share of a stage's tasks that must be done before stragglers are looked for.
+pub const SPECULATION_QUANTILE: f64 = 0.5;
+
+/// When a running task is a straggler worth a copy.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Speculation {
+    /// A task is a straggler once it runs this many times the median of the tasks
+    /// done (Spark's `spark.speculation.multiplier`).
+    pub multiplier: f64,
+    /// ... and at least this long: short stages are left alone.
+    pub min_runtime: Duration,
+}
+
+impl Default for Speculation {
+    fn default() -> Self {
+        Speculation {
+            multiplier: 1.5,
+            min_runtime: Duration::from_millis(100),
+        }
+    }
+}
+
+/// A task of a stage: where it runs first, and where a copy may run.
+#[derive(Debug)]
+pub(crate) struct StageTask {
+    pub worker: u64,
+    pub task: proto::Task,
+    /// Workers a copy may run on if the task straggles (empty: never copied).
+    pub alternatives: Vec<u64>,
+}
+
+/// What a stage did.
+#[derive(Debug, Default)]
+pub(crate) struct StageOutcome {
+    /// By task id: the worker whose copy finished first, and its result.
+    pub results: HashMap<u64, (u64, proto::TaskResult)>,
+    /// By task id, tasks that got no result: the worker of the original and why.
+    pub lost: HashMap<u64, (u64, String)>,
+    /// Copies started.
+    pub speculated: u64,
+    /// Tasks whose copy finished first.
+    pub copies_won: u64,
+}
+
+/// One copy of a task, sent to a worker.
+#[derive(Debug)]
+struct Attempt {
+    /// The id it was sent with (a copy has its own).
+    sent_id: u64,
+    worker: u64,
+    /// When the worker said it started running (it may queue it first).
+    started: Option<Instant>,
+    failed: Option<String>,
+}
+
+#[derive(Debug)]
+struct Running {
+    task: StageTask,
+    attempts: Vec<Attempt>,
+    result: Option<(u64, proto::TaskResult)>,
+}
+
+impl Running {
+    fn is_complete(&self) -> bool {
+        self.result.is_some() || self.attempts.iter().all(|a| a.failed.is_some())
+    }
+
+    /// Tasks compared with each other: those of one view and kind.
+    fn group(&self) -> (&str, bool) {
+        (
+            &self.task.task.view,
+            matches!(self.task.task.kind, Some(TaskKind::Map(_))),
+        )
+    }
+
+    /// When the original attempt started, while it is the only one and running.
+    fn running_since(&self) -> Option<Instant> {
+        match self.attempts.as_slice() {
+            [only] if only.failed.is_none() && self.result.is_none() => only.started,
+            _ => None,
+        }
+    }
+
+    /// A reduce task's (view, partition).
+    fn partition(&self) -> Option<(String, u32)> {
+        match &self.task.task.kind {
+            Some(TaskKind::Reduce(r)) => Some((self.task.task.view.clone(), r.partition)),
+            _ => None,
+        }
+    }
+}
+
+/// What a `RunTasks` call reports.
+enum CallEvent {
+    Result(proto::TaskResult),
+    /// The call failed: every task in it that had not answered is lost there.
+    Failed(Vec<u64>, String),
+}
+
+/// Runs `tasks` (ids unique within their interval), with copies of stragglers when
+/// `speculation` is given; copies take ids from `next_id`.
+pub(crate) async fn run_stage(
+    cluster: &Arc<Cluster>,
+    tasks: Vec<StageTask>,
+    what: &'static str,
+    speculation: Option<Speculation>,
+    next_id: &mut u64,
+) -> StageOutcome {
+    let mut outcome = StageOutcome::default();
+    if tasks.is_empty() {
+        return outcome;
+    }
+    let mut per_worker: BTreeMap<u64, Vec<proto::Task>> = BTreeMap::new();
+    let mut running: HashMap<u64, Running> = HashMap::new();
+    // Sent id -> task id.
+    let mut task_of: HashMap<u64, u64> = HashMap::new();
+    for task in tasks {
+        let id = task.task.id;
+        per_worker
+            .entry(task.worker)
+            .or_default()
+            .push(task.task.clone());
+        task_of.insert(id, id);
+        running.insert(
+            id,
+            Running {
+                attempts: vec![Attempt {
+                    sent_id: id,
+                    worker: task.worker,
+                    started: None,
+                    failed: None,
+                }],
+                task,
+                result: None,
+            },
+        );
+    }
+    let mut calls: SelectAll<BoxStream<'static, (u64, CallEvent)>> = SelectAll::new();
+    for (worker, tasks) in per_worker {
+        calls.push(call(cluster.clone(), worker, tasks, None, what));
+    }
+
+    let mut times = RunTimes::default();
+    for task in running.values() {
+        *times.tasks.entry(group_key(task)).or_default() += 1;
+    }
+    while running.values().any(|r| !r.is_complete()) {
+        let due = speculation.and_then(|policy| next_straggler(cluster, &running, &times, policy));
+        let timer = async {
+            match due {
+                Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            event = calls.next() => match event {
+                None => break,
+                Some((worker, CallEvent::Result(result))) => {
+                    let Some(task) = task_of.get(&result.id).and_then(|id| running.get_mut(id)) else {
+                        continue;
+                    };
+                    if result.started {
+                        if let Some(attempt) = task.attempts.iter_mut().find(|a| a.sent_id == result.id) {
+                            attempt.started = Some(Instant::now());
+                        }
+                        continue;
+                    }
+                    cluster.tasks_done(worker, 1);
+                    if task.result.is_none() {
+                        if task.attempts.first().is_some_and(|a| a.sent_id != result.id) {
+                            outcome.copies_won += 1;
+                        }
+                        times
+                            .done
+                            .entry(group_key(task))
+                            .or_default()
+                            .push(Duration::from_micros(result.micros));
+                        task.result = Some((worker, result));
+                    }
+                }
+                Some((_, CallEvent::Failed(sent_ids, error))) => {
+                    for sent in sent_ids {
+                        let Some(task) = task_of.get(&sent).and_then(|id| running.get_mut(id)) else {
+                            continue;
+                        };
+                        if let Some(attempt) = task.attempts.iter_mut().find(|a| a.sent_id == sent) {
+                            attempt.failed.get_or_insert_with(|| error.clone());
+                        }
+                    }
+                }
+            },
+            _ = timer => {
+                let Some(policy) = speculation else { continue };
+                let straggling = stragglers(cluster, &running, &times, policy, Instant::now());
+                outcome.speculated += start_copies(
+                    cluster, &mut running, &straggling, &mut task_of, &mut calls, next_id, what,
+                );
+            }
+        }
+    }
+    tracing::debug!(
+        what,
+        tasks = running.len(),
+        copies = outcome.speculated,
+        copies_won = outcome.copies_won,
+        "stage done"
+    );
+    abandon_losers(cluster, &running).await;
+    drop(calls);
+
+    for (id, task) in running {
+        match task.result {
+            Some(result) => {
+                outcome.results.insert(id, result);
+            }
+            None => {
+                let error = task
+                    .attempts
+                    .into_iter()
+                    .find_map(|a| a.failed)
+                    .unwrap_or_else(|| "the task got no answer".to_string());
+                outcome.lost.insert(id, (task.task.worker, error));
+            }
+        }
+    }
+    outcome
+}
+
+/// Whether `task` is still running, has no copy yet, and has somewhere else to go.
+fn copyable(cluster: &Cluster, task: &Running) -> bool {
+    !task.is_complete()
+        && task.attempts.len() == 1
+        && task
+            .task
+            .alternatives
+            .iter()
+            .any(|w| *w != task.task.worker && cluster.is_alive(*w))
+}
+
+/// A task's group: its view and whether it is a map task.
+fn group_key(task: &Running) -> (String, bool) {
+    let (view, map) = task.group();
+    (view.to_string(), map)
+}
+
+/// Run times of finished tasks, and task counts, per group.
+#[derive(Debug, Default)]
+struct RunTimes {
+    tasks: HashMap<(String, bool), usize>,
+    done: HashMap<(String, bool), Vec<Duration>>,
+}
+
+impl RunTimes {
+    /// How long a task may run before it straggles: `multiplier` × the median run
+    /// time of the finished tasks of its group, at least `min_runtime`. A group
+    /// counts once [`SPECULATION_QUANTILE`] of it is done; before that (say, one
+    /// worker holds every partition of a view) the tasks of the same kind across all
+    /// views stand in for it. `None` while neither counts.
+    fn limit(&self, task: &Running, policy: Speculation) -> Option<Duration> {
+        let key = group_key(task);
+        let enough = |done: usize, total: usize| {
+            done > 0 && done as f64 >= (SPECULATION_QUANTILE * total as f64).ceil()
+        };
+        let own = self.done.get(&key).map(Vec::as_slice).unwrap_or_default();
+        let reference: Vec<Duration> =
+            if enough(own.len(), self.tasks.get(&key).copied().unwrap_or(0)) {
+                own.to_vec()
+            } else {
+                let same_kind = |k: &(String, bool)| k.1 == key.1;
+                let total = self
+                    .tasks
+                    .iter()
+                    .filter(|(k, _)| same_kind(k))
+                    .map(|(_, n)| n)
+                    .sum();
+                let done: Vec<Duration> = self
+                    .done
+                    .iter()
+                    .filter(|(k, _)| same_kind(k))
+                    .flat_map(|(_, d)| d.iter().copied())
+                    .collect();
+                if !enough(done.len(), total) {
+                    return None;
+                }
+                done
+            };
+        let mut sorted = reference;
+        sorted.sort();
+        let median = sorted.get(sorted.len() / 2).copied().unwrap_or_default();
+        Some(median.mul_f64(policy.multiplier).max(policy.min_runtime))
+    }
+}
+
+/// When the next running task becomes a straggler, if any can.
+fn next_straggler(
+    cluster: &Cluster,
+    running: &HashMap<u64, Running>,
+    times: &RunTimes,
+    policy: Speculation,
+) -> Option<Instant> {
+    running
+        .values()
+        .filter(|t| copyable(cluster, t))
+        .filter_map(|t| Some(t.running_since()? + times.limit(t, policy)?))
+        .min()
+}
+
+/// The tasks that straggle at `now`: those running past their limit, and every task
+/// still queued on the same workers.
+fn stragglers(
+    cluster: &Cluster,
+    running: &HashMap<u64, Running>,
+    times: &RunTimes,
+    policy: Speculation,
+    now: Instant,
+) -> Vec<u64> {
+    let slow: Vec<(u64, u64)> = running
+        .iter()
+        .filter(|(_, t)| copyable(cluster, t))
+        .filter(|(_, t)| {
+            t.running_since()
+                .zip(times.limit(t, policy))
+                .is_some_and(|(since, limit)| since + limit <= now)
+        })
+        .map(|(id, t)| (*id, t.task.worker))
+        .collect();
+    let slow_workers: std::collections::HashSet<u64> = slow.iter().map(|(_, w)| *w).collect();
+    let queued = running.iter().filter(|(_, t)| {
+        copyable(cluster, t)
+            && slow_workers.contains(&t.task.worker)
+            && t.attempts.first().is_some_and(|a| a.started.is_none())
+    });
+    let mut ids: Vec<u64> = slow.iter().map(|(id, _)| *id).collect();
+    ids.extend(queued.map(|(id, _)| *id));
+    ids
+}
+
+/// Starts a copy of each task in `straggling` on the alternative worker with the
+/// fewest tasks of the stage still running; returns how many started.
+fn start_copies(
+    cluster: &Arc<Cluster>,
+    running: &mut HashMap<u64, Running>,
+    straggling: &[u64],
+    task_of: &mut HashMap<u64, u64>,
+    calls: &mut SelectAll<BoxStream<'static, (u64, CallEvent)>>,
+    next_id: &mut u64,
+    what: &'static str,
+) -> u64 {
+    // Attempts still running on each worker: copies go where the fewest are.
+    let mut busy: HashMap<u64, usize> = HashMap::new();
+    for task in running.values().filter(|t| !t.is_complete()) {
+        for a in task.attempts.iter().filter(|a| a.failed.is_none()) {
+            *busy.entry(a.worker).or_default() += 1;
+        }
+    }
+    let mut started = 0;
+    let mut ids = straggling.to_vec();
+    ids.sort();
+    for id in ids {
+        let Some(task) = running.get_mut(&id) else {
+            continue;
+        };
+        let Some(target) = task
+            .task
+            .alternatives
+            .iter()
+            .filter(|w| **w != task.task.worker && cluster.is_alive(**w))
+            .min_by_key(|w| (busy.get(w).copied().unwrap_or(0), **w))
+            .copied()
+        else {
+            continue;
+        };
+        *next_id += 1;
+        let mut copy = task.task.task.clone();
+        copy.id = *next_id;
+        // A reduce copy fetches the partition from its owner first.
+        let adopt_from = task.partition().map(|_| task.task.worker);
+        info!(
+            task = id,
+            view = %copy.view,
+            interval = copy.interval,
+            from = task.task.worker,
+            to = target,
+            running_for = ?task.running_since().map(|since| since.elapsed()),
+            "task straggles; starting a speculative copy"
+        );
+        task.attempts.push(Attempt {
+            sent_id: copy.id,
+            worker: target,
+            started: None,
+            failed: None,
+        });
+        task_of.insert(copy.id, id);
+        *busy.entry(target).or_default() += 1;
+        calls.push(call(cluster.clone(), target, vec![copy], adopt_from, what));
+        started += 1;
+    }
+    started
+}
+
+/// Tells the workers of the copies that lost to stop them; a reduce task's loser
+/// also forgets the partition (its winner's worker holds it now).
+async fn abandon_losers(cluster: &Arc<Cluster>, running: &HashMap<u64, Running>) {
+    let mut requests: BTreeMap<u64, proto::AbandonRequest> = BTreeMap::new();
+    for task in running.values().filter(|t| t.attempts.len() > 1) {
+        let winner = task.result.as_ref().map(|(w, r)| (*w, r.id));
+        for attempt in &task.attempts {
+            if winner == Some((attempt.worker, attempt.sent_id)) {
+                continue;
+            }
+            let request = requests
+                .entry(attempt.worker)
+                .or_insert_with(|| proto::AbandonRequest {
+                    interval: task.task.task.interval,
+                    ..Default::default()
+                });
+            request.tasks.push(attempt.sent_id);
+            // With no winner the partition stays where it was.
+            if let (Some(_), Some((view, partition))) = (winner, task.partition()) {
+                request
+                    .drop
+                    .push(proto::DescribePartitionRequest { view, partition });
+            }
+        }
+    }
+    let abandons = requests.into_iter().map(|(worker, request)| async move {
+        let Some(w) = cluster.get(worker).filter(|w| w.is_reachable()) else {
+            return;
+        };
+        let mut client = w.client.clone();
+        if let Err(e) = cluster
+            .call(worker, "abandon tasks", client.abandon(request))
+            .await
+        {
+            warn!(worker, error = %e, "could not abandon the losing copies of tasks");
+        }
+    });
+    futures::future::join_all(abandons).await;
+}
+
+/// One `RunTasks` call, as a stream of its results; a worker lost meanwhile ends it
+/// with a failure. With `adopt_from`, the (single, reduce) task is a speculative copy
+/// that first fetches its state partition from that worker, so it is described there
+/// first.
+fn call(
+    cluster: Arc<Cluster>,
+    worker: u64,
+    tasks: Vec<proto::Task>,
+    adopt_from: Option<u64>,
+    what: &'static str,
+) -> BoxStream<'static, (u64, CallEvent)> {
+    enum State {
+        Start(Vec<proto::Task>),
+        Reading(Box<tonic::Streaming<proto::TaskResult>>, Vec<u64>),
+        Done,
+    }
+    futures::stream::unfold(State::Start(tasks), move |state| {
+        let cluster = cluster.clone();
+        async move {
+            let (mut results, sent) = match state {
+                State::Done => return None,
+                State::Reading(results, sent) => (results, sent),
+                State::Start(tasks) => {
+                    let sent: Vec<u64> = tasks.iter().map(|t| t.id).collect();
+                    match start(&cluster, worker, tasks, adopt_from, what).await {
+                        Ok(results) => (Box::new(results), sent),
+                        Err(e) => {
+                            return Some((
+                                (worker, CallEvent::Failed(sent, e.to_string())),
+                                State::Done,
+                            ));
+                        }
+                    }
+                }
+            };
+            let next = cluster
+                .call(worker, what, async {
+                    results.message().await.map(Response::new)
+                })
+                .await;
+            match next {
+                Ok(Some(result)) => Some((
+                    (worker, CallEvent::Result(result)),
+                    State::Reading(results, sent),
+                )),
+                Ok(None) => None,
+                Err(e) => Some((
+                    (worker, CallEvent::Failed(sent, e.to_string())),
+                    State::Done,
+                )),
+            }
+        }
+    })
+    .boxed()
+}
+
+async fn start(
+    cluster: &Cluster,
+    worker: u64,
+    mut tasks: Vec<proto::Task>,
+    adopt_from: Option<u64>,
+    what: &'static str,
+) -> Result<tonic::Streaming<proto::TaskResult>> {
+    if let Some(owner) = adopt_from.and_then(|id| cluster.get(id)) {
+        for task in &mut tasks {
+            let view = task.view.clone();
+            if let Some(TaskKind::Reduce(reduce)) = &mut task.kind {
+                let mut client = owner.client.clone();
+                let description = cluster
+                    .call(
+                        owner.id,
+                        "describe a straggling task's partition",
+                        client.describe_partition(proto::DescribePartitionRequest {
+                            view,
+                            partition: reduce.partition,
+                        }),
+                    )
+                    .await?;
+                reduce.adopt = Some(proto::AdoptPartitionRequest {
+                    from_address: owner.address.clone(),
+                    description: Some(description),
+                });
+            }
+        }
+    }
+    let w = cluster
+        .get(worker)
+        .ok_or_else(|| Error::WorkerLost(cluster.unavailable(worker)))?;
+    let mut client = w.client.clone();
+    let results = cluster
+        .call(
+            worker,
+            what,
+            client.run_tasks(proto::RunTasksRequest { tasks }),
+        )
+        .await?;
+    Ok(results)
+}
