@@ -18,6 +18,10 @@
 //! `empty-interval`: the coordinator's cost of an interval with no input, with the real
 //! clock at 100 ms and at 1 s intervals, read from `dstream_intervals`.
 //!
+//! `recovery` and `straggler` ([`faults`]): interval processing times around a
+//! worker killed with SIGKILL, per checkpoint spacing, and with a straggling worker,
+//! with and without speculation.
+//!
 //! Run them in release mode, after building the worker binary:
 //! `cargo build --release --bin dstream && cargo run --release -p dstream-bench -- tumble-count`.
 
@@ -34,6 +38,8 @@ use dstream_server::clock::ManualClock;
 use dstream_server::config::{ClockKind, ServeConfig};
 use dstream_server::session::{self, StatementResult};
 use tokio_util::sync::CancellationToken;
+
+mod faults;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -53,6 +59,10 @@ enum Bench {
     EmptyInterval(EmptyInterval),
     /// Shuffle reads over Arrow Flight on loopback, in GB/s.
     Shuffle(Shuffle),
+    /// Interval processing times around a killed worker, per checkpoint spacing.
+    Recovery(faults::Recovery),
+    /// Interval processing times with a straggling worker, with and without speculation.
+    Straggler(faults::Straggler),
 }
 
 #[derive(clap::Args, Debug)]
@@ -124,6 +134,8 @@ fn main() -> anyhow::Result<()> {
         Bench::TumbleCount(args) => runtime.block_on(tumble_count(args)),
         Bench::EmptyInterval(args) => runtime.block_on(empty_interval(args)),
         Bench::Shuffle(args) => runtime.block_on(shuffle(args)),
+        Bench::Recovery(args) => runtime.block_on(faults::recovery(args)),
+        Bench::Straggler(args) => runtime.block_on(faults::straggler(args)),
     }
 }
 
@@ -189,6 +201,11 @@ async fn start_engine(
         worker_mode: dstream_server::config::WorkerMode::Process(Some(worker_binary()?)),
         ..ServeConfig::default()
     };
+    start_config(config, dir).await
+}
+
+/// Starts an engine with `config` on the manual clock; `dir` holds its data.
+async fn start_config(config: ServeConfig, dir: tempfile::TempDir) -> anyhow::Result<Engined> {
     let shutdown = CancellationToken::new();
     let clock = Arc::new(ManualClock::new(1_767_225_600_000_000_000));
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
