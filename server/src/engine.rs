@@ -34,6 +34,7 @@ use crate::cluster::checkpoint::{self, CheckpointedView, Checkpoints, Pending};
 use crate::cluster::handover;
 use crate::cluster::recovery::{self, RecoveryStat};
 use crate::cluster::remote_table::{RemoteSource, RemoteView};
+use crate::cluster::resume;
 use crate::cluster::scheduler::{self, CommitOptions, Interrupted, StageCounts, ViewOutcome};
 use crate::cluster::{Cluster, CoordinatorService, local::LocalWorkers};
 use crate::config::ServeConfig;
@@ -122,6 +123,23 @@ pub struct SplitPosition {
     pub seen_files: BTreeSet<String>,
 }
 
+impl SplitPosition {
+    /// What a worker needs to open receiver `split` (of `splits`) of `source` here.
+    pub fn handover(&self, source: &str, split: u32, splits: u32) -> proto::ReceiverHandover {
+        proto::ReceiverHandover {
+            source: source.to_string(),
+            split,
+            splits,
+            records: self.records,
+            malformed: self.malformed,
+            late_rows: self.late_rows,
+            watermark: self.watermark,
+            seen_files: self.seen_files.iter().cloned().collect(),
+            pending: Vec::new(),
+        }
+    }
+}
+
 /// A source: its definition, where its receiver runs and what it has seen.
 #[derive(Debug)]
 pub struct SourceSlot {
@@ -137,11 +155,15 @@ pub struct SourceSlot {
     /// lineage since the latest checkpoint).
     pub retained: VecDeque<SealedInterval>,
     pub retain_intervals: usize,
+    /// The first interval the source is sealed in (the one after its creation);
+    /// `None` when unknown (restored without a checkpoint: from the start).
+    pub since: Option<IntervalId>,
 }
 
 impl SourceSlot {
     pub fn new(def: Arc<SourceDef>, retain_intervals: usize) -> Self {
         SourceSlot {
+            since: None,
             def,
             receivers: Vec::new(),
             positions: Vec::new(),
@@ -202,11 +224,15 @@ pub struct ViewSlot {
     pub last_interval: Option<IntervalId>,
     /// Rows of each partition after the last interval.
     pub partition_rows: Vec<u64>,
+    /// The first interval the view runs (the one after its creation); `None` when
+    /// unknown (restored without a checkpoint: from the start).
+    pub since: Option<IntervalId>,
 }
 
 impl ViewSlot {
     pub fn new(plan: Arc<StreamPlan>) -> Self {
         ViewSlot {
+            since: None,
             plan,
             placement: Vec::new(),
             failure: None,
@@ -363,7 +389,18 @@ impl Engine {
         } else {
             origin + width
         };
-        let timeline = Timeline::new(origin, batch_interval);
+        // A store with a committed checkpoint: carry on after it, on its timeline.
+        let manifest = resume::latest(&data_dir, batch_interval).await?;
+        let (timeline, next) = match &manifest {
+            Some(m) => (
+                Timeline {
+                    origin_nanos: m.origin_nanos,
+                    width_nanos: m.width_nanos,
+                },
+                IntervalId(m.interval).next(),
+            ),
+            None => (Timeline::new(origin, batch_interval), IntervalId(0)),
+        };
         let session_config = session_config(config.partitions);
         let (committed, _) = watch::channel(0);
         let cluster = Arc::new(Cluster::default());
@@ -426,7 +463,7 @@ impl Engine {
                     catalog: Catalog::default(),
                     settings: stored.settings.clone(),
                     timeline,
-                    next: IntervalId(0),
+                    next,
                     sources: BTreeMap::new(),
                     tables: BTreeMap::new(),
                     views: BTreeMap::new(),
@@ -458,9 +495,21 @@ impl Engine {
             info!(workers = expected, "local workers joined");
         }
         engine.restore(&stored.entries).await?;
-        engine
-            .checkpoints()
-            .start_counting(None, engine.inner.clock.now_nanos());
+        {
+            let mut state = engine.inner.state.lock().await;
+            match manifest {
+                Some(manifest) => resume::resume(&engine, &mut state, Arc::new(manifest)).await,
+                None => {
+                    // A fresh timeline: where objects started on the old one means
+                    // nothing now.
+                    state.sources.values_mut().for_each(|s| s.since = None);
+                    state.views.values_mut().for_each(|v| v.since = None);
+                    engine
+                        .checkpoints()
+                        .start_counting(None, engine.inner.clock.now_nanos());
+                }
+            }
+        }
         engine.start_handovers(shutdown.clone());
         let driver = engine.clone();
         #[allow(clippy::disallowed_methods)] // the handle is kept in `interval_loop`
@@ -901,10 +950,20 @@ impl Engine {
                 (
                     name.clone(),
                     SourceCheckpoint {
+                        sql: state
+                            .catalog
+                            .get(name)
+                            .map(|o| o.sql().to_string())
+                            .unwrap_or_default(),
                         records: s.stats.receiver.records,
                         malformed: s.stats.receiver.malformed,
                         late_rows: s.stats.late_rows,
                         watermark: s.stats.watermark,
+                        seen_files: s
+                            .positions
+                            .iter()
+                            .flat_map(|p| p.seen_files.iter().cloned())
+                            .collect(),
                     },
                 )
             })

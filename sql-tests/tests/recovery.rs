@@ -11,7 +11,7 @@ use arrow::array::RecordBatch;
 use dstream_server::Engine;
 use dstream_server::config::{Speculation, WorkerMode};
 use dstream_server::session::{self, StatementResult};
-use dstream_sql_tests::{TestServer, dstream_binary};
+use dstream_sql_tests::{TestServer, dstream_binary, simple_rows};
 
 const SETUP: &str = "
     CREATE SOURCE s (k BIGINT, v BIGINT, ts TIMESTAMP, WATERMARK FOR ts AS ts - INTERVAL '1' SECOND)
@@ -357,4 +357,119 @@ async fn a_straggler_is_outrun_by_speculative_copies() {
         "the straggler (worker 3) kept no partition: {:?}",
         straggling.partitions
     );
+}
+
+/// A `dstream serve` process on `data` (manual clock, two worker processes, a
+/// checkpoint every 3 intervals), in its own process group so that it can be killed
+/// with its workers like a machine that fails; and a client connected to it.
+async fn serve(data: &std::path::Path) -> (tokio::process::Child, tokio_postgres::Client) {
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+    };
+    let (pg, grpc) = (free(), free());
+    let child = tokio::process::Command::new(dstream_binary())
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(data)
+        .args([
+            "--pg-addr",
+            &pg.to_string(),
+            "--grpc-addr",
+            &grpc.to_string(),
+        ])
+        .args(["--clock", "manual", "--workers", "2", "--worker-cores", "1"])
+        .args(["--partitions", "4", "--block-rows", "4096"])
+        .args(["--checkpoint-intervals", "3", "--checkpoint-every", "off"])
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start dstream serve");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match dstream_sql_tests::connect(pg).await {
+            Ok(client) => return (child, client),
+            Err(e) if tokio::time::Instant::now() > deadline => panic!("connect to {pg}: {e}"),
+            Err(_) => {}
+        }
+    }
+}
+
+/// `SELECT` rows as sorted `|a|b|` lines, like [`lines`].
+async fn pg_lines(client: &tokio_postgres::Client, sql: &str) -> Vec<String> {
+    let mut rows: Vec<String> = simple_rows(client, sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .into_iter()
+        .map(|r| format!("|{}|", r.join("|")))
+        .collect();
+    rows.sort();
+    rows
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_server_resumes_from_its_latest_checkpoint() {
+    let intervals = 12;
+    let clean = run(2, 3, &[Step::Advance(intervals)], true).await;
+
+    // The whole server — coordinator and workers — is killed with SIGKILL after
+    // interval 8, a checkpoint having committed at interval 4 or later.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let (first, client) = serve(&data).await;
+    client.batch_execute(SETUP).await.expect("setup");
+    client.batch_execute("ADVANCE 7").await.expect("advance");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while pg_lines(
+        &client,
+        "SELECT interval_id FROM dstream_checkpoints WHERE status = 'committed' AND interval_id >= 4",
+    )
+    .await
+    .is_empty()
+    {
+        assert!(tokio::time::Instant::now() < deadline, "no checkpoint");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    client.batch_execute("ADVANCE 2").await.expect("advance");
+    let group = first.id().expect("pid");
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", "--", &format!("-{group}")])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    drop(client);
+    drop(first);
+
+    // Restarted on the same store, it resumes every view from the checkpoint and
+    // runs the intervals after it again.
+    let (second, client) = serve(&data).await;
+    let resumed: Vec<u64> = simple_rows(&client, "SHOW MATERIALIZED VIEWS")
+        .await
+        .expect("show")
+        .iter()
+        .map(|r| r[4].parse().expect("last interval"))
+        .collect();
+    assert_eq!(resumed.len(), VIEWS.len(), "{resumed:?}");
+    let at = resumed[0];
+    assert!(
+        resumed.iter().all(|i| *i == at) && (4..=8).contains(&at),
+        "views resume from one checkpoint at 4..=8: {resumed:?}"
+    );
+    client
+        .batch_execute(&format!("ADVANCE {}", intervals - 1 - at))
+        .await
+        .expect("advance");
+    for ((name, select, _), (clean_name, clean_rows)) in VIEWS.iter().zip(&clean.views) {
+        assert_eq!(name, clean_name);
+        assert_eq!(
+            &pg_lines(&client, select).await,
+            clean_rows,
+            "{name} after a restart equals the run without one"
+        );
+    }
+    let group = second.id().expect("pid");
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", "--", &format!("-{group}")])
+        .status();
 }

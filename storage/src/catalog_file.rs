@@ -30,6 +30,11 @@ pub struct CatalogEntry {
     pub name: String,
     pub kind: EntryKind,
     pub sql: String,
+    /// Sources and views: the first interval the object took part in (the one after
+    /// its creation), so that resuming from a checkpoint taken before it was created
+    /// starts it where it first started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<u64>,
 }
 
 /// The persisted catalog: definitions in creation order and server settings made with
@@ -109,6 +114,7 @@ mod tests {
             name: "s".into(),
             kind: EntryKind::Source,
             sql: "CREATE SOURCE s (a BIGINT) WITH (connector = 'generator')".into(),
+            since: Some(4),
         });
         state.settings.insert("batch_interval".into(), "1s".into());
         file.store(&state).await?;

@@ -202,10 +202,17 @@ pub struct ViewCheckpoint {
 /// Where a source stood after the checkpoint's interval.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceCheckpoint {
+    /// The source's `CREATE` statement: a source dropped and re-created under the
+    /// same name does not resume from the old one's position.
+    #[serde(default)]
+    pub sql: String,
     pub records: u64,
     pub malformed: u64,
     pub late_rows: u64,
     pub watermark: Option<i64>,
+    /// File sources: the files read by then.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seen_files: Vec<String>,
 }
 
 /// The commit point of a checkpoint: everything needed to resume from it.

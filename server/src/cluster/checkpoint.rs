@@ -68,6 +68,15 @@ impl Checkpoints {
         self.since = (interval, now_nanos);
     }
 
+    /// Starts from a checkpoint committed before this coordinator started (it
+    /// resumed from it): the latest, and counting from it.
+    pub fn resumed(&mut self, manifest: Arc<Manifest>, now_nanos: i64) {
+        let interval = IntervalId(manifest.interval);
+        self.committed = Some(interval);
+        self.latest = Some(manifest);
+        self.since = (Some(interval), now_nanos);
+    }
+
     /// The newest committed checkpoint.
     pub fn committed(&self) -> Option<IntervalId> {
         self.committed

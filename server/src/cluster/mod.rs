@@ -17,6 +17,7 @@
 //! - [`checkpoint`]: when to checkpoint, and committing a checkpoint's manifest.
 //! - [`recovery`]: rebuilding a dead worker's receivers and state partitions on the
 //!   workers that survive.
+//! - [`resume`]: carrying on from the latest checkpoint after a restart.
 //! - [`remote_table`]: ad-hoc reads of view partitions and input blocks over Flight.
 //! - [`local`]: the worker processes `dstream serve` starts, or in-process workers.
 
@@ -41,6 +42,7 @@ pub mod handover;
 pub mod local;
 pub mod recovery;
 pub mod remote_table;
+pub mod resume;
 pub mod scheduler;
 pub mod stage;
 

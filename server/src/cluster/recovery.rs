@@ -197,18 +197,12 @@ async fn reopen_receivers(
             else {
                 break;
             };
-            let position = slot.positions.get(split).cloned().unwrap_or_default();
-            let handover = proto::ReceiverHandover {
-                source: name.clone(),
-                split: split as u32,
-                splits,
-                records: position.records,
-                malformed: position.malformed,
-                late_rows: position.late_rows,
-                watermark: position.watermark,
-                seen_files: position.seen_files.into_iter().collect(),
-                pending: Vec::new(),
-            };
+            let handover = slot
+                .positions
+                .get(split)
+                .cloned()
+                .unwrap_or_default()
+                .handover(name, split as u32, splits);
             let mut client = target.client.clone();
             match cluster
                 .call(
@@ -345,32 +339,11 @@ async fn rebuild_partitions(
     let restores = rebuilds.iter().flat_map(|r| {
         let cluster = &cluster;
         r.partitions.iter().map(move |(p, target)| {
-            let held = r
-                .checkpoint
-                .as_ref()
-                .and_then(|(_, v)| v.partitions.get(*p as usize));
-            let request = proto::RestorePartitionRequest {
-                view: r.view.clone(),
-                partition: *p,
-                checkpoint: r.checkpoint.as_ref().map(|(at, _)| at.0),
-                files: held
-                    .map(|h| {
-                        h.files
-                            .iter()
-                            .map(|f| proto::CheckpointFile {
-                                path: f.path.clone(),
-                                bytes: f.bytes,
-                                rows: f.rows,
-                                part: f.part.as_str().to_string(),
-                                index: f.index,
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-                distinct: held.map_or(0, |h| h.distinct),
-                emitted_until: held.and_then(|h| h.emitted_until),
-                watermark: held.and_then(|h| h.watermark),
-            };
+            let request = restore_request(
+                &r.view,
+                *p,
+                r.checkpoint.as_ref().map(|(at, held)| (*at, held)),
+            );
             async move {
                 let mut client = target.client.clone();
                 let result = cluster
@@ -638,4 +611,36 @@ fn lost_tasks(
         }
     }
     Ok(())
+}
+
+/// What a worker needs to load partition `p` of `view` from `checkpoint` (the
+/// interval and what it holds of the view), or to start it empty without one.
+pub(crate) fn restore_request(
+    view: &str,
+    p: u32,
+    checkpoint: Option<(IntervalId, &ViewCheckpoint)>,
+) -> proto::RestorePartitionRequest {
+    let held = checkpoint.and_then(|(_, v)| v.partitions.get(p as usize));
+    proto::RestorePartitionRequest {
+        view: view.to_string(),
+        partition: p,
+        checkpoint: checkpoint.map(|(at, _)| at.0),
+        files: held
+            .map(|h| {
+                h.files
+                    .iter()
+                    .map(|f| proto::CheckpointFile {
+                        path: f.path.clone(),
+                        bytes: f.bytes,
+                        rows: f.rows,
+                        part: f.part.as_str().to_string(),
+                        index: f.index,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        distinct: held.map_or(0, |h| h.distinct),
+        emitted_until: held.and_then(|h| h.emitted_until),
+        watermark: held.and_then(|h| h.watermark),
+    }
 }

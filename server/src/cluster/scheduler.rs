@@ -222,7 +222,13 @@ pub async fn run_interval(
         },
     };
     let mut to_seal: BTreeMap<u64, Vec<proto::ReceiverSplit>> = BTreeMap::new();
-    for (name, slot) in state.sources.iter().filter(|(_, s)| s.failure.is_none()) {
+    // Sources and views take part from the interval after their creation.
+    let takes_part = |since: Option<IntervalId>| since.is_none_or(|s| s <= interval);
+    for (name, slot) in state
+        .sources
+        .iter()
+        .filter(|(_, s)| s.failure.is_none() && takes_part(s.since))
+    {
         let splits = slot.receivers.len() as u32;
         for (split, worker) in slot.receivers.iter().enumerate() {
             let split = split as u32;
@@ -375,7 +381,7 @@ pub async fn run_interval(
     let views: Vec<(String, Arc<dstream_planner::StreamPlan>, Vec<u64>)> = state
         .views
         .iter()
-        .filter(|(_, v)| v.failure.is_none() && !v.placement.is_empty())
+        .filter(|(_, v)| v.failure.is_none() && !v.placement.is_empty() && takes_part(v.since))
         .map(|(n, v)| (n.clone(), v.plan.clone(), v.placement.clone()))
         .collect();
     for (name, plan, placement) in &views {

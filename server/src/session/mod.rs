@@ -117,6 +117,14 @@ pub(crate) async fn restore_entry(engine: &Engine, entry: &CatalogEntry) -> Resu
             )));
         }
     };
+    let since = entry.since.map(dstream_storage::IntervalId);
+    let mut state = engine.inner.state.lock().await;
+    if let Some(source) = state.sources.get_mut(&entry.name) {
+        source.since = since;
+    }
+    if let Some(view) = state.views.get_mut(&entry.name) {
+        view.since = since;
+    }
     Ok(())
 }
 
@@ -169,6 +177,12 @@ async fn persist_catalog(
                 ObjectKind::MaterializedView => EntryKind::MaterializedView,
             },
             sql: obj.sql().to_string(),
+            since: state
+                .sources
+                .get(obj.name())
+                .and_then(|s| s.since)
+                .or_else(|| state.views.get(obj.name()).and_then(|v| v.since))
+                .map(|i| i.0),
         })
         .chain(state.unrestored.iter().map(|(entry, _)| entry.clone()))
         .collect();

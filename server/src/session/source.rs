@@ -20,9 +20,11 @@ pub(super) async fn create_source(
     let mut catalog = state.catalog.clone();
     catalog.insert(CatalogObject::Source(def.clone()))?;
     let previous = std::mem::replace(&mut state.catalog, catalog);
-    state
-        .sources
-        .insert(name.clone(), SourceSlot::new(def, retain));
+    let mut slot = SourceSlot::new(def, retain);
+    // A new source is sealed from the next interval on (a restored one: see
+    // `restore_entry`).
+    slot.since = persist.then_some(state.next);
+    state.sources.insert(name.clone(), slot);
     // Opening the receiver on its worker checks the connector's options.
     install_or_undo(engine, &mut state, &name, previous, persist).await?;
     if persist {

@@ -42,7 +42,10 @@ pub(super) async fn create_view(
         sql: create.to_string(),
     })))?;
     let previous = std::mem::replace(&mut state.catalog, catalog);
-    state.views.insert(create.name.clone(), ViewSlot::new(plan));
+    let mut slot = ViewSlot::new(plan);
+    // A new view starts with the next interval (a restored one: see `restore_entry`).
+    slot.since = persist.then_some(state.next);
+    state.views.insert(create.name.clone(), slot);
     install_or_undo(engine, &mut state, &create.name, previous, persist).await?;
     if persist {
         info!(view = %create.name, "created materialized view");
