@@ -361,15 +361,23 @@ async fn a_straggler_is_outrun_by_speculative_copies() {
 
 /// A `dstream serve` process on `data` (manual clock, two worker processes, a
 /// checkpoint every 3 intervals), in its own process group so that it can be killed
-/// with its workers like a machine that fails; and a client connected to it.
-async fn serve(data: &std::path::Path) -> (tokio::process::Child, tokio_postgres::Client) {
+/// with its workers like a machine that fails; and a client connected to it. With
+/// `faults`, every process's store is a faulty one (`DSTREAM_FAULT_STORE`).
+async fn serve(
+    data: &std::path::Path,
+    faults: Option<&str>,
+) -> (tokio::process::Child, tokio_postgres::Client) {
     let free = || {
         std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
     };
     let (pg, grpc) = (free(), free());
-    let child = tokio::process::Command::new(dstream_binary())
+    let mut command = tokio::process::Command::new(dstream_binary());
+    if let Some(faults) = faults {
+        command.env("DSTREAM_FAULT_STORE", faults);
+    }
+    let child = command
         .arg("serve")
         .arg("--data-dir")
         .arg(data)
@@ -417,7 +425,7 @@ async fn a_killed_server_resumes_from_its_latest_checkpoint() {
     // interval 8, a checkpoint having committed at interval 4 or later.
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let (first, client) = serve(&data).await;
+    let (first, client) = serve(&data, None).await;
     client.batch_execute(SETUP).await.expect("setup");
     client.batch_execute("ADVANCE 7").await.expect("advance");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -432,30 +440,47 @@ async fn a_killed_server_resumes_from_its_latest_checkpoint() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     client.batch_execute("ADVANCE 2").await.expect("advance");
-    let group = first.id().expect("pid");
+    kill_group(first);
+    drop(client);
+
+    // Restarted on the same store, it resumes every view from the checkpoint and
+    // runs the intervals after it again.
+    let (second, client) = serve(&data, None).await;
+    let at = resumed_at(&client).await;
+    assert!(
+        (4..=8).contains(&at),
+        "resumed from the checkpoint at 4..=8: {at}"
+    );
+    finish_like(&client, intervals, at, &clean).await;
+    kill_group(second);
+}
+
+/// `kill -9` of a `serve` process and its workers.
+fn kill_group(server: tokio::process::Child) {
+    let group = server.id().expect("pid");
     let killed = std::process::Command::new("kill")
         .args(["-KILL", "--", &format!("-{group}")])
         .status()
         .expect("kill");
     assert!(killed.success());
-    drop(client);
-    drop(first);
+}
 
-    // Restarted on the same store, it resumes every view from the checkpoint and
-    // runs the intervals after it again.
-    let (second, client) = serve(&data).await;
-    let resumed: Vec<u64> = simple_rows(&client, "SHOW MATERIALIZED VIEWS")
+/// The interval a restarted server resumed from: every view's last interval.
+async fn resumed_at(client: &tokio_postgres::Client) -> u64 {
+    let resumed: Vec<u64> = simple_rows(client, "SHOW MATERIALIZED VIEWS")
         .await
         .expect("show")
         .iter()
-        .map(|r| r[4].parse().expect("last interval"))
+        .map(|r| r[4].parse().expect("a last interval"))
         .collect();
     assert_eq!(resumed.len(), VIEWS.len(), "{resumed:?}");
-    let at = resumed[0];
-    assert!(
-        resumed.iter().all(|i| *i == at) && (4..=8).contains(&at),
-        "views resume from one checkpoint at 4..=8: {resumed:?}"
-    );
+    assert!(resumed.iter().all(|i| *i == resumed[0]), "{resumed:?}");
+    resumed[0]
+}
+
+/// Runs a server resumed `at` up to interval `intervals - 1`, and requires its views
+/// to equal `clean`'s.
+async fn finish_like(client: &tokio_postgres::Client, intervals: u64, at: u64, clean: &Outcome) {
     client
         .batch_execute(&format!("ADVANCE {}", intervals - 1 - at))
         .await
@@ -463,13 +488,55 @@ async fn a_killed_server_resumes_from_its_latest_checkpoint() {
     for ((name, select, _), (clean_name, clean_rows)) in VIEWS.iter().zip(&clean.views) {
         assert_eq!(name, clean_name);
         assert_eq!(
-            &pg_lines(&client, select).await,
+            &pg_lines(client, select).await,
             clean_rows,
             "{name} after a restart equals the run without one"
         );
     }
-    let group = second.id().expect("pid");
-    let _ = std::process::Command::new("kill")
-        .args(["-KILL", "--", &format!("-{group}")])
-        .status();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_store_never_commits_half_a_checkpoint() {
+    let intervals = 12;
+    let clean = run(2, 3, &[Step::Advance(intervals)], true).await;
+
+    // Every store call of the coordinator and of each worker waits 20 ms, and each
+    // process's writes 6 to 15 fail: more than retries cover, so the checkpoints
+    // written meanwhile fail; later ones commit.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let (first, client) = serve(&data, Some("latency=20ms,fail=6-15")).await;
+    client.batch_execute(SETUP).await.expect("setup");
+    client.batch_execute("ADVANCE 9").await.expect("advance");
+    let statuses = "SELECT DISTINCT status FROM dstream_checkpoints";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while pg_lines(&client, statuses).await != ["|committed|", "|failed|"] {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a failed and a committed checkpoint: {:?}",
+            pg_lines(&client, "SELECT * FROM dstream_checkpoints").await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let failed = pg_lines(
+        &client,
+        "SELECT error FROM dstream_checkpoints WHERE status = 'failed'",
+    )
+    .await;
+    assert!(
+        failed.iter().all(|e| e.contains("injected failure")),
+        "checkpoints failed for the injected errors: {failed:?}"
+    );
+    // The stream went on meanwhile; it is killed while a checkpoint of the last
+    // intervals is being written (slowly).
+    client.batch_execute("ADVANCE 3").await.expect("advance");
+    kill_group(first);
+    drop(client);
+
+    // Restarted without faults, it resumes from the newest checkpoint that committed
+    // — whole — and ends as the run without faults.
+    let (second, client) = serve(&data, None).await;
+    let at = resumed_at(&client).await;
+    finish_like(&client, intervals, at, &clean).await;
+    kill_group(second);
 }

@@ -9,10 +9,15 @@
 //!   with the same name in one process shares the same objects.
 //!
 //! Paths are relative (`catalog.json`, `checkpoints/...`) and always use `/`.
+//! Writes that fail with an error that may pass (anything but a missing object, an
+//! existing one or a refused precondition) are tried [`WRITE_ATTEMPTS`] times.
+//! With `DSTREAM_FAULT_STORE` set, the store is wrapped in a
+//! [`FaultyStore`](crate::fault_store::FaultyStore) (testing only).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
@@ -23,6 +28,12 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload}
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::fault_store::{FaultyStore, StoreFaults};
+
+/// How many times a write is tried before its error is returned.
+pub const WRITE_ATTEMPTS: u32 = 3;
+/// The wait before the second attempt; it doubles for each further one.
+const RETRY_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Connection settings for `s3://` stores. Unset fields fall back to the standard AWS
 /// environment variables (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`,
@@ -123,11 +134,7 @@ impl DataDir {
                     .or_default()
                     .clone(),
             };
-            return Ok(DataDir {
-                url,
-                store,
-                prefix: StorePath::default(),
-            });
+            return DataDir::new(url, store, StorePath::default());
         }
         if let Some(rest) = url.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
@@ -135,11 +142,7 @@ impl DataDir {
                 return Err(bad("an s3:// URL names a bucket: s3://bucket/prefix".into()));
             }
             let store = s3_store(bucket, &config.s3).map_err(|e| bad(e.to_string()))?;
-            return Ok(DataDir {
-                url: url.clone(),
-                store: Arc::new(store),
-                prefix: StorePath::from(prefix),
-            });
+            return DataDir::new(url.clone(), Arc::new(store), StorePath::from(prefix));
         }
         Err(bad(
             "unsupported store URL: use file:///path, s3://bucket/prefix or memory://name".into(),
@@ -160,11 +163,44 @@ impl DataDir {
             path: display.clone(),
             reason: e.to_string(),
         })?;
-        Ok(DataDir {
-            url: format!("file://{}", root.display()),
-            store: Arc::new(store),
-            prefix: StorePath::default(),
-        })
+        DataDir::new(
+            format!("file://{}", root.display()),
+            Arc::new(store),
+            StorePath::default(),
+        )
+    }
+
+    fn new(url: String, store: Arc<dyn ObjectStore>, prefix: StorePath) -> Result<Self> {
+        let store: Arc<dyn ObjectStore> = match StoreFaults::from_env()? {
+            Some(faults) => {
+                tracing::warn!(%url, ?faults, "fault injection: this store is slowed down and some of its writes fail");
+                Arc::new(FaultyStore::new(store, faults))
+            }
+            None => store,
+        };
+        Ok(DataDir { url, store, prefix })
+    }
+
+    /// Runs a write, again after a short wait while it fails with an error that may
+    /// pass, at most [`WRITE_ATTEMPTS`] times.
+    async fn retried<T, F, Fut>(&self, path: &str, write: F) -> object_store::Result<T>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = object_store::Result<T>>,
+    {
+        let mut wait = RETRY_BACKOFF;
+        let mut attempt = 1;
+        loop {
+            match write().await {
+                Err(e) if attempt < WRITE_ATTEMPTS && may_pass(&e) => {
+                    tracing::warn!(url = %self.url, path, attempt, error = %e, "a write to the store failed; trying again");
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                    attempt += 1;
+                }
+                outcome => return outcome,
+            }
+        }
     }
 
     /// The URL this data directory was opened from, e.g. `s3://bucket/prefix`.
@@ -194,25 +230,31 @@ impl DataDir {
     /// reader sees the old or the new object whole (local files are written aside,
     /// then renamed).
     pub async fn put(&self, path: &str, bytes: Bytes) -> Result<()> {
-        self.store
-            .put(&self.path(path), PutPayload::from_bytes(bytes))
-            .await
-            .map_err(|e| self.error("writing", path, e))?;
+        let location = self.path(path);
+        self.retried(path, || {
+            self.store
+                .put(&location, PutPayload::from_bytes(bytes.clone()))
+        })
+        .await
+        .map_err(|e| self.error("writing", path, e))?;
         Ok(())
     }
 
     /// Writes `bytes` to `path` only if nothing is there yet: `true` if written,
     /// `false` if `path` already existed (and was left as it was).
     pub async fn put_if_absent(&self, path: &str, bytes: Bytes) -> Result<bool> {
-        let options = PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
+        let location = self.path(path);
+        let put = || {
+            let options = PutOptions {
+                mode: PutMode::Create,
+                ..Default::default()
+            };
+            self.store
+                .put_opts(&location, PutPayload::from_bytes(bytes.clone()), options)
         };
-        match self
-            .store
-            .put_opts(&self.path(path), PutPayload::from_bytes(bytes), options)
-            .await
-        {
+        // A retry after a write that did happen finds the object there: `false`, as
+        // for any earlier writer's.
+        match self.retried(path, put).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
             // Some S3-compatible stores answer a failed If-None-Match with 412.
@@ -277,6 +319,20 @@ impl DataDir {
             source: e,
         }
     }
+}
+
+/// Whether a store error may pass if the write is tried again.
+fn may_pass(e: &object_store::Error) -> bool {
+    !matches!(
+        e,
+        object_store::Error::NotFound { .. }
+            | object_store::Error::AlreadyExists { .. }
+            | object_store::Error::Precondition { .. }
+            | object_store::Error::NotSupported { .. }
+            | object_store::Error::NotImplemented { .. }
+            | object_store::Error::InvalidPath { .. }
+            | object_store::Error::UnknownConfigurationKey { .. }
+    )
 }
 
 fn s3_store(

@@ -18,6 +18,7 @@ pub mod catalog_file;
 pub mod checkpoint;
 pub mod data_dir;
 pub mod error;
+pub mod fault_store;
 pub mod ids;
 pub mod table_data;
 

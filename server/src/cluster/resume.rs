@@ -197,9 +197,15 @@ pub async fn resume(engine: &Engine, state: &mut EngineState, manifest: Arc<Mani
         .checkpoints()
         .resumed(manifest, engine.clock().now_nanos());
     engine.publish_snapshot(state);
+    // With the real clock, intervals that ended while the server was down run at once.
+    let behind = (engine.clock().now_nanos() - state.timeline.end_nanos(at))
+        .max(0)
+        .checked_div(state.timeline.width_nanos)
+        .unwrap_or(0);
     info!(
         checkpoint = %at,
         next = %state.next,
+        intervals_to_catch_up = behind,
         sources = resumed.sources,
         views = resumed.views,
         partitions = resumed.partitions,
