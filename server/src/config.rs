@@ -59,6 +59,8 @@ pub struct ServeConfig {
     pub checkpoints_kept: usize,
     /// When straggling tasks get a speculative copy (`None`: never).
     pub speculation: Option<Speculation>,
+    /// Where `dstream serve` serves Prometheus metrics (`None`: nowhere).
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl Default for ServeConfig {
@@ -81,6 +83,7 @@ impl Default for ServeConfig {
             checkpoint_every: Some(Duration::from_secs(10)),
             checkpoints_kept: 3,
             speculation: Some(Speculation::default()),
+            metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 6877))),
         }
     }
 }
@@ -111,6 +114,8 @@ pub struct FileConfig {
     pub speculation: Option<bool>,
     pub speculation_multiplier: Option<f64>,
     pub speculation_min: Option<String>,
+    /// An address, or `off`.
+    pub metrics_addr: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -188,6 +193,15 @@ impl FileConfig {
         }
         if let Some(v) = self.checkpoints_kept {
             config.checkpoints_kept = v;
+        }
+        if let Some(v) = self.metrics_addr {
+            config.metrics_addr = if v.trim().eq_ignore_ascii_case("off") {
+                None
+            } else {
+                Some(v.trim().parse().map_err(|e| {
+                    Error::Config(format!("metrics_addr {v:?}: {e} (an address, or off)"))
+                })?)
+            };
         }
         if let Some(on) = self.speculation {
             config.speculation = on.then(|| config.speculation.unwrap_or_default());

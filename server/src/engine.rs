@@ -873,7 +873,7 @@ impl Engine {
             Ok(h) => h,
             Err(poisoned) => poisoned.into_inner(),
         };
-        history.push_back(IntervalStat {
+        let stat = IntervalStat {
             interval,
             start_nanos: timeline.start_nanos(interval),
             input_rows,
@@ -884,7 +884,9 @@ impl Engine {
             shuffle_bytes: counts.shuffle_bytes,
             workers: counts.workers,
             speculative_tasks: counts.speculative_tasks,
-        });
+        };
+        crate::metrics::interval(&stat, &state);
+        history.push_back(stat);
         while history.len() > HISTORY {
             history.pop_front();
         }
@@ -916,6 +918,7 @@ impl Engine {
     }
 
     fn record_recovery(&self, stat: RecoveryStat) {
+        crate::metrics::recovery(&stat);
         let mut recoveries = match self.inner.recoveries.lock() {
             Ok(r) => r,
             Err(poisoned) => poisoned.into_inner(),

@@ -10,7 +10,9 @@
 //!   remote reads, local worker processes.
 //! - [`session`]: executing statements.
 //! - [`subscribe`]: `SUBSCRIBE` streams.
-//! - [`system_tables`]: `dstream_intervals`, `dstream_workers` and `dstream_checkpoints`.
+//! - [`system_tables`]: `dstream_intervals`, `dstream_workers`, `dstream_checkpoints`
+//!   and `dstream_recoveries`.
+//! - [`metrics`]: the same figures as Prometheus metrics.
 //! - [`clock`]: the injected [`clock::IntervalClock`], real and manual.
 //! - [`pgwire`]: the Postgres wire protocol.
 //! - [`config`]: [`config::ServeConfig`] from flags, environment and TOML.
@@ -21,6 +23,7 @@ pub mod cluster;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod metrics;
 pub mod pgwire;
 pub mod session;
 pub mod subscribe;

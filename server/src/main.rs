@@ -107,6 +107,9 @@ struct ServeArgs {
     /// ... and at least this long [default: 100ms].
     #[arg(long, env = "DSTREAM_SPECULATION_MIN")]
     speculation_min: Option<String>,
+    /// Where Prometheus metrics are served (/metrics), or off [default: 127.0.0.1:6877].
+    #[arg(long, env = "DSTREAM_METRICS_ADDR")]
+    metrics_addr: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -163,6 +166,7 @@ impl ServeArgs {
             speculation: self.speculation,
             speculation_multiplier: self.speculation_multiplier,
             speculation_min: self.speculation_min,
+            metrics_addr: self.metrics_addr,
             ..FileConfig::default()
         }
         .apply(&mut config)?;
@@ -212,6 +216,10 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.pg_addr)
         .await
         .with_context(|| format!("cannot listen on {}", config.pg_addr))?;
+    if let Some(addr) = config.metrics_addr {
+        dstream_server::metrics::install(addr)?;
+        info!(%addr, "serving Prometheus metrics at /metrics");
+    }
     info!(
         data_dir = %config.data_dir.display(),
         store = %config.store_config().url,

@@ -366,14 +366,24 @@ async fn a_straggler_is_outrun_by_speculative_copies() {
 async fn serve(
     data: &std::path::Path,
     faults: Option<&str>,
-) -> (tokio::process::Child, tokio_postgres::Client) {
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-    };
-    let (pg, grpc) = (free(), free());
+) -> (
+    tokio::process::Child,
+    tokio_postgres::Client,
+    std::net::SocketAddr,
+) {
+    // Three distinct free ports: held together while they are picked.
+    let held: Vec<std::net::TcpListener> = (0..3)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port"))
+        .collect();
+    let port = |i: usize| held[i].local_addr().expect("a port").to_string();
+    let (pg, grpc, metrics) = (port(0), port(1), port(2));
+    drop(held);
     let mut command = tokio::process::Command::new(dstream_binary());
+    // Its log (and its workers') only says more than warnings when asked to.
+    command.env(
+        "RUST_LOG",
+        std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+    );
     if let Some(faults) = faults {
         command.env("DSTREAM_FAULT_STORE", faults);
     }
@@ -383,9 +393,11 @@ async fn serve(
         .arg(data)
         .args([
             "--pg-addr",
-            &pg.to_string(),
+            &pg,
             "--grpc-addr",
-            &grpc.to_string(),
+            &grpc,
+            "--metrics-addr",
+            &metrics,
         ])
         .args(["--clock", "manual", "--workers", "2", "--worker-cores", "1"])
         .args(["--partitions", "4", "--block-rows", "4096"])
@@ -394,10 +406,14 @@ async fn serve(
         .kill_on_drop(true)
         .spawn()
         .expect("start dstream serve");
+    let (pg, metrics) = (
+        pg.parse().expect("an address"),
+        metrics.parse().expect("an address"),
+    );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         match dstream_sql_tests::connect(pg).await {
-            Ok(client) => return (child, client),
+            Ok(client) => return (child, client, metrics),
             Err(e) if tokio::time::Instant::now() > deadline => panic!("connect to {pg}: {e}"),
             Err(_) => {}
         }
@@ -425,7 +441,7 @@ async fn a_killed_server_resumes_from_its_latest_checkpoint() {
     // interval 8, a checkpoint having committed at interval 4 or later.
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let (first, client) = serve(&data, None).await;
+    let (first, client, metrics) = serve(&data, None).await;
     client.batch_execute(SETUP).await.expect("setup");
     client.batch_execute("ADVANCE 7").await.expect("advance");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -440,12 +456,23 @@ async fn a_killed_server_resumes_from_its_latest_checkpoint() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     client.batch_execute("ADVANCE 2").await.expect("advance");
+    // What happened is in the Prometheus metrics too.
+    let scraped = scrape(metrics).await;
+    for expected in [
+        "dstream_intervals_total 9",
+        "dstream_checkpoints_total{status=\"committed\"}",
+        "dstream_checkpoint_duration_seconds",
+        "dstream_interval_processing_seconds",
+        "dstream_source_records{source=\"s\"}",
+    ] {
+        assert!(scraped.contains(expected), "{expected} in {scraped}");
+    }
     kill_group(first);
     drop(client);
 
     // Restarted on the same store, it resumes every view from the checkpoint and
     // runs the intervals after it again.
-    let (second, client) = serve(&data, None).await;
+    let (second, client, _) = serve(&data, None).await;
     let at = resumed_at(&client).await;
     assert!(
         (4..=8).contains(&at),
@@ -453,6 +480,23 @@ async fn a_killed_server_resumes_from_its_latest_checkpoint() {
     );
     finish_like(&client, intervals, at, &clean).await;
     kill_group(second);
+}
+
+/// The text of `http://addr/metrics`.
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("metrics");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .expect("response");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
 }
 
 /// `kill -9` of a `serve` process and its workers.
@@ -505,7 +549,7 @@ async fn a_failing_store_never_commits_half_a_checkpoint() {
     // written meanwhile fail; later ones commit.
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let (first, client) = serve(&data, Some("latency=20ms,fail=6-15")).await;
+    let (first, client, _) = serve(&data, Some("latency=20ms,fail=6-15")).await;
     client.batch_execute(SETUP).await.expect("setup");
     client.batch_execute("ADVANCE 9").await.expect("advance");
     let statuses = "SELECT DISTINCT status FROM dstream_checkpoints";
@@ -535,7 +579,7 @@ async fn a_failing_store_never_commits_half_a_checkpoint() {
 
     // Restarted without faults, it resumes from the newest checkpoint that committed
     // — whole — and ends as the run without faults.
-    let (second, client) = serve(&data, None).await;
+    let (second, client, _) = serve(&data, None).await;
     let at = resumed_at(&client).await;
     finish_like(&client, intervals, at, &clean).await;
     kill_group(second);

@@ -215,6 +215,7 @@ pub async fn write(
             stat.error = Some(e.to_string());
         }
     }
+    crate::metrics::checkpoint(&stat);
     let committed = result.is_ok();
     let manifest = result.ok();
     match checkpoints.lock() {

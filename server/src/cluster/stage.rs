@@ -16,7 +16,7 @@
 //! ([`StageOutcome::results`] says where each task ran). Tasks are deterministic,
 //! so which copy wins does not change any result.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -86,21 +86,18 @@ struct Attempt {
 #[derive(Debug)]
 struct Running {
     task: StageTask,
+    /// Tasks compared with each other: those of one view and kind.
+    group: Group,
     attempts: Vec<Attempt>,
     result: Option<(u64, proto::TaskResult)>,
 }
 
+/// A view, and whether its map (true) or reduce tasks.
+type Group = (String, bool);
+
 impl Running {
     fn is_complete(&self) -> bool {
         self.result.is_some() || self.attempts.iter().all(|a| a.failed.is_some())
-    }
-
-    /// Tasks compared with each other: those of one view and kind.
-    fn group(&self) -> (&str, bool) {
-        (
-            &self.task.task.view,
-            matches!(self.task.task.kind, Some(TaskKind::Map(_))),
-        )
     }
 
     /// When the original attempt started, while it is the only one and running.
@@ -151,9 +148,14 @@ pub(crate) async fn run_stage(
             .or_default()
             .push(task.task.clone());
         task_of.insert(id, id);
+        let group = (
+            task.task.view.clone(),
+            matches!(task.task.kind, Some(TaskKind::Map(_))),
+        );
         running.insert(
             id,
             Running {
+                group,
                 attempts: vec![Attempt {
                     sent_id: id,
                     worker: task.worker,
@@ -172,10 +174,15 @@ pub(crate) async fn run_stage(
 
     let mut times = RunTimes::default();
     for task in running.values() {
-        *times.tasks.entry(group_key(task)).or_default() += 1;
+        *times.tasks.entry(task.group.clone()).or_default() += 1;
     }
+    // Where copies may go: the workers alive when the stage started.
+    let alive: HashSet<u64> = cluster.alive().iter().map(|w| w.id).collect();
     while running.values().any(|r| !r.is_complete()) {
-        let due = speculation.and_then(|policy| next_straggler(cluster, &running, &times, policy));
+        let limits = speculation
+            .map(|policy| times.limits(policy))
+            .unwrap_or_default();
+        let due = next_straggler(&alive, &running, &limits);
         let timer = async {
             match due {
                 Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
@@ -202,7 +209,7 @@ pub(crate) async fn run_stage(
                         }
                         times
                             .done
-                            .entry(group_key(task))
+                            .entry(task.group.clone())
                             .or_default()
                             .push(Duration::from_micros(result.micros));
                         task.result = Some((worker, result));
@@ -220,10 +227,9 @@ pub(crate) async fn run_stage(
                 }
             },
             _ = timer => {
-                let Some(policy) = speculation else { continue };
-                let straggling = stragglers(cluster, &running, &times, policy, Instant::now());
+                let straggling = stragglers(&alive, &running, &limits, Instant::now());
                 outcome.speculated += start_copies(
-                    cluster, &mut running, &straggling, &mut task_of, &mut calls, next_id, what,
+                    cluster, &alive, &mut running, &straggling, &mut task_of, &mut calls, next_id, what,
                 );
             }
         }
@@ -257,106 +263,103 @@ pub(crate) async fn run_stage(
 }
 
 /// Whether `task` is still running, has no copy yet, and has somewhere else to go.
-fn copyable(cluster: &Cluster, task: &Running) -> bool {
+fn copyable(alive: &HashSet<u64>, task: &Running) -> bool {
     !task.is_complete()
         && task.attempts.len() == 1
         && task
             .task
             .alternatives
             .iter()
-            .any(|w| *w != task.task.worker && cluster.is_alive(*w))
-}
-
-/// A task's group: its view and whether it is a map task.
-fn group_key(task: &Running) -> (String, bool) {
-    let (view, map) = task.group();
-    (view.to_string(), map)
+            .any(|w| *w != task.task.worker && alive.contains(w))
 }
 
 /// Run times of finished tasks, and task counts, per group.
 #[derive(Debug, Default)]
 struct RunTimes {
-    tasks: HashMap<(String, bool), usize>,
-    done: HashMap<(String, bool), Vec<Duration>>,
+    tasks: HashMap<Group, usize>,
+    done: HashMap<Group, Vec<Duration>>,
 }
 
 impl RunTimes {
-    /// How long a task may run before it straggles: `multiplier` × the median run
-    /// time of the finished tasks of its group, at least `min_runtime`. A group
+    /// How long a task of each group may run before it straggles: `multiplier` × the
+    /// median run time of the group's finished tasks, at least `min_runtime`. A group
     /// counts once [`SPECULATION_QUANTILE`] of it is done; before that (say, one
     /// worker holds every partition of a view) the tasks of the same kind across all
-    /// views stand in for it. `None` while neither counts.
-    fn limit(&self, task: &Running, policy: Speculation) -> Option<Duration> {
-        let key = group_key(task);
+    /// views stand in for it. Groups without a limit are absent.
+    fn limits(&self, policy: Speculation) -> HashMap<Group, Duration> {
         let enough = |done: usize, total: usize| {
             done > 0 && done as f64 >= (SPECULATION_QUANTILE * total as f64).ceil()
         };
-        let own = self.done.get(&key).map(Vec::as_slice).unwrap_or_default();
-        let reference: Vec<Duration> =
-            if enough(own.len(), self.tasks.get(&key).copied().unwrap_or(0)) {
-                own.to_vec()
-            } else {
-                let same_kind = |k: &(String, bool)| k.1 == key.1;
-                let total = self
-                    .tasks
-                    .iter()
-                    .filter(|(k, _)| same_kind(k))
-                    .map(|(_, n)| n)
-                    .sum();
-                let done: Vec<Duration> = self
-                    .done
-                    .iter()
-                    .filter(|(k, _)| same_kind(k))
-                    .flat_map(|(_, d)| d.iter().copied())
-                    .collect();
-                if !enough(done.len(), total) {
-                    return None;
-                }
-                done
-            };
-        let mut sorted = reference;
-        sorted.sort();
-        let median = sorted.get(sorted.len() / 2).copied().unwrap_or_default();
-        Some(median.mul_f64(policy.multiplier).max(policy.min_runtime))
+        let limit = |mut times: Vec<Duration>| {
+            times.sort();
+            let median = times.get(times.len() / 2).copied().unwrap_or_default();
+            median.mul_f64(policy.multiplier).max(policy.min_runtime)
+        };
+        let by_kind = |map: bool| {
+            let total = self
+                .tasks
+                .iter()
+                .filter(|(g, _)| g.1 == map)
+                .map(|(_, n)| n)
+                .sum();
+            let done: Vec<Duration> = self
+                .done
+                .iter()
+                .filter(|(g, _)| g.1 == map)
+                .flat_map(|(_, d)| d.iter().copied())
+                .collect();
+            enough(done.len(), total).then(|| limit(done))
+        };
+        let kinds = [by_kind(false), by_kind(true)];
+        self.tasks
+            .iter()
+            .filter_map(|(group, total)| {
+                let own = self.done.get(group).map(Vec::as_slice).unwrap_or_default();
+                let found = if enough(own.len(), *total) {
+                    Some(limit(own.to_vec()))
+                } else {
+                    kinds[usize::from(group.1)]
+                };
+                found.map(|l| (group.clone(), l))
+            })
+            .collect()
     }
 }
 
 /// When the next running task becomes a straggler, if any can.
 fn next_straggler(
-    cluster: &Cluster,
+    alive: &HashSet<u64>,
     running: &HashMap<u64, Running>,
-    times: &RunTimes,
-    policy: Speculation,
+    limits: &HashMap<Group, Duration>,
 ) -> Option<Instant> {
     running
         .values()
-        .filter(|t| copyable(cluster, t))
-        .filter_map(|t| Some(t.running_since()? + times.limit(t, policy)?))
+        .filter(|t| copyable(alive, t))
+        .filter_map(|t| Some(t.running_since()? + *limits.get(&t.group)?))
         .min()
 }
 
 /// The tasks that straggle at `now`: those running past their limit, and every task
 /// still queued on the same workers.
 fn stragglers(
-    cluster: &Cluster,
+    alive: &HashSet<u64>,
     running: &HashMap<u64, Running>,
-    times: &RunTimes,
-    policy: Speculation,
+    limits: &HashMap<Group, Duration>,
     now: Instant,
 ) -> Vec<u64> {
     let slow: Vec<(u64, u64)> = running
         .iter()
-        .filter(|(_, t)| copyable(cluster, t))
+        .filter(|(_, t)| copyable(alive, t))
         .filter(|(_, t)| {
             t.running_since()
-                .zip(times.limit(t, policy))
-                .is_some_and(|(since, limit)| since + limit <= now)
+                .zip(limits.get(&t.group))
+                .is_some_and(|(since, limit)| since + *limit <= now)
         })
         .map(|(id, t)| (*id, t.task.worker))
         .collect();
-    let slow_workers: std::collections::HashSet<u64> = slow.iter().map(|(_, w)| *w).collect();
+    let slow_workers: HashSet<u64> = slow.iter().map(|(_, w)| *w).collect();
     let queued = running.iter().filter(|(_, t)| {
-        copyable(cluster, t)
+        copyable(alive, t)
             && slow_workers.contains(&t.task.worker)
             && t.attempts.first().is_some_and(|a| a.started.is_none())
     });
@@ -367,8 +370,10 @@ fn stragglers(
 
 /// Starts a copy of each task in `straggling` on the alternative worker with the
 /// fewest tasks of the stage still running; returns how many started.
+#[allow(clippy::too_many_arguments)]
 fn start_copies(
     cluster: &Arc<Cluster>,
+    alive: &HashSet<u64>,
     running: &mut HashMap<u64, Running>,
     straggling: &[u64],
     task_of: &mut HashMap<u64, u64>,
@@ -394,7 +399,7 @@ fn start_copies(
             .task
             .alternatives
             .iter()
-            .filter(|w| **w != task.task.worker && cluster.is_alive(**w))
+            .filter(|w| **w != task.task.worker && alive.contains(*w))
             .min_by_key(|w| (busy.get(w).copied().unwrap_or(0), **w))
             .copied()
         else {
