@@ -35,8 +35,8 @@ pub struct Recovery {
     /// Checkpoint spacings to run with, in intervals (of 1 s).
     #[arg(long, value_delimiter = ',', default_value = "2,10,30")]
     checkpoints: Vec<u64>,
-    /// Intervals before the kill.
-    #[arg(long, default_value_t = 40)]
+    /// Intervals before the kill (45: half-way between two checkpoints 10 apart).
+    #[arg(long, default_value_t = 45)]
     before: u64,
     /// Intervals after the kill.
     #[arg(long, default_value_t = 5)]

@@ -283,6 +283,9 @@ pub struct EngineState {
     /// worker joins, leaves or dies, so partitions that speculative copies moved off
     /// a straggler stay off it.
     pub balanced_for: Option<u64>,
+    /// Workers a speculative copy outran, and the last interval it did: their blocks'
+    /// map tasks go to the blocks' other holders for a while (see `scheduler`).
+    pub outrun: BTreeMap<u64, IntervalId>,
 }
 
 /// The receivers that sealed an interval, and what they were told.
@@ -472,6 +475,7 @@ impl Engine {
                     unrestored: Vec::new(),
                     sealing: None,
                     balanced_for: None,
+                    outrun: BTreeMap::new(),
                 }),
                 snapshot: RwLock::new(Arc::new(Snapshot::default())),
                 committed,

@@ -102,6 +102,8 @@ struct Outcome {
     recoveries: Vec<String>,
     partitions: Vec<String>,
     speculative_tasks: String,
+    /// Intervals that ran speculative copies.
+    speculated_in: Vec<String>,
 }
 
 /// Runs `steps` on a fresh server; with `oracle`, checks the views against batch
@@ -218,6 +220,11 @@ async fn run(workers: usize, checkpoint_intervals: u64, steps: &[Step], oracle: 
     )
     .await
     .concat();
+    let speculated_in = query(
+        &engine,
+        "SELECT interval_id FROM dstream_intervals WHERE speculative_tasks > 0",
+    )
+    .await;
     server.stop().await;
     for mut child in joined {
         let _ = child.kill().await;
@@ -227,6 +234,7 @@ async fn run(workers: usize, checkpoint_intervals: u64, steps: &[Step], oracle: 
         recoveries,
         partitions,
         speculative_tasks,
+        speculated_in,
     }
 }
 
@@ -338,7 +346,8 @@ async fn a_straggler_is_outrun_by_speculative_copies() {
     // A third worker joins whose every task first waits 3 s. Evening out gives it a
     // third of the state partitions and it holds replicas, so it gets map and reduce
     // tasks; copies of them on the other workers finish first. Reduce copies take
-    // their partitions along, so the straggler ends with none.
+    // their partitions along, so the straggler ends with none, and the blocks it
+    // holds are mapped by their other holders from then on.
     let straggling = run(
         2,
         3,
@@ -356,6 +365,13 @@ async fn a_straggler_is_outrun_by_speculative_copies() {
         straggling.partitions.contains(&"|3|0|".to_string()),
         "the straggler (worker 3) kept no partition: {:?}",
         straggling.partitions
+    );
+    // Once outrun, it gets no more map tasks either (for a while): only the first
+    // interval with it ran copies.
+    assert_eq!(
+        straggling.speculated_in,
+        vec!["|2|"],
+        "intervals with copies"
     );
 }
 

@@ -150,6 +150,25 @@ pub(crate) fn place_map_tasks(
     }
 }
 
+/// Intervals after being outrun by a speculative copy during which a worker gets map
+/// tasks only for blocks no other live worker holds. Then it is trusted again (and
+/// if it still straggles, its copies are outrun again).
+pub const AVOID_STRAGGLER_FOR: u64 = 10;
+
+/// Remembers the workers copies outran in `interval`.
+fn note_outrun(
+    state: &mut EngineState,
+    outrun: &std::collections::BTreeSet<u64>,
+    interval: IntervalId,
+) {
+    for worker in outrun {
+        let before = state.outrun.insert(*worker, interval);
+        if before.is_none_or(|at| at.0 + AVOID_STRAGGLER_FOR <= interval.0) {
+            info!(worker, %interval, "a worker straggles; its blocks' map tasks go to their other holders for a while");
+        }
+    }
+}
+
 /// What the commit of an interval tells the workers about checkpoints.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CommitOptions {
@@ -397,7 +416,23 @@ pub async fn run_interval(
             continue;
         }
         let source_blocks = blocks.get(&plan.source).map(Vec::as_slice).unwrap_or(&[]);
-        let placed = match place_map_tasks(source_blocks, |w| cluster.is_alive(w), &mut map_load) {
+        // Workers that straggled lately get map tasks only for blocks nobody else holds.
+        let trusted = |w: u64| {
+            cluster.is_alive(w)
+                && state
+                    .outrun
+                    .get(&w)
+                    .is_none_or(|at| at.0 + AVOID_STRAGGLER_FOR <= interval.0)
+        };
+        let mut load = map_load.clone();
+        let placed = match place_map_tasks(source_blocks, trusted, &mut load) {
+            Ok(placed) => {
+                map_load = load;
+                Ok(placed)
+            }
+            Err(_) => place_map_tasks(source_blocks, |w| cluster.is_alive(w), &mut map_load),
+        };
+        let placed = match placed {
             Ok(placed) => placed,
             Err(index) => {
                 failed.insert(
@@ -440,6 +475,7 @@ pub async fn run_interval(
     )
     .await;
     counts.speculative_tasks += stage.speculated;
+    note_outrun(state, &stage.outrun, interval);
     for (id, (worker, r)) in stage.results {
         let Some((view, block)) = map_of_task.get(&id) else {
             continue;
@@ -520,6 +556,7 @@ pub async fn run_interval(
     )
     .await;
     counts.speculative_tasks += stage.speculated;
+    note_outrun(state, &stage.outrun, interval);
     for (id, (worker, r)) in stage.results {
         let Some((view, p)) = reduce_of_task.get(&id) else {
             continue;

@@ -16,7 +16,7 @@
 //! ([`StageOutcome::results`] says where each task ran). Tasks are deterministic,
 //! so which copy wins does not change any result.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -70,6 +70,8 @@ pub(crate) struct StageOutcome {
     pub speculated: u64,
     /// Tasks whose copy finished first.
     pub copies_won: u64,
+    /// Workers a copy outran: stragglers.
+    pub outrun: BTreeSet<u64>,
 }
 
 /// One copy of a task, sent to a worker.
@@ -206,6 +208,7 @@ pub(crate) async fn run_stage(
                     if task.result.is_none() {
                         if task.attempts.first().is_some_and(|a| a.sent_id != result.id) {
                             outcome.copies_won += 1;
+                            outcome.outrun.insert(task.task.worker);
                         }
                         times
                             .done
@@ -228,9 +231,11 @@ pub(crate) async fn run_stage(
             },
             _ = timer => {
                 let straggling = stragglers(&alive, &running, &limits, Instant::now());
-                outcome.speculated += start_copies(
-                    cluster, &alive, &mut running, &straggling, &mut task_of, &mut calls, next_id, what,
-                );
+                for copy in plan_copies(&alive, &mut running, &straggling, next_id) {
+                    task_of.insert(copy.task.id, copy.of);
+                    calls.push(call(cluster.clone(), copy.worker, vec![copy.task], copy.adopt_from, what));
+                    outcome.speculated += 1;
+                }
             }
         }
     }
@@ -368,19 +373,25 @@ fn stragglers(
     ids
 }
 
-/// Starts a copy of each task in `straggling` on the alternative worker with the
-/// fewest tasks of the stage still running; returns how many started.
-#[allow(clippy::too_many_arguments)]
-fn start_copies(
-    cluster: &Arc<Cluster>,
+/// A speculative copy to start.
+#[derive(Debug)]
+struct Copy {
+    /// The task it copies.
+    of: u64,
+    worker: u64,
+    task: proto::Task,
+    /// A reduce copy fetches its partition from this worker (the owner) first.
+    adopt_from: Option<u64>,
+}
+
+/// Records a copy of each task in `straggling` on the alternative worker with the
+/// fewest tasks of the stage still running, with ids from `next_id`.
+fn plan_copies(
     alive: &HashSet<u64>,
     running: &mut HashMap<u64, Running>,
     straggling: &[u64],
-    task_of: &mut HashMap<u64, u64>,
-    calls: &mut SelectAll<BoxStream<'static, (u64, CallEvent)>>,
     next_id: &mut u64,
-    what: &'static str,
-) -> u64 {
+) -> Vec<Copy> {
     // Attempts still running on each worker: copies go where the fewest are.
     let mut busy: HashMap<u64, usize> = HashMap::new();
     for task in running.values().filter(|t| !t.is_complete()) {
@@ -388,7 +399,7 @@ fn start_copies(
             *busy.entry(a.worker).or_default() += 1;
         }
     }
-    let mut started = 0;
+    let mut copies = Vec::new();
     let mut ids = straggling.to_vec();
     ids.sort();
     for id in ids {
@@ -408,8 +419,6 @@ fn start_copies(
         *next_id += 1;
         let mut copy = task.task.task.clone();
         copy.id = *next_id;
-        // A reduce copy fetches the partition from its owner first.
-        let adopt_from = task.partition().map(|_| task.task.worker);
         info!(
             task = id,
             view = %copy.view,
@@ -425,12 +434,15 @@ fn start_copies(
             started: None,
             failed: None,
         });
-        task_of.insert(copy.id, id);
         *busy.entry(target).or_default() += 1;
-        calls.push(call(cluster.clone(), target, vec![copy], adopt_from, what));
-        started += 1;
+        copies.push(Copy {
+            of: id,
+            worker: target,
+            task: copy,
+            adopt_from: task.partition().map(|_| task.task.worker),
+        });
     }
-    started
+    copies
 }
 
 /// Tells the workers of the copies that lost to stop them; a reduce task's loser
