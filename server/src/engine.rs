@@ -286,6 +286,9 @@ pub struct EngineState {
     /// Workers a speculative copy outran, and the last interval it did: their blocks'
     /// map tasks go to the blocks' other holders for a while (see `scheduler`).
     pub outrun: BTreeMap<u64, IntervalId>,
+    /// The checkpoint to resume from once a worker joins (a coordinator that started
+    /// without workers).
+    pub resume: Option<Arc<dstream_storage::checkpoint::Manifest>>,
 }
 
 /// The receivers that sealed an interval, and what they were told.
@@ -392,8 +395,13 @@ impl Engine {
         } else {
             origin + width
         };
-        // A store with a committed checkpoint: carry on after it, on its timeline.
-        let manifest = resume::latest(&data_dir, batch_interval).await?;
+        // A store with a committed checkpoint: carry on after it, on its timeline
+        // (unless checkpoints are off: then every start is a fresh one).
+        let checkpointing = config.checkpoint_intervals > 0 || config.checkpoint_every.is_some();
+        let manifest = match checkpointing {
+            true => resume::latest(&data_dir, batch_interval).await?,
+            false => None,
+        };
         let (timeline, next) = match &manifest {
             Some(m) => (
                 Timeline {
@@ -476,6 +484,7 @@ impl Engine {
                     sealing: None,
                     balanced_for: None,
                     outrun: BTreeMap::new(),
+                    resume: None,
                 }),
                 snapshot: RwLock::new(Arc::new(Snapshot::default())),
                 committed,
@@ -502,12 +511,34 @@ impl Engine {
         {
             let mut state = engine.inner.state.lock().await;
             match manifest {
+                // Partitions are loaded on workers: without any yet (`dstream
+                // coordinator`), once the first one joins (see `run_next_interval`).
+                Some(manifest) if engine.inner.cluster.alive().is_empty() => {
+                    info!(
+                        checkpoint = manifest.interval,
+                        "will resume from the latest checkpoint once a worker joins"
+                    );
+                    state.resume = Some(Arc::new(manifest));
+                }
                 Some(manifest) => resume::resume(&engine, &mut state, Arc::new(manifest)).await,
                 None => {
                     // A fresh timeline: where objects started on the old one means
-                    // nothing now.
+                    // nothing now, here or in the stored catalog.
+                    let stale = state.sources.values().any(|s| s.since.is_some())
+                        || state.views.values().any(|v| v.since.is_some());
                     state.sources.values_mut().for_each(|s| s.since = None);
                     state.views.values_mut().for_each(|v| v.since = None);
+                    if stale
+                        && let Err(e) = crate::session::persist_catalog(
+                            &engine,
+                            &state,
+                            &state.catalog,
+                            &state.settings,
+                        )
+                        .await
+                    {
+                        warn!(error = %e, "could not store the catalog after starting a new timeline");
+                    }
                     engine
                         .checkpoints()
                         .start_counting(None, engine.inner.clock.now_nanos());
@@ -769,6 +800,11 @@ impl Engine {
         handover::hand_over_leaving(self, &mut state).await;
         if let Err(e) = scheduler::sync_workers(self, &mut state).await {
             warn!(error = %e, "could not install the catalog on every worker");
+        }
+        if !self.inner.cluster.alive().is_empty()
+            && let Some(manifest) = state.resume.take()
+        {
+            resume::resume(self, &mut state, manifest).await;
         }
         let membership = self.inner.cluster.membership_version();
         if state.balanced_for != Some(membership) && handover::rebalance(self, &mut state).await {

@@ -25,6 +25,15 @@ const SETUP: &str = "
       SELECT window_start, k % 5 AS b, count(*) AS n FROM TUMBLE(s, ts, INTERVAL '3' SECOND)
       GROUP BY window_start, k % 5 EMIT ON WINDOW CLOSE;";
 
+/// A view created later in some runs (after interval 7), its rows, and the batch
+/// query over the raw input from interval 8 (8 s after the manual clock's origin)
+/// that gives them.
+const LATE_VIEW: &str = "CREATE MATERIALIZED VIEW late AS \
+    SELECT k % 7 AS b, count(*) AS n, sum(v) AS total FROM s GROUP BY k % 7";
+const LATE_ROWS: &str = "SELECT b, n, total FROM late";
+const LATE_ORACLE: &str = "SELECT k % 7, count(*), sum(v) FROM s \
+    WHERE _interval >= TIMESTAMP '2026-01-01 00:00:08' GROUP BY k % 7";
+
 /// Each view, read as text, with the batch query over the raw input that must give
 /// the same rows (`None`: compared with the fault-free run only).
 const VIEWS: [(&str, &str, Option<&str>); 3] = [
@@ -93,6 +102,8 @@ enum Step {
     Join,
     /// The same, with every task of that worker delayed this long: a straggler.
     JoinStraggler(Duration),
+    /// Creates [`LATE_VIEW`].
+    CreateLateView,
 }
 
 /// What a run ends with: each view's rows, `dstream_recoveries`, the state
@@ -104,6 +115,8 @@ struct Outcome {
     speculative_tasks: String,
     /// Intervals that ran speculative copies.
     speculated_in: Vec<String>,
+    /// The rows of [`LATE_VIEW`], if it was created.
+    late: Vec<String>,
 }
 
 /// Runs `steps` on a fresh server; with `oracle`, checks the views against batch
@@ -118,7 +131,7 @@ async fn run(workers: usize, checkpoint_intervals: u64, steps: &[Step], oracle: 
         // Tasks of a debug build on a busy machine vary a lot: only a worker slower
         // than anything noise makes (the straggler's 3 s) is copied.
         c.speculation = Some(Speculation {
-            min_runtime: Duration::from_millis(500),
+            min_runtime: Duration::from_secs(1),
             ..Speculation::default()
         });
     })
@@ -178,6 +191,9 @@ async fn run(workers: usize, checkpoint_intervals: u64, steps: &[Step], oracle: 
                 }
             }
             Step::Kill(n) => kill(n),
+            Step::CreateLateView => {
+                batches(&engine, LATE_VIEW).await;
+            }
             Step::KillDuring(intervals, n, delay) => {
                 let sql = format!("ADVANCE {intervals}");
                 let advance = batches(&engine, &sql);
@@ -202,6 +218,13 @@ async fn run(workers: usize, checkpoint_intervals: u64, steps: &[Step], oracle: 
             );
         }
         views.push((name.to_string(), rows));
+    }
+    let mut late = Vec::new();
+    if steps.iter().any(|s| matches!(s, Step::CreateLateView)) {
+        late = query(&engine, LATE_ROWS).await;
+        if check_oracle {
+            assert_eq!(late, query(&engine, LATE_ORACLE).await, "late equals batch");
+        }
     }
     let recoveries = query(
         &engine,
@@ -235,6 +258,7 @@ async fn run(workers: usize, checkpoint_intervals: u64, steps: &[Step], oracle: 
         partitions,
         speculative_tasks,
         speculated_in,
+        late,
     }
 }
 
@@ -431,7 +455,7 @@ async fn serve(
         match dstream_sql_tests::connect(pg).await {
             Ok(client) => return (child, client, metrics),
             Err(e) if tokio::time::Instant::now() > deadline => panic!("connect to {pg}: {e}"),
-            Err(_) => {}
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
 }
@@ -451,7 +475,17 @@ async fn pg_lines(client: &tokio_postgres::Client, sql: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_server_resumes_from_its_latest_checkpoint() {
     let intervals = 12;
-    let clean = run(2, 3, &[Step::Advance(intervals)], true).await;
+    let clean = run(
+        2,
+        3,
+        &[
+            Step::Advance(8),
+            Step::CreateLateView,
+            Step::Advance(intervals - 8),
+        ],
+        true,
+    )
+    .await;
 
     // The whole server — coordinator and workers — is killed with SIGKILL after
     // interval 8, a checkpoint having committed at interval 4 or later.
@@ -471,7 +505,11 @@ async fn a_killed_server_resumes_from_its_latest_checkpoint() {
         assert!(tokio::time::Instant::now() < deadline, "no checkpoint");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    client.batch_execute("ADVANCE 2").await.expect("advance");
+    // A view created after the checkpoint starts with interval 8 — again after the
+    // restart.
+    client.batch_execute("ADVANCE 1").await.expect("advance");
+    client.batch_execute(LATE_VIEW).await.expect("late view");
+    client.batch_execute("ADVANCE 1").await.expect("advance");
     // What happened is in the Prometheus metrics too.
     let scraped = scrape(metrics).await;
     for expected in [
@@ -495,6 +533,11 @@ async fn a_killed_server_resumes_from_its_latest_checkpoint() {
         "resumed from the checkpoint at 4..=8: {at}"
     );
     finish_like(&client, intervals, at, &clean).await;
+    assert_eq!(
+        pg_lines(&client, LATE_ROWS).await,
+        clean.late,
+        "a view created after the checkpoint"
+    );
     kill_group(second);
 }
 
@@ -525,12 +568,14 @@ fn kill_group(server: tokio::process::Child) {
     assert!(killed.success());
 }
 
-/// The interval a restarted server resumed from: every view's last interval.
+/// The interval a restarted server resumed from: the last interval of every view of
+/// [`VIEWS`].
 async fn resumed_at(client: &tokio_postgres::Client) -> u64 {
     let resumed: Vec<u64> = simple_rows(client, "SHOW MATERIALIZED VIEWS")
         .await
         .expect("show")
         .iter()
+        .filter(|r| VIEWS.iter().any(|(name, ..)| r[0] == *name))
         .map(|r| r[4].parse().expect("a last interval"))
         .collect();
     assert_eq!(resumed.len(), VIEWS.len(), "{resumed:?}");

@@ -1,8 +1,9 @@
 //! Fault injection for object stores, for testing what failing storage does.
 //!
-//! [`FaultyStore`] wraps any [`ObjectStore`]: every call first waits
-//! [`StoreFaults::latency`], and the writes numbered [`StoreFaults::fail`] (counted
-//! from 1 in this process, retries included) fail with an injected error. A
+//! [`FaultyStore`] wraps any [`ObjectStore`]: every read and write first waits
+//! [`StoreFaults::latency`] (listing and deleting do not), and the writes numbered
+//! [`StoreFaults::fail`] (counted from 1 over every faulty store of this process,
+//! retries included) fail with an injected error. A
 //! [`crate::DataDir`] opened while `DSTREAM_FAULT_STORE` is set (e.g.
 //! `latency=50ms,fail=10-30`) wraps its store in one, so a test can make the
 //! coordinator or a worker process see a slow store, or an outage of some writes.
@@ -84,12 +85,16 @@ fn parse_millis(text: &str) -> Option<Duration> {
         .map(Duration::from_secs)
 }
 
+/// Writes through faulty stores in this process, for [`StoreFaults::fail`].
+static WRITES: AtomicU64 = AtomicU64::new(0);
+
 /// A store whose calls are slowed down and some of whose writes fail.
 #[derive(Debug)]
 pub struct FaultyStore {
     inner: Arc<dyn ObjectStore>,
     faults: StoreFaults,
-    writes: AtomicU64,
+    /// Counts this store's writes instead of the process's (tests of the wrapper).
+    own_count: Option<AtomicU64>,
 }
 
 impl FaultyStore {
@@ -97,7 +102,7 @@ impl FaultyStore {
         FaultyStore {
             inner,
             faults,
-            writes: AtomicU64::new(0),
+            own_count: None,
         }
     }
 
@@ -110,7 +115,12 @@ impl FaultyStore {
     /// Waits, then counts a write and fails it if it is one of the failing ones.
     async fn write(&self, location: &Path) -> object_store::Result<()> {
         self.delay().await;
-        let n = self.writes.fetch_add(1, Ordering::SeqCst) + 1;
+        let n = self
+            .own_count
+            .as_ref()
+            .unwrap_or(&WRITES)
+            .fetch_add(1, Ordering::SeqCst)
+            + 1;
         match &self.faults.fail {
             Some(failing) if failing.contains(&n) => Err(object_store::Error::Generic {
                 store: "fault injection",
@@ -236,13 +246,16 @@ mod tests {
 
     #[tokio::test]
     async fn the_chosen_writes_fail_and_nothing_else() {
-        let store = FaultyStore::new(
-            Arc::new(InMemory::new()),
-            StoreFaults {
-                latency: Duration::ZERO,
-                fail: Some(2..=3),
-            },
-        );
+        let store = FaultyStore {
+            own_count: Some(AtomicU64::new(0)),
+            ..FaultyStore::new(
+                Arc::new(InMemory::new()),
+                StoreFaults {
+                    latency: Duration::ZERO,
+                    fail: Some(2..=3),
+                },
+            )
+        };
         let path = |i: u32| Path::from(format!("f{i}"));
         let mut outcomes = Vec::new();
         for i in 1..=4 {

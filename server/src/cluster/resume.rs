@@ -120,19 +120,40 @@ pub async fn resume(engine: &Engine, state: &mut EngineState, manifest: Arc<Mani
     }
 
     // Views as the checkpoint holds them: running then, from the same definition.
-    let resumable: std::collections::BTreeSet<String> = state
-        .views
-        .iter()
-        .filter(|(name, view)| {
-            let sql = state.catalog.get(name).map(|o| o.sql().to_string());
-            manifest.views.get(*name).is_some_and(|held| {
-                view.since.is_none_or(|s| s <= at)
-                    && Some(&held.sql) == sql.as_ref()
-                    && held.partitions.len() == view.placement.len()
-            })
-        })
-        .map(|(name, _)| name.clone())
-        .collect();
+    // A view created after it starts where it first did; one that should be in it
+    // but is not (it had stopped), or that no longer fits it, stops with the reason
+    // rather than go on from empty state.
+    let mut resumable = std::collections::BTreeSet::new();
+    for (name, view) in state.views.iter_mut() {
+        if view.since.is_some_and(|s| s > at) || view.failure.is_some() {
+            continue;
+        }
+        let sql = state.catalog.get(name).map(|o| o.sql().to_string());
+        let refused = match manifest.views.get(name) {
+            None => Some(format!(
+                "it is not in the checkpoint of interval {at}: it had stopped before; drop it and create it again"
+            )),
+            Some(held) if Some(&held.sql) != sql.as_ref() => Some(format!(
+                "the checkpoint of interval {at} holds another definition of it; drop it and create it again"
+            )),
+            Some(held) if held.partitions.len() != view.placement.len() => Some(format!(
+                "its checkpoint (interval {at}) has {} state partitions, the server runs with {}: restart with --partitions {}, or drop it and create it again",
+                held.partitions.len(),
+                view.placement.len(),
+                held.partitions.len()
+            )),
+            Some(_) => None,
+        };
+        match refused {
+            Some(reason) => {
+                warn!(view = %name, %reason, "cannot resume a view");
+                view.failure = Some(reason);
+            }
+            None => {
+                resumable.insert(name.clone());
+            }
+        }
+    }
     let mut loads = Vec::new();
     for (name, view) in state.views.iter().filter(|(n, _)| resumable.contains(*n)) {
         let Some(held) = manifest.views.get(name) else {

@@ -176,15 +176,12 @@ pub(crate) async fn run_stage(
 
     let mut times = RunTimes::default();
     for task in running.values() {
-        *times.tasks.entry(task.group.clone()).or_default() += 1;
+        times.count(&task.group);
     }
     // Where copies may go: the workers alive when the stage started.
     let alive: HashSet<u64> = cluster.alive().iter().map(|w| w.id).collect();
     while running.values().any(|r| !r.is_complete()) {
-        let limits = speculation
-            .map(|policy| times.limits(policy))
-            .unwrap_or_default();
-        let due = next_straggler(&alive, &running, &limits);
+        let due = speculation.and_then(|policy| next_straggler(&alive, &running, &times, policy));
         let timer = async {
             match due {
                 Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
@@ -205,18 +202,24 @@ pub(crate) async fn run_stage(
                         continue;
                     }
                     cluster.tasks_done(worker, 1);
-                    if task.result.is_none() {
-                        if task.attempts.first().is_some_and(|a| a.sent_id != result.id) {
-                            outcome.copies_won += 1;
-                            outcome.outrun.insert(task.task.worker);
-                        }
-                        times
-                            .done
-                            .entry(task.group.clone())
-                            .or_default()
-                            .push(Duration::from_micros(result.micros));
-                        task.result = Some((worker, result));
+                    if task.result.is_some() {
+                        continue;
                     }
+                    // A task that fails fails in every copy (tasks are deterministic),
+                    // but a copy can also fail for its own reasons (say, fetching the
+                    // partition from an owner that died): only a success wins.
+                    if !result.error.is_empty() {
+                        if let Some(attempt) = task.attempts.iter_mut().find(|a| a.sent_id == result.id) {
+                            attempt.failed.get_or_insert(result.error);
+                        }
+                        continue;
+                    }
+                    if task.attempts.first().is_some_and(|a| a.sent_id != result.id) {
+                        outcome.copies_won += 1;
+                        outcome.outrun.insert(task.task.worker);
+                    }
+                    times.add(&task.group, Duration::from_micros(result.micros));
+                    task.result = Some((worker, result));
                 }
                 Some((_, CallEvent::Failed(sent_ids, error))) => {
                     for sent in sent_ids {
@@ -230,7 +233,8 @@ pub(crate) async fn run_stage(
                 }
             },
             _ = timer => {
-                let straggling = stragglers(&alive, &running, &limits, Instant::now());
+                let Some(policy) = speculation else { continue };
+                let straggling = stragglers(&alive, &running, &times, policy, Instant::now());
                 for copy in plan_copies(&alive, &mut running, &straggling, next_id) {
                     task_of.insert(copy.task.id, copy.of);
                     calls.push(call(cluster.clone(), copy.worker, vec![copy.task], copy.adopt_from, what));
@@ -278,56 +282,51 @@ fn copyable(alive: &HashSet<u64>, task: &Running) -> bool {
             .any(|w| *w != task.task.worker && alive.contains(w))
 }
 
-/// Run times of finished tasks, and task counts, per group.
+/// Task counts, and run times of finished tasks (sorted), per group and per kind.
 #[derive(Debug, Default)]
 struct RunTimes {
     tasks: HashMap<Group, usize>,
     done: HashMap<Group, Vec<Duration>>,
+    /// Reduce tasks (0) and map tasks (1) of every view.
+    kind_tasks: [usize; 2],
+    kind_done: [Vec<Duration>; 2],
 }
 
 impl RunTimes {
-    /// How long a task of each group may run before it straggles: `multiplier` × the
+    fn count(&mut self, group: &Group) {
+        *self.tasks.entry(group.clone()).or_default() += 1;
+        self.kind_tasks[usize::from(group.1)] += 1;
+    }
+
+    fn add(&mut self, group: &Group, ran: Duration) {
+        let insert = |times: &mut Vec<Duration>| {
+            let at = times.partition_point(|t| *t <= ran);
+            times.insert(at, ran);
+        };
+        insert(self.done.entry(group.clone()).or_default());
+        insert(&mut self.kind_done[usize::from(group.1)]);
+    }
+
+    /// How long a task of `group` may run before it straggles: `multiplier` × the
     /// median run time of the group's finished tasks, at least `min_runtime`. A group
     /// counts once [`SPECULATION_QUANTILE`] of it is done; before that (say, one
     /// worker holds every partition of a view) the tasks of the same kind across all
-    /// views stand in for it. Groups without a limit are absent.
-    fn limits(&self, policy: Speculation) -> HashMap<Group, Duration> {
-        let enough = |done: usize, total: usize| {
-            done > 0 && done as f64 >= (SPECULATION_QUANTILE * total as f64).ceil()
+    /// views stand in for it. `None` while neither counts.
+    fn limit(&self, group: &Group, policy: Speculation) -> Option<Duration> {
+        let enough = |done: &[Duration], total: usize| {
+            !done.is_empty() && done.len() as f64 >= (SPECULATION_QUANTILE * total as f64).ceil()
         };
-        let limit = |mut times: Vec<Duration>| {
-            times.sort();
-            let median = times.get(times.len() / 2).copied().unwrap_or_default();
-            median.mul_f64(policy.multiplier).max(policy.min_runtime)
+        let own = self.done.get(group).map(Vec::as_slice).unwrap_or_default();
+        let kind = usize::from(group.1);
+        let reference = if enough(own, self.tasks.get(group).copied().unwrap_or(0)) {
+            own
+        } else if enough(&self.kind_done[kind], self.kind_tasks[kind]) {
+            &self.kind_done[kind]
+        } else {
+            return None;
         };
-        let by_kind = |map: bool| {
-            let total = self
-                .tasks
-                .iter()
-                .filter(|(g, _)| g.1 == map)
-                .map(|(_, n)| n)
-                .sum();
-            let done: Vec<Duration> = self
-                .done
-                .iter()
-                .filter(|(g, _)| g.1 == map)
-                .flat_map(|(_, d)| d.iter().copied())
-                .collect();
-            enough(done.len(), total).then(|| limit(done))
-        };
-        let kinds = [by_kind(false), by_kind(true)];
-        self.tasks
-            .iter()
-            .filter_map(|(group, total)| {
-                let own = self.done.get(group).map(Vec::as_slice).unwrap_or_default();
-                let found = if enough(own.len(), *total) {
-                    Some(limit(own.to_vec()))
-                } else {
-                    kinds[usize::from(group.1)]
-                };
-                found.map(|l| (group.clone(), l))
-            })
-            .collect()
+        let median = reference[reference.len() / 2];
+        Some(median.mul_f64(policy.multiplier).max(policy.min_runtime))
     }
 }
 
@@ -335,12 +334,13 @@ impl RunTimes {
 fn next_straggler(
     alive: &HashSet<u64>,
     running: &HashMap<u64, Running>,
-    limits: &HashMap<Group, Duration>,
+    times: &RunTimes,
+    policy: Speculation,
 ) -> Option<Instant> {
     running
         .values()
         .filter(|t| copyable(alive, t))
-        .filter_map(|t| Some(t.running_since()? + *limits.get(&t.group)?))
+        .filter_map(|t| Some(t.running_since()? + times.limit(&t.group, policy)?))
         .min()
 }
 
@@ -349,7 +349,8 @@ fn next_straggler(
 fn stragglers(
     alive: &HashSet<u64>,
     running: &HashMap<u64, Running>,
-    limits: &HashMap<Group, Duration>,
+    times: &RunTimes,
+    policy: Speculation,
     now: Instant,
 ) -> Vec<u64> {
     let slow: Vec<(u64, u64)> = running
@@ -357,8 +358,8 @@ fn stragglers(
         .filter(|(_, t)| copyable(alive, t))
         .filter(|(_, t)| {
             t.running_since()
-                .zip(limits.get(&t.group))
-                .is_some_and(|(since, limit)| since + *limit <= now)
+                .zip(times.limit(&t.group, policy))
+                .is_some_and(|(since, limit)| since + limit <= now)
         })
         .map(|(id, t)| (*id, t.task.worker))
         .collect();
@@ -582,4 +583,53 @@ async fn start(
         )
         .await?;
     Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(view: &str, map: bool) -> Group {
+        (view.to_string(), map)
+    }
+
+    const POLICY: Speculation = Speculation {
+        multiplier: 1.5,
+        min_runtime: Duration::from_millis(100),
+    };
+
+    #[test]
+    fn a_view_is_its_own_reference_once_half_its_tasks_are_done() {
+        let mut times = RunTimes::default();
+        let (a, b) = (group("a", false), group("b", false));
+        for _ in 0..4 {
+            times.count(&a);
+            times.count(&b);
+        }
+        assert_eq!(times.limit(&a, POLICY), None, "nothing done yet");
+        times.add(&a, Duration::from_millis(400));
+        assert_eq!(times.limit(&a, POLICY), None, "1 of 4 is not half");
+        times.add(&a, Duration::from_millis(200));
+        // Median of [200, 400] (the upper one) × 1.5.
+        assert_eq!(times.limit(&a, POLICY), Some(Duration::from_millis(600)));
+        // View b has nothing done; reduce tasks of every view stand in once half of
+        // them are done: 2 of 8 is not.
+        assert_eq!(times.limit(&b, POLICY), None);
+        times.add(&a, Duration::from_millis(300));
+        times.add(&a, Duration::from_millis(10));
+        // [10, 200, 300, 400]: median 300 × 1.5.
+        assert_eq!(times.limit(&b, POLICY), Some(Duration::from_millis(450)));
+        // Map tasks are another kind: nothing done among them.
+        assert_eq!(times.limit(&group("b", true), POLICY), None);
+    }
+
+    #[test]
+    fn short_tasks_straggle_only_after_the_minimum() {
+        let mut times = RunTimes::default();
+        let a = group("a", true);
+        times.count(&a);
+        times.count(&a);
+        times.add(&a, Duration::from_millis(2));
+        assert_eq!(times.limit(&a, POLICY), Some(Duration::from_millis(100)));
+    }
 }

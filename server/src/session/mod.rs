@@ -161,7 +161,7 @@ fn text_rows(columns: &[&str], rows: Vec<Vec<String>>) -> Result<StatementResult
 /// Writes the catalog file for `catalog` and `settings`. Statements call it with the
 /// catalog as it will be *after* the change and apply the change only once it is
 /// durable, so a failed write changes nothing.
-async fn persist_catalog(
+pub(crate) async fn persist_catalog(
     engine: &Engine,
     state: &EngineState,
     catalog: &Catalog,
