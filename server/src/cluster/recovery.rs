@@ -33,7 +33,7 @@ use dstream_storage::checkpoint::ViewCheckpoint;
 use futures::future::join_all;
 use tracing::{info, warn};
 
-use super::scheduler::{self, CommitOptions, Interrupted, MapOutput};
+use super::scheduler::{self, CommitOptions, Interrupted};
 use super::stage::{StageTask, run_stage};
 use super::{Cluster, WorkerRecord, WorkerStatus};
 use crate::engine::{Engine, EngineState};
@@ -465,7 +465,6 @@ async fn replay_interval(
             });
         }
     }
-    let mut outputs: HashMap<String, Vec<MapOutput>> = HashMap::new();
     let stage = run_stage(
         &cluster,
         map_tasks,
@@ -474,21 +473,7 @@ async fn replay_interval(
         &mut next_task,
     )
     .await;
-    for (id, (worker, r)) in stage.results {
-        let Some((view, block)) = map_of_task.get(&id) else {
-            continue;
-        };
-        if !r.error.is_empty() {
-            failed.entry(view.clone()).or_insert(r.error);
-            continue;
-        }
-        outputs.entry(view.clone()).or_default().push(MapOutput {
-            block: *block,
-            worker,
-            partition_rows: r.partition_rows,
-            components: r.components,
-        });
-    }
+    let mut outputs = scheduler::map_outputs(stage.results, &map_of_task);
     lost_tasks(&cluster, &map_of_task, stage.lost, failed)?;
 
     let mut reduce_tasks: Vec<StageTask> = Vec::new();
@@ -545,13 +530,6 @@ async fn replay_interval(
         &mut next_task,
     )
     .await;
-    for (id, (_, r)) in stage.results {
-        if let Some((view, _)) = reduce_of_task.get(&id)
-            && !r.error.is_empty()
-        {
-            failed.entry(view.clone()).or_insert(r.error);
-        }
-    }
     lost_tasks(&cluster, &reduce_of_task, stage.lost, failed)?;
     if let Some(w) = alive.iter().find(|w| !cluster.is_alive(w.id)) {
         return Err(Interrupted(cluster.unavailable(w.id)));

@@ -94,6 +94,26 @@ pub(crate) fn pieces_for(
         .collect()
 }
 
+/// Where each successful map task (by id: its view and block, `of_task`) left its
+/// output, by view.
+pub(crate) fn map_outputs(
+    results: HashMap<u64, (u64, proto::TaskResult)>,
+    of_task: &HashMap<u64, (String, u32)>,
+) -> HashMap<String, Vec<MapOutput>> {
+    let mut outputs: HashMap<String, Vec<MapOutput>> = HashMap::new();
+    for (id, (worker, r)) in results {
+        if let Some((view, block)) = of_task.get(&id) {
+            outputs.entry(view.clone()).or_default().push(MapOutput {
+                block: *block,
+                worker,
+                partition_rows: r.partition_rows,
+                components: r.components,
+            });
+        }
+    }
+    outputs
+}
+
 /// The next live worker after `id` in id order: where `id`'s blocks are replicated.
 fn replica_of(alive: &[WorkerRecord], id: u64) -> Option<&WorkerRecord> {
     let others: Vec<&WorkerRecord> = alive.iter().filter(|w| w.id != id).collect();
@@ -465,7 +485,6 @@ pub async fn run_interval(
         }
     }
     counts.map_tasks = map_of_task.len() as u64;
-    let mut map_outputs: HashMap<String, Vec<MapOutput>> = HashMap::new();
     let stage = run_stage(
         &cluster,
         map_tasks,
@@ -476,24 +495,7 @@ pub async fn run_interval(
     .await;
     counts.speculative_tasks += stage.speculated;
     note_outrun(state, &stage.outrun, interval);
-    for (id, (worker, r)) in stage.results {
-        let Some((view, block)) = map_of_task.get(&id) else {
-            continue;
-        };
-        if !r.error.is_empty() {
-            failed.entry(view.clone()).or_insert(r.error);
-            continue;
-        }
-        map_outputs
-            .entry(view.clone())
-            .or_default()
-            .push(MapOutput {
-                block: *block,
-                worker,
-                partition_rows: r.partition_rows,
-                components: r.components,
-            });
-    }
+    let mut map_outputs = map_outputs(stage.results, &map_of_task);
     for (id, (_, error)) in stage.lost {
         if let Some((view, _)) = map_of_task.get(&id) {
             failed.entry(view.clone()).or_insert(error);
@@ -568,10 +570,6 @@ pub async fn run_interval(
         {
             info!(view = %view, partition = p, from = *owner, to = worker, "a speculative copy won; the state partition moved");
             *owner = worker;
-        }
-        if !r.error.is_empty() {
-            failed.entry(view.clone()).or_insert(r.error);
-            continue;
         }
         counts.shuffle_bytes += r.shuffle_bytes_read;
         let changelog = read_ipc(&r.deletes).and_then(|deletes| {

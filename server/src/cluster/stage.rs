@@ -62,9 +62,10 @@ pub(crate) struct StageTask {
 /// What a stage did.
 #[derive(Debug, Default)]
 pub(crate) struct StageOutcome {
-    /// By task id: the worker whose copy finished first, and its result.
+    /// By task id: the worker whose copy succeeded first, and its result.
     pub results: HashMap<u64, (u64, proto::TaskResult)>,
-    /// By task id, tasks that got no result: the worker of the original and why.
+    /// By task id, tasks no copy of which succeeded: the worker of the original and
+    /// the first error (a task's own error, or its worker's).
     pub lost: HashMap<u64, (u64, String)>,
     /// Copies started.
     pub speculated: u64,
