@@ -79,6 +79,10 @@ impl FlightEndpoint {
                         "view {} partition {} no longer holds interval {}; retry the query",
                         v.view, v.partition, v.interval
                     ))),
+                    ViewRowsRead::NotHere => Err(Status::failed_precondition(format!(
+                        "view {} partition {} moved to another worker; retry the query",
+                        v.view, v.partition
+                    ))),
                 }
             }
             Kind::SourceBlocks(s) => {

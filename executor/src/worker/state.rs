@@ -414,11 +414,13 @@ impl WorkerState {
         dropped
     }
 
-    /// A partition's rows as of `interval`. `None` if that version is no longer kept.
+    /// A partition's rows as of `interval`: its view rows, unless that version is no
+    /// longer kept or the partition is not here (it moved to another worker after
+    /// the reader took its snapshot).
     pub fn view_rows(&self, view: &str, partition: u32, interval: IntervalId) -> ViewRowsRead {
         let partitions = lock(&self.partitions);
         match partitions.get(&(view.to_string(), partition)) {
-            None => ViewRowsRead::Rows(Arc::default()),
+            None => ViewRowsRead::NotHere,
             Some(slot) => match slot.rows_as_of(interval) {
                 Some(rows) => ViewRowsRead::Rows(rows),
                 None if slot.expired => ViewRowsRead::TooOld,
@@ -566,6 +568,8 @@ pub enum ViewRowsRead {
     Rows(ViewPartition),
     /// The interval asked for is older than the versions this worker keeps.
     TooOld,
+    /// This worker does not hold the partition (any more).
+    NotHere,
 }
 
 /// Marks a task as running while it lives.
@@ -626,5 +630,33 @@ mod tests {
         }
         assert!(state.block("s", IntervalId(3), 0)?.is_none());
         Ok(())
+    }
+
+    #[test]
+    fn an_abandoned_task_leaves_nothing_and_a_dropped_partition_is_not_here() {
+        let state = WorkerState::new("http://127.0.0.1:1".into(), 1);
+        let (t, view) = (IntervalId(4), "v");
+        let output = || {
+            (
+                Arc::new(StatePartition::default()),
+                ViewUpdate::Replace(vec![]),
+            )
+        };
+        // Task 1 stores its output; task 2 is abandoned before it finishes (even
+        // before it arrived), so its output is refused.
+        let kept = state.task_token(t, 1);
+        assert!(state.set_pending((view, 0), t, output(), None, &kept));
+        state.abandon(t, &[2], &[]);
+        let abandoned = state.task_token(t, 2);
+        assert!(!state.set_pending((view, 1), t, output(), None, &abandoned));
+        assert_eq!(state.commit(t), 1);
+        assert!(matches!(state.view_rows(view, 0, t), ViewRowsRead::Rows(_)));
+        assert!(matches!(state.view_rows(view, 1, t), ViewRowsRead::NotHere));
+        // Abandoning a task whose copy won elsewhere drops its partition here.
+        state.abandon(IntervalId(5), &[1], &[(view.to_string(), 0)]);
+        assert!(matches!(state.view_rows(view, 0, t), ViewRowsRead::NotHere));
+        // A later attempt of an interval (after a cancel) gets fresh tokens.
+        state.cancel(t);
+        assert!(!state.task_token(t, 2).is_cancelled());
     }
 }
