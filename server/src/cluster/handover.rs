@@ -337,6 +337,26 @@ async fn move_partition(
     view: &str,
     partition: u32,
 ) -> Result<u64> {
+    let request = adopt_request(cluster, from, view, partition).await?;
+    let mut client = to.client.clone();
+    let adopted = cluster
+        .call(
+            to.id,
+            "adopt a state partition",
+            client.adopt_partition(request),
+        )
+        .await?;
+    Ok(adopted.bytes)
+}
+
+/// What another worker needs to fetch partition `partition` of `view` from `from`
+/// over Flight: `from`'s description of it.
+pub(crate) async fn adopt_request(
+    cluster: &Cluster,
+    from: &WorkerRecord,
+    view: &str,
+    partition: u32,
+) -> Result<proto::AdoptPartitionRequest> {
     let mut client = from.client.clone();
     let description = cluster
         .call(
@@ -348,16 +368,8 @@ async fn move_partition(
             }),
         )
         .await?;
-    let mut client = to.client.clone();
-    let adopted = cluster
-        .call(
-            to.id,
-            "adopt a state partition",
-            client.adopt_partition(proto::AdoptPartitionRequest {
-                from_address: from.address.clone(),
-                description: Some(description),
-            }),
-        )
-        .await?;
-    Ok(adopted.bytes)
+    Ok(proto::AdoptPartitionRequest {
+        from_address: from.address.clone(),
+        description: Some(description),
+    })
 }

@@ -26,6 +26,7 @@ use tonic::Response;
 use tracing::{info, warn};
 
 use super::Cluster;
+use super::handover::adopt_request;
 use crate::error::{Error, Result};
 
 /// Share of a stage's tasks that must be done before stragglers are looked for.
@@ -552,23 +553,9 @@ async fn start(
 ) -> Result<tonic::Streaming<proto::TaskResult>> {
     if let Some(owner) = adopt_from.and_then(|id| cluster.get(id)) {
         for task in &mut tasks {
-            let view = task.view.clone();
             if let Some(TaskKind::Reduce(reduce)) = &mut task.kind {
-                let mut client = owner.client.clone();
-                let description = cluster
-                    .call(
-                        owner.id,
-                        "describe a straggling task's partition",
-                        client.describe_partition(proto::DescribePartitionRequest {
-                            view,
-                            partition: reduce.partition,
-                        }),
-                    )
-                    .await?;
-                reduce.adopt = Some(proto::AdoptPartitionRequest {
-                    from_address: owner.address.clone(),
-                    description: Some(description),
-                });
+                reduce.adopt =
+                    Some(adopt_request(cluster, &owner, &task.view, reduce.partition).await?);
             }
         }
     }
