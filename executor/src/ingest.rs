@@ -27,7 +27,9 @@ use dstream_planner::SourceDef;
 use dstream_storage::{IntervalId, Timeline};
 
 use crate::block::{Block, cut_blocks, with_interval_column};
-use crate::connector::{Receiver, ReceiverPosition, ReceiverStats, Split, open_receiver};
+use crate::connector::{
+    Receiver, ReceiverPosition, ReceiverStats, Split, open_receiver, replayable,
+};
 use crate::error::{Error, Result};
 
 /// The live side of one source.
@@ -151,6 +153,36 @@ impl SourceRuntime {
             late_rows: self.late_rows,
             watermark: self.watermark,
         }
+    }
+
+    /// Whether this source's seals can be done again from their lineage
+    /// ([`SourceRuntime::replay`]) instead of being copied.
+    pub fn replayable(&self) -> bool {
+        replayable(&self.def)
+    }
+
+    /// Seals `interval` of `split` again, with a receiver opened for that alone,
+    /// dropping late rows against `watermark` as the first seal did. The source must be
+    /// [replayable](crate::connector::replayable): then the blocks are the first
+    /// seal's, row for row.
+    pub fn replay(
+        def: Arc<SourceDef>,
+        ctx: &SessionContext,
+        block_rows: usize,
+        split: Split,
+        interval: IntervalId,
+        timeline: &Timeline,
+        watermark: Option<i64>,
+    ) -> Result<Vec<Arc<Block>>> {
+        if !replayable(&def) {
+            return Err(Error::Internal(format!(
+                "source {} cannot seal an interval again",
+                def.name
+            )));
+        }
+        let mut runtime = SourceRuntime::open(def, ctx, block_rows, split)?;
+        runtime.watermark = watermark;
+        runtime.seal(interval, timeline)
     }
 
     /// Seals `interval`: returns its blocks and advances the watermark.
@@ -376,6 +408,52 @@ mod tests {
                 );
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn a_replayed_seal_gives_the_blocks_of_the_first() -> Result<()> {
+        let sql = "CREATE SOURCE s (k BIGINT, ts TIMESTAMP, \
+            WATERMARK FOR ts AS ts - INTERVAL '1' SECOND) WITH (connector = 'generator', \
+            rows_per_second = 3000, max_out_of_orderness = '3s', seed = 7)";
+        let Ok(dstream_planner::Statement::CreateSource(create)) =
+            dstream_planner::statement::parse_statement(sql)
+        else {
+            panic!("not a source: {sql}");
+        };
+        let ctx = SessionContext::new();
+        let def = Arc::new(futures::executor::block_on(
+            dstream_planner::definition::source_def(&ctx.state(), &create),
+        )?);
+        let timeline = Timeline::new(1_767_225_600_000_000_000, std::time::Duration::from_secs(1));
+        let split = Split { index: 1, count: 2 };
+        let mut live = SourceRuntime::open(def.clone(), &ctx, 500, split)?;
+        let mut late = 0;
+        for interval in (0..6).map(IntervalId) {
+            let watermark = live.watermark();
+            let first = live.seal(interval, &timeline)?;
+            let again = SourceRuntime::replay(
+                def.clone(),
+                &ctx,
+                500,
+                split,
+                interval,
+                &timeline,
+                watermark,
+            )?;
+            assert!(first.len() > 1, "several blocks per interval");
+            assert_eq!(first.len(), again.len(), "interval {interval}");
+            for (a, b) in first.iter().zip(&again) {
+                assert_eq!(a.index, b.index);
+                assert_eq!(
+                    a.batches, b.batches,
+                    "interval {interval} block {}",
+                    a.index
+                );
+            }
+            late = live.stats().late_rows;
+        }
+        assert!(late > 0, "the input should have had late rows to drop");
         Ok(())
     }
 }

@@ -100,12 +100,20 @@ impl Split {
     }
 }
 
-/// Whether the connector of `source` can run as several receivers.
-pub fn splittable(source: &SourceDef) -> bool {
+/// Whether the records `source` delivers in an interval are a function of the interval
+/// and the split alone, so that any worker can seal that interval again and get the
+/// same blocks (see [`crate::ingest::SourceRuntime::replay`]).
+pub fn replayable(source: &SourceDef) -> bool {
     matches!(
         source.connector.connector.as_str(),
         "generator" | "datagen" | "nexmark"
     )
+}
+
+/// Whether the connector of `source` can run as several receivers: the replayable
+/// ones, whose splits each take a share of every interval's records.
+pub fn splittable(source: &SourceDef) -> bool {
+    replayable(source)
 }
 
 /// Opens receiver `split` of `source`, checking its options.

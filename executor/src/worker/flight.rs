@@ -4,7 +4,8 @@
 //! [`FlightEndpoint`] serves a worker's data: `do_get` streams shuffle outputs, view
 //! partitions, input blocks and (for a handover) state partitions; `do_put` stores a
 //! replica of an input block (sent without its constant `_interval` column, and kept
-//! encoded until read) or the rows of a table. Tickets and put descriptors are [`proto::DataTicket`]s. Batches travel as
+//! encoded until read), the lineage a replayable source's blocks are kept as instead,
+//! or the rows of a table. Tickets and put descriptors are [`proto::DataTicket`]s. Batches travel as
 //! Arrow IPC (Flight's own encoding) — no row-by-row encoding anywhere — and a worker
 //! reading its own data skips Flight and shares the batches (see `service`).
 //!
@@ -25,13 +26,14 @@ use arrow_flight::{
     HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
 };
 use bytes::Bytes;
-use dstream_storage::IntervalId;
+use dstream_storage::{IntervalId, Timeline};
 use futures::{Stream, StreamExt, TryStreamExt};
 use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::proto::{self, data_ticket::Kind};
-use super::state::{EncodedBlock, ViewRowsRead, WorkerState};
+use super::state::{EncodedBlock, LineageBlocks, ViewRowsRead, WorkerState};
+use crate::connector::Split;
 use crate::error::{Error, Result};
 
 type BoxedStream<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send + 'static>>;
@@ -112,8 +114,8 @@ impl FlightEndpoint {
                         part.partition
                     ))
                 }),
-            Kind::Block(_) | Kind::Table(_) => Err(Status::invalid_argument(
-                "blocks and tables are put, not fetched",
+            Kind::Block(_) | Kind::Lineage(_) | Kind::Table(_) => Err(Status::invalid_argument(
+                "blocks, lineages and tables are put, not fetched",
             )),
         }
     }
@@ -167,6 +169,43 @@ impl FlightEndpoint {
             interval_start,
             messages,
         });
+        Ok(())
+    }
+
+    /// Keeps the lineage of a replayable source's blocks, in place of their rows.
+    async fn store_lineage(&self, lineage: proto::BlockLineage) -> std::result::Result<(), Status> {
+        let (def, block_rows) = {
+            let installed = self.state.installed.lock().await;
+            installed
+                .as_ref()
+                .and_then(|i| {
+                    i.catalog
+                        .source(&lineage.source)
+                        .map(|d| (d.clone(), i.block_rows))
+                })
+                .ok_or_else(|| {
+                    Status::failed_precondition(format!("unknown source {}", lineage.source))
+                })?
+        };
+        let timeline = lineage
+            .timeline
+            .map(|t| Timeline {
+                origin_nanos: t.origin_nanos,
+                width_nanos: t.width_nanos.max(1),
+            })
+            .ok_or_else(|| Status::invalid_argument("a block lineage without a timeline"))?;
+        let held = LineageBlocks::new(
+            def,
+            block_rows,
+            Split {
+                index: lineage.split,
+                count: lineage.splits.max(1),
+            },
+            IntervalId(lineage.interval),
+            timeline,
+            lineage.watermark,
+        );
+        self.state.put_lineage(held, &lineage.blocks);
         Ok(())
     }
 
@@ -254,6 +293,12 @@ impl FlightService for FlightEndpoint {
             .clone()
             .ok_or_else(|| Status::invalid_argument("a put needs a descriptor"))?;
         let kind = decode_ticket(&descriptor.cmd)?;
+        if let Kind::Lineage(lineage) = kind {
+            while stream.message().await?.is_some() {}
+            self.store_lineage(lineage).await?;
+            let done = futures::stream::once(async { Ok(PutResult::default()) });
+            return Ok(Response::new(Box::pin(done)));
+        }
         if let Kind::Block(b) = kind {
             let mut messages = vec![first];
             while let Some(message) = stream.message().await? {

@@ -25,7 +25,7 @@ use tracing::warn;
 
 use super::flight::FlightPeers;
 use super::proto::{self, data_ticket::Kind, task::Kind as TaskKind};
-use super::state::{InstalledView, WorkerState};
+use super::state::{InstalledView, PartitionSlot, WorkerState};
 use super::{checkpoint, handover, install, status};
 use crate::error::{Error, Result};
 use crate::operator::{PartitionInput, ShufflePiece, ViewUpdate};
@@ -118,6 +118,9 @@ impl proto::worker_server::Worker for WorkerService {
                     biased;
                     _ = abandon.cancelled() => Err(Error::Internal(format!("task {id} was abandoned"))),
                     outcome = async {
+                        // A reduce task reads its remote inputs before it takes a
+                        // slot, so that a worker's tasks fetch while others compute.
+                        let inputs = read_inputs(&state, &peers, &task).await?;
                         // Wait for a task slot; the semaphore is never closed.
                         let _slot = state.slots.clone().acquire_owned().await.ok();
                         let _running = state.task_started();
@@ -126,7 +129,7 @@ impl proto::worker_server::Worker for WorkerService {
                         if !state.task_delay().is_zero() {
                             tokio::time::sleep(state.task_delay()).await;
                         }
-                        run_task(&state, &peers, task, &abandon).await.map(|mut result| {
+                        run_task(&state, task, inputs, &abandon).await.map(|mut result| {
                             result.micros = started.elapsed().as_micros() as u64;
                             result
                         })
@@ -334,6 +337,8 @@ async fn seal(
             continue;
         }
         runtime.set_watermark(request.watermarks.get(name).copied());
+        // What late rows are dropped against: part of the seal's lineage.
+        let watermark = runtime.watermark();
         // Receivers may read files: keep that off the async worker's back.
         let sealed = match tokio::runtime::Handle::current().runtime_flavor() {
             tokio::runtime::RuntimeFlavor::MultiThread => {
@@ -354,27 +359,60 @@ async fn seal(
         };
         match sealed {
             Ok(blocks) => {
-                let mut puts = JoinSet::new();
-                for (i, block) in blocks.iter().enumerate() {
+                for block in &blocks {
                     state.put_block(block.clone());
-                    if !request.replica_address.is_empty() {
+                }
+                let mut replicated = vec![false; blocks.len()];
+                if request.replica_address.is_empty() || blocks.is_empty() {
+                    // No second worker to keep a replica.
+                } else if runtime.replayable() {
+                    // The replica keeps how to seal this again, not the rows.
+                    let lineage = proto::BlockLineage {
+                        source: name.clone(),
+                        split: *split,
+                        splits: runtime.split().count,
+                        interval: interval.0,
+                        timeline: Some(proto::Timeline {
+                            origin_nanos: timeline.origin_nanos,
+                            width_nanos: timeline.width_nanos,
+                        }),
+                        watermark,
+                        blocks: blocks.iter().map(|b| b.index as u32).collect(),
+                    };
+                    let empty = Arc::new(arrow::datatypes::Schema::empty());
+                    match peers
+                        .put(
+                            &request.replica_address,
+                            Kind::Lineage(lineage),
+                            empty,
+                            Vec::new(),
+                        )
+                        .await
+                    {
+                        Ok(()) => replicated.fill(true),
+                        Err(e) => {
+                            warn!(source = %name, %interval, error = %e, "could not replicate the lineage of blocks")
+                        }
+                    }
+                } else {
+                    let mut puts = JoinSet::new();
+                    for (i, block) in blocks.iter().enumerate() {
                         let put =
                             put_replica(peers, request.replica_address.clone(), block.clone());
                         puts.spawn(async move { put.await.map(|()| i) });
                     }
-                }
-                let mut replicated = vec![false; blocks.len()];
-                while let Some(joined) = puts.join_next().await {
-                    match joined {
-                        Ok(Ok(index)) => {
-                            if let Some(r) = replicated.get_mut(index) {
-                                *r = true;
+                    while let Some(joined) = puts.join_next().await {
+                        match joined {
+                            Ok(Ok(index)) => {
+                                if let Some(r) = replicated.get_mut(index) {
+                                    *r = true;
+                                }
                             }
+                            Ok(Err(e)) => {
+                                warn!(source = %name, %interval, error = %e, "could not replicate a block")
+                            }
+                            Err(e) => warn!(source = %name, error = %e, "replication task failed"),
                         }
-                        Ok(Err(e)) => {
-                            warn!(source = %name, %interval, error = %e, "could not replicate a block")
-                        }
-                        Err(e) => warn!(source = %name, error = %e, "replication task failed"),
                     }
                 }
                 out.blocks = blocks
@@ -448,10 +486,66 @@ async fn installed_view(state: &WorkerState, view: &str) -> Result<InstalledView
         .ok_or_else(|| Error::Internal(format!("view {view} is not installed on this worker")))
 }
 
+/// What a reduce task reads before it computes: its shuffle pieces (local ones
+/// shared, remote ones fetched all at once) and, for a speculative copy, the committed
+/// partition it starts from.
+struct ReduceInputs {
+    pieces: Vec<ShufflePiece>,
+    adopted: Option<PartitionSlot>,
+    /// Bytes fetched from other workers.
+    bytes_read: u64,
+}
+
+/// Reads a reduce task's inputs (`None` for other tasks).
+async fn read_inputs(
+    state: &WorkerState,
+    peers: &FlightPeers,
+    task: &proto::Task,
+) -> Result<Option<ReduceInputs>> {
+    let Some(TaskKind::Reduce(reduce)) = &task.kind else {
+        return Ok(None);
+    };
+    let interval = IntervalId(task.interval);
+    let p = reduce.partition;
+    let pieces = futures::future::try_join_all(reduce.pieces.iter().map(|location| async {
+        if location.worker == state.id() {
+            let key = (task.view.clone(), interval, location.block);
+            let local = state.shuffle(&key).ok_or_else(|| {
+                Error::Internal(format!("map output of block {} is missing", location.block))
+            })?;
+            Ok((local.get(p as usize).cloned().unwrap_or_default(), 0))
+        } else {
+            let piece = fetch_piece(peers, &task.view, interval, p, location).await?;
+            let bytes = piece_bytes(&piece);
+            Ok::<_, Error>((piece, bytes))
+        }
+    }))
+    .await?;
+    let mut bytes_read: u64 = pieces.iter().map(|(_, bytes)| bytes).sum();
+    let pieces = pieces.into_iter().map(|(piece, _)| piece).collect();
+    let adopted = match &reduce.adopt {
+        Some(adopt) => {
+            let description = adopt.description.clone().ok_or_else(|| {
+                Error::Internal("a speculative reduce task without a description".into())
+            })?;
+            let (slot, bytes) =
+                handover::fetch_partition(peers, &adopt.from_address, description).await?;
+            bytes_read += bytes;
+            Some(slot)
+        }
+        None => None,
+    };
+    Ok(Some(ReduceInputs {
+        pieces,
+        adopted,
+        bytes_read,
+    }))
+}
+
 async fn run_task(
     state: &Arc<WorkerState>,
-    peers: &Arc<FlightPeers>,
     task: proto::Task,
+    inputs: Option<ReduceInputs>,
     abandon: &tokio_util::sync::CancellationToken,
 ) -> Result<proto::TaskResult> {
     let interval = IntervalId(task.interval);
@@ -478,37 +572,11 @@ async fn run_task(
         }
         Some(TaskKind::Reduce(reduce)) => {
             let p = reduce.partition;
-            let mut pieces = Vec::with_capacity(reduce.pieces.len());
-            let mut bytes_read = 0u64;
-            for location in &reduce.pieces {
-                if location.worker == state.id() {
-                    let key = (task.view.clone(), interval, location.block);
-                    let local = state.shuffle(&key).ok_or_else(|| {
-                        Error::Internal(format!(
-                            "map output of block {} is missing",
-                            location.block
-                        ))
-                    })?;
-                    pieces.push(local.get(p as usize).cloned().unwrap_or_default());
-                } else {
-                    let piece = fetch_piece(peers, &task.view, interval, p, location).await?;
-                    bytes_read += piece_bytes(&piece);
-                    pieces.push(piece);
-                }
-            }
-            // A speculative copy starts from the owner's committed partition.
-            let adopted = match reduce.adopt {
-                Some(adopt) => {
-                    let description = adopt.description.ok_or_else(|| {
-                        Error::Internal("a speculative reduce task without a description".into())
-                    })?;
-                    let (slot, bytes) =
-                        handover::fetch_partition(peers, &adopt.from_address, description).await?;
-                    bytes_read += bytes;
-                    Some(slot)
-                }
-                None => None,
-            };
+            let ReduceInputs {
+                pieces,
+                adopted,
+                bytes_read,
+            } = inputs.ok_or_else(|| Error::Internal("a reduce task without its inputs".into()))?;
             let prior = match &adopted {
                 Some(slot) => slot.state.clone(),
                 None => state.partition_state(&task.view, p),

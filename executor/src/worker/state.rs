@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
@@ -16,13 +16,14 @@ use arrow_flight::FlightData;
 use arrow_flight::utils::flight_data_to_batches;
 use datafusion::catalog::{MemTable, TableProvider};
 use datafusion::prelude::SessionContext;
-use dstream_planner::{Catalog, StreamPlan};
+use dstream_planner::{Catalog, SourceDef, StreamPlan};
 use dstream_storage::{DataDir, IntervalId, S3Options, Timeline};
 use tokio_util::sync::CancellationToken;
 
 use super::checkpoint::{TakenPartition, Writing};
 use crate::block::{Block, with_interval_column};
-use crate::error::Result;
+use crate::connector::Split;
+use crate::error::{Error, Result};
 use crate::ingest::SourceRuntime;
 use crate::operator::{ShufflePiece, StatePartition, StreamOperator, ViewUpdate};
 use crate::task::session_config;
@@ -97,6 +98,68 @@ pub enum HeldBlock {
     /// `_interval` column) and decoded the first time it is read: most replicas are
     /// only there in case their first copy is lost, and are never read.
     Encoded(Arc<EncodedBlock>),
+    /// A replica of a replayable source's block, kept as how to seal its interval
+    /// again: the rows are produced the first time one of the blocks is read.
+    Lineage(Arc<LineageBlocks>),
+}
+
+/// The blocks one receiver of a replayable source sealed in one interval, as their
+/// replica worker keeps them: what [`SourceRuntime::replay`] needs to produce them
+/// again.
+#[derive(Debug)]
+pub struct LineageBlocks {
+    pub def: Arc<SourceDef>,
+    pub block_rows: usize,
+    pub split: Split,
+    pub interval: IntervalId,
+    pub timeline: Timeline,
+    pub watermark: Option<i64>,
+    /// The seal done again, by the first read.
+    replayed: OnceLock<std::result::Result<Vec<Arc<Block>>, String>>,
+}
+
+impl LineageBlocks {
+    pub fn new(
+        def: Arc<SourceDef>,
+        block_rows: usize,
+        split: Split,
+        interval: IntervalId,
+        timeline: Timeline,
+        watermark: Option<i64>,
+    ) -> Self {
+        LineageBlocks {
+            def,
+            block_rows,
+            split,
+            interval,
+            timeline,
+            watermark,
+            replayed: OnceLock::new(),
+        }
+    }
+
+    /// The blocks, sealed again the first time they are asked for.
+    fn blocks(&self, ctx: &SessionContext) -> Result<&[Arc<Block>]> {
+        let replayed = self.replayed.get_or_init(|| {
+            SourceRuntime::replay(
+                self.def.clone(),
+                ctx,
+                self.block_rows,
+                self.split,
+                self.interval,
+                &self.timeline,
+                self.watermark,
+            )
+            .map_err(|e| e.to_string())
+        });
+        match replayed {
+            Ok(blocks) => Ok(blocks),
+            Err(e) => Err(Error::Internal(format!(
+                "cannot seal interval {} of source {} again: {e}",
+                self.interval, self.def.name
+            ))),
+        }
+    }
 }
 
 /// A replica of an input block as it arrived over Flight.
@@ -261,7 +324,20 @@ impl WorkerState {
             .insert(block.index as u32, HeldBlock::Encoded(Arc::new(block)));
     }
 
-    /// The block, if this worker holds it; a replica is decoded (once) here.
+    /// Keeps the lineage of blocks a peer sealed, in place of copies of them.
+    pub fn put_lineage(&self, lineage: LineageBlocks, blocks: &[u32]) {
+        let lineage = Arc::new(lineage);
+        let mut held = lock(&self.blocks);
+        let interval = held
+            .entry((lineage.def.name.clone(), lineage.interval))
+            .or_default();
+        for index in blocks {
+            interval.insert(*index, HeldBlock::Lineage(lineage.clone()));
+        }
+    }
+
+    /// The block, if this worker holds it; a replica is decoded, or sealed again from
+    /// its lineage, (once) here.
     pub fn block(
         &self,
         source: &str,
@@ -272,19 +348,32 @@ impl WorkerState {
         let held = lock(&self.blocks)
             .get(&key)
             .and_then(|blocks| blocks.get(&index).cloned());
-        let encoded = match held {
+        let produced: Vec<Arc<Block>> = match held {
             None => return Ok(None),
             Some(HeldBlock::Decoded(block)) => return Ok(Some(block)),
-            Some(HeldBlock::Encoded(encoded)) => encoded,
+            Some(HeldBlock::Encoded(encoded)) => vec![Arc::new(encoded.decode()?)],
+            Some(HeldBlock::Lineage(lineage)) => lineage.blocks(&self.task_ctx)?.to_vec(),
         };
-        let block = Arc::new(encoded.decode()?);
-        if let Some(slot) = lock(&self.blocks)
-            .get_mut(&key)
-            .and_then(|blocks| blocks.get_mut(&index))
-        {
-            *slot = HeldBlock::Decoded(block.clone());
+        let wanted = produced
+            .iter()
+            .find(|b| b.index as u32 == index)
+            .cloned()
+            .ok_or_else(|| {
+                Error::Internal(format!(
+                    "sealing interval {interval} of source {source} again did not give block {index}"
+                ))
+            })?;
+        // Keep what was produced decoded, where the replica (not a newer copy) still is.
+        if let Some(blocks) = lock(&self.blocks).get_mut(&key) {
+            for block in produced {
+                if let Some(slot) = blocks.get_mut(&(block.index as u32))
+                    && !matches!(slot, HeldBlock::Decoded(_))
+                {
+                    *slot = HeldBlock::Decoded(block);
+                }
+            }
         }
-        Ok(Some(block))
+        Ok(Some(wanted))
     }
 
     pub fn block_count(&self) -> u64 {
