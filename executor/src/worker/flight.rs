@@ -26,7 +26,7 @@ use arrow_flight::{
     HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
 };
 use bytes::Bytes;
-use dstream_storage::{IntervalId, Timeline};
+use dstream_storage::IntervalId;
 use futures::{Stream, StreamExt, TryStreamExt};
 use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
@@ -187,13 +187,7 @@ impl FlightEndpoint {
                     Status::failed_precondition(format!("unknown source {}", lineage.source))
                 })?
         };
-        let timeline = lineage
-            .timeline
-            .map(|t| Timeline {
-                origin_nanos: t.origin_nanos,
-                width_nanos: t.width_nanos.max(1),
-            })
-            .ok_or_else(|| Status::invalid_argument("a block lineage without a timeline"))?;
+        let timeline = super::service::timeline(lineage.timeline)?;
         let held = LineageBlocks::new(
             def,
             block_rows,

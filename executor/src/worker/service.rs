@@ -52,7 +52,8 @@ impl WorkerService {
     }
 }
 
-fn timeline(t: Option<proto::Timeline>) -> std::result::Result<Timeline, Status> {
+/// The timeline a request carries.
+pub(crate) fn timeline(t: Option<proto::Timeline>) -> std::result::Result<Timeline, Status> {
     t.map(|t| Timeline {
         origin_nanos: t.origin_nanos,
         width_nanos: t.width_nanos.max(1),
