@@ -363,59 +363,18 @@ async fn seal(
                 for block in &blocks {
                     state.put_block(block.clone());
                 }
-                let mut replicated = vec![false; blocks.len()];
-                if request.replica_address.is_empty() || blocks.is_empty() {
-                    // No second worker to keep a replica.
-                } else if runtime.replayable() {
-                    // The replica keeps how to seal this again, not the rows.
-                    let lineage = proto::BlockLineage {
-                        source: name.clone(),
-                        split: *split,
-                        splits: runtime.split().count,
-                        interval: interval.0,
-                        timeline: Some(proto::Timeline {
-                            origin_nanos: timeline.origin_nanos,
-                            width_nanos: timeline.width_nanos,
-                        }),
-                        watermark,
-                        blocks: blocks.iter().map(|b| b.index as u32).collect(),
-                    };
-                    let empty = Arc::new(arrow::datatypes::Schema::empty());
-                    match peers
-                        .put(
-                            &request.replica_address,
-                            Kind::Lineage(lineage),
-                            empty,
-                            Vec::new(),
-                        )
-                        .await
-                    {
-                        Ok(()) => replicated.fill(true),
-                        Err(e) => {
-                            warn!(source = %name, %interval, error = %e, "could not replicate the lineage of blocks")
-                        }
-                    }
-                } else {
-                    let mut puts = JoinSet::new();
-                    for (i, block) in blocks.iter().enumerate() {
-                        let put =
-                            put_replica(peers, request.replica_address.clone(), block.clone());
-                        puts.spawn(async move { put.await.map(|()| i) });
-                    }
-                    while let Some(joined) = puts.join_next().await {
-                        match joined {
-                            Ok(Ok(index)) => {
-                                if let Some(r) = replicated.get_mut(index) {
-                                    *r = true;
-                                }
-                            }
-                            Ok(Err(e)) => {
-                                warn!(source = %name, %interval, error = %e, "could not replicate a block")
-                            }
-                            Err(e) => warn!(source = %name, error = %e, "replication task failed"),
-                        }
-                    }
-                }
+                // A replayable source's replica keeps how to seal this again, not
+                // the rows.
+                let lineage = runtime.replayable().then(|| proto::BlockLineage {
+                    source: name.clone(),
+                    split: *split,
+                    splits: runtime.split().count,
+                    interval: interval.0,
+                    timeline: request.timeline,
+                    watermark,
+                    blocks: blocks.iter().map(|b| b.index as u32).collect(),
+                });
+                let replicated = replicate(peers, &request.replica_address, &blocks, lineage).await;
                 out.blocks = blocks
                     .iter()
                     .zip(&replicated)
@@ -449,6 +408,57 @@ async fn seal(
         receivers.remove(&key);
     }
     sealed_sources
+}
+
+/// Gives the replica worker at `address` (none if empty) the `blocks` of one seal: their
+/// `lineage` for a replayable source, copies of their rows otherwise. Says which
+/// blocks it now holds.
+async fn replicate(
+    peers: &Arc<FlightPeers>,
+    address: &str,
+    blocks: &[Arc<crate::block::Block>],
+    lineage: Option<proto::BlockLineage>,
+) -> Vec<bool> {
+    let mut replicated = vec![false; blocks.len()];
+    let Some(first) = blocks.first() else {
+        return replicated;
+    };
+    if address.is_empty() {
+        return replicated;
+    }
+    let (source, interval) = (&first.source, first.interval);
+    if let Some(lineage) = lineage {
+        let empty = Arc::new(arrow::datatypes::Schema::empty());
+        match peers
+            .put(address, Kind::Lineage(lineage), empty, Vec::new())
+            .await
+        {
+            Ok(()) => replicated.fill(true),
+            Err(e) => {
+                warn!(%source, %interval, error = %e, "could not replicate the lineage of blocks")
+            }
+        }
+        return replicated;
+    }
+    let mut puts = JoinSet::new();
+    for (i, block) in blocks.iter().enumerate() {
+        let put = put_replica(peers, address.to_string(), block.clone());
+        puts.spawn(async move { put.await.map(|()| i) });
+    }
+    while let Some(joined) = puts.join_next().await {
+        match joined {
+            Ok(Ok(index)) => {
+                if let Some(r) = replicated.get_mut(index) {
+                    *r = true;
+                }
+            }
+            Ok(Err(e)) => {
+                warn!(%source, %interval, error = %e, "could not replicate a block")
+            }
+            Err(e) => warn!(%source, error = %e, "replication task failed"),
+        }
+    }
+    replicated
 }
 
 fn put_replica(

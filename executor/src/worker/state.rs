@@ -108,12 +108,12 @@ pub enum HeldBlock {
 /// again.
 #[derive(Debug)]
 pub struct LineageBlocks {
-    pub def: Arc<SourceDef>,
-    pub block_rows: usize,
-    pub split: Split,
-    pub interval: IntervalId,
-    pub timeline: Timeline,
-    pub watermark: Option<i64>,
+    def: Arc<SourceDef>,
+    block_rows: usize,
+    split: Split,
+    interval: IntervalId,
+    timeline: Timeline,
+    watermark: Option<i64>,
     /// The seal done again, by the first read.
     replayed: OnceLock<std::result::Result<Vec<Arc<Block>>, String>>,
 }
