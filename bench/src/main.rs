@@ -122,6 +122,11 @@ struct TumbleCount {
     /// the input lineage since the last checkpoint is kept whatever this says.
     #[arg(long, default_value_t = 5)]
     retention: u64,
+    /// Let worker processes run on any core, instead of pinning worker i to core i
+    /// (mod the cores), which gives each worker one core however many threads it
+    /// runs: the 1-worker run measures one core, the 2-worker run two.
+    #[arg(long)]
+    no_pin: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -259,6 +264,7 @@ async fn tumble_count(args: TumbleCount) -> anyhow::Result<()> {
         workers,
         worker_cores,
         retention,
+        no_pin,
     } = args;
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -276,24 +282,34 @@ async fn tumble_count(args: TumbleCount) -> anyhow::Result<()> {
     // Both sides seal one interval more than `intervals`: it moves the watermark past
     // the last window.
     let advance = format!("ADVANCE {}", intervals + 1);
-    // (workers, best stream time, best generator-alone time, CPU of the best stream run)
-    let mut measured: Vec<(usize, Duration, Duration, CpuTime)> = Vec::new();
-    for &count in &workers {
-        let cluster = Cluster {
-            workers: count,
-            cores: worker_cores,
-        };
-        let mut best_stream = Duration::MAX;
-        let mut best_gen = Duration::MAX;
-        let mut best_cpu = CpuTime::default();
-        for _ in 0..runs {
+    let mut measured: Vec<Measured> = workers
+        .iter()
+        .map(|&workers| Measured {
+            workers,
+            best_stream: Duration::MAX,
+            best_gen: Duration::MAX,
+            cpu: CpuTime::default(),
+            streams: Vec::new(),
+        })
+        .collect();
+    // Runs alternate between the worker counts, so that a machine that gets slower
+    // or faster during the bench moves every count alike.
+    for _ in 0..runs {
+        for m in measured.iter_mut() {
+            let cluster = Cluster {
+                workers: m.workers,
+                cores: worker_cores,
+            };
             // Generator alone: a source with no view, sealed interval by interval. It
             // keeps all its input, which the batch side reads back.
             let e = start_engine(partitions, intervals + 2, block_rows, &cluster).await?;
+            if !no_pin {
+                pin_workers(&e.engine, cores).await?;
+            }
             exec(&e.engine, &source).await?;
             let started = Instant::now();
             exec(&e.engine, &advance).await?;
-            best_gen = best_gen.min(started.elapsed());
+            m.best_gen = m.best_gen.min(started.elapsed());
             if input.is_empty() {
                 input = batches(exec(&e.engine, "SELECT k, ts FROM events").await?);
             }
@@ -301,20 +317,23 @@ async fn tumble_count(args: TumbleCount) -> anyhow::Result<()> {
 
             // The continuous query.
             let e = start_engine(partitions, retention, block_rows, &cluster).await?;
+            if !no_pin {
+                pin_workers(&e.engine, cores).await?;
+            }
             exec(&e.engine, &source).await?;
             exec(&e.engine, VIEW).await?;
             let cpu_before = CpuTime::now()?;
             let started = Instant::now();
             exec(&e.engine, &advance).await?;
             let elapsed = started.elapsed();
-            if elapsed < best_stream {
-                best_stream = elapsed;
-                best_cpu = CpuTime::now()?.minus(&cpu_before);
+            if elapsed < m.best_stream {
+                m.best_stream = elapsed;
+                m.cpu = CpuTime::now()?.minus(&cpu_before);
             }
+            m.streams.push(elapsed);
             windows = rows(&exec(&e.engine, "SELECT * FROM counts").await?);
             e.stop().await;
         }
-        measured.push((count, best_stream, best_gen, best_cpu));
     }
     let input_rows: usize = input.iter().map(|b| b.num_rows()).sum();
     let extra = rate as usize; // the extra interval that closes the last window
@@ -349,7 +368,13 @@ async fn tumble_count(args: TumbleCount) -> anyhow::Result<()> {
     let per_second = |d: Duration| total / d.as_secs_f64();
     println!("| measure | time | events/s | events/s/core |");
     println!("|---|---|---|---|");
-    for (count, best_stream, best_gen, _) in &measured {
+    for Measured {
+        workers: count,
+        best_stream,
+        best_gen,
+        ..
+    } in &measured
+    {
         let stream_only = best_stream.saturating_sub(*best_gen);
         println!(
             "| generator alone, {count} worker(s) | {:.3} s | {:.0} | {:.0} |",
@@ -380,7 +405,13 @@ async fn tumble_count(args: TumbleCount) -> anyhow::Result<()> {
         "| stream run | wall | coordinator CPU | workers' CPU | cores busy | worker CPU per million events |"
     );
     println!("|---|---|---|---|---|---|");
-    for (count, best_stream, _, cpu) in &measured {
+    for Measured {
+        workers: count,
+        best_stream,
+        cpu,
+        ..
+    } in &measured
+    {
         println!(
             "| {count} worker(s) | {:.3} s | {:.3} s | {:.3} s | {:.2} | {:.1} ms |",
             best_stream.as_secs_f64(),
@@ -390,15 +421,24 @@ async fn tumble_count(args: TumbleCount) -> anyhow::Result<()> {
             cpu.workers.as_secs_f64() * 1e3 / (total / 1e6)
         );
     }
-    if let Some((first_count, first, _, _)) = measured.first() {
-        for (count, best_stream, _, _) in measured.iter().skip(1) {
+    if let Some(first) = measured.first() {
+        for m in measured.iter().skip(1) {
             println!(
-                "throughput with {count} workers / with {first_count}: {:.2}x",
-                first.as_secs_f64() / best_stream.as_secs_f64()
+                "throughput with {} workers / with {}: {:.2}x (best runs), {:.2}x (median runs)",
+                m.workers,
+                first.workers,
+                first.best_stream.as_secs_f64() / m.best_stream.as_secs_f64(),
+                first.median_stream().as_secs_f64() / m.median_stream().as_secs_f64()
             );
         }
     }
-    if let Some((count, best_stream, best_gen, _)) = measured.last() {
+    if let Some(Measured {
+        workers: count,
+        best_stream,
+        best_gen,
+        ..
+    }) = measured.last()
+    {
         let stream_only = best_stream.saturating_sub(*best_gen);
         println!(
             "ratio stream ({count} workers) / batch throughput: {:.2} (incl. generator), {:.2} (minus generator)",
@@ -409,6 +449,40 @@ async fn tumble_count(args: TumbleCount) -> anyhow::Result<()> {
     println!(
         "stream emitted {windows} window rows; batch {batch_rows} (batch includes the still-open last window)"
     );
+    Ok(())
+}
+
+/// One worker count's runs of `tumble-count`.
+struct Measured {
+    workers: usize,
+    best_stream: Duration,
+    best_gen: Duration,
+    /// CPU time of the best stream run.
+    cpu: CpuTime,
+    /// Every stream run's time.
+    streams: Vec<Duration>,
+}
+
+impl Measured {
+    fn median_stream(&self) -> Duration {
+        let mut times = self.streams.clone();
+        times.sort();
+        times.get(times.len() / 2).copied().unwrap_or_default()
+    }
+}
+
+/// Pins worker process i, all its threads, to core i mod `cores` (with `taskset`).
+async fn pin_workers(engine: &Engine, cores: usize) -> anyhow::Result<()> {
+    for (i, pid) in engine.local_worker_pids().await.into_iter().enumerate() {
+        let status = std::process::Command::new("taskset")
+            .args(["-a", "-p", "-c", &(i % cores).to_string(), &pid.to_string()])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .context("running taskset to pin a worker to a core (--no-pin runs without)")?;
+        if !status.success() {
+            bail!("taskset could not pin worker {pid} to core {}", i % cores);
+        }
+    }
     Ok(())
 }
 

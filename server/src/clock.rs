@@ -20,6 +20,9 @@ pub trait IntervalClock: Send + Sync + std::fmt::Debug {
     /// Waits until the interval ending at `end_nanos` may be sealed.
     async fn wait_until(&self, end_nanos: i64);
 
+    /// Whether the interval ending at `end_nanos` may be sealed now, without waiting.
+    fn has_ended(&self, end_nanos: i64) -> bool;
+
     /// The manual clock, if this is one.
     fn as_manual(&self) -> Option<&ManualClock> {
         None
@@ -34,6 +37,10 @@ pub struct RealClock;
 impl IntervalClock for RealClock {
     fn now_nanos(&self) -> i64 {
         chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0)
+    }
+
+    fn has_ended(&self, end_nanos: i64) -> bool {
+        self.now_nanos() >= end_nanos
     }
 
     async fn wait_until(&self, end_nanos: i64) {
@@ -78,6 +85,10 @@ impl IntervalClock for ManualClock {
         }
     }
 
+    fn has_ended(&self, _end_nanos: i64) -> bool {
+        self.permits.available_permits() > 0
+    }
+
     fn as_manual(&self) -> Option<&ManualClock> {
         Some(self)
     }
@@ -99,6 +110,8 @@ mod tests {
         let started = Instant::now();
         clock.wait_until(clock.now_nanos() - 1_000_000_000).await;
         assert!(started.elapsed() < Duration::from_millis(20));
+        assert!(clock.has_ended(clock.now_nanos() - 1));
+        assert!(!clock.has_ended(clock.now_nanos() + 1_000_000_000));
     }
 
     #[tokio::test]
@@ -111,10 +124,15 @@ mod tests {
         };
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished());
-        clock.advance(1);
+        assert!(!clock.has_ended(i64::MIN));
+        clock.advance(2);
         tokio::time::timeout(Duration::from_secs(5), waiting)
             .await
             .expect("advanced")
             .expect("task");
+        // One more interval may be sealed at once.
+        assert!(clock.has_ended(i64::MAX));
+        clock.wait_until(i64::MAX).await;
+        assert!(!clock.has_ended(i64::MIN));
     }
 }

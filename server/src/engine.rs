@@ -113,7 +113,7 @@ pub struct SealedInterval {
 
 /// Where one receiver of a source stood after the last interval it sealed: enough
 /// to reopen it on another worker if its worker dies.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct SplitPosition {
     pub records: u64,
     pub malformed: u64,
@@ -138,6 +138,15 @@ impl SplitPosition {
             pending: Vec::new(),
         }
     }
+
+    /// Moves past `sealed`, the receiver's next seal.
+    pub fn advance(&mut self, sealed: &proto::SealedSource) {
+        self.records = sealed.records;
+        self.malformed = sealed.malformed;
+        self.late_rows = sealed.late_rows;
+        self.watermark = sealed.watermark;
+        self.seen_files.extend(sealed.new_files.iter().cloned());
+    }
 }
 
 /// A source: its definition, where its receiver runs and what it has seen.
@@ -161,6 +170,20 @@ pub struct SourceSlot {
 }
 
 impl SourceSlot {
+    /// Where receiver `split` of this source (`name`) stands: after its latest seal,
+    /// one sealed `ahead` included.
+    pub fn position(&self, name: &str, split: u32, ahead: Option<&Sealing>) -> SplitPosition {
+        let before = self
+            .positions
+            .get(split as usize)
+            .cloned()
+            .unwrap_or_default();
+        match ahead {
+            Some(ahead) => ahead.position_after(name, split, before),
+            None => before,
+        }
+    }
+
     pub fn new(def: Arc<SourceDef>, retain_intervals: usize) -> Self {
         SourceSlot {
             since: None,
@@ -278,6 +301,11 @@ pub struct EngineState {
     /// The interval in progress as far as it was sealed: an attempt of it after a
     /// lost worker seals only the receivers that had not.
     pub sealing: Option<Sealing>,
+    /// The interval after the one in progress, as far as its receivers sealed it
+    /// while that one ran (both were due: the engine is catching up). Its seals
+    /// are not done again, and until it runs, a receiver that moves carries on
+    /// from after them.
+    pub sealed_ahead: Option<Sealing>,
     /// The cluster membership (see `Cluster::membership_version`) that state
     /// partitions were last evened out for: they are evened out again only when a
     /// worker joins, leaves or dies, so partitions that speculative copies moved off
@@ -299,6 +327,55 @@ pub struct Sealing {
     pub watermarks: HashMap<String, i64>,
     /// What each receiver sealed, by (source, split).
     pub splits: HashMap<(String, u32), proto::SealedSource>,
+}
+
+impl Sealing {
+    /// `interval` before any receiver sealed it, against each source's watermark now.
+    pub fn new(interval: IntervalId, sources: &BTreeMap<String, SourceSlot>) -> Self {
+        Sealing {
+            interval,
+            // Every attempt drops late rows against the same watermarks.
+            watermarks: sources
+                .iter()
+                .filter_map(|(name, s)| s.stats.watermark.map(|w| (name.clone(), w)))
+                .collect(),
+            splits: HashMap::new(),
+        }
+    }
+
+    /// Where receiver `split` of `source` stands after this seal, from `before`.
+    pub fn position_after(&self, source: &str, split: u32, before: SplitPosition) -> SplitPosition {
+        let mut position = before;
+        if let Some(sealed) = self.splits.get(&(source.to_string(), split)) {
+            position.advance(sealed);
+        }
+        position
+    }
+
+    /// Forgets what `source`'s receivers sealed.
+    pub fn forget(&mut self, source: &str) {
+        self.splits.retain(|(name, _), _| name != source);
+        self.watermarks.remove(source);
+    }
+}
+
+impl EngineState {
+    /// What the receivers sealed of `interval` so far: in an earlier attempt of it,
+    /// or ahead while the interval before it ran.
+    pub fn take_sealing(&mut self, interval: IntervalId) -> Option<Sealing> {
+        [&mut self.sealing, &mut self.sealed_ahead]
+            .into_iter()
+            .find(|s| s.as_ref().is_some_and(|s| s.interval == interval))
+            .and_then(Option::take)
+    }
+
+    /// Forgets what a dropped source's receivers sealed ahead: a source created again
+    /// under its name seals from scratch.
+    pub fn forget_seals(&mut self, source: &str) {
+        if let Some(ahead) = &mut self.sealed_ahead {
+            ahead.forget(source);
+        }
+    }
 }
 
 /// A view as a snapshot shows it: where its partitions are.
@@ -482,6 +559,7 @@ impl Engine {
                     catalog_version: 0,
                     unrestored: Vec::new(),
                     sealing: None,
+                    sealed_ahead: None,
                     balanced_for: None,
                     outrun: BTreeMap::new(),
                     resume: None,
@@ -824,6 +902,11 @@ impl Engine {
                 lineage: self.lineage(&state, checkpoints.committed()),
             }
         };
+        // Behind the clock, the next interval is sealed while this one runs.
+        let seal_next = self
+            .inner
+            .clock
+            .has_ended(timeline.end_nanos(interval.next()));
         // Work of lost workers is recovered first; a worker lost during the interval
         // interrupts it, and it runs again once that worker's work is recovered.
         let mut attempts = 0;
@@ -831,7 +914,7 @@ impl Engine {
             if let Some(stat) = recovery::recover(self, &mut state, commit.lineage).await {
                 self.record_recovery(stat);
             }
-            match scheduler::run_interval(self, &mut state, interval, commit).await {
+            match scheduler::run_interval(self, &mut state, interval, commit, seal_next).await {
                 Ok(done) => break done,
                 Err(Interrupted(reason)) => {
                     attempts += 1;
@@ -1160,5 +1243,48 @@ impl Engine {
     /// The interval clock.
     pub fn clock(&self) -> &Arc<dyn IntervalClock> {
         &self.inner.clock
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sealed(source: &str, split: u32, records: u64, files: &[&str]) -> proto::SealedSource {
+        proto::SealedSource {
+            source: source.to_string(),
+            split,
+            records,
+            watermark: Some(records as i64),
+            new_files: files.iter().map(|f| f.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_receiver_sealed_ahead_stands_after_that_seal() {
+        let mut ahead = Sealing::new(IntervalId(7), &BTreeMap::new());
+        for s in [sealed("a", 0, 30, &["f2"]), sealed("b", 1, 5, &[])] {
+            ahead.splits.insert((s.source.clone(), s.split), s);
+        }
+        let before = SplitPosition {
+            records: 20,
+            watermark: Some(20),
+            seen_files: ["f1".to_string()].into(),
+            ..Default::default()
+        };
+        let after = ahead.position_after("a", 0, before.clone());
+        assert_eq!(after.records, 30);
+        assert_eq!(after.watermark, Some(30));
+        assert_eq!(
+            after.seen_files.iter().collect::<Vec<_>>(),
+            vec!["f1", "f2"]
+        );
+        // A split that did not seal ahead stands where it stood.
+        assert_eq!(ahead.position_after("a", 1, before.clone()), before);
+        // A dropped source's seals are forgotten; others stay.
+        ahead.forget("a");
+        assert_eq!(ahead.position_after("a", 0, before.clone()), before);
+        assert_eq!(ahead.position_after("b", 1, before).records, 5);
     }
 }

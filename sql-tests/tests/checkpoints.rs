@@ -117,8 +117,11 @@ async fn checkpoints_hold_the_committed_state(configure: impl FnOnce(&mut ServeC
     let store = DataDir::open(&store_config.expect("configured")).expect("store");
     let engine = server.engine.clone().expect("engine");
     batches(&engine, SETUP).await;
-    // Intervals 0..=5: checkpoints after 2 and 5.
-    batches(&engine, "ADVANCE 6").await;
+    // Intervals 0..=5: checkpoints after 2 and 5. A checkpoint is not started while
+    // the previous one is being written, so the second ADVANCE waits for the first.
+    batches(&engine, "ADVANCE 3").await;
+    checkpoints(&engine, 1).await;
+    batches(&engine, "ADVANCE 3").await;
     let done = checkpoints(&engine, 2).await;
     assert_eq!(
         done,

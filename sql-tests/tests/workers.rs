@@ -306,3 +306,79 @@ async fn a_worker_that_leaves_hands_its_work_over() {
     }
     server.stop().await;
 }
+
+/// A backlog seals interval *t+1* while *t* runs. A source dropped and created again
+/// under the same name between the two seals *t+1* afresh: its input holds only the
+/// new definition's rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_created_again_while_behind_seals_its_own_input() {
+    let server = TestServer::start_with(|config| config.workers = 0)
+        .await
+        .expect("server");
+    let engine = server.engine.clone().expect("engine");
+    let stop_worker = CancellationToken::new();
+    // Every task waits, so that an interval is still running when the source is
+    // dropped and created again: both land between it and the interval sealed ahead.
+    let config = dstream_executor::worker::WorkerConfig {
+        coordinator: engine.coordinator_url().to_string(),
+        advertise: None,
+        cores: 1,
+        s3_credentials: Default::default(),
+        task_delay: Duration::from_millis(400),
+    };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+    #[allow(clippy::disallowed_methods)] // awaited at the end of the test
+    let worker = tokio::spawn(dstream_executor::worker::run(
+        config,
+        listener,
+        stop_worker.clone(),
+    ));
+    engine
+        .cluster()
+        .wait_for_workers(1, Duration::from_secs(10))
+        .await
+        .expect("worker");
+    let client = server.client().await.expect("connect");
+    client
+        .batch_execute(
+            "CREATE SOURCE busy (k BIGINT, v BIGINT) WITH (connector = 'generator', rows_per_second = 100, key_cardinality = 5);
+             CREATE MATERIALIZED VIEW slow AS SELECT k, count(*) AS n FROM busy GROUP BY k;
+             CREATE SOURCE s (k BIGINT, v BIGINT) WITH (connector = 'generator', rows_per_second = 300, key_cardinality = 10);",
+        )
+        .await
+        .expect("setup");
+    // Each statement from its own session, queued in order while interval 0's tasks
+    // wait; interval 1, due too, was sealed meanwhile.
+    let in_session = |sql: &'static str, after: u64| {
+        let server_client = server.client();
+        async move {
+            let client = server_client.await.expect("connect");
+            tokio::time::sleep(Duration::from_millis(after)).await;
+            client.batch_execute(sql).await
+        }
+    };
+    let (advanced, dropped, created) = tokio::join!(
+        in_session("ADVANCE 2", 0),
+        in_session("DROP SOURCE s", 300),
+        in_session(
+            "CREATE SOURCE s (k BIGINT, v BIGINT) WITH (connector = 'generator', rows_per_second = 40, key_cardinality = 3)",
+            500
+        ),
+    );
+    advanced.expect("advance while behind");
+    dropped.expect("drop");
+    created.expect("create again");
+    client.batch_execute("ADVANCE 2").await.expect("advance");
+    // Only the new definition's rows: 40 per interval since its creation (interval
+    // 1, or 2 had interval 1 run before it).
+    let input = rows(&client, "SELECT count(*), max(k) FROM s").await;
+    assert!(
+        input == vec![vec!["120", "2"]] || input == vec![vec!["80", "2"]],
+        "the new source's input: {input:?}"
+    );
+    server.stop().await;
+    stop_worker.cancel();
+    let _ = worker.await;
+}

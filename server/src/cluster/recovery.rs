@@ -181,6 +181,8 @@ async fn reopen_receivers(
         }
     }
     let mut reopened = 0;
+    // A receiver that sealed the next interval ahead carries on after it.
+    let ahead = state.sealed_ahead.as_ref();
     for (name, slot) in state.sources.iter_mut() {
         if slot.failure.is_some() {
             continue;
@@ -197,12 +199,9 @@ async fn reopen_receivers(
             else {
                 break;
             };
-            let handover = slot
-                .positions
-                .get(split)
-                .cloned()
-                .unwrap_or_default()
-                .handover(name, split as u32, splits);
+            let handover =
+                slot.position(name, split as u32, ahead)
+                    .handover(name, split as u32, splits);
             let mut client = target.client.clone();
             match cluster
                 .call(

@@ -16,8 +16,11 @@
 //! a handful of round trips whatever the number of views; a task that straggles gets
 //! a speculative copy on another worker (see [`super::stage`]), and a reduce task
 //! whose copy wins moves its state partition there. Intervals run one after the
-//! other: interval *t+1* is sealed only once *t* is committed, so results that depend
-//! on order (state, watermarks, window closes) never see *t+1* before *t*.
+//! other: interval *t+1*'s tasks start only once *t* is committed, so results that
+//! depend on order (state, watermarks, window closes) never see *t+1* before *t*.
+//! When *t+1* is due already (the engine is behind), its receivers seal it while *t*
+//! maps, reduces and commits: cutting input ahead changes no result, and fills the
+//! cores the stage barriers leave idle.
 //!
 //! A worker lost before every reduce task answered *interrupts* the interval
 //! ([`Interrupted`]): nothing of it is published, the engine drops its uncommitted
@@ -41,7 +44,7 @@ use tracing::{info, warn};
 
 use super::stage::{StageTask, run_stage};
 use super::{Cluster, PROBE_WAIT, WorkerRecord};
-use crate::engine::{BlockInfo, Engine, EngineState, SealedInterval, Sealing};
+use crate::engine::{BlockInfo, Engine, EngineState, SealedInterval, Sealing, SourceSlot};
 use crate::error::{Error, Result};
 
 /// What one interval did, for `dstream_intervals`.
@@ -223,51 +226,73 @@ async fn lost_worker(cluster: &Cluster, alive: &[WorkerRecord], probe: bool) -> 
         .map(|w| cluster.unavailable(w.id))
 }
 
+/// What one interval gives: each view's outcome and counts, or why it was interrupted.
+type IntervalResult =
+    std::result::Result<(BTreeMap<String, ViewOutcome>, StageCounts), Interrupted>;
+
 /// Seals, maps, reduces and commits `interval`. Updates sources (stats, retained
 /// blocks, failures) in `state`; returns each view's outcome.
+///
+/// With `seal_next` (the next interval is due as well: the engine is behind), the
+/// receivers seal the next interval while this one maps, reduces and commits, so
+/// that their work fills the cores the stage barriers leave idle. Only the input is
+/// cut ahead: the next interval's watermarks are the ones this seal left, and its
+/// tasks run when it does (`EngineState::sealed_ahead`).
 pub async fn run_interval(
     engine: &Engine,
     state: &mut EngineState,
     interval: IntervalId,
     commit: CommitOptions,
-) -> std::result::Result<(BTreeMap<String, ViewOutcome>, StageCounts), Interrupted> {
+    seal_next: bool,
+) -> IntervalResult {
     let cluster = engine.inner.cluster.clone();
-    let speculation = engine.inner.config.speculation;
-    let timeline = state.timeline;
     let alive = cluster.alive();
-    let mut counts = StageCounts {
-        workers: alive.len() as u64,
-        ..Default::default()
+    let timeline = proto::Timeline {
+        origin_nanos: state.timeline.origin_nanos,
+        width_nanos: state.timeline.width_nanos,
     };
-    let proto_timeline = proto::Timeline {
-        origin_nanos: timeline.origin_nanos,
-        width_nanos: timeline.width_nanos,
-    };
-
     let started = Instant::now();
-    // 1. Seal the receivers that have not sealed this interval yet.
-    let mut sealing = match state.sealing.take() {
-        Some(sealing) if sealing.interval == interval => sealing,
-        _ => Sealing {
-            interval,
-            // Each source's watermark after the previous interval: every attempt
-            // drops late rows against the same one.
-            watermarks: state
-                .sources
-                .iter()
-                .filter_map(|(name, s)| s.stats.watermark.map(|w| (name.clone(), w)))
-                .collect(),
-            splits: HashMap::new(),
-        },
+    let blocks = seal(&cluster, state, interval, commit, &alive, timeline).await?;
+    let ahead = seal_next.then(|| {
+        let next = interval.next();
+        let sealing = state
+            .take_sealing(next)
+            .unwrap_or_else(|| Sealing::new(next, &state.sources));
+        let requests = seal_requests(state, &sealing, &alive, timeline);
+        (sealing, requests)
+    });
+    let seal_ahead = async {
+        match ahead {
+            Some((sealing, requests)) => Some((sealing, send_seals(&cluster, requests).await)),
+            None => None,
+        }
     };
+    let (outcome, ahead) = futures::join!(
+        run_stages(engine, state, interval, commit, &alive, blocks, started),
+        seal_ahead
+    );
+    if let Some((mut sealing, answers)) = ahead {
+        // A worker lost meanwhile sealed nothing that counts: its receivers seal the
+        // next interval wherever recovery reopens them.
+        let _ = record_seals(&cluster, &mut state.sources, &mut sealing, answers);
+        state.sealed_ahead = Some(sealing);
+    }
+    outcome
+}
+
+/// The seal requests, by worker, of the receivers that have not sealed
+/// `sealing.interval` yet.
+fn seal_requests(
+    state: &EngineState,
+    sealing: &Sealing,
+    alive: &[WorkerRecord],
+    timeline: proto::Timeline,
+) -> Vec<(u64, proto::SealRequest)> {
+    // Sources take part from the interval after their creation.
     let mut to_seal: BTreeMap<u64, Vec<proto::ReceiverSplit>> = BTreeMap::new();
-    // Sources and views take part from the interval after their creation.
-    let takes_part = |since: Option<IntervalId>| since.is_none_or(|s| s <= interval);
-    for (name, slot) in state
-        .sources
-        .iter()
-        .filter(|(_, s)| s.failure.is_none() && takes_part(s.since))
-    {
+    for (name, slot) in state.sources.iter().filter(|(_, s)| {
+        s.failure.is_none() && s.since.is_none_or(|since| since <= sealing.interval)
+    }) {
         let splits = slot.receivers.len() as u32;
         for (split, worker) in slot.receivers.iter().enumerate() {
             let split = split as u32;
@@ -283,32 +308,54 @@ pub async fn run_interval(
             }
         }
     }
-    let seals = to_seal.into_iter().map(|(id, splits)| {
-        let cluster = cluster.clone();
-        let replica = replica_of(&alive, id);
-        let request = proto::SealRequest {
-            interval: interval.0,
-            timeline: Some(proto_timeline),
-            replica_address: replica.map(|r| r.address.clone()).unwrap_or_default(),
-            replica_worker: replica.map_or(0, |r| r.id),
-            watermarks: sealing.watermarks.clone(),
-            splits,
-        };
-        async move {
-            let result = match cluster.get(id) {
-                Some(w) => {
-                    let mut client = w.client.clone();
-                    cluster
-                        .call(id, "seal the interval", client.seal(request))
-                        .await
-                }
-                None => Err(Error::WorkerLost(cluster.unavailable(id))),
+    to_seal
+        .into_iter()
+        .map(|(id, splits)| {
+            let replica = replica_of(alive, id);
+            let request = proto::SealRequest {
+                interval: sealing.interval.0,
+                timeline: Some(timeline),
+                replica_address: replica.map(|r| r.address.clone()).unwrap_or_default(),
+                replica_worker: replica.map_or(0, |r| r.id),
+                watermarks: sealing.watermarks.clone(),
+                splits,
             };
-            (id, result)
-        }
-    });
+            (id, request)
+        })
+        .collect()
+}
+
+/// Sends each worker its seal request; each worker's answer.
+async fn send_seals(
+    cluster: &Cluster,
+    requests: Vec<(u64, proto::SealRequest)>,
+) -> Vec<(u64, Result<proto::SealResponse>)> {
+    join_all(requests.into_iter().map(|(id, request)| async move {
+        let result = match cluster.get(id) {
+            Some(w) => {
+                let mut client = w.client.clone();
+                cluster
+                    .call(id, "seal the interval", client.seal(request))
+                    .await
+            }
+            None => Err(Error::WorkerLost(cluster.unavailable(id))),
+        };
+        (id, result)
+    }))
+    .await
+}
+
+/// Records in `sealing` what each receiver sealed. A receiver that could not seal
+/// fails its sources, unless its worker was lost: then this says why, and the
+/// receiver seals again once recovery reopened it.
+fn record_seals(
+    cluster: &Cluster,
+    sources: &mut BTreeMap<String, SourceSlot>,
+    sealing: &mut Sealing,
+    answers: Vec<(u64, Result<proto::SealResponse>)>,
+) -> Option<String> {
     let mut lost = None;
-    for (worker, result) in join_all(seals).await {
+    for (worker, result) in answers {
         match result {
             Ok(response) => {
                 for split in response.sources {
@@ -321,7 +368,7 @@ pub async fn run_interval(
                 lost.get_or_insert(e.to_string());
             }
             Err(e) => {
-                for (name, slot) in state.sources.iter_mut() {
+                for (name, slot) in sources.iter_mut() {
                     if slot.receivers.contains(&worker) && slot.failure.is_none() {
                         warn!(source = %name, error = %e, "source lost a receiver");
                         slot.failure = Some(format!("a receiver could not seal: {e}"));
@@ -330,6 +377,26 @@ pub async fn run_interval(
             }
         }
     }
+    lost
+}
+
+/// Seals `interval` on the receivers that have not sealed it yet (in an earlier
+/// attempt, or ahead while the previous interval ran), and records its input in each
+/// source (stats, positions, retained blocks). Returns each source's blocks.
+async fn seal(
+    cluster: &Cluster,
+    state: &mut EngineState,
+    interval: IntervalId,
+    commit: CommitOptions,
+    alive: &[WorkerRecord],
+    timeline: proto::Timeline,
+) -> std::result::Result<HashMap<String, Vec<BlockInfo>>, Interrupted> {
+    let mut sealing = state
+        .take_sealing(interval)
+        .unwrap_or_else(|| Sealing::new(interval, &state.sources));
+    let requests = seal_requests(state, &sealing, alive, timeline);
+    let answers = send_seals(cluster, requests).await;
+    let lost = record_seals(cluster, &mut state.sources, &mut sealing, answers);
     let mut sealed: HashMap<String, Vec<proto::SealedSource>> = HashMap::new();
     for ((name, _), split) in &sealing.splits {
         sealed.entry(name.clone()).or_default().push(split.clone());
@@ -376,11 +443,7 @@ pub async fn run_interval(
             .resize_with(slot.receivers.len(), Default::default);
         for split in &splits {
             if let Some(position) = slot.positions.get_mut(split.split as usize) {
-                position.records = split.records;
-                position.malformed = split.malformed;
-                position.late_rows = split.late_rows;
-                position.watermark = split.watermark;
-                position.seen_files.extend(split.new_files.iter().cloned());
+                position.advance(split);
             }
         }
         let mut infos: Vec<BlockInfo> = splits
@@ -405,14 +468,36 @@ pub async fn run_interval(
         );
         blocks.insert(name, infos);
     }
+    Ok(blocks)
+}
 
+/// Maps, reduces and commits `interval`, whose input is `blocks` (sealed since
+/// `started`).
+async fn run_stages(
+    engine: &Engine,
+    state: &mut EngineState,
+    interval: IntervalId,
+    commit: CommitOptions,
+    alive: &[WorkerRecord],
+    blocks: HashMap<String, Vec<BlockInfo>>,
+    started: Instant,
+) -> IntervalResult {
     let sealed_at = started.elapsed();
-    if let Some(reason) = lost_worker(&cluster, &alive, false).await {
+    let cluster = engine.inner.cluster.clone();
+    let speculation = engine.inner.config.speculation;
+    let timeline = state.timeline;
+    let mut counts = StageCounts {
+        workers: alive.len() as u64,
+        ..Default::default()
+    };
+    if let Some(reason) = lost_worker(&cluster, alive, false).await {
         return Err(Interrupted(reason));
     }
     // 2. Map: one task per (view, block), where the block was received if the load
     // allows (see `place_map_tasks`).
     let mut failed: HashMap<String, String> = HashMap::new();
+    // Views take part from the interval after their creation.
+    let takes_part = |since: Option<IntervalId>| since.is_none_or(|s| s <= interval);
     let mut next_task = 0u64;
     let mut map_load: HashMap<u64, usize> = HashMap::new();
     let mut map_tasks: Vec<StageTask> = Vec::new();
@@ -501,7 +586,7 @@ pub async fn run_interval(
             failed.entry(view.clone()).or_insert(error);
         }
     }
-    if let Some(reason) = lost_worker(&cluster, &alive, !failed.is_empty()).await {
+    if let Some(reason) = lost_worker(&cluster, alive, !failed.is_empty()).await {
         return Err(Interrupted(reason));
     }
 
@@ -593,7 +678,7 @@ pub async fn run_interval(
             failed.entry(view.clone()).or_insert(error);
         }
     }
-    if let Some(reason) = lost_worker(&cluster, &alive, !failed.is_empty()).await {
+    if let Some(reason) = lost_worker(&cluster, alive, !failed.is_empty()).await {
         return Err(Interrupted(reason));
     }
 
@@ -606,7 +691,7 @@ pub async fn run_interval(
         keep_from: commit.lineage.map(|c| c.0),
     };
     let commits = cluster
-        .call_each(&alive, "commit the interval", |mut client| async move {
+        .call_each(alive, "commit the interval", |mut client| async move {
             client.commit(request).await
         })
         .await;

@@ -30,6 +30,7 @@ pub(super) async fn drop_object(engine: &Engine, drop: DropObject) -> Result<Sta
     match drop.kind {
         ObjectKind::Source => {
             state.sources.remove(&drop.name);
+            state.forget_seals(&drop.name);
         }
         ObjectKind::Table => {
             if let Some(TableSlot::Memory(_)) = state.tables.remove(&drop.name) {
