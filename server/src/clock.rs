@@ -20,7 +20,9 @@ pub trait IntervalClock: Send + Sync + std::fmt::Debug {
     /// Waits until the interval ending at `end_nanos` may be sealed.
     async fn wait_until(&self, end_nanos: i64);
 
-    /// Whether the interval ending at `end_nanos` may be sealed now, without waiting.
+    /// Whether the interval ending at `end_nanos`, the one after the interval just
+    /// started, may be sealed now without waiting. (The manual clock answers for
+    /// that interval whatever `end_nanos` says: whether an `ADVANCE` let it run.)
     fn has_ended(&self, end_nanos: i64) -> bool;
 
     /// The manual clock, if this is one.

@@ -155,7 +155,8 @@ pub struct SourceSlot {
     pub def: Arc<SourceDef>,
     /// The worker running each of the source's receivers (its splits), once placed.
     pub receivers: Vec<u64>,
-    /// Where each receiver stood after its last seal.
+    /// Where each receiver stood after the last interval whose input was recorded
+    /// (an interval sealed ahead counts once it runs: see `position`).
     pub positions: Vec<SplitPosition>,
     pub stats: SourceStats,
     pub failure: Option<String>,
@@ -171,17 +172,22 @@ pub struct SourceSlot {
 
 impl SourceSlot {
     /// Where receiver `split` of this source (`name`) stands: after its latest seal,
-    /// one sealed `ahead` included.
-    pub fn position(&self, name: &str, split: u32, ahead: Option<&Sealing>) -> SplitPosition {
+    /// including those `sealed` (the interval in progress, then the one sealed ahead)
+    /// that its positions do not count yet. Moving past a seal twice changes nothing.
+    pub fn position<'a>(
+        &self,
+        name: &str,
+        split: u32,
+        sealed: impl IntoIterator<Item = &'a Sealing>,
+    ) -> SplitPosition {
         let before = self
             .positions
             .get(split as usize)
             .cloned()
             .unwrap_or_default();
-        match ahead {
-            Some(ahead) => ahead.position_after(name, split, before),
-            None => before,
-        }
+        sealed.into_iter().fold(before, |position, s| {
+            s.position_after(name, split, position)
+        })
     }
 
     pub fn new(def: Arc<SourceDef>, retain_intervals: usize) -> Self {
@@ -327,6 +333,10 @@ pub struct Sealing {
     pub watermarks: HashMap<String, i64>,
     /// What each receiver sealed, by (source, split).
     pub splits: HashMap<(String, u32), proto::SealedSource>,
+    /// Workers whose seal failed (not lost: they answered with an error), and the
+    /// error. Their receivers' sources fail when the interval runs, not before: a seal
+    /// ahead that fails leaves the interval in progress, and its checkpoint, alone.
+    pub failed: Vec<(u64, String)>,
 }
 
 impl Sealing {
@@ -340,6 +350,7 @@ impl Sealing {
                 .filter_map(|(name, s)| s.stats.watermark.map(|w| (name.clone(), w)))
                 .collect(),
             splits: HashMap::new(),
+            failed: Vec::new(),
         }
     }
 
@@ -1282,6 +1293,19 @@ mod tests {
         );
         // A split that did not seal ahead stands where it stood.
         assert_eq!(ahead.position_after("a", 1, before.clone()), before);
+        // Moving past the same seal twice (a recovery after an interrupted attempt)
+        // changes nothing.
+        assert_eq!(ahead.position_after("a", 0, after.clone()), after);
+        // After the interval in progress and then the one sealed ahead: where
+        // recovery reopens a receiver whose worker was lost in between.
+        let mut next = Sealing::new(IntervalId(8), &BTreeMap::new());
+        let s = sealed("a", 0, 45, &["f3"]);
+        next.splits.insert((s.source.clone(), s.split), s);
+        let both = [&ahead, &next]
+            .into_iter()
+            .fold(before.clone(), |p, s| s.position_after("a", 0, p));
+        assert_eq!(both.records, 45);
+        assert_eq!(both.seen_files.len(), 3);
         // A dropped source's seals are forgotten; others stay.
         ahead.forget("a");
         assert_eq!(ahead.position_after("a", 0, before.clone()), before);

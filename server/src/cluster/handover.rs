@@ -227,6 +227,16 @@ async fn hand_over(cluster: &Cluster, state: &mut EngineState, leaving: &WorkerR
             }
         }
     }
+    // So do the blocks of an interval sealed ahead.
+    for sealed in state
+        .sealed_ahead
+        .iter_mut()
+        .flat_map(|a| a.splits.values_mut())
+    {
+        for block in &mut sealed.blocks {
+            block.holders.retain(|h| *h != leaving.id);
+        }
+    }
 
     // State partitions, all at once: each is fetched by its new owner.
     let mut owned: HashMap<u64, usize> = staying.iter().map(|w| (w.id, 0)).collect();

@@ -36,7 +36,7 @@ use tracing::{info, warn};
 use super::scheduler::{self, CommitOptions, Interrupted};
 use super::stage::{StageTask, run_stage};
 use super::{Cluster, WorkerRecord, WorkerStatus};
-use crate::engine::{Engine, EngineState};
+use crate::engine::{Engine, EngineState, Sealing};
 
 /// One recovery, as `dstream_recoveries` shows it.
 #[derive(Clone, Debug)]
@@ -181,8 +181,13 @@ async fn reopen_receivers(
         }
     }
     let mut reopened = 0;
-    // A receiver that sealed the next interval ahead carries on after it.
-    let ahead = state.sealed_ahead.as_ref();
+    // A receiver carries on after every seal it answered, those of the interval in
+    // progress (an attempt interrupted before it ran) and of the one sealed ahead.
+    let sealed: Vec<&Sealing> = state
+        .sealing
+        .iter()
+        .chain(state.sealed_ahead.iter())
+        .collect();
     for (name, slot) in state.sources.iter_mut() {
         if slot.failure.is_some() {
             continue;
@@ -199,9 +204,9 @@ async fn reopen_receivers(
             else {
                 break;
             };
-            let handover =
-                slot.position(name, split as u32, ahead)
-                    .handover(name, split as u32, splits);
+            let handover = slot
+                .position(name, split as u32, sealed.iter().copied())
+                .handover(name, split as u32, splits);
             let mut client = target.client.clone();
             match cluster
                 .call(

@@ -19,14 +19,16 @@
 //! other: interval *t+1*'s tasks start only once *t* is committed, so results that
 //! depend on order (state, watermarks, window closes) never see *t+1* before *t*.
 //! When *t+1* is due already (the engine is behind), its receivers seal it while *t*
-//! maps, reduces and commits: cutting input ahead changes no result, and fills the
-//! cores the stage barriers leave idle.
+//! maps, reduces and commits, which fills the cores the stage barriers leave idle.
+//! Each interval still holds what had arrived when it was sealed, and its tasks see
+//! the state and watermarks they would have seen.
 //!
 //! A worker lost before every reduce task answered *interrupts* the interval
 //! ([`Interrupted`]): nothing of it is published, the engine drops its uncommitted
 //! work, recovers what the worker held (`recovery`) and runs the interval again. The
-//! receivers that sealed it already are not sealed again (`EngineState::sealing`),
-//! so the second attempt sees the same input. A worker lost during the commit does
+//! receivers that sealed it already (in an attempt, or ahead) are not sealed again
+//! (`EngineState::sealing`, `EngineState::sealed_ahead`), so the second attempt sees
+//! the same input. A worker lost during the commit does
 //! not interrupt it: every result is in, and recovery replays the interval into the
 //! partitions that worker held.
 
@@ -272,9 +274,9 @@ pub async fn run_interval(
         seal_ahead
     );
     if let Some((mut sealing, answers)) = ahead {
-        // A worker lost meanwhile sealed nothing that counts: its receivers seal the
-        // next interval wherever recovery reopens them.
-        let _ = record_seals(&cluster, &mut state.sources, &mut sealing, answers);
+        // A worker lost before it answered: its receivers seal the next interval
+        // wherever recovery reopens them (after the seals they did answer).
+        let _ = record_seals(&cluster, &mut sealing, answers);
         state.sealed_ahead = Some(sealing);
     }
     outcome
@@ -345,12 +347,11 @@ async fn send_seals(
     .await
 }
 
-/// Records in `sealing` what each receiver sealed. A receiver that could not seal
-/// fails its sources, unless its worker was lost: then this says why, and the
-/// receiver seals again once recovery reopened it.
+/// Records in `sealing` what each receiver sealed, and the workers whose seal failed
+/// (see [`fail_receivers`]). A worker lost meanwhile sealed nothing this records:
+/// this says why, and its receivers seal again once recovery reopened them.
 fn record_seals(
     cluster: &Cluster,
-    sources: &mut BTreeMap<String, SourceSlot>,
     sealing: &mut Sealing,
     answers: Vec<(u64, Result<proto::SealResponse>)>,
 ) -> Option<String> {
@@ -367,17 +368,23 @@ fn record_seals(
             Err(e) if !cluster.is_alive(worker) => {
                 lost.get_or_insert(e.to_string());
             }
-            Err(e) => {
-                for (name, slot) in sources.iter_mut() {
-                    if slot.receivers.contains(&worker) && slot.failure.is_none() {
-                        warn!(source = %name, error = %e, "source lost a receiver");
-                        slot.failure = Some(format!("a receiver could not seal: {e}"));
-                    }
-                }
-            }
+            Err(e) => sealing.failed.push((worker, e.to_string())),
         }
     }
     lost
+}
+
+/// Fails the sources with a receiver on a worker whose seal of `sealing`'s interval
+/// failed.
+fn fail_receivers(sources: &mut BTreeMap<String, SourceSlot>, sealing: &mut Sealing) {
+    for (worker, error) in std::mem::take(&mut sealing.failed) {
+        for (name, slot) in sources.iter_mut() {
+            if slot.receivers.contains(&worker) && slot.failure.is_none() {
+                warn!(source = %name, %error, "source lost a receiver");
+                slot.failure = Some(format!("a receiver could not seal: {error}"));
+            }
+        }
+    }
 }
 
 /// Seals `interval` on the receivers that have not sealed it yet (in an earlier
@@ -394,9 +401,12 @@ async fn seal(
     let mut sealing = state
         .take_sealing(interval)
         .unwrap_or_else(|| Sealing::new(interval, &state.sources));
+    // Seals ahead that failed fail their sources now.
+    fail_receivers(&mut state.sources, &mut sealing);
     let requests = seal_requests(state, &sealing, alive, timeline);
     let answers = send_seals(cluster, requests).await;
-    let lost = record_seals(cluster, &mut state.sources, &mut sealing, answers);
+    let lost = record_seals(cluster, &mut sealing, answers);
+    fail_receivers(&mut state.sources, &mut sealing);
     let mut sealed: HashMap<String, Vec<proto::SealedSource>> = HashMap::new();
     for ((name, _), split) in &sealing.splits {
         sealed.entry(name.clone()).or_default().push(split.clone());

@@ -32,6 +32,9 @@ pub(super) async fn set_batch_interval(
         };
     state.timeline = dstream_storage::Timeline::new(origin, width);
     state.next = dstream_storage::IntervalId(0);
+    // Interval numbers start again: nothing sealed under the old ones is kept.
+    state.sealing = None;
+    state.sealed_ahead = None;
     Ok(command("SET"))
 }
 
