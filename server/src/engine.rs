@@ -185,9 +185,7 @@ impl SourceSlot {
             .get(split as usize)
             .cloned()
             .unwrap_or_default();
-        sealed.into_iter().fold(before, |position, s| {
-            s.position_after(name, split, position)
-        })
+        Sealing::position_after_each(sealed, name, split, before)
     }
 
     pub fn new(def: Arc<SourceDef>, retain_intervals: usize) -> Self {
@@ -361,6 +359,19 @@ impl Sealing {
             position.advance(sealed);
         }
         position
+    }
+
+    /// Where receiver `split` of `source` stands after each of `sealed` in turn, from
+    /// `before`.
+    pub fn position_after_each<'a>(
+        sealed: impl IntoIterator<Item = &'a Sealing>,
+        source: &str,
+        split: u32,
+        before: SplitPosition,
+    ) -> SplitPosition {
+        sealed.into_iter().fold(before, |position, s| {
+            s.position_after(source, split, position)
+        })
     }
 
     /// Forgets what `source`'s receivers sealed.
@@ -1301,9 +1312,7 @@ mod tests {
         let mut next = Sealing::new(IntervalId(8), &BTreeMap::new());
         let s = sealed("a", 0, 45, &["f3"]);
         next.splits.insert((s.source.clone(), s.split), s);
-        let both = [&ahead, &next]
-            .into_iter()
-            .fold(before.clone(), |p, s| s.position_after("a", 0, p));
+        let both = Sealing::position_after_each([&ahead, &next], "a", 0, before.clone());
         assert_eq!(both.records, 45);
         assert_eq!(both.seen_files.len(), 3);
         // A dropped source's seals are forgotten; others stay.

@@ -26,6 +26,28 @@ async fn assert_equals_batch(client: &tokio_postgres::Client, view: &str, batch:
     assert_eq!(diff, vec![vec!["0"]], "view {view} differs from batch");
 }
 
+/// Starts a worker in this process that joins `engine`'s cluster, with one task
+/// slot, each task first waiting `task_delay`; it runs until `stop`. The caller awaits
+/// the handle.
+fn join_worker(
+    engine: &dstream_server::Engine,
+    task_delay: Duration,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<dstream_executor::Result<()>> {
+    let config = dstream_executor::worker::WorkerConfig {
+        coordinator: engine.coordinator_url().to_string(),
+        advertise: None,
+        cores: 1,
+        s3_credentials: Default::default(),
+        task_delay,
+    };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+    #[allow(clippy::disallowed_methods)] // the caller awaits it
+    tokio::spawn(dstream_executor::worker::run(config, listener, stop))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_worker_is_reported_and_its_work_recovered() {
     let server = TestServer::start_with(|config| {
@@ -136,21 +158,7 @@ async fn a_worker_that_joins_late_gets_work() {
     let engine = server.engine.clone().expect("engine");
     let stop_workers = CancellationToken::new();
     let mut workers = Vec::new();
-    let join = || {
-        let config = dstream_executor::worker::WorkerConfig {
-            coordinator: engine.coordinator_url().to_string(),
-            advertise: None,
-            cores: 1,
-            s3_credentials: Default::default(),
-            task_delay: Duration::ZERO,
-        };
-        let stop = stop_workers.clone();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-        #[allow(clippy::disallowed_methods)] // awaited at the end of the test
-        tokio::spawn(dstream_executor::worker::run(config, listener, stop))
-    };
+    let join = || join_worker(&engine, Duration::ZERO, stop_workers.clone());
     workers.push(join());
     engine
         .cluster()
@@ -319,22 +327,7 @@ async fn a_source_created_again_while_behind_seals_its_own_input() {
     let stop_worker = CancellationToken::new();
     // Every task waits, so that an interval is still running when the source is
     // dropped and created again: both land between it and the interval sealed ahead.
-    let config = dstream_executor::worker::WorkerConfig {
-        coordinator: engine.coordinator_url().to_string(),
-        advertise: None,
-        cores: 1,
-        s3_credentials: Default::default(),
-        task_delay: Duration::from_millis(400),
-    };
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.set_nonblocking(true).expect("nonblocking");
-    let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-    #[allow(clippy::disallowed_methods)] // awaited at the end of the test
-    let worker = tokio::spawn(dstream_executor::worker::run(
-        config,
-        listener,
-        stop_worker.clone(),
-    ));
+    let worker = join_worker(&engine, Duration::from_millis(400), stop_worker.clone());
     engine
         .cluster()
         .wait_for_workers(1, Duration::from_secs(10))

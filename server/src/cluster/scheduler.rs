@@ -228,6 +228,14 @@ async fn lost_worker(cluster: &Cluster, alive: &[WorkerRecord], probe: bool) -> 
         .map(|w| cluster.unavailable(w.id))
 }
 
+/// `timeline` as workers are told it.
+fn proto_timeline(timeline: &dstream_storage::Timeline) -> proto::Timeline {
+    proto::Timeline {
+        origin_nanos: timeline.origin_nanos,
+        width_nanos: timeline.width_nanos,
+    }
+}
+
 /// What one interval gives: each view's outcome and counts, or why it was interrupted.
 type IntervalResult =
     std::result::Result<(BTreeMap<String, ViewOutcome>, StageCounts), Interrupted>;
@@ -249,10 +257,7 @@ pub async fn run_interval(
 ) -> IntervalResult {
     let cluster = engine.inner.cluster.clone();
     let alive = cluster.alive();
-    let timeline = proto::Timeline {
-        origin_nanos: state.timeline.origin_nanos,
-        width_nanos: state.timeline.width_nanos,
-    };
+    let timeline = proto_timeline(&state.timeline);
     let started = Instant::now();
     let blocks = seal(&cluster, state, interval, commit, &alive, timeline).await?;
     let ahead = seal_next.then(|| {
@@ -807,10 +812,7 @@ pub async fn sync_workers(engine: &Engine, state: &mut EngineState) -> Result<()
             })
             .collect();
         let request = proto::InstallRequest {
-            timeline: Some(proto::Timeline {
-                origin_nanos: state.timeline.origin_nanos,
-                width_nanos: state.timeline.width_nanos,
-            }),
+            timeline: Some(proto_timeline(&state.timeline)),
             objects: objects.clone(),
             receivers: receivers.clone(),
             block_rows: engine.inner.config.block_rows as u64,
