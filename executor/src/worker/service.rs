@@ -121,7 +121,9 @@ impl proto::worker_server::Worker for WorkerService {
                     outcome = async {
                         // A reduce task reads its remote inputs before it takes a
                         // slot, so that a worker's tasks fetch while others compute.
+                        let arrived = Instant::now();
                         let inputs = read_inputs(&state, &peers, &task).await?;
+                        let read = arrived.elapsed();
                         // Wait for a task slot; the semaphore is never closed.
                         let _slot = state.slots.clone().acquire_owned().await.ok();
                         let _running = state.task_started();
@@ -130,8 +132,13 @@ impl proto::worker_server::Worker for WorkerService {
                         if !state.task_delay().is_zero() {
                             tokio::time::sleep(state.task_delay()).await;
                         }
+                        let waited = started - arrived - read;
                         run_task(&state, task, inputs, &abandon).await.map(|mut result| {
-                            result.micros = started.elapsed().as_micros() as u64;
+                            let ran = started.elapsed();
+                            // Where a task's time went: fetching its inputs, waiting
+                            // for a slot, computing.
+                            tracing::debug!(%interval, task = id, ?read, ?waited, ?ran, "task done");
+                            result.micros = ran.as_micros() as u64;
                             result
                         })
                     } => outcome,
