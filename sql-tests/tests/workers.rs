@@ -27,13 +27,14 @@ async fn assert_equals_batch(client: &tokio_postgres::Client, view: &str, batch:
 }
 
 /// Starts a worker in this process that joins `engine`'s cluster, with one task
-/// slot, each task first waiting `task_delay`; it runs until `stop`. The caller awaits
-/// the handle.
-fn join_worker(
+/// slot, each task first waiting `task_delay`; it runs until `stop`. Returns once the
+/// coordinator counts it alive; the caller awaits the handle.
+async fn join_worker(
     engine: &dstream_server::Engine,
     task_delay: Duration,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<dstream_executor::Result<()>> {
+    let joined = engine.cluster().alive().len() + 1;
     let config = dstream_executor::worker::WorkerConfig {
         coordinator: engine.coordinator_url().to_string(),
         advertise: None,
@@ -45,7 +46,13 @@ fn join_worker(
     listener.set_nonblocking(true).expect("nonblocking");
     let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
     #[allow(clippy::disallowed_methods)] // the caller awaits it
-    tokio::spawn(dstream_executor::worker::run(config, listener, stop))
+    let worker = tokio::spawn(dstream_executor::worker::run(config, listener, stop));
+    engine
+        .cluster()
+        .wait_for_workers(joined, Duration::from_secs(10))
+        .await
+        .expect("the worker joins");
+    worker
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -158,13 +165,7 @@ async fn a_worker_that_joins_late_gets_work() {
     let engine = server.engine.clone().expect("engine");
     let stop_workers = CancellationToken::new();
     let mut workers = Vec::new();
-    let join = || join_worker(&engine, Duration::ZERO, stop_workers.clone());
-    workers.push(join());
-    engine
-        .cluster()
-        .wait_for_workers(1, Duration::from_secs(10))
-        .await
-        .expect("first worker");
+    workers.push(join_worker(&engine, Duration::ZERO, stop_workers.clone()).await);
     let client = server.client().await.expect("connect");
     client
         .batch_execute(
@@ -174,12 +175,7 @@ async fn a_worker_that_joins_late_gets_work() {
         )
         .await
         .expect("setup");
-    workers.push(join());
-    engine
-        .cluster()
-        .wait_for_workers(2, Duration::from_secs(10))
-        .await
-        .expect("second worker");
+    workers.push(join_worker(&engine, Duration::ZERO, stop_workers.clone()).await);
     client
         .batch_execute(
             "CREATE MATERIALIZED VIEW b AS SELECT k, max(v) AS top FROM s GROUP BY k; ADVANCE 3;",
@@ -327,12 +323,7 @@ async fn a_source_created_again_while_behind_seals_its_own_input() {
     let stop_worker = CancellationToken::new();
     // Every task waits, so that an interval is still running when the source is
     // dropped and created again: both land between it and the interval sealed ahead.
-    let worker = join_worker(&engine, Duration::from_millis(400), stop_worker.clone());
-    engine
-        .cluster()
-        .wait_for_workers(1, Duration::from_secs(10))
-        .await
-        .expect("worker");
+    let worker = join_worker(&engine, Duration::from_millis(400), stop_worker.clone()).await;
     let client = server.client().await.expect("connect");
     client
         .batch_execute(

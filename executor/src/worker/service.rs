@@ -123,7 +123,7 @@ impl proto::worker_server::Worker for WorkerService {
                         // slot, so that a worker's tasks fetch while others compute.
                         let arrived = Instant::now();
                         let inputs = read_inputs(&state, &peers, &task).await?;
-                        let read = arrived.elapsed();
+                        let ready = Instant::now();
                         // Wait for a task slot; the semaphore is never closed.
                         let _slot = state.slots.clone().acquire_owned().await.ok();
                         let _running = state.task_started();
@@ -132,7 +132,7 @@ impl proto::worker_server::Worker for WorkerService {
                         if !state.task_delay().is_zero() {
                             tokio::time::sleep(state.task_delay()).await;
                         }
-                        let waited = started - arrived - read;
+                        let (read, waited) = (ready - arrived, started - ready);
                         run_task(&state, task, inputs, &abandon).await.map(|mut result| {
                             let ran = started.elapsed();
                             // Where a task's time went: fetching its inputs, waiting
