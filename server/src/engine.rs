@@ -310,6 +310,10 @@ pub struct EngineState {
     /// are not done again, and until it runs, a receiver that moves carries on
     /// from after them.
     pub sealed_ahead: Option<Sealing>,
+    /// The map stage of that interval, started once it was sealed ahead.
+    pub mapped_ahead: Option<scheduler::MappedAhead>,
+    /// The first task id the next map stage started ahead takes.
+    pub next_ahead_task: u64,
     /// The cluster membership (see `Cluster::membership_version`) that state
     /// partitions were last evened out for: they are evened out again only when a
     /// worker joins, leaves or dies, so partitions that speculative copies moved off
@@ -582,6 +586,8 @@ impl Engine {
                     unrestored: Vec::new(),
                     sealing: None,
                     sealed_ahead: None,
+                    mapped_ahead: None,
+                    next_ahead_task: scheduler::FIRST_AHEAD_TASK,
                     balanced_for: None,
                     outrun: BTreeMap::new(),
                     resume: None,

@@ -391,11 +391,16 @@ async fn a_straggler_is_outrun_by_speculative_copies() {
         straggling.partitions
     );
     // Once outrun, it gets no more map tasks either (for a while): only the first
-    // interval with it ran copies.
-    assert_eq!(
-        straggling.speculated_in,
-        vec!["|2|"],
-        "intervals with copies"
+    // interval with it ran copies, and the next one if its map tasks were placed
+    // ahead, while the first ran and before the straggler was outrun.
+    assert!(
+        straggling.speculated_in.first().is_some_and(|i| i == "|2|")
+            && straggling
+                .speculated_in
+                .iter()
+                .all(|i| i == "|2|" || i == "|3|"),
+        "intervals with copies: {:?}",
+        straggling.speculated_in
     );
 }
 

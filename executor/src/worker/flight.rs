@@ -5,7 +5,7 @@
 //! partitions, input blocks and (for a handover) state partitions; `do_put` stores a
 //! replica of an input block (sent without its constant `_interval` column, and kept
 //! encoded until read), the lineage a replayable source's blocks are kept as instead,
-//! or the rows of a table. Tickets and put descriptors are [`proto::DataTicket`]s. Batches travel as
+//! the rows of a table, or a map output pushed to the owner of its partition. Tickets and put descriptors are [`proto::DataTicket`]s. Batches travel as
 //! Arrow IPC (Flight's own encoding) — no row-by-row encoding anywhere — and a worker
 //! reading its own data skips Flight and shares the batches (see `service`).
 //!
@@ -223,7 +223,20 @@ impl FlightEndpoint {
                 *partition.write().await = batches;
                 Ok(())
             }
-            _ => Err(Status::invalid_argument("only blocks and tables are put")),
+            Kind::Shuffle(s) => {
+                let key = (
+                    s.view,
+                    IntervalId(s.interval),
+                    s.block,
+                    s.partition,
+                    s.component,
+                );
+                self.state.put_pushed(key, batches);
+                Ok(())
+            }
+            _ => Err(Status::invalid_argument(
+                "only blocks, tables and map outputs are put",
+            )),
         }
     }
 }

@@ -11,6 +11,7 @@
 //! - [`state`]: [`WorkerState`]: installed definitions, blocks, shuffle outputs, state.
 //! - [`install`]: installing catalog objects: planning views the way the coordinator did.
 //! - [`service`]: the `Worker` gRPC service: seal, run tasks, commit, cancel.
+//! - [`slots`]: task slots, handed to the earliest interval's tasks first.
 //! - [`flight`]: the Flight service and the client side of the data plane.
 //! - [`handover`]: moving receivers and state partitions off a worker that leaves.
 //! - [`checkpoint`]: writing the state partitions held here to the object store.
@@ -30,6 +31,7 @@ pub mod flight;
 pub mod handover;
 pub mod install;
 pub mod service;
+pub mod slots;
 pub mod state;
 
 pub use state::WorkerState;

@@ -5,8 +5,10 @@
 //!   block is stored here and put to the replica worker before the answer, so the
 //!   loss of one worker loses no sealed input.
 //! - `RunTasks`: map tasks (a view's stateless part over a local block, split into P
-//!   shuffle pieces kept here) and reduce tasks (the pieces of one partition, read
-//!   locally or over Flight, folded into the partition's state). Outputs wait for
+//!   shuffle pieces kept here, each also pushed over Flight to its partition's owner
+//!   once the task gave up its slot) and reduce tasks (the pieces of one partition,
+//!   read locally, from what was pushed here, or over Flight, folded into the
+//!   partition's state). Tasks wait for a slot ([`super::slots`]). Outputs wait for
 //!   `Commit`; `Cancel` drops them.
 //! - `AwaitCheckpoint`: a checkpoint asked for in `Commit` is written in the
 //!   background (see [`super::checkpoint`]); this waits for it.
@@ -17,7 +19,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arrow::array::RecordBatch;
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{Schema, SchemaRef};
 use dstream_storage::{IntervalId, Timeline};
 use tokio::task::JoinSet;
 use tonic::{Request, Response, Status};
@@ -124,23 +126,30 @@ impl proto::worker_server::Worker for WorkerService {
                         let arrived = Instant::now();
                         let inputs = read_inputs(&state, &peers, &task).await?;
                         let ready = Instant::now();
-                        // Wait for a task slot; the semaphore is never closed.
-                        let _slot = state.slots.clone().acquire_owned().await.ok();
-                        let _running = state.task_started();
+                        // Wait for a task slot: the earliest interval's tasks get
+                        // one first.
+                        let slot = state.slots.acquire(interval).await;
+                        let running = state.task_started();
                         let _ = events.send(proto::TaskResult { id, started: true, ..Default::default() });
                         let started = Instant::now();
                         if !state.task_delay().is_zero() {
                             tokio::time::sleep(state.task_delay()).await;
                         }
                         let (read, waited) = (ready - arrived, started - ready);
-                        run_task(&state, task, inputs, &abandon).await.map(|mut result| {
-                            let ran = started.elapsed();
-                            // Where a task's time went: fetching its inputs, waiting
-                            // for a slot, computing.
-                            tracing::debug!(%interval, task = id, ?read, ?waited, ?ran, "task done");
-                            result.micros = ran.as_micros() as u64;
-                            result
-                        })
+                        let push = MapPush::of(&task);
+                        let mut result = run_task(&state, task, inputs, &abandon).await?;
+                        let ran = started.elapsed();
+                        result.micros = ran.as_micros() as u64;
+                        // The next task computes while this one's output travels.
+                        drop((slot, running));
+                        let pushing = Instant::now();
+                        if let Some(push) = push {
+                            push.send(&state, &peers).await;
+                        }
+                        // Where a task's time went: fetching its inputs, waiting for a
+                        // slot, computing, pushing its output.
+                        tracing::debug!(%interval, task = id, ?read, ?waited, ?ran, pushed = ?pushing.elapsed(), "task done");
+                        Ok(result)
                     } => outcome,
                 };
                 let mut result = outcome.unwrap_or_else(|e| proto::TaskResult {
@@ -504,6 +513,77 @@ async fn installed_view(state: &WorkerState, view: &str) -> Result<InstalledView
         .ok_or_else(|| Error::Internal(format!("view {view} is not installed on this worker")))
 }
 
+/// Where a map task's output goes once it is computed: each partition's piece to
+/// the partition's owner.
+struct MapPush {
+    view: String,
+    interval: IntervalId,
+    block: u32,
+    targets: Vec<proto::PushTarget>,
+}
+
+impl MapPush {
+    fn of(task: &proto::Task) -> Option<Self> {
+        let Some(TaskKind::Map(map)) = &task.kind else {
+            return None;
+        };
+        (!map.push.is_empty()).then(|| Self {
+            view: task.view.clone(),
+            interval: IntervalId(task.interval),
+            block: map.block,
+            targets: map.push.clone(),
+        })
+    }
+
+    /// Puts each piece at its partition's owner, all at once. A put that fails is
+    /// only logged: the reduce task fetches that piece instead.
+    async fn send(self, state: &WorkerState, peers: &FlightPeers) {
+        let key = (self.view.clone(), self.interval, self.block);
+        let Some(pieces) = state.shuffle(&key) else {
+            return;
+        };
+        let mut puts = Vec::new();
+        for target in self.targets.iter().filter(|t| t.worker != state.id()) {
+            // The reduce task reads no empty piece.
+            let Some(piece) = pieces
+                .get(target.partition as usize)
+                .filter(|piece| piece_rows(piece) > 0)
+            else {
+                continue;
+            };
+            let components = std::iter::once(&piece.rows).chain(piece.distinct.iter());
+            for (component, batches) in components.enumerate() {
+                let kind = Kind::Shuffle(proto::ShuffleRef {
+                    view: self.view.clone(),
+                    interval: self.interval.0,
+                    block: self.block,
+                    partition: target.partition,
+                    component: component as u32,
+                });
+                let schema = batches
+                    .first()
+                    .map_or_else(|| Arc::new(Schema::empty()), RecordBatch::schema);
+                puts.push(async move {
+                    let put = peers.put(&target.address, kind, schema, batches.clone());
+                    (target, put.await)
+                });
+            }
+        }
+        for (target, result) in futures::future::join_all(puts).await {
+            if let Err(e) = result {
+                tracing::debug!(
+                    view = %self.view,
+                    interval = %self.interval,
+                    block = self.block,
+                    partition = target.partition,
+                    error = %e,
+                    "could not push a map output; its reduce task will fetch it"
+                );
+            }
+        }
+    }
+}
+
 /// What a reduce task reads before it computes: its shuffle pieces (local ones
 /// shared, remote ones fetched all at once) and, for a speculative copy, the committed
 /// partition it starts from.
@@ -532,6 +612,11 @@ async fn read_inputs(
                 Error::Internal(format!("map output of block {} is missing", location.block))
             })?;
             Ok((local.get(p as usize).cloned().unwrap_or_default(), 0))
+        } else if let Some(piece) =
+            state.pushed(&task.view, interval, location.block, p, location.components)
+        {
+            let bytes = piece_bytes(&piece);
+            Ok((piece, bytes))
         } else {
             let piece = fetch_piece(peers, &task.view, interval, p, location).await?;
             let bytes = piece_bytes(&piece);

@@ -21,6 +21,7 @@ use dstream_storage::{DataDir, IntervalId, S3Options, Timeline};
 use tokio_util::sync::CancellationToken;
 
 use super::checkpoint::{TakenPartition, Writing};
+use super::slots::TaskSlots;
 use crate::block::{Block, with_interval_column};
 use crate::connector::Split;
 use crate::error::{Error, Result};
@@ -195,13 +196,17 @@ impl EncodedBlock {
 /// Key of a map task's output: (view, interval, block).
 pub type ShuffleKey = (String, IntervalId, u32);
 
+/// Key of one component of a map output pushed to its partition's owner:
+/// (view, interval, block, partition, component).
+pub type PushedKey = (String, IntervalId, u32, u32, u32);
+
 /// The state of one worker.
 pub struct WorkerState {
     address: String,
     id: AtomicU64,
     running: AtomicU32,
-    /// One permit per task slot.
-    pub slots: Arc<tokio::sync::Semaphore>,
+    /// How many tasks compute at once; the earliest interval's go first.
+    pub slots: Arc<TaskSlots>,
     /// Runs tasks; has no tables, only functions and settings.
     pub task_ctx: SessionContext,
     pub installed: tokio::sync::Mutex<Option<Installed>>,
@@ -209,6 +214,8 @@ pub struct WorkerState {
     pub receivers: tokio::sync::Mutex<BTreeMap<(String, u32), SourceRuntime>>,
     blocks: Mutex<BTreeMap<(String, IntervalId), IntervalBlocks>>,
     shuffle: Mutex<HashMap<ShuffleKey, Arc<Vec<ShufflePiece>>>>,
+    /// Map outputs other workers pushed here for the partitions this worker owns.
+    pushed: Mutex<HashMap<PushedKey, Vec<RecordBatch>>>,
     partitions: Mutex<HashMap<(String, u32), PartitionSlot>>,
     cancels: Mutex<HashMap<IntervalId, CancellationToken>>,
     /// Per-task tokens (children of their interval's), so that one task can be
@@ -252,12 +259,13 @@ impl WorkerState {
             address,
             id: AtomicU64::new(0),
             running: AtomicU32::new(0),
-            slots: Arc::new(tokio::sync::Semaphore::new(cores.max(1))),
+            slots: TaskSlots::new(cores),
             task_ctx: SessionContext::new_with_config(session_config(1)),
             installed: tokio::sync::Mutex::new(None),
             receivers: tokio::sync::Mutex::new(BTreeMap::new()),
             blocks: Mutex::new(BTreeMap::new()),
             shuffle: Mutex::new(HashMap::new()),
+            pushed: Mutex::new(HashMap::new()),
             partitions: Mutex::new(HashMap::new()),
             cancels: Mutex::new(HashMap::new()),
             task_cancels: Mutex::new(HashMap::new()),
@@ -304,6 +312,7 @@ impl WorkerState {
         self.receivers.lock().await.clear();
         lock(&self.blocks).clear();
         lock(&self.shuffle).clear();
+        lock(&self.pushed).clear();
         lock(&self.partitions).clear();
     }
 
@@ -405,9 +414,39 @@ impl WorkerState {
         lock(&self.shuffle).get(key).cloned()
     }
 
-    /// Drops the map outputs of `interval` and earlier.
+    /// Keeps one component of a map output another worker pushed here.
+    pub fn put_pushed(&self, key: PushedKey, rows: Vec<RecordBatch>) {
+        lock(&self.pushed).insert(key, rows);
+    }
+
+    /// The piece of block `block`'s map output for `partition`, if all its
+    /// `components` were pushed here.
+    pub fn pushed(
+        &self,
+        view: &str,
+        interval: IntervalId,
+        block: u32,
+        partition: u32,
+        components: u32,
+    ) -> Option<ShufflePiece> {
+        let pushed = lock(&self.pushed);
+        let mut key = (view.to_string(), interval, block, partition, 0);
+        let mut parts = Vec::with_capacity(components.max(1) as usize);
+        for component in 0..components.max(1) {
+            key.4 = component;
+            parts.push(pushed.get(&key)?.clone());
+        }
+        let mut parts = parts.into_iter();
+        Some(ShufflePiece {
+            rows: parts.next().unwrap_or_default(),
+            distinct: parts.collect(),
+        })
+    }
+
+    /// Drops the map outputs of `interval` and earlier, pushed ones included.
     pub fn expire_shuffle(&self, interval: IntervalId) {
         lock(&self.shuffle).retain(|(_, i, _), _| *i > interval);
+        lock(&self.pushed).retain(|(_, i, ..), _| *i > interval);
     }
 
     // --- state partitions ---------------------------------------------------------
@@ -556,6 +595,7 @@ impl WorkerState {
     pub fn forget(&self, name: &str) {
         lock(&self.partitions).retain(|(view, _), _| view != name);
         lock(&self.shuffle).retain(|(view, _, _), _| view != name);
+        lock(&self.pushed).retain(|(view, ..), _| view != name);
         lock(&self.blocks).retain(|(source, _), _| source != name);
     }
 

@@ -16,12 +16,14 @@
 //! a handful of round trips whatever the number of views; a task that straggles gets
 //! a speculative copy on another worker (see [`super::stage`]), and a reduce task
 //! whose copy wins moves its state partition there. Intervals run one after the
-//! other: interval *t+1*'s tasks start only once *t* is committed, so results that
-//! depend on order (state, watermarks, window closes) never see *t+1* before *t*.
-//! When *t+1* is due already (the engine is behind), its receivers seal it while *t*
-//! maps, reduces and commits, which fills the cores the stage barriers leave idle.
-//! Each interval still holds what had arrived when it was sealed, and its tasks see
-//! the state and watermarks they would have seen.
+//! other: interval *t+1*'s reduce tasks start only once *t* is committed, so results
+//! that depend on order (state, watermarks, window closes) never see *t+1* before
+//! *t*. When *t+1* is due already (the engine is behind), its receivers seal it while
+//! *t* maps, reduces and commits, and its map tasks, which depend on their block
+//! alone, start as soon as it is sealed ([`MappedAhead`]); workers give *t*'s tasks
+//! their slots first. Both fill the cores the stage barriers leave idle. Each
+//! interval still holds what had arrived when it was sealed, and its tasks see the
+//! state and watermarks they would have seen.
 //!
 //! A worker lost before every reduce task answered *interrupts* the interval
 //! ([`Interrupted`]): nothing of it is published, the engine drops its uncommitted
@@ -40,11 +42,13 @@ use dstream_executor::Changelog;
 use dstream_executor::view_runtime::window_watermark;
 use dstream_executor::worker::proto::{self, task::Kind as TaskKind};
 use dstream_executor::worker::service::read_ipc;
+use dstream_planner::StreamPlan;
 use dstream_storage::IntervalId;
 use futures::future::join_all;
+use tokio::task::JoinSet;
 use tracing::{info, warn};
 
-use super::stage::{StageTask, run_stage};
+use super::stage::{Speculation, StageOutcome, StageTask, run_stage};
 use super::{Cluster, PROBE_WAIT, WorkerRecord};
 use crate::engine::{BlockInfo, Engine, EngineState, SealedInterval, Sealing, SourceSlot};
 use crate::error::{Error, Result};
@@ -95,6 +99,23 @@ pub(crate) fn pieces_for(
             worker: o.worker,
             address: cluster.get(o.worker).map(|w| w.address).unwrap_or_default(),
             components: o.components,
+        })
+        .collect()
+}
+
+/// Where a view's map tasks push each partition's output: to the partition's owner,
+/// if alive.
+fn push_targets(alive: &[WorkerRecord], placement: &[u64]) -> Vec<proto::PushTarget> {
+    placement
+        .iter()
+        .enumerate()
+        .filter_map(|(p, owner)| {
+            let owner = alive.iter().find(|w| w.id == *owner)?;
+            Some(proto::PushTarget {
+                partition: p as u32,
+                worker: owner.id,
+                address: owner.address.clone(),
+            })
         })
         .collect()
 }
@@ -266,25 +287,314 @@ pub async fn run_interval(
             .take_sealing(next)
             .unwrap_or_else(|| Sealing::new(next, &state.sources));
         let requests = seal_requests(state, &sealing, &alive, timeline);
-        (sealing, requests)
+        (
+            sealing,
+            requests,
+            AheadPlan::new(state, &cluster, &alive, next),
+        )
     });
+    let speculation = engine.inner.config.speculation;
     let seal_ahead = async {
-        match ahead {
-            Some((sealing, requests)) => Some((sealing, send_seals(&cluster, requests).await)),
-            None => None,
-        }
+        let (mut sealing, requests, plan) = ahead?;
+        let answers = send_seals(&cluster, requests).await;
+        // A worker lost before it answered: its receivers seal the next interval
+        // wherever recovery reopens them (after the seals they did answer), and
+        // nothing of it is mapped ahead.
+        let lost = record_seals(&cluster, &mut sealing, answers);
+        let mapped = match lost {
+            None => plan.start(&cluster, &sealing, speculation),
+            Some(_) => None,
+        };
+        Some((sealing, mapped))
     };
     let (outcome, ahead) = futures::join!(
         run_stages(engine, state, interval, commit, &alive, blocks, started),
         seal_ahead
     );
-    if let Some((mut sealing, answers)) = ahead {
-        // A worker lost before it answered: its receivers seal the next interval
-        // wherever recovery reopens them (after the seals they did answer).
-        let _ = record_seals(&cluster, &mut sealing, answers);
+    if let Some((sealing, mapped)) = ahead {
         state.sealed_ahead = Some(sealing);
+        // An interrupted interval runs again after recovery, which may move blocks:
+        // the next one's maps start again then.
+        if outcome.is_ok() {
+            state.mapped_ahead = mapped;
+        }
     }
     outcome
+}
+
+/// What starting the next interval's map stage ahead needs of the engine state, taken
+/// before the interval in progress runs (which changes it).
+struct AheadPlan {
+    interval: IntervalId,
+    membership: u64,
+    /// The views that take part in it, their plans, and where their map tasks push
+    /// each partition's output.
+    views: Vec<(String, Arc<StreamPlan>, Vec<proto::PushTarget>)>,
+    /// How many receivers each live source has.
+    receivers: HashMap<String, usize>,
+    outrun: BTreeMap<u64, IntervalId>,
+    first_task: u64,
+}
+
+impl AheadPlan {
+    fn new(
+        state: &mut EngineState,
+        cluster: &Cluster,
+        alive: &[WorkerRecord],
+        interval: IntervalId,
+    ) -> Self {
+        let first_task = state.next_ahead_task;
+        state.next_ahead_task += AHEAD_TASK_IDS;
+        AheadPlan {
+            interval,
+            membership: cluster.membership_version(),
+            views: state
+                .views
+                .iter()
+                .filter(|(_, v)| {
+                    v.failure.is_none()
+                        && !v.placement.is_empty()
+                        && v.since.is_none_or(|s| s <= interval)
+                })
+                .map(|(n, v)| {
+                    let push = push_targets(alive, &v.placement);
+                    (n.clone(), v.plan.clone(), push)
+                })
+                .collect(),
+            receivers: state
+                .sources
+                .iter()
+                .filter(|(_, s)| s.failure.is_none())
+                .map(|(n, s)| (n.clone(), s.receivers.len()))
+                .collect(),
+            outrun: state.outrun.clone(),
+            first_task,
+        }
+    }
+
+    /// Starts the map tasks of every view whose source `sealing` holds all of: every
+    /// receiver sealed, none failed. `None` when there are none.
+    fn start(
+        self,
+        cluster: &Arc<Cluster>,
+        sealing: &Sealing,
+        speculation: Option<Speculation>,
+    ) -> Option<MappedAhead> {
+        let interval = self.interval;
+        let mut next_task = self.first_task;
+        let mut load = HashMap::new();
+        let mut tasks = Vec::new();
+        let mut of_task = HashMap::new();
+        let mut views = HashMap::new();
+        for (name, plan, push) in self.views {
+            let Some(&receivers) = self.receivers.get(&plan.source) else {
+                continue;
+            };
+            let splits: Vec<&proto::SealedSource> = sealing
+                .splits
+                .iter()
+                .filter(|((source, _), _)| *source == plan.source)
+                .map(|(_, split)| split)
+                .collect();
+            if splits.len() != receivers || splits.iter().any(|s| !s.failure.is_empty()) {
+                continue;
+            }
+            let blocks = blocks_of(interval, splits);
+            let placed = map_tasks(
+                (&name, &plan),
+                interval,
+                &blocks,
+                (
+                    |w| trusted(&self.outrun, cluster, w, interval),
+                    |w| cluster.is_alive(w),
+                ),
+                (&mut load, &mut next_task),
+                &push,
+            );
+            let Ok(placed) = placed else {
+                continue;
+            };
+            for (task, block) in placed {
+                of_task.insert(task.task.id, (name.clone(), block));
+                tasks.push(task);
+            }
+            views.insert(name, plan);
+        }
+        if tasks.is_empty() {
+            return None;
+        }
+        let cluster = cluster.clone();
+        let mut stage = JoinSet::new();
+        stage.spawn(async move {
+            run_stage(
+                &cluster,
+                tasks,
+                "run map tasks ahead",
+                speculation,
+                &mut next_task,
+            )
+            .await
+        });
+        Some(MappedAhead {
+            interval,
+            membership: self.membership,
+            views,
+            of_task,
+            stage,
+        })
+    }
+}
+
+/// Task ids each map stage started ahead has to itself; they start at
+/// [`FIRST_AHEAD_TASK`], far above those of a stage started in its interval, so that
+/// no two tasks of one interval share an id on a worker.
+const AHEAD_TASK_IDS: u64 = 1 << 20;
+pub const FIRST_AHEAD_TASK: u64 = 1 << 40;
+
+/// The map stage of the interval after the one in progress, started as soon as its
+/// receivers sealed it ahead. A map task depends on its block alone, so it may run
+/// before the interval in progress commits; workers give that interval's tasks their
+/// slots first. The next interval uses the outputs of the views whose plan and
+/// blocks are still those, while the workers are the same. Dropped, it stops.
+#[derive(Debug)]
+pub struct MappedAhead {
+    interval: IntervalId,
+    /// `Cluster::membership_version` when it was placed.
+    membership: u64,
+    views: HashMap<String, Arc<StreamPlan>>,
+    of_task: HashMap<u64, (String, u32)>,
+    /// The stage's one task: dropped, it stops.
+    stage: JoinSet<StageOutcome>,
+}
+
+impl MappedAhead {
+    /// Waits for the stage, if it mapped `interval` for the workers there are now.
+    async fn outcome(mut self, cluster: &Cluster, interval: IntervalId) -> Option<MappedOutputs> {
+        if self.interval != interval || self.membership != cluster.membership_version() {
+            return None;
+        }
+        let mut stage = self.stage.join_next().await?.ok()?;
+        let results = std::mem::take(&mut stage.results);
+        Some(MappedOutputs {
+            views: self.views,
+            outputs: map_outputs(results, &self.of_task),
+            stage,
+        })
+    }
+}
+
+/// What a map stage started ahead left.
+struct MappedOutputs {
+    views: HashMap<String, Arc<StreamPlan>>,
+    outputs: HashMap<String, Vec<MapOutput>>,
+    /// Its copies and stragglers (its results are in `outputs`).
+    stage: StageOutcome,
+}
+
+impl MappedOutputs {
+    /// View `name`'s outputs, if they were mapped with `plan` from `blocks` (all of
+    /// them) and are on live workers.
+    fn take(
+        &mut self,
+        cluster: &Cluster,
+        (name, plan): (&str, &Arc<StreamPlan>),
+        blocks: &[BlockInfo],
+    ) -> Option<Vec<MapOutput>> {
+        if !self.views.get(name).is_some_and(|p| Arc::ptr_eq(p, plan)) {
+            return None;
+        }
+        let outputs = self.outputs.remove(name)?;
+        let mut mapped: Vec<u32> = outputs.iter().map(|o| o.block).collect();
+        mapped.sort_unstable();
+        let usable = mapped.iter().copied().eq(blocks.iter().map(|b| b.index))
+            && outputs.iter().all(|o| cluster.is_alive(o.worker));
+        usable.then_some(outputs)
+    }
+}
+
+/// Whether map tasks may go to worker `w` in `interval`: it is alive, and no
+/// speculative copy outran it lately (`outrun`).
+fn trusted(
+    outrun: &BTreeMap<u64, IntervalId>,
+    cluster: &Cluster,
+    w: u64,
+    interval: IntervalId,
+) -> bool {
+    cluster.is_alive(w)
+        && outrun
+            .get(&w)
+            .is_none_or(|at| at.0 + AVOID_STRAGGLER_FOR <= interval.0)
+}
+
+/// The map tasks of a view (`name`, `plan`) in `interval`: one per block of `blocks`,
+/// each with its block's index, placed by [`place_map_tasks`] on workers `trusted`
+/// says if the blocks allow, else on any `alive` one, and pushing their outputs to
+/// `push`. `load` counts tasks per worker across views; task ids come from
+/// `next_task`. Fails when a block is on no live worker.
+fn map_tasks(
+    (name, plan): (&str, &StreamPlan),
+    interval: IntervalId,
+    blocks: &[BlockInfo],
+    (trusted, alive): (impl Fn(u64) -> bool, impl Fn(u64) -> bool),
+    (load, next_task): (&mut HashMap<u64, usize>, &mut u64),
+    push: &[proto::PushTarget],
+) -> std::result::Result<Vec<(StageTask, u32)>, String> {
+    let mut tried = load.clone();
+    let placed = match place_map_tasks(blocks, trusted, &mut tried) {
+        Ok(placed) => {
+            *load = tried;
+            placed
+        }
+        Err(_) => place_map_tasks(blocks, alive, load).map_err(|index| {
+            format!(
+                "block {index} of source \"{}\" is on no live worker",
+                plan.source
+            )
+        })?,
+    };
+    Ok(blocks
+        .iter()
+        .zip(placed)
+        .map(|(block, holder)| {
+            *next_task += 1;
+            let task = StageTask {
+                worker: holder,
+                task: proto::Task {
+                    id: *next_task,
+                    view: name.to_string(),
+                    interval: interval.0,
+                    kind: Some(TaskKind::Map(proto::MapTask {
+                        source: plan.source.clone(),
+                        block: block.index,
+                        push: push.to_vec(),
+                    })),
+                },
+                // A copy may run on any other holder of the block.
+                alternatives: block.holders.clone(),
+            };
+            (task, block.index)
+        })
+        .collect())
+}
+
+/// A source's blocks in `interval`, in index order, from what its receivers sealed.
+fn blocks_of<'a>(
+    interval: IntervalId,
+    splits: impl IntoIterator<Item = &'a proto::SealedSource>,
+) -> Vec<BlockInfo> {
+    let mut blocks: Vec<BlockInfo> = splits
+        .into_iter()
+        .flat_map(|s| s.blocks.iter())
+        .map(|b| BlockInfo {
+            interval,
+            index: b.index,
+            rows: b.rows,
+            bytes: b.bytes,
+            holders: b.holders.clone(),
+        })
+        .collect();
+    blocks.sort_by_key(|b| b.index);
+    blocks
 }
 
 /// The seal requests, by worker, of the receivers that have not sealed
@@ -461,18 +771,7 @@ async fn seal(
                 position.advance(split);
             }
         }
-        let mut infos: Vec<BlockInfo> = splits
-            .iter()
-            .flat_map(|s| s.blocks.iter())
-            .map(|b| BlockInfo {
-                interval,
-                index: b.index,
-                rows: b.rows,
-                bytes: b.bytes,
-                holders: b.holders.clone(),
-            })
-            .collect();
-        infos.sort_by_key(|b| b.index);
+        let infos = blocks_of(interval, &splits);
         slot.retain(
             SealedInterval {
                 interval,
@@ -515,14 +814,21 @@ async fn run_stages(
     let takes_part = |since: Option<IntervalId>| since.is_none_or(|s| s <= interval);
     let mut next_task = 0u64;
     let mut map_load: HashMap<u64, usize> = HashMap::new();
-    let mut map_tasks: Vec<StageTask> = Vec::new();
+    let mut stage_tasks: Vec<StageTask> = Vec::new();
     let mut map_of_task: HashMap<u64, (String, u32)> = HashMap::new();
-    let views: Vec<(String, Arc<dstream_planner::StreamPlan>, Vec<u64>)> = state
+    let views: Vec<(String, Arc<StreamPlan>, Vec<u64>)> = state
         .views
         .iter()
         .filter(|(_, v)| v.failure.is_none() && !v.placement.is_empty() && takes_part(v.since))
         .map(|(n, v)| (n.clone(), v.plan.clone(), v.placement.clone()))
         .collect();
+    // Map outputs started ahead, while the interval before ran, stand for the views
+    // whose plan and blocks are still these.
+    let mut ahead = match state.mapped_ahead.take() {
+        Some(ahead) => ahead.outcome(&cluster, interval).await,
+        None => None,
+    };
+    let mut map_outputs: HashMap<String, Vec<MapOutput>> = HashMap::new();
     for (name, plan, placement) in &views {
         if let Some(lost) = placement.iter().find(|w| !cluster.is_alive(**w)) {
             // Recovery could not move it (it says why when it gives up).
@@ -536,58 +842,44 @@ async fn run_stages(
             continue;
         }
         let source_blocks = blocks.get(&plan.source).map(Vec::as_slice).unwrap_or(&[]);
-        // Workers that straggled lately get map tasks only for blocks nobody else holds.
-        let trusted = |w: u64| {
-            cluster.is_alive(w)
-                && state
-                    .outrun
-                    .get(&w)
-                    .is_none_or(|at| at.0 + AVOID_STRAGGLER_FOR <= interval.0)
-        };
-        let mut load = map_load.clone();
-        let placed = match place_map_tasks(source_blocks, trusted, &mut load) {
-            Ok(placed) => {
-                map_load = load;
-                Ok(placed)
+        if let Some(outputs) = ahead
+            .as_mut()
+            .and_then(|a| a.take(&cluster, (name, plan), source_blocks))
+        {
+            counts.map_tasks += outputs.len() as u64;
+            map_outputs.insert(name.clone(), outputs);
+            continue;
+        }
+        match map_tasks(
+            (name, plan),
+            interval,
+            source_blocks,
+            (
+                |w| trusted(&state.outrun, &cluster, w, interval),
+                |w| cluster.is_alive(w),
+            ),
+            (&mut map_load, &mut next_task),
+            &push_targets(alive, placement),
+        ) {
+            Ok(tasks) => {
+                for (task, block) in tasks {
+                    map_of_task.insert(task.task.id, (name.clone(), block));
+                    stage_tasks.push(task);
+                }
             }
-            Err(_) => place_map_tasks(source_blocks, |w| cluster.is_alive(w), &mut map_load),
-        };
-        let placed = match placed {
-            Ok(placed) => placed,
-            Err(index) => {
-                failed.insert(
-                    name.clone(),
-                    format!(
-                        "block {index} of source \"{}\" is on no live worker",
-                        plan.source
-                    ),
-                );
-                continue;
+            Err(failure) => {
+                failed.insert(name.clone(), failure);
             }
-        };
-        for (block, holder) in source_blocks.iter().zip(placed) {
-            next_task += 1;
-            map_of_task.insert(next_task, (name.clone(), block.index));
-            map_tasks.push(StageTask {
-                worker: holder,
-                task: proto::Task {
-                    id: next_task,
-                    view: name.clone(),
-                    interval: interval.0,
-                    kind: Some(TaskKind::Map(proto::MapTask {
-                        source: plan.source.clone(),
-                        block: block.index,
-                    })),
-                },
-                // A copy may run on any other holder of the block.
-                alternatives: block.holders.clone(),
-            });
         }
     }
-    counts.map_tasks = map_of_task.len() as u64;
+    if let Some(ahead) = &ahead {
+        counts.speculative_tasks += ahead.stage.speculated;
+        note_outrun(state, &ahead.stage.outrun, interval);
+    }
+    counts.map_tasks += map_of_task.len() as u64;
     let stage = run_stage(
         &cluster,
-        map_tasks,
+        stage_tasks,
         "run map tasks",
         speculation,
         &mut next_task,
@@ -595,7 +887,7 @@ async fn run_stages(
     .await;
     counts.speculative_tasks += stage.speculated;
     note_outrun(state, &stage.outrun, interval);
-    let mut map_outputs = map_outputs(stage.results, &map_of_task);
+    map_outputs.extend(self::map_outputs(stage.results, &map_of_task));
     for (id, (_, error)) in stage.lost {
         if let Some((view, _)) = map_of_task.get(&id) {
             failed.entry(view.clone()).or_insert(error);
