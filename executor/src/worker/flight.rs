@@ -231,7 +231,7 @@ impl FlightEndpoint {
                     s.partition,
                     s.component,
                 );
-                self.state.put_pushed(key, batches);
+                self.state.put_pushed(key, s.task, batches);
                 Ok(())
             }
             _ => Err(Status::invalid_argument(

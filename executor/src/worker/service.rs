@@ -139,13 +139,15 @@ impl proto::worker_server::Worker for WorkerService {
                         let push = MapPush::of(&task);
                         let mut result = run_task(&state, task, inputs, &abandon).await?;
                         let ran = started.elapsed();
-                        result.micros = ran.as_micros() as u64;
                         // The next task computes while this one's output travels.
                         drop((slot, running));
                         let pushing = Instant::now();
                         if let Some(push) = push {
                             push.send(&state, &peers).await;
                         }
+                        // The coordinator times a task from its start to its result,
+                        // and compares tasks by this.
+                        result.micros = started.elapsed().as_micros() as u64;
                         // Where a task's time went: fetching its inputs, waiting for a
                         // slot, computing, pushing its output.
                         tracing::debug!(%interval, task = id, ?read, ?waited, ?ran, pushed = ?pushing.elapsed(), "task done");
@@ -519,8 +521,13 @@ struct MapPush {
     view: String,
     interval: IntervalId,
     block: u32,
+    /// The id the task runs with: the owner reads only this run's pieces.
+    task: u64,
     targets: Vec<proto::PushTarget>,
 }
+
+/// How long a map task waits for a push before leaving that piece to be fetched.
+const PUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl MapPush {
     fn of(task: &proto::Task) -> Option<Self> {
@@ -531,12 +538,14 @@ impl MapPush {
             view: task.view.clone(),
             interval: IntervalId(task.interval),
             block: map.block,
+            task: task.id,
             targets: map.push.clone(),
         })
     }
 
-    /// Puts each piece at its partition's owner, all at once. A put that fails is
-    /// only logged: the reduce task fetches that piece instead.
+    /// Puts each piece at its partition's owner, all at once. A put that fails or
+    /// takes longer than [`PUSH_TIMEOUT`] is only logged: the reduce task fetches
+    /// that piece instead.
     async fn send(self, state: &WorkerState, peers: &FlightPeers) {
         let key = (self.view.clone(), self.interval, self.block);
         let Some(pieces) = state.shuffle(&key) else {
@@ -559,13 +568,18 @@ impl MapPush {
                     block: self.block,
                     partition: target.partition,
                     component: component as u32,
+                    task: self.task,
                 });
                 let schema = batches
                     .first()
                     .map_or_else(|| Arc::new(Schema::empty()), RecordBatch::schema);
                 puts.push(async move {
                     let put = peers.put(&target.address, kind, schema, batches.clone());
-                    (target, put.await)
+                    let put = tokio::time::timeout(PUSH_TIMEOUT, put).await;
+                    let put = put.unwrap_or_else(|_| {
+                        Err(Error::Internal(format!("no answer in {PUSH_TIMEOUT:?}")))
+                    });
+                    (target, put)
                 });
             }
         }
@@ -612,9 +626,12 @@ async fn read_inputs(
                 Error::Internal(format!("map output of block {} is missing", location.block))
             })?;
             Ok((local.get(p as usize).cloned().unwrap_or_default(), 0))
-        } else if let Some(piece) =
-            state.pushed(&task.view, interval, location.block, p, location.components)
-        {
+        } else if let Some(piece) = state.pushed(
+            (&task.view, interval, location.block),
+            p,
+            location.components,
+            location.task,
+        ) {
             let bytes = piece_bytes(&piece);
             Ok((piece, bytes))
         } else {
@@ -760,6 +777,8 @@ async fn fetch_piece(
             block: location.block,
             partition,
             component,
+            // A fetch reads the output the worker holds.
+            task: 0,
         });
         components.push(peers.fetch(&location.address, kind));
     }

@@ -200,6 +200,9 @@ pub type ShuffleKey = (String, IntervalId, u32);
 /// (view, interval, block, partition, component).
 pub type PushedKey = (String, IntervalId, u32, u32, u32);
 
+/// A pushed component: the id of the map task that produced it, and its rows.
+type Pushed = (u64, Vec<RecordBatch>);
+
 /// The state of one worker.
 pub struct WorkerState {
     address: String,
@@ -215,7 +218,7 @@ pub struct WorkerState {
     blocks: Mutex<BTreeMap<(String, IntervalId), IntervalBlocks>>,
     shuffle: Mutex<HashMap<ShuffleKey, Arc<Vec<ShufflePiece>>>>,
     /// Map outputs other workers pushed here for the partitions this worker owns.
-    pushed: Mutex<HashMap<PushedKey, Vec<RecordBatch>>>,
+    pushed: Mutex<HashMap<PushedKey, Pushed>>,
     partitions: Mutex<HashMap<(String, u32), PartitionSlot>>,
     cancels: Mutex<HashMap<IntervalId, CancellationToken>>,
     /// Per-task tokens (children of their interval's), so that one task can be
@@ -414,27 +417,33 @@ impl WorkerState {
         lock(&self.shuffle).get(key).cloned()
     }
 
-    /// Keeps one component of a map output another worker pushed here.
-    pub fn put_pushed(&self, key: PushedKey, rows: Vec<RecordBatch>) {
-        lock(&self.pushed).insert(key, rows);
+    /// Keeps one component of a map output that map task `task` of another worker
+    /// pushed here.
+    pub fn put_pushed(&self, key: PushedKey, task: u64, rows: Vec<RecordBatch>) {
+        lock(&self.pushed).insert(key, (task, rows));
     }
 
-    /// The piece of block `block`'s map output for `partition`, if all its
-    /// `components` were pushed here.
+    /// The piece of block `block`'s map output for `partition`, if map task `task`
+    /// pushed all its `components` here. A piece another run of the block's map
+    /// pushed (one started ahead and not used, or a view since created again) is not
+    /// it.
     pub fn pushed(
         &self,
-        view: &str,
-        interval: IntervalId,
-        block: u32,
+        (view, interval, block): (&str, IntervalId, u32),
         partition: u32,
         components: u32,
+        task: u64,
     ) -> Option<ShufflePiece> {
         let pushed = lock(&self.pushed);
         let mut key = (view.to_string(), interval, block, partition, 0);
         let mut parts = Vec::with_capacity(components.max(1) as usize);
         for component in 0..components.max(1) {
             key.4 = component;
-            parts.push(pushed.get(&key)?.clone());
+            let (by, rows) = pushed.get(&key)?;
+            if *by != task {
+                return None;
+            }
+            parts.push(rows.clone());
         }
         let mut parts = parts.into_iter();
         Some(ShufflePiece {

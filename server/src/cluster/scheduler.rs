@@ -82,6 +82,8 @@ pub(crate) struct MapOutput {
     /// Rows for each partition; partitions with none are not read.
     pub partition_rows: Vec<u64>,
     pub components: u32,
+    /// The id the task that produced it ran with (a copy has its own).
+    pub task: u64,
 }
 
 /// The map outputs partition `p`'s reduce task reads (those with rows for it), in
@@ -99,6 +101,7 @@ pub(crate) fn pieces_for(
             worker: o.worker,
             address: cluster.get(o.worker).map(|w| w.address).unwrap_or_default(),
             components: o.components,
+            task: o.task,
         })
         .collect()
 }
@@ -132,6 +135,7 @@ pub(crate) fn map_outputs(
             outputs.entry(view.clone()).or_default().push(MapOutput {
                 block: *block,
                 worker,
+                task: r.id,
                 partition_rows: r.partition_rows,
                 components: r.components,
             });
@@ -265,10 +269,11 @@ type IntervalResult =
 /// blocks, failures) in `state`; returns each view's outcome.
 ///
 /// With `seal_next` (the next interval is due as well: the engine is behind), the
-/// receivers seal the next interval while this one maps, reduces and commits, so
-/// that their work fills the cores the stage barriers leave idle. Only the input is
-/// cut ahead: the next interval's watermarks are the ones this seal left, and its
-/// tasks run when it does (`EngineState::sealed_ahead`).
+/// receivers seal the next interval while this one maps, reduces and commits, and
+/// its map tasks start as soon as it is sealed ([`MappedAhead`]), so that their work
+/// fills the cores the stage barriers leave idle. The next interval's watermarks are
+/// the ones this seal left (`EngineState::sealed_ahead`), and its reduce tasks run
+/// when it does.
 pub async fn run_interval(
     engine: &Engine,
     state: &mut EngineState,

@@ -35,6 +35,7 @@ pub(super) async fn set_batch_interval(
     // Interval numbers start again: nothing sealed under the old ones is kept.
     state.sealing = None;
     state.sealed_ahead = None;
+    state.mapped_ahead = None;
     Ok(command("SET"))
 }
 

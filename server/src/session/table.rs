@@ -74,7 +74,10 @@ pub(super) async fn insert_into(engine: &Engine, insert: ast::Insert) -> Result<
     };
     // Inserts into one table are serialized by the engine lock, so the rows persisted
     // are exactly the table's rows.
-    let state = engine.inner.state.lock().await;
+    let mut state = engine.inner.state.lock().await;
+    // Map tasks join their block with the tables: maps started ahead with the old
+    // rows are not used.
+    state.mapped_ahead = None;
     let table = match (state.catalog.get(&name), state.tables.get(&name)) {
         (Some(CatalogObject::Table(_)), Some(TableSlot::Memory(m))) => m.clone(),
         (Some(CatalogObject::Table(_)), _) => {
