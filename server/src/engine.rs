@@ -268,6 +268,14 @@ impl ViewSlot {
             partition_rows: Vec::new(),
         }
     }
+
+    /// Whether the view's tasks run in `interval`: it has not failed, its partitions
+    /// are placed, and `interval` is not before its first.
+    pub fn runs_in(&self, interval: IntervalId) -> bool {
+        self.failure.is_none()
+            && !self.placement.is_empty()
+            && self.since.is_none_or(|s| s <= interval)
+    }
 }
 
 /// Timing of one interval, as the Spark Streaming UI shows it.

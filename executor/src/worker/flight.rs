@@ -5,8 +5,9 @@
 //! partitions, input blocks and (for a handover) state partitions; `do_put` stores a
 //! replica of an input block (sent without its constant `_interval` column, and kept
 //! encoded until read), the lineage a replayable source's blocks are kept as instead,
-//! the rows of a table, or a map output pushed to the owner of its partition. Tickets and put descriptors are [`proto::DataTicket`]s. Batches travel as
-//! Arrow IPC (Flight's own encoding) — no row-by-row encoding anywhere — and a worker
+//! the rows of a table, or a map output pushed to the owner of its partition.
+//! Tickets and put descriptors are [`proto::DataTicket`]s. Batches travel as Arrow
+//! IPC (Flight's own encoding) — no row-by-row encoding anywhere — and a worker
 //! reading its own data skips Flight and shares the batches (see `service`).
 //!
 //! [`FlightPeers`] is the client side: one lazily connected channel per peer.

@@ -356,11 +356,7 @@ impl AheadPlan {
             views: state
                 .views
                 .iter()
-                .filter(|(_, v)| {
-                    v.failure.is_none()
-                        && !v.placement.is_empty()
-                        && v.since.is_none_or(|s| s <= interval)
-                })
+                .filter(|(_, v)| v.runs_in(interval))
                 .map(|(n, v)| {
                     let push = push_targets(alive, &v.placement);
                     (n.clone(), v.plan.clone(), push)
@@ -409,10 +405,7 @@ impl AheadPlan {
                 (&name, &plan),
                 interval,
                 &blocks,
-                (
-                    |w| trusted(&self.outrun, cluster, w, interval),
-                    |w| cluster.is_alive(w),
-                ),
+                (cluster, &self.outrun),
                 (&mut load, &mut next_task),
                 &push,
             );
@@ -517,33 +510,26 @@ impl MappedOutputs {
     }
 }
 
-/// Whether map tasks may go to worker `w` in `interval`: it is alive, and no
-/// speculative copy outran it lately (`outrun`).
-fn trusted(
-    outrun: &BTreeMap<u64, IntervalId>,
-    cluster: &Cluster,
-    w: u64,
-    interval: IntervalId,
-) -> bool {
-    cluster.is_alive(w)
-        && outrun
-            .get(&w)
-            .is_none_or(|at| at.0 + AVOID_STRAGGLER_FOR <= interval.0)
-}
-
 /// The map tasks of a view (`name`, `plan`) in `interval`: one per block of `blocks`,
-/// each with its block's index, placed by [`place_map_tasks`] on workers `trusted`
-/// says if the blocks allow, else on any `alive` one, and pushing their outputs to
-/// `push`. `load` counts tasks per worker across views; task ids come from
-/// `next_task`. Fails when a block is on no live worker.
+/// each with its block's index, placed by [`place_map_tasks`] on live workers no
+/// speculative copy outran lately (`outrun`) if the blocks allow, else on any live
+/// one, and pushing their outputs to `push`. `load` counts tasks per worker across
+/// views; task ids come from `next_task`. Fails when a block is on no live worker.
 fn map_tasks(
     (name, plan): (&str, &StreamPlan),
     interval: IntervalId,
     blocks: &[BlockInfo],
-    (trusted, alive): (impl Fn(u64) -> bool, impl Fn(u64) -> bool),
+    (cluster, outrun): (&Cluster, &BTreeMap<u64, IntervalId>),
     (load, next_task): (&mut HashMap<u64, usize>, &mut u64),
     push: &[proto::PushTarget],
 ) -> std::result::Result<Vec<(StageTask, u32)>, String> {
+    let alive = |w: u64| cluster.is_alive(w);
+    let trusted = |w: u64| {
+        alive(w)
+            && outrun
+                .get(&w)
+                .is_none_or(|at| at.0 + AVOID_STRAGGLER_FOR <= interval.0)
+    };
     let mut tried = load.clone();
     let placed = match place_map_tasks(blocks, trusted, &mut tried) {
         Ok(placed) => {
@@ -815,8 +801,6 @@ async fn run_stages(
     // 2. Map: one task per (view, block), where the block was received if the load
     // allows (see `place_map_tasks`).
     let mut failed: HashMap<String, String> = HashMap::new();
-    // Views take part from the interval after their creation.
-    let takes_part = |since: Option<IntervalId>| since.is_none_or(|s| s <= interval);
     let mut next_task = 0u64;
     let mut map_load: HashMap<u64, usize> = HashMap::new();
     let mut stage_tasks: Vec<StageTask> = Vec::new();
@@ -824,7 +808,7 @@ async fn run_stages(
     let views: Vec<(String, Arc<StreamPlan>, Vec<u64>)> = state
         .views
         .iter()
-        .filter(|(_, v)| v.failure.is_none() && !v.placement.is_empty() && takes_part(v.since))
+        .filter(|(_, v)| v.runs_in(interval))
         .map(|(n, v)| (n.clone(), v.plan.clone(), v.placement.clone()))
         .collect();
     // Map outputs started ahead, while the interval before ran, stand for the views
@@ -859,10 +843,7 @@ async fn run_stages(
             (name, plan),
             interval,
             source_blocks,
-            (
-                |w| trusted(&state.outrun, &cluster, w, interval),
-                |w| cluster.is_alive(w),
-            ),
+            (&cluster, &state.outrun),
             (&mut map_load, &mut next_task),
             &push_targets(alive, placement),
         ) {
