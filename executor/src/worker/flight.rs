@@ -385,9 +385,22 @@ impl FlightService for FlightEndpoint {
 }
 
 /// Flight clients of the peers a process talks to, one channel each.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FlightPeers {
     channels: Mutex<HashMap<String, tonic::transport::Channel>>,
+    /// The runtime the channels' connections run on: the one this was made on, which
+    /// answers requests, whichever runtime (a lower-priority one, see
+    /// [`super::compute`]) first talks to a peer.
+    runtime: Option<tokio::runtime::Handle>,
+}
+
+impl Default for FlightPeers {
+    fn default() -> Self {
+        Self {
+            channels: Mutex::default(),
+            runtime: tokio::runtime::Handle::try_current().ok(),
+        }
+    }
 }
 
 impl FlightPeers {
@@ -399,6 +412,7 @@ impl FlightPeers {
         let channel = match channels.get(address) {
             Some(c) => c.clone(),
             None => {
+                let _on = self.runtime.as_ref().map(tokio::runtime::Handle::enter);
                 let c = super::channel(address)?;
                 channels.insert(address.to_string(), c.clone());
                 c

@@ -15,6 +15,7 @@
 //! - [`flight`]: the Flight service and the client side of the data plane.
 //! - [`handover`]: moving receivers and state partitions off a worker that leaves.
 //! - [`checkpoint`]: writing the state partitions held here to the object store.
+//! - [`compute`]: the lower-priority runtimes tasks compute and receivers seal on.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,6 +28,7 @@ use tracing::{info, warn};
 use crate::error::{Error, Result};
 
 pub mod checkpoint;
+pub mod compute;
 pub mod flight;
 pub mod handover;
 pub mod install;

@@ -6,9 +6,9 @@
 //!   loss of one worker loses no sealed input.
 //! - `RunTasks`: map tasks (a view's stateless part over a local block, split into P
 //!   shuffle pieces kept here, each also pushed over Flight to its partition's owner
-//!   once the task gave up its slot) and reduce tasks (the pieces of one partition,
-//!   read locally, from what was pushed here, or over Flight, folded into the
-//!   partition's state). Tasks wait for a slot ([`super::slots`]). Outputs wait for
+//!   once the task gave up its slot and sent its result) and reduce tasks (the pieces
+//!   of one partition, read locally, from what was pushed here, or over Flight,
+//!   folded into the partition's state). Tasks wait for a slot ([`super::slots`]). Outputs wait for
 //!   `Commit`; `Cancel` drops them.
 //! - `AwaitCheckpoint`: a checkpoint asked for in `Commit` is written in the
 //!   background (see [`super::checkpoint`]); this waits for it.
@@ -93,7 +93,17 @@ impl proto::worker_server::Worker for WorkerService {
         let timeline = timeline(request.timeline)?;
         let interval = IntervalId(request.interval);
         let started = std::time::Instant::now();
-        let sources = seal(&self.state, &self.peers, interval, &timeline, &request).await;
+        // The seal finishes even if the coordinator stops waiting: a receiver's input
+        // is cut once.
+        let (state, peers) = (self.state.clone(), self.peers.clone());
+        let sources = self
+            .state
+            .ingest()
+            .await
+            .map_err(|e| status(&e))?
+            .run_to_end(async move { seal(&state, &peers, interval, &timeline, &request).await })
+            .await
+            .map_err(|e| status(&e))?;
         tracing::debug!(%interval, elapsed = ?started.elapsed(), "sealed");
         Ok(Response::new(proto::SealResponse { sources }))
     }
@@ -137,20 +147,27 @@ impl proto::worker_server::Worker for WorkerService {
                         }
                         let (read, waited) = (ready - arrived, started - ready);
                         let push = MapPush::of(&task);
-                        let mut result = run_task(&state, task, inputs, &abandon).await?;
+                        let work = {
+                            let (state, abandon) = (state.clone(), abandon.clone());
+                            async move { run_task(&state, task, inputs, &abandon).await }
+                        };
+                        let mut result = state.compute().await?.run(work).await??;
                         let ran = started.elapsed();
-                        // The next task computes while this one's output travels.
+                        // The next task computes while this one's output travels; its
+                        // result goes out at once, saying where the pieces are going.
                         drop((slot, running));
-                        let pushing = Instant::now();
                         if let Some(push) = push {
-                            push.send(&state, &peers).await;
+                            result.pushing = push.targets(&state, &result.partition_rows);
+                            let (state, peers) = (state.clone(), peers.clone());
+                            let pushing = state.clone();
+                            pushing.push_in_background(async move { push.send(&state, &peers).await });
                         }
                         // The coordinator times a task from its start to its result,
                         // and compares tasks by this.
-                        result.micros = started.elapsed().as_micros() as u64;
-                        // Where a task's time went: fetching its inputs, waiting for a
-                        // slot, computing, pushing its output.
-                        tracing::debug!(%interval, task = id, ?read, ?waited, ?ran, pushed = ?pushing.elapsed(), "task done");
+                        result.micros = ran.as_micros() as u64;
+                        // Where a task's time went: reading its inputs, waiting for a
+                        // slot, computing.
+                        tracing::debug!(%interval, task = id, ?read, ?waited, ?ran, "task done");
                         Ok(result)
                     } => outcome,
                 };
@@ -526,7 +543,8 @@ struct MapPush {
     targets: Vec<proto::PushTarget>,
 }
 
-/// How long a map task waits for a push before leaving that piece to be fetched.
+/// How long a push may take before its piece is left to be fetched: the map task
+/// gives up pushing it, and a reduce task waiting for it fetches it instead.
 const PUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl MapPush {
@@ -541,6 +559,19 @@ impl MapPush {
             task: task.id,
             targets: map.push.clone(),
         })
+    }
+
+    /// The worker each partition's piece goes to, by partition (0: none): its owner,
+    /// unless that is this worker or the piece has no rows (`partition_rows`).
+    fn targets(&self, state: &WorkerState, partition_rows: &[u64]) -> Vec<u64> {
+        let mut to = vec![0; partition_rows.len()];
+        for target in self.targets.iter().filter(|t| t.worker != state.id()) {
+            let p = target.partition as usize;
+            if partition_rows.get(p).is_some_and(|rows| *rows > 0) {
+                to[p] = target.worker;
+            }
+        }
+        to
     }
 
     /// Puts each piece at its partition's owner, all at once. A put that fails or
@@ -583,7 +614,10 @@ impl MapPush {
                 });
             }
         }
-        for (target, result) in futures::future::join_all(puts).await {
+        let started = Instant::now();
+        let results = futures::future::join_all(puts).await;
+        tracing::debug!(interval = %self.interval, task = self.task, elapsed = ?started.elapsed(), "map output pushed");
+        for (target, result) in results {
             if let Err(e) = result {
                 tracing::debug!(
                     view = %self.view,
@@ -626,12 +660,7 @@ async fn read_inputs(
                 Error::Internal(format!("map output of block {} is missing", location.block))
             })?;
             Ok((local.get(p as usize).cloned().unwrap_or_default(), 0))
-        } else if let Some(piece) = state.pushed(
-            (&task.view, interval, location.block),
-            p,
-            location.components,
-            location.task,
-        ) {
+        } else if let Some(piece) = pushed_piece(state, (&task.view, interval), p, location).await {
             let bytes = piece_bytes(&piece);
             Ok((piece, bytes))
         } else {
@@ -660,6 +689,29 @@ async fn read_inputs(
         adopted,
         bytes_read,
     }))
+}
+
+/// The piece of `location`'s map output for partition `p` if its map task pushed it
+/// here; when that task is pushing it here, waits up to [`PUSH_TIMEOUT`] for it.
+async fn pushed_piece(
+    state: &WorkerState,
+    (view, interval): (&str, IntervalId),
+    p: u32,
+    location: &proto::PieceLocation,
+) -> Option<ShufflePiece> {
+    let deadline = tokio::time::Instant::now() + PUSH_TIMEOUT;
+    loop {
+        // Made before looking, so that a push in between is not missed.
+        let arrival = state.push_arrival();
+        let key = (view, interval, location.block);
+        if let Some(piece) = state.pushed(key, p, location.components, location.task) {
+            return Some(piece);
+        }
+        if location.pushed_to != state.id() {
+            return None;
+        }
+        tokio::time::timeout_at(deadline, arrival).await.ok()?;
+    }
 }
 
 async fn run_task(

@@ -18,9 +18,11 @@ use datafusion::catalog::{MemTable, TableProvider};
 use datafusion::prelude::SessionContext;
 use dstream_planner::{Catalog, SourceDef, StreamPlan};
 use dstream_storage::{DataDir, IntervalId, S3Options, Timeline};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::checkpoint::{TakenPartition, Writing};
+use super::compute::{ComputePool, Work};
 use super::slots::TaskSlots;
 use crate::block::{Block, with_interval_column};
 use crate::connector::Split;
@@ -219,6 +221,10 @@ pub struct WorkerState {
     shuffle: Mutex<HashMap<ShuffleKey, Arc<Vec<ShufflePiece>>>>,
     /// Map outputs other workers pushed here for the partitions this worker owns.
     pushed: Mutex<HashMap<PushedKey, Pushed>>,
+    /// Wakes reduce tasks waiting for pushed map outputs.
+    push_arrived: tokio::sync::Notify,
+    /// Map outputs being pushed to other workers after their tasks reported done.
+    pushes: Mutex<JoinSet<()>>,
     partitions: Mutex<HashMap<(String, u32), PartitionSlot>>,
     cancels: Mutex<HashMap<IntervalId, CancellationToken>>,
     /// Per-task tokens (children of their interval's), so that one task can be
@@ -226,6 +232,11 @@ pub struct WorkerState {
     task_cancels: Mutex<HashMap<(IntervalId, u64), CancellationToken>>,
     /// Fault injection: every task waits this long first (see `WorkerConfig`).
     task_delay: std::time::Duration,
+    /// Where tasks compute, one thread per slot; started with the first task.
+    compute: tokio::sync::OnceCell<ComputePool>,
+    /// Where receivers seal their input, as many threads; started with the first seal.
+    ingest: tokio::sync::OnceCell<ComputePool>,
+    cores: usize,
     /// Where checkpoints go, once the coordinator said.
     store: Mutex<Option<DataDir>>,
     /// Credentials for the store that did not come from the environment.
@@ -269,14 +280,33 @@ impl WorkerState {
             blocks: Mutex::new(BTreeMap::new()),
             shuffle: Mutex::new(HashMap::new()),
             pushed: Mutex::new(HashMap::new()),
+            push_arrived: tokio::sync::Notify::new(),
+            pushes: Mutex::new(JoinSet::new()),
             partitions: Mutex::new(HashMap::new()),
             cancels: Mutex::new(HashMap::new()),
             task_cancels: Mutex::new(HashMap::new()),
             task_delay,
+            compute: tokio::sync::OnceCell::new(),
+            ingest: tokio::sync::OnceCell::new(),
+            cores: cores.max(1),
             store: Mutex::new(None),
             credentials: Mutex::new(S3Options::default()),
             checkpoints: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// The runtime tasks compute on.
+    pub async fn compute(&self) -> Result<&ComputePool> {
+        self.compute
+            .get_or_try_init(|| async { ComputePool::new(Work::Tasks, self.cores) })
+            .await
+    }
+
+    /// The runtime receivers seal on.
+    pub async fn ingest(&self) -> Result<&ComputePool> {
+        self.ingest
+            .get_or_try_init(|| async { ComputePool::new(Work::Receivers, self.cores) })
+            .await
     }
 
     /// Where other processes reach this worker.
@@ -421,6 +451,20 @@ impl WorkerState {
     /// pushed here.
     pub fn put_pushed(&self, key: PushedKey, task: u64, rows: Vec<RecordBatch>) {
         lock(&self.pushed).insert(key, (task, rows));
+        self.push_arrived.notify_waiters();
+    }
+
+    /// Runs `push` (a map task's pushes) in the background, after its task reported
+    /// done; the worker stops it if it stops first.
+    pub fn push_in_background(&self, push: impl Future<Output = ()> + Send + 'static) {
+        let mut pushes = lock(&self.pushes);
+        while pushes.try_join_next().is_some() {}
+        pushes.spawn(push);
+    }
+
+    /// Completes at the next [`Self::put_pushed`] after it was made.
+    pub fn push_arrival(&self) -> tokio::sync::futures::Notified<'_> {
+        self.push_arrived.notified()
     }
 
     /// The piece of block `block`'s map output for `partition`, if map task `task`
@@ -727,6 +771,24 @@ mod tests {
     use arrow_flight::utils::batches_to_flight_data;
 
     use super::*;
+
+    #[tokio::test]
+    async fn a_reduce_task_waiting_for_a_push_wakes_when_it_arrives() -> Result<()> {
+        let state = WorkerState::new("w".into(), 1);
+        let schema = Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, false)]));
+        let rows = RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(vec![1, 2]))])?;
+        let piece = |task| state.pushed(("v", IntervalId(3), 0), 1, 1, task);
+        let arrival = state.push_arrival();
+        assert!(piece(7).is_none());
+        state.put_pushed(("v".into(), IntervalId(3), 0, 1, 0), 7, vec![rows]);
+        tokio::time::timeout(std::time::Duration::from_secs(5), arrival)
+            .await
+            .map_err(|_| Error::Internal("the push did not wake the waiting task".into()))?;
+        assert_eq!(piece(7).map(|p| p.rows[0].num_rows()), Some(2));
+        // Another run of the block's map task pushed it: not this one's piece.
+        assert!(piece(8).is_none());
+        Ok(())
+    }
 
     #[test]
     fn a_replica_kept_encoded_reads_back_as_the_block_it_copies() -> Result<()> {

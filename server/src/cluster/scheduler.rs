@@ -45,10 +45,12 @@ use dstream_executor::worker::service::read_ipc;
 use dstream_planner::StreamPlan;
 use dstream_storage::IntervalId;
 use futures::future::join_all;
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
-use super::stage::{Speculation, StageOutcome, StageTask, run_stage};
+use super::stage::{Speculation, StageOutcome, StageTask, run_fed_stage, run_stage};
 use super::{Cluster, PROBE_WAIT, WorkerRecord};
 use crate::engine::{BlockInfo, Engine, EngineState, SealedInterval, Sealing, SourceSlot};
 use crate::error::{Error, Result};
@@ -84,6 +86,8 @@ pub(crate) struct MapOutput {
     pub components: u32,
     /// The id the task that produced it ran with (a copy has its own).
     pub task: u64,
+    /// The worker each partition's piece is pushed to (0: none).
+    pub pushing: Vec<u64>,
 }
 
 /// The map outputs partition `p`'s reduce task reads (those with rows for it), in
@@ -102,6 +106,7 @@ pub(crate) fn pieces_for(
             address: cluster.get(o.worker).map(|w| w.address).unwrap_or_default(),
             components: o.components,
             task: o.task,
+            pushed_to: o.pushing.get(p).copied().unwrap_or(0),
         })
         .collect()
 }
@@ -138,6 +143,7 @@ pub(crate) fn map_outputs(
                 task: r.id,
                 partition_rows: r.partition_rows,
                 components: r.components,
+                pushing: r.pushing,
             });
         }
     }
@@ -301,13 +307,26 @@ pub async fn run_interval(
     let speculation = engine.inner.config.speculation;
     let seal_ahead = async {
         let (mut sealing, requests, plan) = ahead?;
-        let answers = send_seals(&cluster, requests).await;
+        // Each worker's blocks are mapped as soon as it has sealed them, not once
+        // every worker has: the stage started ahead takes tasks as answers come.
+        let mut mapping = plan.start(&cluster, &requests, speculation);
+        let mut answers: FuturesUnordered<_> = requests
+            .into_iter()
+            .map(|(id, request)| send_seal(&cluster, id, request))
+            .collect();
+        let mut lost = None;
+        while let Some((worker, answer)) = answers.next().await {
+            if let Ok(response) = &answer {
+                mapping.sealed(&cluster, worker, &response.sources);
+            }
+            let lost_here = record_seals(&cluster, &mut sealing, vec![(worker, answer)]);
+            lost = lost.or(lost_here);
+        }
         // A worker lost before it answered: its receivers seal the next interval
         // wherever recovery reopens them (after the seals they did answer), and
         // nothing of it is mapped ahead.
-        let lost = record_seals(&cluster, &mut sealing, answers);
         let mapped = match lost {
-            None => plan.start(&cluster, &sealing, speculation),
+            None => mapping.finish(),
             Some(_) => None,
         };
         Some((sealing, mapped))
@@ -335,8 +354,6 @@ struct AheadPlan {
     /// The views that take part in it, their plans, and where their map tasks push
     /// each partition's output.
     views: Vec<(String, Arc<StreamPlan>, Vec<proto::PushTarget>)>,
-    /// How many receivers each live source has.
-    receivers: HashMap<String, usize>,
     outrun: BTreeMap<u64, IntervalId>,
     first_task: u64,
 }
@@ -362,83 +379,138 @@ impl AheadPlan {
                     (n.clone(), v.plan.clone(), push)
                 })
                 .collect(),
-            receivers: state
-                .sources
-                .iter()
-                .filter(|(_, s)| s.failure.is_none())
-                .map(|(n, s)| (n.clone(), s.receivers.len()))
-                .collect(),
             outrun: state.outrun.clone(),
             first_task,
         }
     }
 
-    /// Starts the map tasks of every view whose source `sealing` holds all of: every
-    /// receiver sealed, none failed. `None` when there are none.
+    /// Starts the map stage, with no tasks yet: [`AheadMapping::sealed`] gives it
+    /// those of each worker's seal (`requests`) as it answers.
     fn start(
         self,
         cluster: &Arc<Cluster>,
-        sealing: &Sealing,
+        requests: &[(u64, proto::SealRequest)],
         speculation: Option<Speculation>,
-    ) -> Option<MappedAhead> {
-        let interval = self.interval;
-        let mut next_task = self.first_task;
-        let mut load = HashMap::new();
-        let mut tasks = Vec::new();
-        let mut of_task = HashMap::new();
-        let mut views = HashMap::new();
-        for (name, plan, push) in self.views {
-            let Some(&receivers) = self.receivers.get(&plan.source) else {
-                continue;
-            };
-            let splits: Vec<&proto::SealedSource> = sealing
-                .splits
-                .iter()
-                .filter(|((source, _), _)| *source == plan.source)
-                .map(|(_, split)| split)
-                .collect();
-            if splits.len() != receivers || splits.iter().any(|s| !s.failure.is_empty()) {
+    ) -> AheadMapping {
+        let mut pending: HashMap<u64, HashMap<String, usize>> = HashMap::new();
+        for (worker, request) in requests {
+            for split in &request.splits {
+                *pending
+                    .entry(*worker)
+                    .or_default()
+                    .entry(split.source.clone())
+                    .or_default() += 1;
+            }
+        }
+        let (tasks, more) = mpsc::unbounded_channel();
+        let stage_cluster = cluster.clone();
+        // Copies of stragglers take ids from the upper half of the stage's range.
+        let mut next_copy = self.first_task + AHEAD_TASK_IDS / 2;
+        let mut stage = JoinSet::new();
+        stage.spawn(async move {
+            let what = "run map tasks ahead";
+            run_fed_stage(
+                &stage_cluster,
+                vec![],
+                more,
+                what,
+                speculation,
+                &mut next_copy,
+            )
+            .await
+        });
+        AheadMapping {
+            next_task: self.first_task,
+            plan: self,
+            pending,
+            load: HashMap::new(),
+            views: HashMap::new(),
+            of_task: HashMap::new(),
+            tasks,
+            stage,
+        }
+    }
+}
+
+/// The map stage of the next interval while its receivers seal it ahead.
+struct AheadMapping {
+    plan: AheadPlan,
+    /// The splits of each source that workers still have to seal, by worker.
+    pending: HashMap<u64, HashMap<String, usize>>,
+    next_task: u64,
+    /// Map tasks placed per worker, across views.
+    load: HashMap<u64, usize>,
+    views: HashMap<String, Arc<StreamPlan>>,
+    of_task: HashMap<u64, (String, u32)>,
+    tasks: mpsc::UnboundedSender<Vec<StageTask>>,
+    stage: JoinSet<StageOutcome>,
+}
+
+impl AheadMapping {
+    /// Starts the map tasks of the blocks `worker` sealed (`splits`), for every view
+    /// over their sources, except of splits that failed. Each worker that has not
+    /// answered yet counts, for placement, as many tasks as its splits will likely
+    /// have blocks (as many per split as these have), so that the first answer's
+    /// blocks do not all move to their replicas to even the load.
+    fn sealed(&mut self, cluster: &Cluster, worker: u64, splits: &[proto::SealedSource]) {
+        self.pending.remove(&worker);
+        let interval = self.plan.interval;
+        let mut batch = Vec::new();
+        for (name, plan, push) in &self.plan.views {
+            let splits: Vec<&proto::SealedSource> =
+                splits.iter().filter(|s| s.source == plan.source).collect();
+            if splits.is_empty() || splits.iter().any(|s| !s.failure.is_empty()) {
                 continue;
             }
-            let blocks = blocks_of(interval, splits);
+            let blocks = blocks_of(interval, splits.iter().copied());
+            let per_split = blocks.len().div_ceil(splits.len());
+            let expected: Vec<(u64, usize)> = self
+                .pending
+                .iter()
+                .filter_map(|(w, sources)| Some((*w, sources.get(&plan.source)? * per_split)))
+                .collect();
+            for (w, n) in &expected {
+                *self.load.entry(*w).or_default() += n;
+            }
             let placed = map_tasks(
-                (&name, &plan),
+                (name, plan),
                 interval,
                 &blocks,
-                (cluster, &self.outrun),
-                (&mut load, &mut next_task),
-                &push,
+                (cluster, &self.plan.outrun),
+                (&mut self.load, &mut self.next_task),
+                push,
             );
+            for (w, n) in &expected {
+                if let Some(load) = self.load.get_mut(w) {
+                    *load = load.saturating_sub(*n);
+                }
+            }
             let Ok(placed) = placed else {
                 continue;
             };
             for (task, block) in placed {
-                of_task.insert(task.task.id, (name.clone(), block));
-                tasks.push(task);
+                self.of_task.insert(task.task.id, (name.clone(), block));
+                batch.push(task);
             }
-            views.insert(name, plan);
+            self.views.insert(name.clone(), plan.clone());
         }
-        if tasks.is_empty() {
+        if !batch.is_empty() {
+            // The stage ends only once this sender is gone: it is running.
+            let _ = self.tasks.send(batch);
+        }
+    }
+
+    /// The stage, once every worker answered. `None` when it has no tasks.
+    fn finish(self) -> Option<MappedAhead> {
+        if self.of_task.is_empty() {
             return None;
         }
-        let cluster = cluster.clone();
-        let mut stage = JoinSet::new();
-        stage.spawn(async move {
-            run_stage(
-                &cluster,
-                tasks,
-                "run map tasks ahead",
-                speculation,
-                &mut next_task,
-            )
-            .await
-        });
         Some(MappedAhead {
-            interval,
-            membership: self.membership,
-            views,
-            of_task,
-            stage,
+            interval: self.plan.interval,
+            membership: self.plan.membership,
+            views: self.views,
+            of_task: self.of_task,
+            stage: self.stage,
         })
     }
 }
@@ -449,8 +521,8 @@ impl AheadPlan {
 const AHEAD_TASK_IDS: u64 = 1 << 20;
 pub const FIRST_AHEAD_TASK: u64 = 1 << 40;
 
-/// The map stage of the interval after the one in progress, started as soon as its
-/// receivers sealed it ahead. A map task depends on its block alone, so it may run
+/// The map stage of the interval after the one in progress, whose tasks started as
+/// soon as the receivers sealed their blocks ahead. A map task depends on its block alone, so it may run
 /// before the interval in progress commits; workers give that interval's tasks their
 /// slots first. The next interval uses the outputs of the views whose plan and
 /// blocks are still those, while the workers are the same. Dropped, it stops.
@@ -638,19 +710,30 @@ async fn send_seals(
     cluster: &Cluster,
     requests: Vec<(u64, proto::SealRequest)>,
 ) -> Vec<(u64, Result<proto::SealResponse>)> {
-    join_all(requests.into_iter().map(|(id, request)| async move {
-        let result = match cluster.get(id) {
-            Some(w) => {
-                let mut client = w.client.clone();
-                cluster
-                    .call(id, "seal the interval", client.seal(request))
-                    .await
-            }
-            None => Err(Error::WorkerLost(cluster.unavailable(id))),
-        };
-        (id, result)
-    }))
+    join_all(
+        requests
+            .into_iter()
+            .map(|(id, request)| send_seal(cluster, id, request)),
+    )
     .await
+}
+
+/// Sends worker `id` its seal request; its answer.
+async fn send_seal(
+    cluster: &Cluster,
+    id: u64,
+    request: proto::SealRequest,
+) -> (u64, Result<proto::SealResponse>) {
+    let result = match cluster.get(id) {
+        Some(w) => {
+            let mut client = w.client.clone();
+            cluster
+                .call(id, "seal the interval", client.seal(request))
+                .await
+        }
+        None => Err(Error::WorkerLost(cluster.unavailable(id))),
+    };
+    (id, result)
 }
 
 /// Records in `sealing` what each receiver sealed, and the workers whose seal failed

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use dstream_executor::worker::proto::{self, task::Kind as TaskKind};
 use futures::stream::{BoxStream, SelectAll, StreamExt};
+use tokio::sync::mpsc;
 use tonic::Response;
 use tracing::{info, warn};
 
@@ -137,52 +138,37 @@ pub(crate) async fn run_stage(
     speculation: Option<Speculation>,
     next_id: &mut u64,
 ) -> StageOutcome {
+    let (_, no_more) = mpsc::unbounded_channel();
+    run_fed_stage(cluster, tasks, no_more, what, speculation, next_id).await
+}
+
+/// [`run_stage`] of `tasks` and of those that arrive on `more` while it runs (as
+/// the workers sealing an interval answer, say); it ends once `more` is closed and
+/// every task is done.
+pub(crate) async fn run_fed_stage(
+    cluster: &Arc<Cluster>,
+    tasks: Vec<StageTask>,
+    mut more: mpsc::UnboundedReceiver<Vec<StageTask>>,
+    what: &'static str,
+    speculation: Option<Speculation>,
+    next_id: &mut u64,
+) -> StageOutcome {
     let mut outcome = StageOutcome::default();
-    if tasks.is_empty() {
-        return outcome;
-    }
-    let mut per_worker: BTreeMap<u64, Vec<proto::Task>> = BTreeMap::new();
     let mut running: HashMap<u64, Running> = HashMap::new();
     // Sent id -> task id.
     let mut task_of: HashMap<u64, u64> = HashMap::new();
-    for task in tasks {
-        let id = task.task.id;
-        per_worker
-            .entry(task.worker)
-            .or_default()
-            .push(task.task.clone());
-        task_of.insert(id, id);
-        let group = (
-            task.task.view.clone(),
-            matches!(task.task.kind, Some(TaskKind::Map(_))),
-        );
-        running.insert(
-            id,
-            Running {
-                group,
-                attempts: vec![Attempt {
-                    sent_id: id,
-                    worker: task.worker,
-                    started: None,
-                    failed: None,
-                }],
-                task,
-                result: None,
-            },
-        );
-    }
     let mut calls: SelectAll<BoxStream<'static, (u64, CallEvent)>> = SelectAll::new();
-    for (worker, tasks) in per_worker {
-        calls.push(call(cluster.clone(), worker, tasks, None, what));
-    }
-
     let mut times = RunTimes::default();
-    for task in running.values() {
-        times.count(&task.group);
-    }
+    let stage = (&mut running, &mut task_of, &mut times);
+    start_tasks(cluster, what, tasks, stage, &mut calls);
+    let mut feeding = true;
     // Where copies may go: the workers alive when the stage started.
     let alive: HashSet<u64> = cluster.alive().iter().map(|w| w.id).collect();
-    while running.values().any(|r| !r.is_complete()) {
+    loop {
+        let pending = running.values().any(|r| !r.is_complete());
+        if !feeding && (!pending || calls.is_empty()) {
+            break;
+        }
         let due = speculation.and_then(|policy| next_straggler(&alive, &running, &times, policy));
         let timer = async {
             match due {
@@ -191,8 +177,15 @@ pub(crate) async fn run_stage(
             }
         };
         tokio::select! {
-            event = calls.next() => match event {
-                None => break,
+            batch = more.recv(), if feeding => match batch {
+                Some(tasks) => {
+                    let stage = (&mut running, &mut task_of, &mut times);
+                    start_tasks(cluster, what, tasks, stage, &mut calls);
+                }
+                None => feeding = false,
+            },
+            event = calls.next(), if !calls.is_empty() => match event {
+                None => continue,
                 Some((worker, CallEvent::Result(result))) => {
                     let Some(task) = task_of.get(&result.id).and_then(|id| running.get_mut(id)) else {
                         continue;
@@ -245,6 +238,9 @@ pub(crate) async fn run_stage(
             }
         }
     }
+    if running.is_empty() {
+        return outcome;
+    }
     tracing::debug!(
         what,
         tasks = running.len(),
@@ -271,6 +267,52 @@ pub(crate) async fn run_stage(
         }
     }
     outcome
+}
+
+/// Sends `tasks` to their workers, one `RunTasks` call each, and records them in the
+/// stage: by id, by sent id, and counted in their groups.
+fn start_tasks(
+    cluster: &Arc<Cluster>,
+    what: &'static str,
+    tasks: Vec<StageTask>,
+    (running, task_of, times): (
+        &mut HashMap<u64, Running>,
+        &mut HashMap<u64, u64>,
+        &mut RunTimes,
+    ),
+    calls: &mut SelectAll<BoxStream<'static, (u64, CallEvent)>>,
+) {
+    let mut per_worker: BTreeMap<u64, Vec<proto::Task>> = BTreeMap::new();
+    for task in tasks {
+        let id = task.task.id;
+        per_worker
+            .entry(task.worker)
+            .or_default()
+            .push(task.task.clone());
+        task_of.insert(id, id);
+        let group = (
+            task.task.view.clone(),
+            matches!(task.task.kind, Some(TaskKind::Map(_))),
+        );
+        times.count(&group);
+        running.insert(
+            id,
+            Running {
+                group,
+                attempts: vec![Attempt {
+                    sent_id: id,
+                    worker: task.worker,
+                    started: None,
+                    failed: None,
+                }],
+                task,
+                result: None,
+            },
+        );
+    }
+    for (worker, tasks) in per_worker {
+        calls.push(call(cluster.clone(), worker, tasks, None, what));
+    }
 }
 
 /// Whether `task` is still running, has no copy yet, and has somewhere else to go.
