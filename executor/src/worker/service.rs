@@ -159,8 +159,15 @@ impl proto::worker_server::Worker for WorkerService {
                         if let Some(push) = push {
                             result.pushing = push.targets(&state, &result.partition_rows);
                             let (state, peers) = (state.clone(), peers.clone());
-                            let pushing = state.clone();
-                            pushing.push_in_background(async move { push.send(&state, &peers).await });
+                            // An abandoned task (a copy that lost, or a cancelled
+                            // interval) stops pushing.
+                            let (pushing, abandon) = (state.clone(), abandon.clone());
+                            pushing.push_in_background(async move {
+                                tokio::select! {
+                                    _ = abandon.cancelled() => {}
+                                    _ = push.send(&state, &peers) => {}
+                                }
+                            });
                         }
                         // The coordinator times a task from its start to its result,
                         // and compares tasks by this.

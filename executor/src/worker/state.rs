@@ -202,9 +202,6 @@ pub type ShuffleKey = (String, IntervalId, u32);
 /// (view, interval, block, partition, component).
 pub type PushedKey = (String, IntervalId, u32, u32, u32);
 
-/// A pushed component: the id of the map task that produced it, and its rows.
-type Pushed = (u64, Vec<RecordBatch>);
-
 /// The state of one worker.
 pub struct WorkerState {
     address: String,
@@ -220,7 +217,10 @@ pub struct WorkerState {
     blocks: Mutex<BTreeMap<(String, IntervalId), IntervalBlocks>>,
     shuffle: Mutex<HashMap<ShuffleKey, Arc<Vec<ShufflePiece>>>>,
     /// Map outputs other workers pushed here for the partitions this worker owns.
-    pushed: Mutex<HashMap<PushedKey, Pushed>>,
+    /// By key and the id of the map task that pushed it: two runs of a block's map
+    /// (a task and its speculative copy, say) both push, and neither replaces the
+    /// other.
+    pushed: Mutex<HashMap<(PushedKey, u64), Vec<RecordBatch>>>,
     /// Wakes reduce tasks waiting for pushed map outputs.
     push_arrived: tokio::sync::Notify,
     /// Map outputs being pushed to other workers after their tasks reported done.
@@ -450,7 +450,7 @@ impl WorkerState {
     /// Keeps one component of a map output that map task `task` of another worker
     /// pushed here.
     pub fn put_pushed(&self, key: PushedKey, task: u64, rows: Vec<RecordBatch>) {
-        lock(&self.pushed).insert(key, (task, rows));
+        lock(&self.pushed).insert((key, task), rows);
         self.push_arrived.notify_waiters();
     }
 
@@ -479,15 +479,11 @@ impl WorkerState {
         task: u64,
     ) -> Option<ShufflePiece> {
         let pushed = lock(&self.pushed);
-        let mut key = (view.to_string(), interval, block, partition, 0);
+        let mut key = ((view.to_string(), interval, block, partition, 0), task);
         let mut parts = Vec::with_capacity(components.max(1) as usize);
         for component in 0..components.max(1) {
-            key.4 = component;
-            let (by, rows) = pushed.get(&key)?;
-            if *by != task {
-                return None;
-            }
-            parts.push(rows.clone());
+            key.0.4 = component;
+            parts.push(pushed.get(&key)?.clone());
         }
         let mut parts = parts.into_iter();
         Some(ShufflePiece {
@@ -499,7 +495,7 @@ impl WorkerState {
     /// Drops the map outputs of `interval` and earlier, pushed ones included.
     pub fn expire_shuffle(&self, interval: IntervalId) {
         lock(&self.shuffle).retain(|(_, i, _), _| *i > interval);
-        lock(&self.pushed).retain(|(_, i, ..), _| *i > interval);
+        lock(&self.pushed).retain(|((_, i, ..), _), _| *i > interval);
     }
 
     // --- state partitions ---------------------------------------------------------
@@ -648,7 +644,7 @@ impl WorkerState {
     pub fn forget(&self, name: &str) {
         lock(&self.partitions).retain(|(view, _), _| view != name);
         lock(&self.shuffle).retain(|(view, _, _), _| view != name);
-        lock(&self.pushed).retain(|(view, ..), _| view != name);
+        lock(&self.pushed).retain(|((view, ..), _), _| view != name);
         lock(&self.blocks).retain(|(source, _), _| source != name);
     }
 
@@ -785,8 +781,16 @@ mod tests {
             .await
             .map_err(|_| Error::Internal("the push did not wake the waiting task".into()))?;
         assert_eq!(piece(7).map(|p| p.rows[0].num_rows()), Some(2));
-        // Another run of the block's map task pushed it: not this one's piece.
+        // Another run of the block's map task (a speculative copy, say) pushes the
+        // same piece later: each is kept, and neither replaces the other.
+        let other = RecordBatch::try_new(
+            Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, false)])),
+            vec![Arc::new(Int64Array::from(vec![3]))],
+        )?;
         assert!(piece(8).is_none());
+        state.put_pushed(("v".into(), IntervalId(3), 0, 1, 0), 8, vec![other]);
+        assert_eq!(piece(7).map(|p| p.rows[0].num_rows()), Some(2));
+        assert_eq!(piece(8).map(|p| p.rows[0].num_rows()), Some(1));
         Ok(())
     }
 

@@ -309,16 +309,15 @@ pub async fn run_interval(
         let (mut sealing, requests, plan) = ahead?;
         // Each worker's blocks are mapped as soon as it has sealed them, not once
         // every worker has: the stage started ahead takes tasks as answers come.
-        let mut mapping = plan.start(&cluster, &requests, speculation);
+        let mut mapping = plan.start(&cluster, &sealing, &requests, speculation);
         let mut answers: FuturesUnordered<_> = requests
             .into_iter()
             .map(|(id, request)| send_seal(&cluster, id, request))
             .collect();
         let mut lost = None;
         while let Some((worker, answer)) = answers.next().await {
-            if let Ok(response) = &answer {
-                mapping.sealed(&cluster, worker, &response.sources);
-            }
+            let sealed = answer.as_ref().map_or(&[][..], |r| r.sources.as_slice());
+            mapping.sealed(&cluster, worker, sealed);
             let lost_here = record_seals(&cluster, &mut sealing, vec![(worker, answer)]);
             lost = lost.or(lost_here);
         }
@@ -384,11 +383,13 @@ impl AheadPlan {
         }
     }
 
-    /// Starts the map stage, with no tasks yet: [`AheadMapping::sealed`] gives it
-    /// those of each worker's seal (`requests`) as it answers.
+    /// Starts the map stage with the tasks of the splits `sealing` holds already (an
+    /// earlier attempt sealed them); [`AheadMapping::sealed`] gives it those of each
+    /// worker's seal (`requests`) as it answers.
     fn start(
         self,
         cluster: &Arc<Cluster>,
+        sealing: &Sealing,
         requests: &[(u64, proto::SealRequest)],
         speculation: Option<Speculation>,
     ) -> AheadMapping {
@@ -419,7 +420,7 @@ impl AheadPlan {
             )
             .await
         });
-        AheadMapping {
+        let mut mapping = AheadMapping {
             next_task: self.first_task,
             plan: self,
             pending,
@@ -428,7 +429,10 @@ impl AheadPlan {
             of_task: HashMap::new(),
             tasks,
             stage,
-        }
+        };
+        let before: Vec<proto::SealedSource> = sealing.splits.values().cloned().collect();
+        mapping.map(cluster, &before);
+        mapping
     }
 }
 
@@ -447,13 +451,19 @@ struct AheadMapping {
 }
 
 impl AheadMapping {
-    /// Starts the map tasks of the blocks `worker` sealed (`splits`), for every view
-    /// over their sources, except of splits that failed. Each worker that has not
-    /// answered yet counts, for placement, as many tasks as its splits will likely
-    /// have blocks (as many per split as these have), so that the first answer's
-    /// blocks do not all move to their replicas to even the load.
+    /// Starts the map tasks of the blocks `worker` answered it sealed (`splits`;
+    /// none if its seal failed).
     fn sealed(&mut self, cluster: &Cluster, worker: u64, splits: &[proto::SealedSource]) {
         self.pending.remove(&worker);
+        self.map(cluster, splits);
+    }
+
+    /// Starts the map tasks of the blocks of `splits`, for every view over their
+    /// sources, except of splits that failed. Each worker that has not answered yet
+    /// counts, for placement, as many tasks as its splits will likely have blocks (as
+    /// many per split as these have), so that the first answer's blocks do not all
+    /// move to their replicas to even the load.
+    fn map(&mut self, cluster: &Cluster, splits: &[proto::SealedSource]) {
         let interval = self.plan.interval;
         let mut batch = Vec::new();
         for (name, plan, push) in &self.plan.views {
