@@ -66,11 +66,7 @@ impl ComputePool {
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        let runtime = self
-            .runtime
-            .as_ref()
-            .ok_or_else(|| Error::Internal("the task runtime has stopped".into()))?;
-        AbortOnDropHandle::new(runtime.spawn(work))
+        AbortOnDropHandle::new(self.runtime()?.spawn(work))
             .await
             .map_err(|e| Error::Internal(format!("task panicked: {e}")))
     }
@@ -81,14 +77,16 @@ impl ComputePool {
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        let runtime = self
-            .runtime
-            .as_ref()
-            .ok_or_else(|| Error::Internal("the task runtime has stopped".into()))?;
-        runtime
+        self.runtime()?
             .spawn(work)
             .await
             .map_err(|e| Error::Internal(format!("panicked: {e}")))
+    }
+
+    fn runtime(&self) -> Result<&Runtime> {
+        self.runtime
+            .as_ref()
+            .ok_or_else(|| Error::Internal("the task runtime has stopped".into()))
     }
 }
 
