@@ -743,7 +743,7 @@ async fn shuffle(args: Shuffle) -> anyhow::Result<()> {
                             block: 0,
                             partition: p as u32,
                             component: 0,
-                            task: 0,
+                            more_blocks: Vec::new(),
                         });
                         let batches = peers.fetch(&address, kind).await?;
                         rows += batches.iter().map(|b| b.num_rows()).sum::<usize>();

@@ -5,7 +5,7 @@
 //! partitions, input blocks and (for a handover) state partitions; `do_put` stores a
 //! replica of an input block (sent without its constant `_interval` column, and kept
 //! encoded until read), the lineage a replayable source's blocks are kept as instead,
-//! the rows of a table, or a map output pushed to the owner of its partition.
+//! or the rows of a table.
 //! Tickets and put descriptors are [`proto::DataTicket`]s. Batches travel as Arrow
 //! IPC (Flight's own encoding) — no row-by-row encoding anywhere — and a worker
 //! reading its own data skips Flight and shares the batches (see `service`).
@@ -50,14 +50,17 @@ impl FlightEndpoint {
         FlightEndpoint { state }
     }
 
-    fn batches_for(&self, kind: Kind) -> std::result::Result<Vec<RecordBatch>, Status> {
-        match kind {
-            Kind::Shuffle(s) => {
-                let key = (s.view.clone(), IntervalId(s.interval), s.block);
+    /// One component of partition `s.partition`'s piece of each map output `s` names
+    /// (`s.block`, then `s.more_blocks`), in that order.
+    fn pieces(&self, s: &proto::ShuffleRef) -> std::result::Result<Vec<Vec<RecordBatch>>, Status> {
+        let blocks = std::iter::once(s.block).chain(s.more_blocks.iter().copied());
+        blocks
+            .map(|block| {
+                let key = (s.view.clone(), IntervalId(s.interval), block);
                 let pieces = self.state.shuffle(&key).ok_or_else(|| {
                     Status::not_found(format!(
-                        "no map output of view {} for block {} of interval {}",
-                        s.view, s.block, s.interval
+                        "no map output of view {} for block {block} of interval {}",
+                        s.view, s.interval
                     ))
                 })?;
                 let piece = pieces.get(s.partition as usize).ok_or_else(|| {
@@ -71,7 +74,13 @@ impl FlightEndpoint {
                         .cloned()
                         .unwrap_or_default(),
                 })
-            }
+            })
+            .collect()
+    }
+
+    fn batches_for(&self, kind: Kind) -> std::result::Result<Vec<RecordBatch>, Status> {
+        match kind {
+            Kind::Shuffle(s) => Ok(self.pieces(&s)?.into_iter().flatten().collect()),
             Kind::ViewRows(v) => {
                 match self
                     .state
@@ -224,20 +233,7 @@ impl FlightEndpoint {
                 *partition.write().await = batches;
                 Ok(())
             }
-            Kind::Shuffle(s) => {
-                let key = (
-                    s.view,
-                    IntervalId(s.interval),
-                    s.block,
-                    s.partition,
-                    s.component,
-                );
-                self.state.put_pushed(key, s.task, batches);
-                Ok(())
-            }
-            _ => Err(Status::invalid_argument(
-                "only blocks, tables and map outputs are put",
-            )),
+            _ => Err(Status::invalid_argument("only blocks and tables are put")),
         }
     }
 }
@@ -283,8 +279,27 @@ impl FlightService for FlightEndpoint {
         request: Request<Ticket>,
     ) -> std::result::Result<Response<Self::DoGetStream>, Status> {
         let kind = decode_ticket(&request.into_inner().ticket)?;
-        let batches = self.batches_for(kind)?;
-        Ok(Response::new(encode(batches)))
+        if let Kind::Shuffle(s) = &kind {
+            // The pieces travel as one stream; a header says where each ends.
+            let pieces = self.pieces(s)?;
+            let rows: Vec<String> = pieces
+                .iter()
+                .map(|p| {
+                    p.iter()
+                        .map(RecordBatch::num_rows)
+                        .sum::<usize>()
+                        .to_string()
+                })
+                .collect();
+            let mut response = Response::new(encode(pieces.into_iter().flatten().collect()));
+            let rows = rows
+                .join(",")
+                .parse()
+                .map_err(|_| Status::internal("piece rows"))?;
+            response.metadata_mut().insert(PIECE_ROWS, rows);
+            return Ok(response);
+        }
+        Ok(Response::new(encode(self.batches_for(kind)?)))
     }
 
     async fn do_put(
@@ -439,6 +454,38 @@ impl FlightPeers {
             .map_err(|e| flight_error(address, e))
     }
 
+    /// Fetches the pieces a shuffle ticket names (see [`proto::ShuffleRef`]) from the
+    /// worker at `address`: one list of batches per block, in the ticket's order.
+    pub async fn fetch_pieces(
+        &self,
+        address: &str,
+        shuffle: proto::ShuffleRef,
+    ) -> Result<Vec<Vec<RecordBatch>>> {
+        let mut client = self.client(address)?;
+        let stream = client
+            .do_get(Ticket {
+                ticket: ticket(Kind::Shuffle(shuffle)),
+            })
+            .await
+            .map_err(|e| flight_error(address, e))?;
+        let rows = stream
+            .headers()
+            .get(PIECE_ROWS)
+            .and_then(|rows| rows.to_str().ok())
+            .map(|rows| rows.split(',').map(str::parse::<usize>).collect::<Vec<_>>())
+            .and_then(|rows| {
+                rows.into_iter()
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .ok()
+            })
+            .ok_or_else(|| Error::Remote(format!("{address}: no piece rows in the answer")))?;
+        let batches: Vec<RecordBatch> = stream
+            .try_collect()
+            .await
+            .map_err(|e| flight_error(address, e))?;
+        split_rows(batches, &rows).map_err(|e| Error::Remote(format!("{address}: {e}")))
+    }
+
     /// Stores `batches` at the worker at `address` under `kind`.
     pub async fn put(
         &self,
@@ -469,9 +516,160 @@ impl FlightPeers {
     }
 }
 
+/// The header of a shuffle fetch's answer: the rows of each piece, comma-separated.
+const PIECE_ROWS: &str = "dstream-piece-rows";
+
+/// Cuts `batches` into consecutive runs of `rows` rows each (slicing a batch that
+/// straddles two runs, without copying).
+fn split_rows(
+    batches: Vec<RecordBatch>,
+    rows: &[usize],
+) -> std::result::Result<Vec<Vec<RecordBatch>>, String> {
+    let mut batches = batches.into_iter().filter(|b| b.num_rows() > 0);
+    let mut carry: Option<RecordBatch> = None;
+    let mut runs = Vec::with_capacity(rows.len());
+    for &wanted in rows {
+        let mut run = Vec::new();
+        let mut left = wanted;
+        while left > 0 {
+            let Some(batch) = carry.take().or_else(|| batches.next()) else {
+                return Err(format!(
+                    "the pieces hold fewer rows than the {wanted} announced"
+                ));
+            };
+            if batch.num_rows() > left {
+                carry = Some(batch.slice(left, batch.num_rows() - left));
+                run.push(batch.slice(0, left));
+                left = 0;
+            } else {
+                left -= batch.num_rows();
+                run.push(batch);
+            }
+        }
+        runs.push(run);
+    }
+    if carry.is_some() || batches.next().is_some() {
+        return Err("the pieces hold more rows than announced".into());
+    }
+    Ok(runs)
+}
+
 fn flight_error(address: &str, e: FlightError) -> Error {
     match e {
         FlightError::Tonic(status) => Error::Remote(format!("{address}: {}", status.message())),
         other => Error::Remote(format!("{address}: {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{DataType, Field};
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::operator::ShufflePiece;
+
+    fn batch(values: Vec<i64>) -> Result<RecordBatch> {
+        let schema = Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, false)]));
+        Ok(RecordBatch::try_new(
+            schema,
+            vec![Arc::new(Int64Array::from(values))],
+        )?)
+    }
+
+    /// A map output of two partitions whose rows are `first..first + 4`, split by
+    /// parity, each piece in two batches; its count(DISTINCT ...) pairs hold `first`.
+    fn map_output(first: i64) -> Result<Vec<ShufflePiece>> {
+        (0..2)
+            .map(|p| {
+                let rows: Vec<i64> = (first..first + 4).filter(|k| k % 2 == p).collect();
+                Ok(ShufflePiece {
+                    rows: vec![batch(rows[..1].to_vec())?, batch(rows[1..].to_vec())?],
+                    distinct: vec![vec![batch(vec![first])?]],
+                })
+            })
+            .collect()
+    }
+
+    fn values(batches: &[RecordBatch]) -> Vec<i64> {
+        batches
+            .iter()
+            .flat_map(|b| {
+                let column = b.column(0).as_any().downcast_ref::<Int64Array>();
+                column.map(|c| c.values().to_vec()).unwrap_or_default()
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn one_fetch_reads_a_partition_of_several_map_outputs_in_the_order_asked() -> Result<()> {
+        let state = Arc::new(WorkerState::new(String::new(), 1));
+        for (block, first) in [(0, 0), (3, 10), (5, 20)] {
+            state.put_shuffle(("v".into(), IntervalId(7), block), map_output(first)?);
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = format!("http://{}", listener.local_addr()?);
+        let stop = CancellationToken::new();
+        let server = crate::worker::serve(state, listener, stop.clone());
+        let peers = FlightPeers::default();
+        let fetch = |block, component, more_blocks: Vec<u32>| {
+            let shuffle = proto::ShuffleRef {
+                view: "v".into(),
+                interval: 7,
+                block,
+                partition: 1,
+                component,
+                more_blocks,
+            };
+            peers.fetch_pieces(&address, shuffle)
+        };
+        let values_of = |pieces: Vec<Vec<RecordBatch>>| -> Vec<Vec<i64>> {
+            pieces.iter().map(|p| values(p)).collect()
+        };
+
+        let rows = fetch(5, 0, vec![0, 3]).await?;
+        assert_eq!(
+            values_of(rows),
+            vec![vec![21, 23], vec![1, 3], vec![11, 13]]
+        );
+        let distinct = fetch(3, 1, vec![5]).await?;
+        assert_eq!(values_of(distinct), vec![vec![10], vec![20]]);
+        assert_eq!(values_of(fetch(0, 0, Vec::new()).await?), vec![vec![1, 3]]);
+        // A component the outputs do not have reads as empty pieces.
+        assert_eq!(
+            values_of(fetch(0, 2, vec![3]).await?),
+            vec![Vec::<i64>::new(); 2]
+        );
+        // A block whose output is not held here fails the whole fetch, naming it.
+        let missing = fetch(0, 0, vec![4]).await;
+        assert!(
+            matches!(&missing, Err(Error::Remote(m)) if m.contains("block 4")),
+            "{missing:?}"
+        );
+
+        stop.cancel();
+        server
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        Ok(())
+    }
+
+    #[test]
+    fn batches_are_cut_into_pieces_by_their_rows() -> Result<()> {
+        let batches = || -> Result<Vec<RecordBatch>> {
+            Ok(vec![
+                batch(vec![1, 2, 3])?,
+                batch(vec![])?,
+                batch(vec![4, 5])?,
+            ])
+        };
+        let pieces = split_rows(batches()?, &[2, 0, 2, 1]).map_err(Error::Internal)?;
+        let pieces: Vec<Vec<i64>> = pieces.iter().map(|p| values(p)).collect();
+        assert_eq!(pieces, vec![vec![1, 2], vec![], vec![3, 4], vec![5]]);
+        assert!(split_rows(batches()?, &[2, 2]).is_err());
+        assert!(split_rows(batches()?, &[4, 2]).is_err());
+        Ok(())
     }
 }

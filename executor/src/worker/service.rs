@@ -5,11 +5,10 @@
 //!   block is stored here and put to the replica worker before the answer, so the
 //!   loss of one worker loses no sealed input.
 //! - `RunTasks`: map tasks (a view's stateless part over a local block, split into P
-//!   shuffle pieces kept here, each also pushed over Flight to its partition's owner
-//!   once the task gave up its slot and sent its result) and reduce tasks (the pieces
-//!   of one partition, read locally, from what was pushed here, or over Flight,
-//!   folded into the partition's state). Tasks wait for a slot ([`super::slots`]). Outputs wait for
-//!   `Commit`; `Cancel` drops them.
+//!   shuffle pieces kept here) and reduce tasks (the pieces of one partition, read
+//!   locally or fetched over Flight with one request per worker that holds some,
+//!   folded into the partition's state). Tasks wait for a slot ([`super::slots`]).
+//!   Outputs wait for `Commit`; `Cancel` drops them.
 //! - `AwaitCheckpoint`: a checkpoint asked for in `Commit` is written in the
 //!   background (see [`super::checkpoint`]); this waits for it.
 //! - `ReleaseReceiver`/`AdoptReceiver`/`DescribePartition`/`AdoptPartition`: handing
@@ -19,7 +18,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arrow::array::RecordBatch;
-use arrow::datatypes::{Schema, SchemaRef};
+use arrow::datatypes::SchemaRef;
 use dstream_storage::{IntervalId, Timeline};
 use tokio::task::JoinSet;
 use tonic::{Request, Response, Status};
@@ -146,29 +145,13 @@ impl proto::worker_server::Worker for WorkerService {
                             tokio::time::sleep(state.task_delay()).await;
                         }
                         let (read, waited) = (ready - arrived, started - ready);
-                        let push = MapPush::of(&task);
                         let work = {
                             let (state, abandon) = (state.clone(), abandon.clone());
                             async move { run_task(&state, task, inputs, &abandon).await }
                         };
                         let mut result = state.compute().await?.run(work).await??;
                         let ran = started.elapsed();
-                        // The next task computes while this one's output travels; its
-                        // result goes out at once, saying where the pieces are going.
                         drop((slot, running));
-                        if let Some(push) = push {
-                            result.pushing = push.targets(&state, &result.partition_rows);
-                            let (state, peers) = (state.clone(), peers.clone());
-                            // An abandoned task (a copy that lost, or a cancelled
-                            // interval) stops pushing.
-                            let (pushing, abandon) = (state.clone(), abandon.clone());
-                            pushing.push_in_background(async move {
-                                tokio::select! {
-                                    _ = abandon.cancelled() => {}
-                                    _ = push.send(&state, &peers) => {}
-                                }
-                            });
-                        }
                         // The coordinator times a task from its start to its result,
                         // and compares tasks by this.
                         result.micros = ran.as_micros() as u64;
@@ -539,106 +522,6 @@ async fn installed_view(state: &WorkerState, view: &str) -> Result<InstalledView
         .ok_or_else(|| Error::Internal(format!("view {view} is not installed on this worker")))
 }
 
-/// Where a map task's output goes once it is computed: each partition's piece to
-/// the partition's owner.
-struct MapPush {
-    view: String,
-    interval: IntervalId,
-    block: u32,
-    /// The id the task runs with: the owner reads only this run's pieces.
-    task: u64,
-    targets: Vec<proto::PushTarget>,
-}
-
-/// How long a push may take before its piece is left to be fetched: the map task
-/// gives up pushing it, and a reduce task waiting for it fetches it instead.
-const PUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
-
-impl MapPush {
-    fn of(task: &proto::Task) -> Option<Self> {
-        let Some(TaskKind::Map(map)) = &task.kind else {
-            return None;
-        };
-        (!map.push.is_empty()).then(|| Self {
-            view: task.view.clone(),
-            interval: IntervalId(task.interval),
-            block: map.block,
-            task: task.id,
-            targets: map.push.clone(),
-        })
-    }
-
-    /// The worker each partition's piece goes to, by partition (0: none): its owner,
-    /// unless that is this worker or the piece has no rows (`partition_rows`).
-    fn targets(&self, state: &WorkerState, partition_rows: &[u64]) -> Vec<u64> {
-        let mut to = vec![0; partition_rows.len()];
-        for target in self.targets.iter().filter(|t| t.worker != state.id()) {
-            let p = target.partition as usize;
-            if partition_rows.get(p).is_some_and(|rows| *rows > 0) {
-                to[p] = target.worker;
-            }
-        }
-        to
-    }
-
-    /// Puts each piece at its partition's owner, all at once. A put that fails or
-    /// takes longer than [`PUSH_TIMEOUT`] is only logged: the reduce task fetches
-    /// that piece instead.
-    async fn send(self, state: &WorkerState, peers: &FlightPeers) {
-        let key = (self.view.clone(), self.interval, self.block);
-        let Some(pieces) = state.shuffle(&key) else {
-            return;
-        };
-        let mut puts = Vec::new();
-        for target in self.targets.iter().filter(|t| t.worker != state.id()) {
-            // The reduce task reads no empty piece.
-            let Some(piece) = pieces
-                .get(target.partition as usize)
-                .filter(|piece| piece_rows(piece) > 0)
-            else {
-                continue;
-            };
-            let components = std::iter::once(&piece.rows).chain(piece.distinct.iter());
-            for (component, batches) in components.enumerate() {
-                let kind = Kind::Shuffle(proto::ShuffleRef {
-                    view: self.view.clone(),
-                    interval: self.interval.0,
-                    block: self.block,
-                    partition: target.partition,
-                    component: component as u32,
-                    task: self.task,
-                });
-                let schema = batches
-                    .first()
-                    .map_or_else(|| Arc::new(Schema::empty()), RecordBatch::schema);
-                puts.push(async move {
-                    let put = peers.put(&target.address, kind, schema, batches.clone());
-                    let put = tokio::time::timeout(PUSH_TIMEOUT, put).await;
-                    let put = put.unwrap_or_else(|_| {
-                        Err(Error::Internal(format!("no answer in {PUSH_TIMEOUT:?}")))
-                    });
-                    (target, put)
-                });
-            }
-        }
-        let started = Instant::now();
-        let results = futures::future::join_all(puts).await;
-        tracing::debug!(interval = %self.interval, task = self.task, elapsed = ?started.elapsed(), "map output pushed");
-        for (target, result) in results {
-            if let Err(e) = result {
-                tracing::debug!(
-                    view = %self.view,
-                    interval = %self.interval,
-                    block = self.block,
-                    partition = target.partition,
-                    error = %e,
-                    "could not push a map output; its reduce task will fetch it"
-                );
-            }
-        }
-    }
-}
-
 /// What a reduce task reads before it computes: its shuffle pieces (local ones
 /// shared, remote ones fetched all at once) and, for a speculative copy, the committed
 /// partition it starts from.
@@ -660,25 +543,39 @@ async fn read_inputs(
     };
     let interval = IntervalId(task.interval);
     let p = reduce.partition;
-    let pieces = futures::future::try_join_all(reduce.pieces.iter().map(|location| async {
+    // Local pieces are read in place; the others are fetched with one request per
+    // worker that holds some, all at once. They stay in the order given (block
+    // order), so that every run of the task folds them alike.
+    let mut pieces: Vec<Option<ShufflePiece>> = vec![None; reduce.pieces.len()];
+    let mut remote: Vec<(&str, Vec<(usize, &proto::PieceLocation)>)> = Vec::new();
+    for (i, location) in reduce.pieces.iter().enumerate() {
         if location.worker == state.id() {
             let key = (task.view.clone(), interval, location.block);
             let local = state.shuffle(&key).ok_or_else(|| {
                 Error::Internal(format!("map output of block {} is missing", location.block))
             })?;
-            Ok((local.get(p as usize).cloned().unwrap_or_default(), 0))
-        } else if let Some(piece) = pushed_piece(state, (&task.view, interval), p, location).await {
-            let bytes = piece_bytes(&piece);
-            Ok((piece, bytes))
+            pieces[i] = Some(local.get(p as usize).cloned().unwrap_or_default());
         } else {
-            let piece = fetch_piece(peers, &task.view, interval, p, location).await?;
-            let bytes = piece_bytes(&piece);
-            Ok::<_, Error>((piece, bytes))
+            match remote.iter_mut().find(|(a, _)| *a == location.address) {
+                Some((_, held)) => held.push((i, location)),
+                None => remote.push((&location.address, vec![(i, location)])),
+            }
         }
-    }))
+    }
+    let fetched = futures::future::try_join_all(
+        remote
+            .iter()
+            .map(|(address, held)| fetch_pieces(peers, &task.view, interval, p, address, held)),
+    )
     .await?;
-    let mut bytes_read: u64 = pieces.iter().map(|(_, bytes)| bytes).sum();
-    let pieces = pieces.into_iter().map(|(piece, _)| piece).collect();
+    let mut bytes_read = 0;
+    for ((_, held), fetched) in remote.iter().zip(fetched) {
+        for ((i, _), piece) in held.iter().zip(fetched) {
+            bytes_read += piece_bytes(&piece);
+            pieces[*i] = Some(piece);
+        }
+    }
+    let pieces = pieces.into_iter().flatten().collect();
     let adopted = match &reduce.adopt {
         Some(adopt) => {
             let description = adopt.description.clone().ok_or_else(|| {
@@ -696,29 +593,6 @@ async fn read_inputs(
         adopted,
         bytes_read,
     }))
-}
-
-/// The piece of `location`'s map output for partition `p` if its map task pushed it
-/// here; when that task is pushing it here, waits up to [`PUSH_TIMEOUT`] for it.
-async fn pushed_piece(
-    state: &WorkerState,
-    (view, interval): (&str, IntervalId),
-    p: u32,
-    location: &proto::PieceLocation,
-) -> Option<ShufflePiece> {
-    let deadline = tokio::time::Instant::now() + PUSH_TIMEOUT;
-    loop {
-        // Made before looking, so that a push in between is not missed.
-        let arrival = state.push_arrival();
-        let key = (view, interval, location.block);
-        if let Some(piece) = state.pushed(key, p, location.components, location.task) {
-            return Some(piece);
-        }
-        if location.pushed_to != state.id() {
-            return None;
-        }
-        tokio::time::timeout_at(deadline, arrival).await.ok()?;
-    }
 }
 
 async fn run_task(
@@ -742,6 +616,11 @@ async fn run_task(
             let pieces = view.operator.map_block(&state.task_ctx, &block).await?;
             let partition_rows = pieces.iter().map(piece_rows).collect();
             let components = pieces.first().map_or(1, |p| 1 + p.distinct.len() as u32);
+            // An abandoned run (one started ahead and dropped, say) leaves nothing a
+            // newer run of the block's map could be mistaken for.
+            if abandon.is_cancelled() {
+                return Err(Error::Internal(format!("task {} was abandoned", task.id)));
+            }
             state.put_shuffle((task.view.clone(), interval, map.block), pieces);
             Ok(proto::TaskResult {
                 partition_rows,
@@ -821,32 +700,42 @@ async fn run_task(
     }
 }
 
-async fn fetch_piece(
+/// Fetches from the worker at `address` the pieces for partition `partition` of the
+/// map outputs it holds (`held`), in `held`'s order: one request per component.
+async fn fetch_pieces(
     peers: &FlightPeers,
     view: &str,
     interval: IntervalId,
     partition: u32,
-    location: &proto::PieceLocation,
-) -> Result<ShufflePiece> {
-    let mut components = Vec::with_capacity(location.components.max(1) as usize);
-    for component in 0..location.components.max(1) {
-        let kind = Kind::Shuffle(proto::ShuffleRef {
+    address: &str,
+    held: &[(usize, &proto::PieceLocation)],
+) -> Result<Vec<ShufflePiece>> {
+    let components = held.iter().map(|(_, l)| l.components).max().unwrap_or(1);
+    let blocks: Vec<u32> = held.iter().map(|(_, l)| l.block).collect();
+    let fetches = (0..components.max(1)).map(|component| {
+        let shuffle = proto::ShuffleRef {
             view: view.to_string(),
             interval: interval.0,
-            block: location.block,
+            block: blocks[0],
             partition,
             component,
-            // A fetch reads the output the worker holds.
-            task: 0,
-        });
-        components.push(peers.fetch(&location.address, kind));
-    }
-    let mut fetched = futures::future::try_join_all(components).await?.into_iter();
-    let rows = fetched.next().unwrap_or_default();
-    Ok(ShufflePiece {
-        rows,
-        distinct: fetched.collect(),
-    })
+            more_blocks: blocks[1..].to_vec(),
+        };
+        peers.fetch_pieces(address, shuffle)
+    });
+    let mut by_component = futures::future::try_join_all(fetches).await?.into_iter();
+    let rows = by_component.next().unwrap_or_default();
+    let mut distinct: Vec<_> = by_component.map(Vec::into_iter).collect();
+    Ok(rows
+        .into_iter()
+        .map(|rows| ShufflePiece {
+            rows,
+            distinct: distinct
+                .iter_mut()
+                .map(|d| d.next().unwrap_or_default())
+                .collect(),
+        })
+        .collect())
 }
 
 fn piece_rows(piece: &ShufflePiece) -> u64 {

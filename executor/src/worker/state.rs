@@ -18,7 +18,6 @@ use datafusion::catalog::{MemTable, TableProvider};
 use datafusion::prelude::SessionContext;
 use dstream_planner::{Catalog, SourceDef, StreamPlan};
 use dstream_storage::{DataDir, IntervalId, S3Options, Timeline};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::checkpoint::{TakenPartition, Writing};
@@ -198,10 +197,6 @@ impl EncodedBlock {
 /// Key of a map task's output: (view, interval, block).
 pub type ShuffleKey = (String, IntervalId, u32);
 
-/// Key of one component of a map output pushed to its partition's owner:
-/// (view, interval, block, partition, component).
-pub type PushedKey = (String, IntervalId, u32, u32, u32);
-
 /// The state of one worker.
 pub struct WorkerState {
     address: String,
@@ -216,15 +211,6 @@ pub struct WorkerState {
     pub receivers: tokio::sync::Mutex<BTreeMap<(String, u32), SourceRuntime>>,
     blocks: Mutex<BTreeMap<(String, IntervalId), IntervalBlocks>>,
     shuffle: Mutex<HashMap<ShuffleKey, Arc<Vec<ShufflePiece>>>>,
-    /// Map outputs other workers pushed here for the partitions this worker owns.
-    /// By key and the id of the map task that pushed it: two runs of a block's map
-    /// (a task and its speculative copy, say) both push, and neither replaces the
-    /// other.
-    pushed: Mutex<HashMap<(PushedKey, u64), Vec<RecordBatch>>>,
-    /// Wakes reduce tasks waiting for pushed map outputs.
-    push_arrived: tokio::sync::Notify,
-    /// Map outputs being pushed to other workers after their tasks reported done.
-    pushes: Mutex<JoinSet<()>>,
     partitions: Mutex<HashMap<(String, u32), PartitionSlot>>,
     cancels: Mutex<HashMap<IntervalId, CancellationToken>>,
     /// Per-task tokens (children of their interval's), so that one task can be
@@ -279,9 +265,6 @@ impl WorkerState {
             receivers: tokio::sync::Mutex::new(BTreeMap::new()),
             blocks: Mutex::new(BTreeMap::new()),
             shuffle: Mutex::new(HashMap::new()),
-            pushed: Mutex::new(HashMap::new()),
-            push_arrived: tokio::sync::Notify::new(),
-            pushes: Mutex::new(JoinSet::new()),
             partitions: Mutex::new(HashMap::new()),
             cancels: Mutex::new(HashMap::new()),
             task_cancels: Mutex::new(HashMap::new()),
@@ -345,7 +328,6 @@ impl WorkerState {
         self.receivers.lock().await.clear();
         lock(&self.blocks).clear();
         lock(&self.shuffle).clear();
-        lock(&self.pushed).clear();
         lock(&self.partitions).clear();
     }
 
@@ -447,55 +429,9 @@ impl WorkerState {
         lock(&self.shuffle).get(key).cloned()
     }
 
-    /// Keeps one component of a map output that map task `task` of another worker
-    /// pushed here.
-    pub fn put_pushed(&self, key: PushedKey, task: u64, rows: Vec<RecordBatch>) {
-        lock(&self.pushed).insert((key, task), rows);
-        self.push_arrived.notify_waiters();
-    }
-
-    /// Runs `push` (a map task's pushes) in the background, after its task reported
-    /// done; the worker stops it if it stops first.
-    pub fn push_in_background(&self, push: impl Future<Output = ()> + Send + 'static) {
-        let mut pushes = lock(&self.pushes);
-        while pushes.try_join_next().is_some() {}
-        pushes.spawn(push);
-    }
-
-    /// Completes at the next [`Self::put_pushed`] after it was made.
-    pub fn push_arrival(&self) -> tokio::sync::futures::Notified<'_> {
-        self.push_arrived.notified()
-    }
-
-    /// The piece of block `block`'s map output for `partition`, if map task `task`
-    /// pushed all its `components` here. A piece another run of the block's map
-    /// pushed (one started ahead and not used, or a view since created again) is not
-    /// it.
-    pub fn pushed(
-        &self,
-        (view, interval, block): (&str, IntervalId, u32),
-        partition: u32,
-        components: u32,
-        task: u64,
-    ) -> Option<ShufflePiece> {
-        let pushed = lock(&self.pushed);
-        let mut key = ((view.to_string(), interval, block, partition, 0), task);
-        let mut parts = Vec::with_capacity(components.max(1) as usize);
-        for component in 0..components.max(1) {
-            key.0.4 = component;
-            parts.push(pushed.get(&key)?.clone());
-        }
-        let mut parts = parts.into_iter();
-        Some(ShufflePiece {
-            rows: parts.next().unwrap_or_default(),
-            distinct: parts.collect(),
-        })
-    }
-
-    /// Drops the map outputs of `interval` and earlier, pushed ones included.
+    /// Drops the map outputs of `interval` and earlier.
     pub fn expire_shuffle(&self, interval: IntervalId) {
         lock(&self.shuffle).retain(|(_, i, _), _| *i > interval);
-        lock(&self.pushed).retain(|((_, i, ..), _), _| *i > interval);
     }
 
     // --- state partitions ---------------------------------------------------------
@@ -644,7 +580,6 @@ impl WorkerState {
     pub fn forget(&self, name: &str) {
         lock(&self.partitions).retain(|(view, _), _| view != name);
         lock(&self.shuffle).retain(|(view, _, _), _| view != name);
-        lock(&self.pushed).retain(|((view, ..), _), _| view != name);
         lock(&self.blocks).retain(|(source, _), _| source != name);
     }
 
@@ -767,32 +702,6 @@ mod tests {
     use arrow_flight::utils::batches_to_flight_data;
 
     use super::*;
-
-    #[tokio::test]
-    async fn a_reduce_task_waiting_for_a_push_wakes_when_it_arrives() -> Result<()> {
-        let state = WorkerState::new("w".into(), 1);
-        let schema = Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, false)]));
-        let rows = RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(vec![1, 2]))])?;
-        let piece = |task| state.pushed(("v", IntervalId(3), 0), 1, 1, task);
-        let arrival = state.push_arrival();
-        assert!(piece(7).is_none());
-        state.put_pushed(("v".into(), IntervalId(3), 0, 1, 0), 7, vec![rows]);
-        tokio::time::timeout(std::time::Duration::from_secs(5), arrival)
-            .await
-            .map_err(|_| Error::Internal("the push did not wake the waiting task".into()))?;
-        assert_eq!(piece(7).map(|p| p.rows[0].num_rows()), Some(2));
-        // Another run of the block's map task (a speculative copy, say) pushes the
-        // same piece later: each is kept, and neither replaces the other.
-        let other = RecordBatch::try_new(
-            Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, false)])),
-            vec![Arc::new(Int64Array::from(vec![3]))],
-        )?;
-        assert!(piece(8).is_none());
-        state.put_pushed(("v".into(), IntervalId(3), 0, 1, 0), 8, vec![other]);
-        assert_eq!(piece(7).map(|p| p.rows[0].num_rows()), Some(2));
-        assert_eq!(piece(8).map(|p| p.rows[0].num_rows()), Some(1));
-        Ok(())
-    }
 
     #[test]
     fn a_replica_kept_encoded_reads_back_as_the_block_it_copies() -> Result<()> {

@@ -463,8 +463,6 @@ async fn replay_interval(
                     kind: Some(TaskKind::Map(proto::MapTask {
                         source: source.clone(),
                         block: block.index,
-                        // The partitions' owners are chosen after the replay maps.
-                        push: Vec::new(),
                     })),
                 },
                 alternatives: block.holders.clone(),

@@ -84,10 +84,6 @@ pub(crate) struct MapOutput {
     /// Rows for each partition; partitions with none are not read.
     pub partition_rows: Vec<u64>,
     pub components: u32,
-    /// The id the task that produced it ran with (a copy has its own).
-    pub task: u64,
-    /// The worker each partition's piece is pushed to (0: none).
-    pub pushing: Vec<u64>,
 }
 
 /// The map outputs partition `p`'s reduce task reads (those with rows for it), in
@@ -105,25 +101,6 @@ pub(crate) fn pieces_for(
             worker: o.worker,
             address: cluster.get(o.worker).map(|w| w.address).unwrap_or_default(),
             components: o.components,
-            task: o.task,
-            pushed_to: o.pushing.get(p).copied().unwrap_or(0),
-        })
-        .collect()
-}
-
-/// Where a view's map tasks push each partition's output: to the partition's owner,
-/// if alive.
-fn push_targets(alive: &[WorkerRecord], placement: &[u64]) -> Vec<proto::PushTarget> {
-    placement
-        .iter()
-        .enumerate()
-        .filter_map(|(p, owner)| {
-            let owner = alive.iter().find(|w| w.id == *owner)?;
-            Some(proto::PushTarget {
-                partition: p as u32,
-                worker: owner.id,
-                address: owner.address.clone(),
-            })
         })
         .collect()
 }
@@ -140,10 +117,8 @@ pub(crate) fn map_outputs(
             outputs.entry(view.clone()).or_default().push(MapOutput {
                 block: *block,
                 worker,
-                task: r.id,
                 partition_rows: r.partition_rows,
                 components: r.components,
-                pushing: r.pushing,
             });
         }
     }
@@ -298,11 +273,7 @@ pub async fn run_interval(
             .take_sealing(next)
             .unwrap_or_else(|| Sealing::new(next, &state.sources));
         let requests = seal_requests(state, &sealing, &alive, timeline);
-        (
-            sealing,
-            requests,
-            AheadPlan::new(state, &cluster, &alive, next),
-        )
+        (sealing, requests, AheadPlan::new(state, &cluster, next))
     });
     let speculation = engine.inner.config.speculation;
     let seal_ahead = async {
@@ -350,20 +321,14 @@ pub async fn run_interval(
 struct AheadPlan {
     interval: IntervalId,
     membership: u64,
-    /// The views that take part in it, their plans, and where their map tasks push
-    /// each partition's output.
-    views: Vec<(String, Arc<StreamPlan>, Vec<proto::PushTarget>)>,
+    /// The views that take part in it, and their plans.
+    views: Vec<(String, Arc<StreamPlan>)>,
     outrun: BTreeMap<u64, IntervalId>,
     first_task: u64,
 }
 
 impl AheadPlan {
-    fn new(
-        state: &mut EngineState,
-        cluster: &Cluster,
-        alive: &[WorkerRecord],
-        interval: IntervalId,
-    ) -> Self {
+    fn new(state: &mut EngineState, cluster: &Cluster, interval: IntervalId) -> Self {
         let first_task = state.next_ahead_task;
         state.next_ahead_task += AHEAD_TASK_IDS;
         AheadPlan {
@@ -373,10 +338,7 @@ impl AheadPlan {
                 .views
                 .iter()
                 .filter(|(_, v)| v.runs_in(interval))
-                .map(|(n, v)| {
-                    let push = push_targets(alive, &v.placement);
-                    (n.clone(), v.plan.clone(), push)
-                })
+                .map(|(n, v)| (n.clone(), v.plan.clone()))
                 .collect(),
             outrun: state.outrun.clone(),
             first_task,
@@ -466,7 +428,7 @@ impl AheadMapping {
     fn map(&mut self, cluster: &Cluster, splits: &[proto::SealedSource]) {
         let interval = self.plan.interval;
         let mut batch = Vec::new();
-        for (name, plan, push) in &self.plan.views {
+        for (name, plan) in &self.plan.views {
             let splits: Vec<&proto::SealedSource> =
                 splits.iter().filter(|s| s.source == plan.source).collect();
             if splits.is_empty() || splits.iter().any(|s| !s.failure.is_empty()) {
@@ -488,7 +450,6 @@ impl AheadMapping {
                 &blocks,
                 (cluster, &self.plan.outrun),
                 (&mut self.load, &mut self.next_task),
-                push,
             );
             for (w, n) in &expected {
                 if let Some(load) = self.load.get_mut(w) {
@@ -595,15 +556,14 @@ impl MappedOutputs {
 /// The map tasks of a view (`name`, `plan`) in `interval`: one per block of `blocks`,
 /// each with its block's index, placed by [`place_map_tasks`] on live workers no
 /// speculative copy outran lately (`outrun`) if the blocks allow, else on any live
-/// one, and pushing their outputs to `push`. `load` counts tasks per worker across
-/// views; task ids come from `next_task`. Fails when a block is on no live worker.
+/// one. `load` counts tasks per worker across views; task ids come from
+/// `next_task`. Fails when a block is on no live worker.
 fn map_tasks(
     (name, plan): (&str, &StreamPlan),
     interval: IntervalId,
     blocks: &[BlockInfo],
     (cluster, outrun): (&Cluster, &BTreeMap<u64, IntervalId>),
     (load, next_task): (&mut HashMap<u64, usize>, &mut u64),
-    push: &[proto::PushTarget],
 ) -> std::result::Result<Vec<(StageTask, u32)>, String> {
     let alive = |w: u64| cluster.is_alive(w);
     let trusted = |w: u64| {
@@ -639,7 +599,6 @@ fn map_tasks(
                     kind: Some(TaskKind::Map(proto::MapTask {
                         source: plan.source.clone(),
                         block: block.index,
-                        push: push.to_vec(),
                     })),
                 },
                 // A copy may run on any other holder of the block.
@@ -938,7 +897,6 @@ async fn run_stages(
             source_blocks,
             (&cluster, &state.outrun),
             (&mut map_load, &mut next_task),
-            &push_targets(alive, placement),
         ) {
             Ok(tasks) => {
                 for (task, block) in tasks {
