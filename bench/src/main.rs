@@ -446,6 +446,18 @@ async fn tumble_count(args: TumbleCount) -> anyhow::Result<()> {
             best_batch.as_secs_f64() / stream_only.as_secs_f64().max(1e-9)
         );
     }
+    for m in &measured {
+        let times: Vec<String> = m
+            .streams
+            .iter()
+            .map(|t| format!("{:.3}", t.as_secs_f64()))
+            .collect();
+        println!(
+            "stream runs with {} worker(s), in order: {} s",
+            m.workers,
+            times.join(", ")
+        );
+    }
     println!(
         "stream emitted {windows} window rows; batch {batch_rows} (batch includes the still-open last window)"
     );
