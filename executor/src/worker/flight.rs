@@ -462,6 +462,7 @@ impl FlightPeers {
         shuffle: proto::ShuffleRef,
     ) -> Result<Vec<Vec<RecordBatch>>> {
         let mut client = self.client(address)?;
+        let shuffle_blocks = shuffle.more_blocks.len();
         let stream = client
             .do_get(Ticket {
                 ticket: ticket(Kind::Shuffle(shuffle)),
@@ -479,6 +480,13 @@ impl FlightPeers {
                     .ok()
             })
             .ok_or_else(|| Error::Remote(format!("{address}: no piece rows in the answer")))?;
+        if rows.len() != 1 + shuffle_blocks {
+            return Err(Error::Remote(format!(
+                "{address}: {} pieces in the answer, {} asked for",
+                rows.len(),
+                1 + shuffle_blocks
+            )));
+        }
         let batches: Vec<RecordBatch> = stream
             .try_collect()
             .await

@@ -575,7 +575,10 @@ async fn read_inputs(
             pieces[*i] = Some(piece);
         }
     }
-    let pieces = pieces.into_iter().flatten().collect();
+    let pieces = pieces
+        .into_iter()
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| Error::Internal("a fetch returned fewer pieces than asked".into()))?;
     let adopted = match &reduce.adopt {
         Some(adopt) => {
             let description = adopt.description.clone().ok_or_else(|| {
@@ -616,8 +619,8 @@ async fn run_task(
             let pieces = view.operator.map_block(&state.task_ctx, &block).await?;
             let partition_rows = pieces.iter().map(piece_rows).collect();
             let components = pieces.first().map_or(1, |p| 1 + p.distinct.len() as u32);
-            // An abandoned run (one started ahead and dropped, say) leaves nothing a
-            // newer run of the block's map could be mistaken for.
+            // An abandoned run (a copy that lost, or one of a cancelled interval)
+            // leaves nothing a newer run of the block's map could be mistaken for.
             if abandon.is_cancelled() {
                 return Err(Error::Internal(format!("task {} was abandoned", task.id)));
             }
@@ -701,7 +704,8 @@ async fn run_task(
 }
 
 /// Fetches from the worker at `address` the pieces for partition `partition` of the
-/// map outputs it holds (`held`), in `held`'s order: one request per component.
+/// map outputs it holds (`held`), in `held`'s order: one request per component,
+/// each answering with as many pieces as asked ([`FlightPeers::fetch_pieces`]).
 async fn fetch_pieces(
     peers: &FlightPeers,
     view: &str,
