@@ -320,8 +320,10 @@ pub struct EngineState {
     pub sealed_ahead: Option<Sealing>,
     /// The map stage of that interval, started once it was sealed ahead.
     pub mapped_ahead: Option<scheduler::MappedAhead>,
-    /// The first task id the next map stage started ahead takes.
-    pub next_ahead_task: u64,
+    /// The first id of the next range of task ids a stage run apart from its
+    /// interval's own takes: a map stage started ahead, or a recovery's replay (see
+    /// [`scheduler::reserve_task_ids`]).
+    pub next_task_range: u64,
     /// The cluster membership (see `Cluster::membership_version`) that state
     /// partitions were last evened out for: they are evened out again only when a
     /// worker joins, leaves or dies, so partitions that speculative copies moved off
@@ -595,7 +597,7 @@ impl Engine {
                     sealing: None,
                     sealed_ahead: None,
                     mapped_ahead: None,
-                    next_ahead_task: scheduler::FIRST_AHEAD_TASK,
+                    next_task_range: scheduler::FIRST_RANGED_TASK,
                     balanced_for: None,
                     outrun: BTreeMap::new(),
                     resume: None,

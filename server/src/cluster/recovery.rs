@@ -388,7 +388,8 @@ async fn rebuild_partitions(
         if active.is_empty() {
             continue;
         }
-        replay_interval(engine, state, &active, i, lineage, &mut failed).await?;
+        let first_task = scheduler::reserve_task_ids(state);
+        replay_interval(engine, state, &active, i, first_task, lineage, &mut failed).await?;
         stat.replayed_intervals += 1;
     }
 
@@ -411,18 +412,20 @@ async fn rebuild_partitions(
 
 /// Replays interval `i` into the lost partitions of `active` views: map tasks over
 /// the interval's blocks, reduce tasks for those partitions only, and a commit on
-/// their new owners. A view that fails goes into `failed`.
+/// their new owners. Task ids start at `first_task` (see
+/// [`scheduler::reserve_task_ids`]). A view that fails goes into `failed`.
 async fn replay_interval(
     engine: &Engine,
     state: &EngineState,
     active: &[&Rebuild],
     i: IntervalId,
+    first_task: u64,
     lineage: Option<IntervalId>,
     failed: &mut BTreeMap<String, String>,
 ) -> std::result::Result<(), Interrupted> {
     let cluster = engine.inner.cluster.clone();
     let alive = cluster.alive();
-    let mut next_task = 0u64;
+    let mut next_task = first_task;
     let mut load = HashMap::new();
     let mut map_tasks: Vec<StageTask> = Vec::new();
     let mut map_of_task: HashMap<u64, (String, u32)> = HashMap::new();

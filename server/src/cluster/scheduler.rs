@@ -329,8 +329,7 @@ struct AheadPlan {
 
 impl AheadPlan {
     fn new(state: &mut EngineState, cluster: &Cluster, interval: IntervalId) -> Self {
-        let first_task = state.next_ahead_task;
-        state.next_ahead_task += AHEAD_TASK_IDS;
+        let first_task = reserve_task_ids(state);
         AheadPlan {
             interval,
             membership: cluster.membership_version(),
@@ -368,7 +367,7 @@ impl AheadPlan {
         let (tasks, more) = mpsc::unbounded_channel();
         let stage_cluster = cluster.clone();
         // Copies of stragglers take ids from the upper half of the stage's range.
-        let mut next_copy = self.first_task + AHEAD_TASK_IDS / 2;
+        let mut next_copy = self.first_task + RANGED_TASK_IDS / 2;
         let mut stage = JoinSet::new();
         stage.spawn(async move {
             let what = "run map tasks ahead";
@@ -486,11 +485,21 @@ impl AheadMapping {
     }
 }
 
-/// Task ids each map stage started ahead has to itself; they start at
-/// [`FIRST_AHEAD_TASK`], far above those of a stage started in its interval, so that
-/// no two tasks of one interval share an id on a worker.
-const AHEAD_TASK_IDS: u64 = 1 << 20;
-pub const FIRST_AHEAD_TASK: u64 = 1 << 40;
+/// Task ids each stage run apart from its interval's own has to itself; the ranges
+/// start at [`FIRST_RANGED_TASK`], far above the ids of the stages an interval runs
+/// itself, and are never used twice, so that no two tasks of one interval share an
+/// id (and the token that abandons a task) on a worker: not a map task started
+/// ahead and one started in its interval, nor the replays of one interval by two
+/// recoveries (the first cut short by another lost worker).
+const RANGED_TASK_IDS: u64 = 1 << 20;
+pub const FIRST_RANGED_TASK: u64 = 1 << 40;
+
+/// Takes the next range of [`RANGED_TASK_IDS`] task ids; returns its first.
+pub(crate) fn reserve_task_ids(state: &mut EngineState) -> u64 {
+    let first = state.next_task_range;
+    state.next_task_range += RANGED_TASK_IDS;
+    first
+}
 
 /// The map stage of the interval after the one in progress, whose tasks started as
 /// soon as the receivers sealed their blocks ahead. A map task depends on its block alone, so it may run
