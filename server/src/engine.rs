@@ -288,6 +288,8 @@ pub struct IntervalStat {
     pub scheduling_delay: Duration,
     pub processing_time: Duration,
     pub map_tasks: u64,
+    /// Of `map_tasks`, those started ahead, while the interval before ran.
+    pub map_tasks_ahead: u64,
     pub reduce_tasks: u64,
     pub shuffle_bytes: u64,
     pub workers: u64,
@@ -1041,6 +1043,7 @@ impl Engine {
             scheduling_delay,
             processing_time,
             map_tasks: counts.map_tasks,
+            map_tasks_ahead: counts.map_tasks_ahead,
             reduce_tasks: counts.reduce_tasks,
             shuffle_bytes: counts.shuffle_bytes,
             workers: counts.workers,

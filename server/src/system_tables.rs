@@ -67,6 +67,7 @@ pub fn intervals_table(history: &[IntervalStat]) -> Result<MemTable> {
         Field::new("processing_time_ms", DataType::Float64, false),
         Field::new("total_delay_ms", DataType::Float64, false),
         Field::new("map_tasks", DataType::UInt64, false),
+        Field::new("map_tasks_ahead", DataType::UInt64, false),
         Field::new("reduce_tasks", DataType::UInt64, false),
         Field::new("shuffle_bytes", DataType::UInt64, false),
         Field::new("workers", DataType::UInt64, false),
@@ -95,6 +96,9 @@ pub fn intervals_table(history: &[IntervalStat]) -> Result<MemTable> {
         )),
         Arc::new(UInt64Array::from_iter_values(
             history.iter().map(|h| h.map_tasks),
+        )),
+        Arc::new(UInt64Array::from_iter_values(
+            history.iter().map(|h| h.map_tasks_ahead),
         )),
         Arc::new(UInt64Array::from_iter_values(
             history.iter().map(|h| h.reduce_tasks),

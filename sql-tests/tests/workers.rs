@@ -1,6 +1,7 @@
 //! Worker processes: the cluster as users see it in `dstream_workers` and
-//! `dstream_intervals`, a worker that joins late, a worker that dies, and a worker
-//! that leaves cleanly and hands its work over.
+//! `dstream_intervals`, intervals mapped ahead when the server is behind, a worker
+//! that joins late, a worker that dies, and a worker that leaves cleanly and hands
+//! its work over.
 
 use std::time::{Duration, Instant};
 
@@ -153,6 +154,40 @@ async fn a_dead_worker_is_reported_and_its_work_recovered() {
         .await,
         vec![vec!["1"]]
     );
+    server.stop().await;
+}
+
+/// Behind the clock (`ADVANCE n`, n > 1) the receivers seal each interval's
+/// successor while it runs, and the successor's map tasks start then: in such a run
+/// every interval after the first has all its map tasks started ahead, one interval
+/// at a time none has, and the view holds what the batch query says either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_the_clock_the_next_interval_is_mapped_ahead() {
+    let server = TestServer::start().await.expect("server");
+    let client = server.client().await.expect("connect");
+    client
+        .batch_execute(
+            "CREATE SOURCE s (k BIGINT, v BIGINT) WITH (connector = 'generator', rows_per_second = 500, key_cardinality = 20);
+             CREATE MATERIALIZED VIEW per_key AS SELECT k, count(*) AS n, sum(v) AS total FROM s GROUP BY k;
+             ADVANCE 1; ADVANCE 1;
+             ADVANCE 5;",
+        )
+        .await
+        .expect("setup");
+    let stats = rows(
+        &client,
+        "SELECT interval_id, map_tasks, map_tasks_ahead FROM dstream_intervals ORDER BY interval_id",
+    )
+    .await;
+    let ahead: Vec<&str> = stats.iter().map(|row| row[2].as_str()).collect();
+    assert_eq!(ahead, ["0", "0", "0", "8", "8", "8", "8"], "{stats:?}");
+    assert!(stats.iter().all(|row| row[1] == "8"), "{stats:?}");
+    assert_equals_batch(
+        &client,
+        "per_key",
+        "SELECT k, count(*) AS n, sum(v) AS total FROM s GROUP BY k",
+    )
+    .await;
     server.stop().await;
 }
 

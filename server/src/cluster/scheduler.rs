@@ -59,6 +59,8 @@ use crate::error::{Error, Result};
 #[derive(Debug, Default)]
 pub struct StageCounts {
     pub map_tasks: u64,
+    /// Of `map_tasks`, those started ahead, while the interval before ran.
+    pub map_tasks_ahead: u64,
     pub reduce_tasks: u64,
     pub shuffle_bytes: u64,
     pub workers: u64,
@@ -897,6 +899,7 @@ async fn run_stages(
             .and_then(|a| a.take(&cluster, (name, plan), source_blocks))
         {
             counts.map_tasks += outputs.len() as u64;
+            counts.map_tasks_ahead += outputs.len() as u64;
             map_outputs.insert(name.clone(), outputs);
             continue;
         }
