@@ -462,7 +462,7 @@ impl FlightPeers {
         shuffle: proto::ShuffleRef,
     ) -> Result<Vec<Vec<RecordBatch>>> {
         let mut client = self.client(address)?;
-        let shuffle_blocks = shuffle.more_blocks.len();
+        let asked = 1 + shuffle.more_blocks.len();
         let stream = client
             .do_get(Ticket {
                 ticket: ticket(Kind::Shuffle(shuffle)),
@@ -480,11 +480,10 @@ impl FlightPeers {
                     .ok()
             })
             .ok_or_else(|| Error::Remote(format!("{address}: no piece rows in the answer")))?;
-        if rows.len() != 1 + shuffle_blocks {
+        if rows.len() != asked {
             return Err(Error::Remote(format!(
-                "{address}: {} pieces in the answer, {} asked for",
-                rows.len(),
-                1 + shuffle_blocks
+                "{address}: {} pieces in the answer, {asked} asked for",
+                rows.len()
             )));
         }
         let batches: Vec<RecordBatch> = stream
