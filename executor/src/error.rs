@@ -26,6 +26,11 @@ pub enum Error {
     /// Another process (a worker, the coordinator) failed a request or cannot be reached.
     #[error("{0}")]
     Remote(String),
+    /// A worker no longer holds the rows a read asked for: the partition moved to
+    /// another worker, or the version asked for expired. The same read of a newer
+    /// snapshot finds them.
+    #[error("{0}")]
+    Moved(String),
     /// A bug in dstream.
     #[error("internal error: {0}")]
     Internal(String),

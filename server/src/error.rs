@@ -78,6 +78,8 @@ impl Error {
                 X::Arrow(_) => "22000",
                 X::Planner(_) | X::Storage(_) | X::Io(_) => "58000",
                 X::Remote(_) => "58000",
+                // serialization_failure: Postgres clients know to retry it.
+                X::Moved(_) => "40001",
                 X::Internal(_) => "XX000",
             },
             Error::Storage(_) | Error::Io(_) => "58030",
@@ -116,6 +118,7 @@ fn datafusion_sqlstate(e: &DataFusionError) -> &'static str {
         DataFusionError::NotImplemented(_) => "0A000",
         DataFusionError::ArrowError(_, _) | DataFusionError::Execution(_) => "22000",
         DataFusionError::ResourcesExhausted(_) => "53000",
+        DataFusionError::External(_) if crate::cluster::remote_table::read_moved(e) => "40001",
         _ => "XX000",
     }
 }

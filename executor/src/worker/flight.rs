@@ -87,11 +87,11 @@ impl FlightEndpoint {
                     .view_rows(&v.view, v.partition, IntervalId(v.interval))
                 {
                     ViewRowsRead::Rows(rows) => Ok(rows.as_ref().clone()),
-                    ViewRowsRead::TooOld => Err(Status::failed_precondition(format!(
+                    ViewRowsRead::TooOld => Err(Status::aborted(format!(
                         "view {} partition {} no longer holds interval {}; retry the query",
                         v.view, v.partition, v.interval
                     ))),
-                    ViewRowsRead::NotHere => Err(Status::failed_precondition(format!(
+                    ViewRowsRead::NotHere => Err(Status::aborted(format!(
                         "view {} partition {} moved to another worker; retry the query",
                         v.view, v.partition
                     ))),
@@ -563,6 +563,9 @@ fn split_rows(
 
 fn flight_error(address: &str, e: FlightError) -> Error {
     match e {
+        FlightError::Tonic(status) if status.code() == tonic::Code::Aborted => {
+            Error::Moved(format!("{address}: {}", status.message()))
+        }
         FlightError::Tonic(status) => Error::Remote(format!("{address}: {}", status.message())),
         other => Error::Remote(format!("{address}: {other}")),
     }

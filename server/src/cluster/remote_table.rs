@@ -3,7 +3,9 @@
 //!
 //! [`RemoteView`] and [`RemoteSource`] are DataFusion table providers registered in a
 //! query's context; they fetch only when the query scans them, all partitions at once,
-//! and fail with a message naming the worker when one is gone.
+//! and fail with a message naming the worker when one is gone. A partition that
+//! moved since the snapshot fails the read with [`read_moved`] true: the query runs
+//! again over a newer snapshot.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -59,7 +61,14 @@ impl RemoteView {
                     .peers
                     .fetch(&record.address, kind)
                     .await
-                    .map_err(|e| lost(&format!("materialized view \"{name}\": partition {p}: {e}")))
+                    .map_err(|e| {
+                        let message = format!("materialized view \"{name}\": partition {p}: {e}");
+                        match e {
+                            // A newer snapshot reads it where it is now.
+                            dstream_executor::Error::Moved(_) => moved(message),
+                            _ => lost(&message),
+                        }
+                    })
             }
         });
         try_join_all(reads).await
@@ -82,6 +91,23 @@ pub(crate) async fn scan_fetched(
 
 fn lost(message: &str) -> DataFusionError {
     DataFusionError::External(message.to_string().into())
+}
+
+fn moved(message: String) -> DataFusionError {
+    DataFusionError::External(Box::new(dstream_executor::Error::Moved(message)))
+}
+
+/// Whether a query failed because rows it read moved or expired on their worker
+/// after its snapshot was taken (see [`dstream_executor::Error::Moved`]): the same
+/// query over a newer snapshot reads them.
+pub fn read_moved(e: &DataFusionError) -> bool {
+    match e.find_root() {
+        DataFusionError::External(e) => matches!(
+            e.downcast_ref::<dstream_executor::Error>(),
+            Some(dstream_executor::Error::Moved(_))
+        ),
+        _ => false,
+    }
 }
 
 #[async_trait]
@@ -187,5 +213,24 @@ impl TableProvider for RemoteSource {
     ) -> Result<Arc<dyn ExecutionPlan>, DataFusionError> {
         let rows = self.fetch().await?;
         scan_fetched(&self.schema, vec![rows], state, projection, filters, limit).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_moved_partition_is_told_from_other_failed_reads_under_datafusion_wrappers() {
+        let wrapped = |e: DataFusionError| e.context("while scanning").context("in a join");
+        assert!(read_moved(&wrapped(moved("partition 0 moved".into()))));
+        assert!(!read_moved(&wrapped(lost(
+            "partition 0 is on a dead worker"
+        ))));
+        assert!(!read_moved(&DataFusionError::Execution(
+            "division by zero".into()
+        )));
+        let error = crate::error::Error::DataFusion(wrapped(moved("partition 0 moved".into())));
+        assert_eq!(error.sqlstate(), "40001");
     }
 }

@@ -105,16 +105,43 @@ pub(super) fn check_not_failed(
     }
 }
 
-/// Runs a query, binding `$n` placeholders to `params`.
+/// How many times a query runs when the rows it read moved after its snapshot (a
+/// speculative copy took a state partition over, say).
+const READ_ATTEMPTS: u32 = 3;
+
+/// Runs a query, binding `$n` placeholders to `params`. A query whose rows moved
+/// between workers after its snapshot runs again over the next snapshot.
 pub async fn query_with_params(
     engine: &Engine,
     stmt: ast::Statement,
     params: Option<ParamValues>,
 ) -> Result<StatementResult> {
-    let snapshot = engine.snapshot();
-    let ctx = engine.query_context(&snapshot)?;
+    let mut attempt = 1;
+    loop {
+        let snapshot = engine.snapshot();
+        match query_snapshot(engine, &snapshot, stmt.clone(), params.clone()).await {
+            Err(Error::DataFusion(e))
+                if attempt < READ_ATTEMPTS && crate::cluster::remote_table::read_moved(&e) =>
+            {
+                tracing::debug!(attempt, error = %e, "rows moved under a query; running it again");
+                next_snapshot(engine, &snapshot).await;
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Runs a query over `snapshot`.
+async fn query_snapshot(
+    engine: &Engine,
+    snapshot: &crate::engine::Snapshot,
+    stmt: ast::Statement,
+    params: Option<ParamValues>,
+) -> Result<StatementResult> {
+    let ctx = engine.query_context(snapshot)?;
     let mut plan = plan_query(&ctx, stmt).await?;
-    check_not_failed(&plan, &snapshot)?;
+    check_not_failed(&plan, snapshot)?;
     if let Some(params) = params {
         plan = plan.with_param_values(params)?;
     }
@@ -122,6 +149,15 @@ pub async fn query_with_params(
     let schema = Arc::new(df.schema().as_arrow().clone());
     let batches = df.collect().await?;
     Ok(StatementResult::Rows { schema, batches })
+}
+
+/// Waits, for a second at most, until a snapshot newer than `old` is published:
+/// the commit that moved rows publishes one right after.
+async fn next_snapshot(engine: &Engine, old: &Arc<crate::engine::Snapshot>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    while Arc::ptr_eq(&engine.snapshot(), old) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// The row schema and parameter types of a query, without running it.
