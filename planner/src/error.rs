@@ -27,6 +27,14 @@ pub enum Error {
     /// A definition (columns, options, watermark) that cannot work, with the reason.
     #[error("{0}")]
     InvalidDefinition(String),
+    /// A statement too long or too deeply nested to parse and plan safely
+    /// (see [`crate::limits`]).
+    #[error("statement too complex: {0}")]
+    TooComplex(String),
+    /// A statement that asks for more than a configured limit allows, e.g. a window
+    /// that puts every row in more windows than `max_windows_per_row`.
+    #[error("limit exceeded: {0}")]
+    LimitExceeded(String),
     /// An error raised by DataFusion while planning.
     #[error("{0}")]
     DataFusion(#[from] DataFusionError),
@@ -37,6 +45,12 @@ pub enum Error {
 
 impl From<datafusion::sql::sqlparser::parser::ParserError> for Error {
     fn from(e: datafusion::sql::sqlparser::parser::ParserError) -> Self {
+        use datafusion::sql::sqlparser::parser::ParserError;
+        if matches!(e, ParserError::RecursionLimitExceeded) {
+            return Error::TooComplex(
+                "statement nests parentheses or subqueries too deeply to parse".into(),
+            );
+        }
         let msg = e.to_string();
         Error::Syntax(
             msg.strip_prefix("sql parser error: ")

@@ -8,6 +8,7 @@
 //! # Layout
 //! - [`statement`]: dstream's statements and their parser.
 //! - [`duration`]: durations and SQL interval literals.
+//! - [`limits`]: [`limits::StatementLimits`], how big and deep a statement may be.
 //! - [`window`]: `TUMBLE` and `HOP`, rewritten into pane columns.
 //! - [`catalog`]: definitions of sources, tables and views.
 //! - [`definition`]: schemas and source definitions from CREATE statements.
@@ -19,6 +20,7 @@ pub mod catalog;
 pub mod definition;
 pub mod duration;
 pub mod error;
+pub mod limits;
 pub mod stage_dag;
 pub mod statement;
 pub mod stream_plan;
@@ -28,6 +30,7 @@ pub use catalog::{
     Catalog, CatalogObject, ConnectorSpec, SourceDef, TableDef, ViewDef, WatermarkDef,
 };
 pub use error::{Error, Result};
+pub use limits::StatementLimits;
 pub use statement::{EmitMode, ObjectKind, Statement};
 pub use stream_plan::{AggregateCall, AggregateKind, AggregatePlan, StreamPlan};
 pub use window::{INTERVAL_COLUMN, WindowKind, WindowSpec};

@@ -5,10 +5,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use dstream_planner::StatementLimits;
 use dstream_storage::{S3Options, StoreConfig};
 use serde::Deserialize;
 
-pub use crate::cluster::local::WorkerMode;
+pub use crate::cluster::local::{Restarts, WorkerMode};
 pub use crate::cluster::stage::Speculation;
 use crate::error::{Error, Result};
 
@@ -44,6 +45,8 @@ pub struct ServeConfig {
     pub workers: usize,
     /// Whether those workers are child processes or run inside the server process.
     pub worker_mode: WorkerMode,
+    /// When local workers that die are started again.
+    pub worker_restarts: Restarts,
     /// Task slots of each local worker (0: the machine's cores shared among them).
     pub worker_cores: usize,
     /// Where checkpoints, the catalog and table data live: `file:///path`,
@@ -61,7 +64,23 @@ pub struct ServeConfig {
     pub speculation: Option<Speculation>,
     /// Where `dstream serve` serves Prometheus metrics (`None`: nowhere).
     pub metrics_addr: Option<SocketAddr>,
+    /// How big and deep a statement may be, and how many windows a view may keep.
+    pub limits: StatementLimits,
+    /// Queries (SELECT, EXPLAIN, SHOW, DESCRIBE) running longer are cancelled
+    /// (`None`: never).
+    pub statement_timeout: Option<Duration>,
+    /// Memory one ad-hoc query may use for its joins, sorts and aggregations.
+    pub query_memory: usize,
+    /// Largest result one ad-hoc query may return, in bytes of Arrow data.
+    pub max_result_bytes: usize,
 }
+
+/// Default of [`ServeConfig::statement_timeout`].
+pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default of [`ServeConfig::query_memory`]: 1 GiB.
+pub const DEFAULT_QUERY_MEMORY: usize = 1 << 30;
+/// Default of [`ServeConfig::max_result_bytes`]: 256 MiB.
+pub const DEFAULT_MAX_RESULT_BYTES: usize = 256 << 20;
 
 impl Default for ServeConfig {
     fn default() -> Self {
@@ -76,6 +95,7 @@ impl Default for ServeConfig {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 6876)),
             workers: 2,
             worker_mode: WorkerMode::Process(None),
+            worker_restarts: Restarts::default(),
             worker_cores: 0,
             store: None,
             s3: S3Options::default(),
@@ -84,6 +104,10 @@ impl Default for ServeConfig {
             checkpoints_kept: 3,
             speculation: Some(Speculation::default()),
             metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 6877))),
+            limits: StatementLimits::default(),
+            statement_timeout: Some(DEFAULT_STATEMENT_TIMEOUT),
+            query_memory: DEFAULT_QUERY_MEMORY,
+            max_result_bytes: DEFAULT_MAX_RESULT_BYTES,
         }
     }
 }
@@ -101,6 +125,7 @@ pub struct FileConfig {
     pub block_rows: Option<usize>,
     pub grpc_addr: Option<SocketAddr>,
     pub workers: Option<usize>,
+    pub restart_workers: Option<bool>,
     pub worker_cores: Option<usize>,
     pub store: Option<String>,
     pub s3_endpoint: Option<String>,
@@ -116,6 +141,15 @@ pub struct FileConfig {
     pub speculation_min: Option<String>,
     /// An address, or `off`.
     pub metrics_addr: Option<String>,
+    pub max_statement_bytes: Option<String>,
+    pub max_expression_depth: Option<usize>,
+    pub max_expression_nodes: Option<usize>,
+    pub max_windows_per_row: Option<u64>,
+    pub max_windows_per_interval: Option<u64>,
+    /// A duration, or `off`.
+    pub statement_timeout: Option<String>,
+    pub query_memory: Option<String>,
+    pub max_result_bytes: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -164,6 +198,9 @@ impl FileConfig {
         if let Some(v) = self.workers {
             config.workers = v;
         }
+        if let Some(v) = self.restart_workers {
+            config.worker_restarts.enabled = v;
+        }
         if let Some(v) = self.worker_cores {
             config.worker_cores = v;
         }
@@ -203,6 +240,30 @@ impl FileConfig {
                 })?)
             };
         }
+        if let Some(v) = &self.max_statement_bytes {
+            config.limits.max_statement_bytes = parse_bytes(v)?;
+        }
+        if let Some(v) = self.max_expression_depth {
+            config.limits.max_expression_depth = v;
+        }
+        if let Some(v) = self.max_expression_nodes {
+            config.limits.max_expression_nodes = v;
+        }
+        if let Some(v) = self.max_windows_per_row {
+            config.limits.max_windows_per_row = v;
+        }
+        if let Some(v) = self.max_windows_per_interval {
+            config.limits.max_windows_per_interval = v;
+        }
+        if let Some(v) = &self.statement_timeout {
+            config.statement_timeout = parse_optional_duration(v)?;
+        }
+        if let Some(v) = &self.query_memory {
+            config.query_memory = parse_bytes(v)?;
+        }
+        if let Some(v) = &self.max_result_bytes {
+            config.max_result_bytes = parse_bytes(v)?;
+        }
         if let Some(on) = self.speculation {
             config.speculation = on.then(|| config.speculation.unwrap_or_default());
         }
@@ -224,6 +285,32 @@ pub fn parse_optional_duration(text: &str) -> Result<Option<Duration>> {
         return Ok(None);
     }
     parse_duration(text).map(Some)
+}
+
+/// Parses a size in bytes: a number, optionally followed by `KiB`, `MiB` or `GiB`
+/// (or `K`, `M`, `G`, `KB`, `MB`, `GB`, all powers of 1024).
+pub fn parse_bytes(text: &str) -> Result<usize> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => {
+            return Err(Error::Config(format!(
+                "{text:?} is not a size: use bytes, or a number with KiB, MiB or GiB"
+            )));
+        }
+    };
+    digits
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(1usize << shift))
+        .ok_or_else(|| Error::Config(format!("{text:?} is not a size in bytes")))
 }
 
 /// Parses a duration such as `1s` or `250ms` for configuration values.
@@ -271,6 +358,31 @@ impl ServeConfig {
         if self.checkpoints_kept == 0 {
             return Err(Error::Config("checkpoints_kept must be at least 1".into()));
         }
+        let limits = &self.limits;
+        if limits.max_statement_bytes == 0
+            || limits.max_expression_depth == 0
+            || limits.max_expression_nodes == 0
+            || limits.max_windows_per_row == 0
+            || limits.max_windows_per_interval == 0
+        {
+            return Err(Error::Config(
+                "max_statement_bytes, max_expression_depth, max_expression_nodes, \
+                 max_windows_per_row and max_windows_per_interval must be positive"
+                    .into(),
+            ));
+        }
+        if limits.max_expression_depth > dstream_planner::limits::MAX_EXPRESSION_DEPTH {
+            return Err(Error::Config(format!(
+                "max_expression_depth must be at most {}: deeper statements need more stack \
+                 than the server's threads have",
+                dstream_planner::limits::MAX_EXPRESSION_DEPTH
+            )));
+        }
+        if self.query_memory == 0 || self.max_result_bytes == 0 {
+            return Err(Error::Config(
+                "query_memory and max_result_bytes must be positive".into(),
+            ));
+        }
         if let Some(policy) = &self.speculation
             && !(policy.multiplier >= 1.0 && policy.multiplier.is_finite())
         {
@@ -309,6 +421,18 @@ mod tests {
             "{err:?}"
         );
         let _ = std::fs::remove_dir_all(dir);
+        Ok(())
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_units() -> Result<()> {
+        assert_eq!(parse_bytes("4096")?, 4096);
+        assert_eq!(parse_bytes("64KiB")?, 64 << 10);
+        assert_eq!(parse_bytes("256 MiB")?, 256 << 20);
+        assert_eq!(parse_bytes("1G")?, 1 << 30);
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("1TiB").is_err());
+        assert!(parse_bytes("99999999999999999999").is_err());
         Ok(())
     }
 }

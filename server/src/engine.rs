@@ -18,7 +18,9 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use datafusion::catalog::{MemTable, TableProvider};
 use datafusion::common::TableReference;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
+use dstream_executor::worker::compute::{ComputePool, Work};
 use dstream_executor::worker::proto;
 use dstream_executor::{Changelog, SourceStats};
 use dstream_planner::{Catalog, SourceDef, StreamPlan};
@@ -32,11 +34,12 @@ use tracing::{error, info, warn};
 use crate::clock::IntervalClock;
 use crate::cluster::checkpoint::{self, CheckpointedView, Checkpoints, Pending};
 use crate::cluster::handover;
+use crate::cluster::local::{Launch, LocalWorkers, Supervision};
 use crate::cluster::recovery::{self, RecoveryStat};
 use crate::cluster::remote_table::{RemoteSource, RemoteView};
 use crate::cluster::resume;
 use crate::cluster::scheduler::{self, CommitOptions, Interrupted, StageCounts, ViewOutcome};
-use crate::cluster::{Cluster, CoordinatorService, local::LocalWorkers};
+use crate::cluster::{Cluster, CoordinatorService};
 use crate::config::ServeConfig;
 use crate::error::{Error, Result};
 use crate::system_tables;
@@ -49,6 +52,10 @@ const CHECKPOINT_ON_STOP: Duration = Duration::from_secs(10);
 
 /// How many times an interval is tried when lost workers interrupt it.
 const INTERVAL_ATTEMPTS: u32 = 4;
+
+/// In how many attempts of one interval a view's tasks may be running on a worker
+/// that dies before the view is stopped as the likely cause.
+const POISON_ATTEMPTS: u32 = 2;
 
 /// How many intervals of history `dstream_intervals` keeps.
 const HISTORY: usize = 1000;
@@ -463,6 +470,8 @@ pub(crate) struct Inner {
     pub session_config: SessionConfig,
     pub cluster: Arc<Cluster>,
     pub local_workers: Mutex<LocalWorkers>,
+    /// What the local workers' supervisors report.
+    pub supervision: Supervision,
     pub state: Mutex<EngineState>,
     pub snapshot: RwLock<Arc<Snapshot>>,
     /// Number of intervals committed since the engine started.
@@ -478,6 +487,9 @@ pub(crate) struct Inner {
     pub background: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// The interval loop, awaited by [`Engine::stopped`].
     pub interval_loop: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Threads with deep stacks that parse, plan and run statements (see
+    /// [`crate::session`]), whatever runtime the front door runs on.
+    pub statements: ComputePool,
 }
 
 pub use dstream_executor::task::session_config;
@@ -562,16 +574,26 @@ impl Engine {
         let coordinator_url = format!("http://{grpc_addr}");
         let local_workers = LocalWorkers::start(
             config.workers,
-            config.worker_cores(),
-            &config.worker_mode,
-            &coordinator_url,
-            &config.s3,
+            Launch {
+                mode: config.worker_mode.clone(),
+                cores: config.worker_cores(),
+                coordinator: coordinator_url.clone(),
+                s3: config.s3.clone(),
+            },
+            config.worker_restarts,
+            cluster.clone(),
             &shutdown,
         )
         .await?;
+        let supervision = local_workers.supervision();
         let expected = config.workers;
+        let statements = ComputePool::new(
+            Work::Statements,
+            std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
+        )?;
         let engine = Engine {
             inner: Arc::new(Inner {
+                statements,
                 config,
                 clock,
                 data_dir,
@@ -580,6 +602,7 @@ impl Engine {
                 session_config,
                 cluster,
                 local_workers: Mutex::new(local_workers),
+                supervision,
                 history: std::sync::Mutex::new(VecDeque::new()),
                 recoveries: std::sync::Mutex::new(VecDeque::new()),
                 grpc_stop,
@@ -685,7 +708,7 @@ impl Engine {
 
     /// Process ids of the worker processes this server started.
     pub async fn local_worker_pids(&self) -> Vec<u32> {
-        self.inner.local_workers.lock().await.pids()
+        self.inner.supervision.pids()
     }
 
     /// Waits until the interval loop has stopped (after shutdown was requested), then
@@ -950,15 +973,41 @@ impl Engine {
         // Work of lost workers is recovered first; a worker lost during the interval
         // interrupts it, and it runs again once that worker's work is recovered.
         let mut attempts = 0;
-        let (outcomes, counts) = loop {
+        // Views stopped in this interval because their tasks were on every worker
+        // lost while it ran, and how many attempts each view's tasks were on one.
+        let mut poisonous: BTreeMap<String, String> = BTreeMap::new();
+        let mut suspected: BTreeMap<String, u32> = BTreeMap::new();
+        let (mut outcomes, counts) = loop {
             if let Some(stat) = recovery::recover(self, &mut state, commit.lineage).await {
                 self.record_recovery(stat);
             }
             match scheduler::run_interval(self, &mut state, interval, commit, seal_next).await {
                 Ok(done) => break done,
-                Err(Interrupted(reason)) => {
+                Err(Interrupted { reason, suspects }) => {
                     attempts += 1;
                     self.cancel_interval(interval).await;
+                    for view in suspects {
+                        let times = suspected.entry(view.clone()).or_default();
+                        *times += 1;
+                        if *times >= POISON_ATTEMPTS
+                            && let Some(slot) = state.views.get_mut(&view)
+                        {
+                            let why = format!(
+                                "stopped after its tasks were running on a worker that died \
+                                 in {times} attempts of this interval (last: {reason}); \
+                                 the view may be what kills them, so it is not run again"
+                            );
+                            error!(view = %view, %interval, %why, "stopping a materialized view");
+                            // Not run again in this interval's attempts; the commit
+                            // below records it as failed and tells its subscribers.
+                            slot.failure = Some(why.clone());
+                            poisonous.insert(view, why);
+                        }
+                    }
+                    if !poisonous.is_empty() {
+                        // The interval runs again without them: other views go on.
+                        attempts = attempts.min(INTERVAL_ATTEMPTS - 1);
+                    }
                     if attempts >= INTERVAL_ATTEMPTS {
                         error!(%interval, attempts, %reason, "interval interrupted by lost workers too often; stopping its views");
                         let reason =
@@ -975,6 +1024,9 @@ impl Engine {
                 }
             }
         };
+        for (view, why) in poisonous {
+            outcomes.insert(view, ViewOutcome::Failed(why));
+        }
         state.sealing = None;
         let input_rows: u64 = state
             .sources
@@ -1223,7 +1275,12 @@ impl Engine {
     /// retained rows of sources (read from the workers over Flight when scanned), and
     /// tables.
     pub fn query_context(&self, snapshot: &Snapshot) -> Result<SessionContext> {
-        let ctx = SessionContext::new_with_config(self.inner.session_config.clone());
+        // Each query has its own memory pool of `query_memory`: a query over the limit
+        // fails (SQLSTATE 53200) instead of taking memory from the engine.
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_limit(self.inner.config.query_memory, 1.0)
+            .build_arc()?;
+        let ctx = SessionContext::new_with_config_rt(self.inner.session_config.clone(), runtime);
         let interval = snapshot.interval.unwrap_or(IntervalId(0));
         for (name, view) in &snapshot.views {
             ctx.register_table(
@@ -1276,6 +1333,7 @@ impl Engine {
             TableReference::bare(system_tables::WORKERS),
             Arc::new(system_tables::WorkersTable {
                 cluster: self.inner.cluster.clone(),
+                supervision: self.inner.supervision.clone(),
             }),
         )?;
         Ok(ctx)

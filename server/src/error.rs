@@ -30,6 +30,13 @@ pub enum Error {
     Config(String),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    /// The statement ran longer than `statement_timeout` and was cancelled.
+    #[error("canceling statement due to statement timeout ({0})")]
+    StatementTimeout(String),
+    /// An ad-hoc query needed more memory, or returned a bigger result, than a query
+    /// may (`query_memory`, `max_result_bytes`).
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
     /// A worker this statement needs is dead or gone.
     #[error("{0}")]
     WorkerLost(String),
@@ -68,6 +75,8 @@ impl Error {
                 P::Unsupported(_) => "0A000",
                 P::Invalid(_) => "22023",
                 P::InvalidDefinition(_) => "42P16",
+                P::TooComplex(_) => "54001",
+                P::LimitExceeded(_) => "54000",
                 P::DataFusion(e) => datafusion_sqlstate(e),
                 P::Internal(_) => "XX000",
             },
@@ -89,6 +98,8 @@ impl Error {
             Error::UnknownObject { .. } => "42P01",
             Error::Unsupported(_) => "0A000",
             Error::Config(_) => "22023",
+            Error::StatementTimeout(_) => "57014",
+            Error::OutOfMemory(_) => "53200",
             Error::WorkerLost(_) => "58000",
             Error::Internal(_) => "XX000",
         }
@@ -117,7 +128,7 @@ fn datafusion_sqlstate(e: &DataFusionError) -> &'static str {
         }
         DataFusionError::NotImplemented(_) => "0A000",
         DataFusionError::ArrowError(_, _) | DataFusionError::Execution(_) => "22000",
-        DataFusionError::ResourcesExhausted(_) => "53000",
+        DataFusionError::ResourcesExhausted(_) => "53200",
         DataFusionError::External(_) if crate::cluster::remote_table::read_moved(e) => "40001",
         _ => "XX000",
     }

@@ -76,6 +76,9 @@ struct ServeArgs {
     /// Worker processes `serve` starts [default: 2; `coordinator`: 0].
     #[arg(long, env = "DSTREAM_WORKERS")]
     workers: Option<usize>,
+    /// Start local workers that die again (true or false) [default: true].
+    #[arg(long, env = "DSTREAM_RESTART_WORKERS")]
+    restart_workers: Option<bool>,
     /// Task slots per local worker [default: the cores shared among the workers].
     #[arg(long, env = "DSTREAM_WORKER_CORES")]
     worker_cores: Option<usize>,
@@ -110,6 +113,30 @@ struct ServeArgs {
     /// Where Prometheus metrics are served (/metrics), or off [default: 127.0.0.1:6877].
     #[arg(long, env = "DSTREAM_METRICS_ADDR")]
     metrics_addr: Option<String>,
+    /// Longest statement text, e.g. 1MiB [default: 1MiB].
+    #[arg(long, env = "DSTREAM_MAX_STATEMENT_BYTES")]
+    max_statement_bytes: Option<String>,
+    /// Deepest nesting of expressions in a statement [default: 1000].
+    #[arg(long, env = "DSTREAM_MAX_EXPRESSION_DEPTH")]
+    max_expression_depth: Option<usize>,
+    /// Most expressions in a statement [default: 100000].
+    #[arg(long, env = "DSTREAM_MAX_EXPRESSION_NODES")]
+    max_expression_nodes: Option<usize>,
+    /// Most windows a row belongs to: a HOP window's size / slide [default: 1000].
+    #[arg(long, env = "DSTREAM_MAX_WINDOWS_PER_ROW")]
+    max_windows_per_row: Option<u64>,
+    /// Most windows ending in one interval: batch interval / slide [default: 1000].
+    #[arg(long, env = "DSTREAM_MAX_WINDOWS_PER_INTERVAL")]
+    max_windows_per_interval: Option<u64>,
+    /// Queries running longer are cancelled, e.g. 30s, or off [default: 5m].
+    #[arg(long, env = "DSTREAM_STATEMENT_TIMEOUT")]
+    statement_timeout: Option<String>,
+    /// Memory one ad-hoc query may use, e.g. 512MiB [default: 1GiB].
+    #[arg(long, env = "DSTREAM_QUERY_MEMORY")]
+    query_memory: Option<String>,
+    /// Largest result of one ad-hoc query [default: 256MiB].
+    #[arg(long, env = "DSTREAM_MAX_RESULT_BYTES")]
+    max_result_bytes: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -136,6 +163,9 @@ struct WorkerArgs {
     /// waits this long (e.g. 200ms), making it a straggler.
     #[arg(long, env = "DSTREAM_FAULT_TASK_DELAY")]
     fault_task_delay: Option<String>,
+    /// Fault injection, for testing: a task of this view aborts the worker process.
+    #[arg(long, env = "DSTREAM_FAULT_ABORT_VIEW")]
+    fault_abort_view: Option<String>,
 }
 
 impl ServeArgs {
@@ -156,6 +186,7 @@ impl ServeArgs {
             block_rows: self.block_rows,
             grpc_addr: self.grpc_addr,
             workers: self.workers,
+            restart_workers: self.restart_workers,
             worker_cores: self.worker_cores,
             store: self.store,
             s3_endpoint: self.s3_endpoint,
@@ -167,6 +198,14 @@ impl ServeArgs {
             speculation_multiplier: self.speculation_multiplier,
             speculation_min: self.speculation_min,
             metrics_addr: self.metrics_addr,
+            max_statement_bytes: self.max_statement_bytes,
+            max_expression_depth: self.max_expression_depth,
+            max_expression_nodes: self.max_expression_nodes,
+            max_windows_per_row: self.max_windows_per_row,
+            max_windows_per_interval: self.max_windows_per_interval,
+            statement_timeout: self.statement_timeout,
+            query_memory: self.query_memory,
+            max_result_bytes: self.max_result_bytes,
             ..FileConfig::default()
         }
         .apply(&mut config)?;
@@ -186,6 +225,9 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name(part)
+        // Statements and tasks run on their own deep-stacked threads; these are as
+        // deep, so that no thread of the process is the shallow one.
+        .thread_stack_size(dstream_planner::limits::STATEMENT_STACK_BYTES)
         .build()
         .context("cannot start the async runtime")?;
     let logging = || {
@@ -275,6 +317,7 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
             Some(text) => dstream_server::config::parse_duration(text)?,
             None => std::time::Duration::ZERO,
         },
+        abort_view: args.fault_abort_view,
     };
     let shutdown = CancellationToken::new();
     #[allow(clippy::disallowed_methods)] // awaited below

@@ -254,6 +254,7 @@ fn workers_schema() -> SchemaRef {
         Field::new("state_partitions", DataType::UInt64, true),
         Field::new("last_heartbeat_ms", DataType::Float64, false),
         Field::new("up_seconds", DataType::Float64, false),
+        Field::new("supervisor", DataType::Utf8, true),
     ]))
 }
 
@@ -261,6 +262,7 @@ fn workers_schema() -> SchemaRef {
 #[derive(Debug)]
 pub struct WorkersTable {
     pub cluster: Arc<Cluster>,
+    pub supervision: crate::cluster::local::Supervision,
 }
 
 impl WorkersTable {
@@ -285,7 +287,7 @@ impl WorkersTable {
             }
         });
         let statuses = join_all(asks).await;
-        workers_batch(&workers, &statuses)
+        workers_batch(&workers, &statuses, &self.supervision.by_pid())
     }
 }
 
@@ -326,6 +328,7 @@ impl TableProvider for WorkersTable {
 fn workers_batch(
     workers: &[WorkerRecord],
     statuses: &[Option<proto::StatusResponse>],
+    supervision: &std::collections::HashMap<u32, String>,
 ) -> Result<RecordBatch> {
     let schema = workers_schema();
     let status = |i: usize| statuses.get(i).and_then(|s| s.as_ref());
@@ -358,6 +361,9 @@ fn workers_batch(
         )),
         Arc::new(Float64Array::from_iter_values(
             workers.iter().map(|w| w.joined.elapsed().as_secs_f64()),
+        )),
+        Arc::new(StringArray::from_iter(
+            workers.iter().map(|w| supervision.get(&w.pid).cloned()),
         )),
     ];
     Ok(RecordBatch::try_new(schema, columns).map_err(DataFusionError::from)?)

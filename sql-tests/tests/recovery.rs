@@ -124,6 +124,8 @@ struct Outcome {
 async fn run(workers: usize, checkpoint_intervals: u64, steps: &[Step], oracle: bool) -> Outcome {
     let server = TestServer::start_with(|c| {
         c.worker_mode = WorkerMode::Process(Some(dstream_binary()));
+        // Killed workers stay dead: each run compares where partitions end up.
+        c.worker_restarts.enabled = false;
         c.workers = workers;
         c.block_rows = 4096;
         c.checkpoint_intervals = checkpoint_intervals;

@@ -42,6 +42,7 @@ async fn join_worker(
         cores: 1,
         s3_credentials: Default::default(),
         task_delay,
+        abort_view: None,
     };
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     listener.set_nonblocking(true).expect("nonblocking");
@@ -60,6 +61,8 @@ async fn join_worker(
 async fn a_dead_worker_is_reported_and_its_work_recovered() {
     let server = TestServer::start_with(|config| {
         config.worker_mode = WorkerMode::Process(Some(dstream_binary()));
+        // Recovery on the survivor, without a replacement (hardening.rs covers those).
+        config.worker_restarts.enabled = false;
     })
     .await
     .expect("server");

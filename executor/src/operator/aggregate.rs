@@ -235,7 +235,9 @@ impl AggregateOperator {
             .build()?)
     }
 
-    /// For HOP: adds each pane's rows to every window containing the pane.
+    /// For HOP: adds each pane's rows to every window containing the pane, as one
+    /// cross join with the `size / slide` shifts from a pane to its windows (a plan
+    /// of the same size however many windows a pane is in).
     fn expand_panes(&self, plan: LogicalPlan) -> Result<LogicalPlan> {
         let Some(window) = self
             .plan
@@ -246,42 +248,44 @@ impl AggregateOperator {
             return Ok(plan);
         };
         let aggregate = self.aggregate();
-        let slide = window.slide.as_nanos() as i64;
-        let size = window.size.as_nanos() as i64;
+        let slide = i64::try_from(window.slide.as_nanos())
+            .map_err(|_| Error::Internal("HOP slide out of range".into()))?;
+        let size = i64::try_from(window.size.as_nanos())
+            .map_err(|_| Error::Internal("HOP size out of range".into()))?;
         let interval = |nanos: i64| lit(ScalarValue::new_interval_mdn(0, 0, nanos));
-        let names: Vec<String> = plan
+        // Window i of a pane starts i slides before the pane and ends size - slide
+        // - i slides after the pane's end.
+        let shifts = (0..window.panes_per_window() as i64)
+            .map(|i| {
+                let back = i.saturating_mul(slide);
+                vec![interval(back), interval(size - slide - back)]
+            })
+            .collect::<Vec<_>>();
+        if shifts.is_empty() {
+            return Err(Error::Internal("HOP window without panes".into()));
+        }
+        const SHIFTS: &str = "__window_shifts";
+        let shift = |name: &str| Expr::Column(Column::new(Some(SHIFTS), name));
+        let shifts = LogicalPlanBuilder::values(shifts)?.alias(SHIFTS)?.build()?;
+        let projection: Vec<Expr> = plan
             .schema()
             .fields()
             .iter()
-            .map(|f| f.name().clone())
+            .enumerate()
+            .map(|(idx, field)| {
+                let c = Expr::Column(Column::from_name(field.name()));
+                if Some(idx) == aggregate.window_start_key {
+                    (c - shift("column1")).alias(field.name())
+                } else if Some(idx) == aggregate.window_end_key {
+                    (c + shift("column2")).alias(field.name())
+                } else {
+                    c
+                }
+            })
             .collect();
-        let mut builder: Option<LogicalPlanBuilder> = None;
-        for i in 0..window.panes_per_window() as i64 {
-            let exprs: Vec<Expr> = names
-                .iter()
-                .enumerate()
-                .map(|(idx, name)| {
-                    let c = column(name);
-                    let e = if Some(idx) == aggregate.window_start_key {
-                        c - interval(i * slide)
-                    } else if Some(idx) == aggregate.window_end_key {
-                        c + interval(size - slide - i * slide)
-                    } else {
-                        return c;
-                    };
-                    e.alias(name)
-                })
-                .collect();
-            let branch = LogicalPlanBuilder::from(plan.clone())
-                .project(exprs)?
-                .build()?;
-            builder = Some(match builder {
-                None => LogicalPlanBuilder::from(branch),
-                Some(b) => b.union(branch)?,
-            });
-        }
-        Ok(builder
-            .ok_or_else(|| Error::Internal("HOP window without panes".into()))?
+        Ok(LogicalPlanBuilder::from(plan)
+            .cross_join(shifts)?
+            .project(projection)?
             .build()?)
     }
 

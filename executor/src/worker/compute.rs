@@ -23,6 +23,9 @@ use crate::error::{Error, Result};
 pub enum Work {
     Tasks,
     Receivers,
+    /// The coordinator's statements: parsing, planning and ad-hoc queries, at the
+    /// process's own priority.
+    Statements,
 }
 
 impl Work {
@@ -30,6 +33,7 @@ impl Work {
         match self {
             Work::Tasks => "dstream-task",
             Work::Receivers => "dstream-ingest",
+            Work::Statements => "dstream-sql",
         }
     }
 
@@ -37,11 +41,14 @@ impl Work {
         match self {
             Work::Tasks => 10,
             Work::Receivers => 19,
+            Work::Statements => 0,
         }
     }
 }
 
-/// A runtime whose threads run at `Work`'s priority.
+/// A runtime whose threads run at `Work`'s priority, on stacks deep enough for any
+/// statement within [`dstream_planner::limits::StatementLimits`]: tasks plan and
+/// evaluate the view's expressions, and a stack overflow would abort the process.
 pub struct ComputePool {
     runtime: Option<Runtime>,
 }
@@ -51,6 +58,7 @@ impl ComputePool {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads.max(1))
             .thread_name(work.thread_name())
+            .thread_stack_size(dstream_planner::limits::STATEMENT_STACK_BYTES)
             .on_thread_start(move || lower_priority(work.nice()))
             .enable_all()
             .build()
@@ -102,6 +110,9 @@ impl Drop for ComputePool {
 /// Adds `nice` to the calling thread's nice value (Linux keeps one per thread), up to
 /// the lowest priority, 19.
 fn lower_priority(nice: i32) {
+    if nice == 0 {
+        return;
+    }
     let thread = rustix::thread::gettid();
     let current = rustix::process::getpriority_process(Some(thread)).unwrap_or(0);
     let lower = current.saturating_add(nice).min(19);

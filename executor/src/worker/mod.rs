@@ -69,6 +69,10 @@ pub struct WorkerConfig {
     /// Fault injection: every task of this worker first waits this long, making it
     /// a straggler (for testing and measuring speculation). Zero normally.
     pub task_delay: std::time::Duration,
+    /// Fault injection: a task of this view aborts the worker process once it has
+    /// started (for testing that a view whose tasks kill workers is stopped). `None`
+    /// normally.
+    pub abort_view: Option<String>,
 }
 
 /// Runs a worker on `listener` until `shutdown` is cancelled or the coordinator is gone
@@ -90,6 +94,10 @@ pub async fn run(
     ));
     if !config.task_delay.is_zero() {
         tracing::warn!(delay = ?config.task_delay, "fault injection: every task of this worker is delayed");
+    }
+    if let Some(view) = &config.abort_view {
+        tracing::warn!(%view, "fault injection: a task of this view aborts the worker");
+        state.set_abort_view(view.clone());
     }
     state.set_credentials(config.s3_credentials.clone());
     // Not a child of `shutdown`: a leaving worker serves on until its work has been

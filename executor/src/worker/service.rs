@@ -68,8 +68,17 @@ impl proto::worker_server::Worker for WorkerService {
         &self,
         request: Request<proto::InstallRequest>,
     ) -> std::result::Result<Response<proto::InstallResponse>, Status> {
-        install::install(&self.state, request.into_inner())
+        // Planning a view recurses over its expressions: it runs on the task threads'
+        // deep stacks, as the view's tasks do.
+        let state = self.state.clone();
+        let installing = async move { install::install(&state, request.into_inner()).await };
+        self.state
+            .compute()
             .await
+            .map_err(|e| status(&e))?
+            .run(installing)
+            .await
+            .and_then(|installed| installed)
             .map_err(|e| status(&e))?;
         Ok(Response::new(proto::InstallResponse {}))
     }
@@ -143,6 +152,13 @@ impl proto::worker_server::Worker for WorkerService {
                         let started = Instant::now();
                         if !state.task_delay().is_zero() {
                             tokio::time::sleep(state.task_delay()).await;
+                        }
+                        if state.aborts(&task.view) {
+                            // Let the coordinator hear that the task runs, then die
+                            // as a task that crashes its process would.
+                            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                            tracing::error!(view = %task.view, "fault injection: aborting the worker");
+                            std::process::abort();
                         }
                         let (read, waited) = (ready - arrived, started - ready);
                         let work = {

@@ -218,6 +218,8 @@ pub struct WorkerState {
     task_cancels: Mutex<HashMap<(IntervalId, u64), CancellationToken>>,
     /// Fault injection: every task waits this long first (see `WorkerConfig`).
     task_delay: std::time::Duration,
+    /// Fault injection: a task of this view aborts the process (see `WorkerConfig`).
+    abort_view: Mutex<Option<String>>,
     /// Where tasks compute, one thread per slot; started with the first task.
     compute: tokio::sync::OnceCell<ComputePool>,
     /// Where receivers seal their input, as many threads; started with the first seal.
@@ -269,6 +271,7 @@ impl WorkerState {
             cancels: Mutex::new(HashMap::new()),
             task_cancels: Mutex::new(HashMap::new()),
             task_delay,
+            abort_view: Mutex::new(None),
             compute: tokio::sync::OnceCell::new(),
             ingest: tokio::sync::OnceCell::new(),
             cores: cores.max(1),
@@ -313,6 +316,16 @@ impl WorkerState {
     /// How long each task waits before it runs (fault injection; zero normally).
     pub fn task_delay(&self) -> std::time::Duration {
         self.task_delay
+    }
+
+    /// Makes every task of `view` abort this process (fault injection).
+    pub fn set_abort_view(&self, view: String) {
+        *lock(&self.abort_view) = Some(view);
+    }
+
+    /// Whether a task of `view` is to abort this process (fault injection).
+    pub fn aborts(&self, view: &str) -> bool {
+        lock(&self.abort_view).as_deref() == Some(view)
     }
 
     /// Counts a task as running until the guard is dropped.

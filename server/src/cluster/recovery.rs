@@ -58,6 +58,10 @@ pub struct RecoveryStat {
     pub error: Option<String>,
 }
 
+/// How long recovery waits for a local worker that `dstream serve` is starting again
+/// when no other worker is alive.
+const RESTARTED_WORKER: Duration = Duration::from_secs(30);
+
 /// The lost partitions of one view and how they are rebuilt.
 #[derive(Debug)]
 struct Rebuild {
@@ -115,7 +119,13 @@ pub async fn recover(
         .map(|w| cluster.unavailable(*w))
         .collect::<Vec<_>>()
         .join("; ");
-    let survivors = cluster.alive();
+    let mut survivors = cluster.alive();
+    if survivors.is_empty() && engine.inner.supervision.restarting() {
+        // `dstream serve` is starting its dead workers again: recover on them.
+        info!(lost = %described, "no live worker; waiting for a local worker to be restarted");
+        let _ = cluster.wait_for_workers(1, RESTARTED_WORKER).await;
+        survivors = cluster.alive();
+    }
     if survivors.is_empty() {
         let reason = format!("no live worker is left to recover on ({described})");
         warn!(%reason, "cannot recover");
@@ -129,7 +139,7 @@ pub async fn recover(
         warn!(error = %e, "could not install the catalog on every worker before recovering");
     }
     stat.receivers = reopen_receivers(&cluster, state, &lost, &survivors).await;
-    if let Err(Interrupted(reason)) =
+    if let Err(Interrupted { reason, .. }) =
         rebuild_partitions(engine, state, &lost, &survivors, lineage, &mut stat).await
     {
         // Placements of what was not finished still name the dead worker: the next
@@ -165,6 +175,49 @@ fn stop_dependents(state: &mut EngineState, lost: &BTreeSet<u64>, reason: &str) 
     }
 }
 
+/// Forgets the seals, of the interval in progress and of the one sealed ahead, of
+/// receivers on `lost` workers whose blocks are on no live worker any more (the
+/// receiver's worker and the one holding the copy died together): the receiver,
+/// reopened where it stood before that seal, seals the interval again. Sources whose
+/// records are a function of their position (`generator`, `nexmark`) and `file`
+/// sources give the same rows again; a `tcp` source's lost rows are gone with the
+/// workers either way.
+fn forget_seals_of_lost_blocks(cluster: &Cluster, state: &mut EngineState, lost: &BTreeSet<u64>) {
+    let unheld = |sealed: &dstream_executor::worker::proto::SealedSource| {
+        sealed
+            .blocks
+            .iter()
+            .any(|b| b.holders.iter().all(|h| !cluster.is_alive(*h)))
+    };
+    for (name, slot) in &state.sources {
+        for (split, worker) in slot.receivers.iter().enumerate() {
+            if !lost.contains(worker) {
+                continue;
+            }
+            let key = (name.clone(), split as u32);
+            let in_progress = state
+                .sealing
+                .as_ref()
+                .and_then(|s| s.splits.get(&key))
+                .is_some_and(unheld);
+            if in_progress && let Some(sealing) = state.sealing.as_mut() {
+                warn!(source = %name, split, interval = %sealing.interval, "the blocks of a seal are on no live worker; the interval is sealed again");
+                sealing.splits.remove(&key);
+            }
+            let ahead = state
+                .sealed_ahead
+                .as_ref()
+                .and_then(|s| s.splits.get(&key))
+                .is_some_and(unheld);
+            if (in_progress || ahead)
+                && let Some(sealing) = state.sealed_ahead.as_mut()
+            {
+                sealing.splits.remove(&key);
+            }
+        }
+    }
+}
+
 /// Reopens the receivers of `lost` workers on survivors; returns how many.
 async fn reopen_receivers(
     cluster: &Cluster,
@@ -181,6 +234,7 @@ async fn reopen_receivers(
         }
     }
     let mut reopened = 0;
+    forget_seals_of_lost_blocks(cluster, state, lost);
     // A receiver carries on after every seal it answered, those of the interval in
     // progress (an attempt interrupted before it ran) and of the one sealed ahead.
     let sealed: Vec<&Sealing> = state
@@ -364,7 +418,7 @@ async fn rebuild_partitions(
     for (view, target, result) in join_all(restores).await {
         match result {
             Ok(_) => {}
-            Err(e) if !cluster.is_alive(target) => return Err(Interrupted(e.to_string())),
+            Err(e) if !cluster.is_alive(target) => return Err(Interrupted::by(e.to_string())),
             Err(e) => {
                 failed
                     .entry(view)
@@ -539,7 +593,7 @@ async fn replay_interval(
     .await;
     lost_tasks(&cluster, &reduce_of_task, stage.lost, failed)?;
     if let Some(w) = alive.iter().find(|w| !cluster.is_alive(w.id)) {
-        return Err(Interrupted(cluster.unavailable(w.id)));
+        return Err(Interrupted::by(cluster.unavailable(w.id)));
     }
 
     let owners: Vec<WorkerRecord> = alive
@@ -566,7 +620,7 @@ async fn replay_interval(
     for (worker, result) in commits {
         match result {
             Ok(_) => {}
-            Err(e) if !cluster.is_alive(worker) => return Err(Interrupted(e.to_string())),
+            Err(e) if !cluster.is_alive(worker) => return Err(Interrupted::by(e.to_string())),
             Err(e) => {
                 for rebuild in active {
                     if rebuild.partitions.iter().any(|(_, t)| t.id == worker) {
@@ -589,7 +643,7 @@ fn lost_tasks(
 ) -> std::result::Result<(), Interrupted> {
     for (id, (worker, error)) in lost {
         if !cluster.is_alive(worker) {
-            return Err(Interrupted(error));
+            return Err(Interrupted::by(error));
         }
         if let Some((view, _)) = tasks.get(&id) {
             failed.entry(view.clone()).or_insert(error);

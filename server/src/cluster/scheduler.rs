@@ -34,7 +34,7 @@
 //! not interrupt it: every result is in, and recovery replays the interval into the
 //! partitions that worker held.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -213,9 +213,46 @@ pub struct CommitOptions {
 }
 
 /// An interval that could not complete because a worker it needed was lost; says
-/// which.
+/// which, and which views had tasks on a lost worker when it was lost (a view
+/// whose tasks are there every time a worker dies may be what kills them).
 #[derive(Debug)]
-pub struct Interrupted(pub String);
+pub struct Interrupted {
+    pub reason: String,
+    pub suspects: BTreeSet<String>,
+}
+
+impl Interrupted {
+    /// An interruption no task is suspected of.
+    pub fn by(reason: String) -> Interrupted {
+        Interrupted {
+            reason,
+            suspects: BTreeSet::new(),
+        }
+    }
+}
+
+/// The views of tasks that were running on a worker that is no longer alive when
+/// they were lost (`lost_on`: task id → its worker).
+fn suspects(
+    cluster: &Cluster,
+    lost_on: &HashMap<u64, u64>,
+    views_of: &HashMap<u64, (String, u32)>,
+) -> BTreeSet<String> {
+    lost_on
+        .iter()
+        .filter(|(_, worker)| !cluster.is_alive(**worker))
+        .filter_map(|(id, _)| views_of.get(id).map(|(view, _)| view.clone()))
+        .collect()
+}
+
+/// Task id → worker of the tasks of a stage that got no result while they were
+/// running (not queued) on their worker.
+fn lost_on(lost: &HashMap<u64, (u64, String)>, running: &BTreeSet<u64>) -> HashMap<u64, u64> {
+    lost.iter()
+        .filter(|(id, _)| running.contains(id))
+        .map(|(id, (worker, _))| (*id, *worker))
+        .collect()
+}
 
 /// The first worker of `alive` that is no longer alive, described. With `probe`,
 /// every worker is asked first (a task failed: perhaps reading from a worker that
@@ -782,7 +819,7 @@ async fn seal(
     }
     state.sealing = Some(sealing);
     if let Some(reason) = lost {
-        return Err(Interrupted(reason));
+        return Err(Interrupted::by(reason));
     }
     let mut blocks: HashMap<String, Vec<BlockInfo>> = HashMap::new();
     for (name, splits) in sealed {
@@ -859,7 +896,7 @@ async fn run_stages(
         ..Default::default()
     };
     if let Some(reason) = lost_worker(&cluster, alive, false).await {
-        return Err(Interrupted(reason));
+        return Err(Interrupted::by(reason));
     }
     // 2. Map: one task per (view, block), where the block was received if the load
     // allows (see `place_map_tasks`).
@@ -937,13 +974,17 @@ async fn run_stages(
     counts.speculative_tasks += stage.speculated;
     note_outrun(state, &stage.outrun, interval);
     map_outputs.extend(self::map_outputs(stage.results, &map_of_task));
+    let lost_maps = lost_on(&stage.lost, &stage.lost_running);
     for (id, (_, error)) in stage.lost {
         if let Some((view, _)) = map_of_task.get(&id) {
             failed.entry(view.clone()).or_insert(error);
         }
     }
     if let Some(reason) = lost_worker(&cluster, alive, !failed.is_empty()).await {
-        return Err(Interrupted(reason));
+        return Err(Interrupted {
+            reason,
+            suspects: suspects(&cluster, &lost_maps, &map_of_task),
+        });
     }
 
     let mapped_at = started.elapsed();
@@ -1029,13 +1070,17 @@ async fn run_stages(
             }
         }
     }
+    let lost_reduces = lost_on(&stage.lost, &stage.lost_running);
     for (id, (_, error)) in stage.lost {
         if let Some((view, _)) = reduce_of_task.get(&id) {
             failed.entry(view.clone()).or_insert(error);
         }
     }
     if let Some(reason) = lost_worker(&cluster, alive, !failed.is_empty()).await {
-        return Err(Interrupted(reason));
+        return Err(Interrupted {
+            reason,
+            suspects: suspects(&cluster, &lost_reduces, &reduce_of_task),
+        });
     }
 
     let reduced_at = started.elapsed();

@@ -69,6 +69,9 @@ pub(crate) struct StageOutcome {
     /// By task id, tasks no copy of which succeeded: the worker of the original and
     /// the first error (a task's own error, or its worker's).
     pub lost: HashMap<u64, (u64, String)>,
+    /// Of `lost`, the tasks whose worker had said it was running them when they were
+    /// lost (not only queued there).
+    pub lost_running: BTreeSet<u64>,
     /// Copies started.
     pub speculated: u64,
     /// Tasks whose copy finished first.
@@ -257,11 +260,15 @@ pub(crate) async fn run_fed_stage(
                 outcome.results.insert(id, result);
             }
             None => {
+                let was_running = task.attempts.first().is_some_and(|a| a.started.is_some());
                 let error = task
                     .attempts
                     .into_iter()
                     .find_map(|a| a.failed)
                     .unwrap_or_else(|| "the task got no answer".to_string());
+                if was_running {
+                    outcome.lost_running.insert(id);
+                }
                 outcome.lost.insert(id, (task.task.worker, error));
             }
         }

@@ -39,7 +39,6 @@ use crate::error::{Error, Result};
 use crate::session::{self, StatementResult};
 use crate::subscribe::Subscription;
 use dstream_planner::Statement;
-use dstream_planner::statement::parse_statement;
 
 /// Accepts Postgres connections on `listener` until `shutdown` is cancelled.
 pub async fn serve(
@@ -267,9 +266,9 @@ impl SimpleQueryHandler for PgHandler {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        let statements = match dstream_planner::statement::parse_statements(query) {
+        let statements = match session::parse(&self.engine, query).await {
             Ok(s) => s,
-            Err(e) => return Err(pg_error(&e.into())),
+            Err(e) => return Err(pg_error(&e)),
         };
         let mut responses = Vec::with_capacity(statements.len());
         for statement in statements {
@@ -323,7 +322,9 @@ impl QueryParser for DstreamQueryParser {
     where
         C: ClientInfo + Unpin + Send + Sync,
     {
-        let statement = parse_statement(sql).map_err(|e| pg_error(&e.into()))?;
+        let statement = session::parse_one(&self.engine, sql)
+            .await
+            .map_err(|e| pg_error(&e))?;
         let mut prepared = Prepared {
             statement,
             schema: None,

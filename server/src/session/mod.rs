@@ -26,10 +26,10 @@ use datafusion::sql::sqlparser::ast;
 use dstream_planner::catalog::{CatalogObject, ConnectorSpec, TableDef, ViewDef};
 use dstream_planner::definition::columns_schema;
 use dstream_planner::duration::format_duration;
+use dstream_planner::limits::parse_statements_within;
 use dstream_planner::stage_dag::explain;
 use dstream_planner::statement::{
     CreateMaterializedView, CreateSource, DropObject, ShowKind, normalize_ident, parse_statement,
-    parse_statements,
 };
 use dstream_planner::stream_plan::plan_view;
 use dstream_planner::{Catalog, INTERVAL_COLUMN, ObjectKind, Statement};
@@ -76,7 +76,7 @@ use view::{create_view, explain_view};
 
 /// Executes every statement of `sql`, in order, stopping at the first error.
 pub async fn execute(engine: &Engine, sql: &str) -> Result<Vec<StatementResult>> {
-    let statements = parse_statements(sql)?;
+    let statements = parse(engine, sql).await?;
     let mut results = Vec::with_capacity(statements.len());
     for statement in statements {
         results.push(execute_statement(engine, statement).await?);
@@ -84,8 +84,84 @@ pub async fn execute(engine: &Engine, sql: &str) -> Result<Vec<StatementResult>>
     Ok(results)
 }
 
-/// Executes one parsed statement.
+/// Parses a script under the server's [`StatementLimits`](dstream_planner::StatementLimits),
+/// on the statement threads: a statement too big or too deep is refused with
+/// SQLSTATE `54001` before anything recurses over it on a shallow stack.
+pub async fn parse(engine: &Engine, sql: &str) -> Result<Vec<Statement>> {
+    let limits = engine.inner.config.limits;
+    limits.check_text(sql)?;
+    let sql = sql.to_string();
+    on_statement_threads(engine, async move {
+        Ok(parse_statements_within(&sql, &limits)?)
+    })
+    .await
+}
+
+/// [`parse`] for exactly one statement (a trailing `;` is allowed).
+pub async fn parse_one(engine: &Engine, sql: &str) -> Result<Statement> {
+    let mut statements = parse(engine, sql).await?;
+    match statements.len() {
+        1 => Ok(statements.remove(0)),
+        0 => Err(dstream_planner::Error::Syntax("empty statement".into()).into()),
+        n => {
+            Err(dstream_planner::Error::Syntax(format!("expected one statement, found {n}")).into())
+        }
+    }
+}
+
+/// Executes one parsed statement on the statement threads. A query that runs longer
+/// than `statement_timeout` is cancelled with SQLSTATE `57014`; definitions and
+/// `ADVANCE` run to their end, so that none is left half applied.
 pub async fn execute_statement(engine: &Engine, statement: Statement) -> Result<StatementResult> {
+    let timeout = engine
+        .inner
+        .config
+        .statement_timeout
+        .filter(|_| interruptible(&statement));
+    let task_engine = engine.clone();
+    let running = on_statement_threads(
+        engine,
+        async move { dispatch(&task_engine, statement).await },
+    );
+    match timeout {
+        Some(limit) => tokio::time::timeout(limit, running)
+            .await
+            .map_err(|_| Error::StatementTimeout(format_duration(limit)))?,
+        None => running.await,
+    }
+}
+
+/// Whether a statement only reads, so that stopping it half way changes nothing.
+fn interruptible(statement: &Statement) -> bool {
+    match statement {
+        Statement::Show(_)
+        | Statement::Describe(_)
+        | Statement::ExplainView(_)
+        | Statement::Subscribe(_) => true,
+        Statement::Sql(stmt) => matches!(
+            stmt.as_ref(),
+            ast::Statement::Query(_) | ast::Statement::Explain { .. }
+        ),
+        Statement::CreateSource(_)
+        | Statement::CreateMaterializedView(_)
+        | Statement::Drop(_)
+        | Statement::SetBatchInterval(_)
+        | Statement::Advance(_) => false,
+    }
+}
+
+/// Runs `work` on the engine's statement threads, whose stacks are deep enough for
+/// any statement within the limits, whatever runtime the caller is on. Dropping the
+/// returned future stops the work.
+pub(crate) async fn on_statement_threads<T, F>(engine: &Engine, work: F) -> Result<T>
+where
+    F: std::future::Future<Output = Result<T>> + Send + 'static,
+    T: Send + 'static,
+{
+    engine.inner.statements.run(work).await?
+}
+
+async fn dispatch(engine: &Engine, statement: Statement) -> Result<StatementResult> {
     match statement {
         Statement::CreateSource(create) => create_source(engine, *create, true).await,
         Statement::CreateMaterializedView(create) => create_view(engine, create, true).await,
@@ -102,8 +178,17 @@ pub async fn execute_statement(engine: &Engine, statement: Statement) -> Result<
     }
 }
 
-/// Re-creates one stored definition at startup.
+/// Re-creates one stored definition at startup, on the statement threads.
 pub(crate) async fn restore_entry(engine: &Engine, entry: &CatalogEntry) -> Result<()> {
+    let (task_engine, task_entry) = (engine.clone(), entry.clone());
+    on_statement_threads(
+        engine,
+        async move { restore(&task_engine, &task_entry).await },
+    )
+    .await
+}
+
+async fn restore(engine: &Engine, entry: &CatalogEntry) -> Result<()> {
     match parse_statement(&entry.sql)? {
         Statement::CreateSource(c) => create_source(engine, *c, false).await?,
         Statement::CreateMaterializedView(c) => create_view(engine, c, false).await?,

@@ -1,6 +1,9 @@
 //! Ad-hoc queries over one committed snapshot, and the standard SQL statements
 //! dstream passes through (SELECT, EXPLAIN, SET, SHOW variable, transactions).
 
+use datafusion::error::DataFusionError;
+use futures::StreamExt;
+
 use super::*;
 
 pub(super) async fn execute_sql(engine: &Engine, stmt: ast::Statement) -> Result<StatementResult> {
@@ -147,7 +150,28 @@ async fn query_snapshot(
     }
     let df = ctx.execute_logical_plan(plan).await?;
     let schema = Arc::new(df.schema().as_arrow().clone());
-    let batches = df.collect().await?;
+    let limit = engine.config().max_result_bytes;
+    let over_memory = |e: DataFusionError| match e.find_root() {
+        DataFusionError::ResourcesExhausted(why) => Error::OutOfMemory(format!(
+            "the query needs more memory than {} (query_memory): {why}",
+            format_bytes(engine.config().query_memory)
+        )),
+        _ => Error::DataFusion(e),
+    };
+    let mut stream = df.execute_stream().await.map_err(over_memory)?;
+    let (mut batches, mut bytes) = (Vec::new(), 0usize);
+    while let Some(batch) = stream.next().await {
+        let batch = batch.map_err(over_memory)?;
+        bytes = bytes.saturating_add(result_bytes(&batch));
+        if bytes > limit {
+            return Err(Error::OutOfMemory(format!(
+                "the query's result is larger than {} (max_result_bytes); \
+                 add a LIMIT, a WHERE or an aggregation",
+                format_bytes(limit)
+            )));
+        }
+        batches.push(batch);
+    }
     Ok(StatementResult::Rows { schema, batches })
 }
 
@@ -182,7 +206,34 @@ pub async fn describe_query(
     let count = params.last().map(|(i, _)| *i).unwrap_or(0);
     let mut out = vec![None; count];
     for (i, t) in params {
-        out[i - 1] = t;
+        // `$0` is no parameter: DataFusion refuses it when the query runs.
+        if let Some(slot) = i.checked_sub(1).and_then(|i| out.get_mut(i)) {
+            *slot = t;
+        }
     }
     Ok((Arc::new(plan.schema().as_arrow().clone()), out))
+}
+
+/// A size in bytes as the configuration writes it: `256MiB`, `1GiB`, `4096`.
+pub(crate) fn format_bytes(bytes: usize) -> String {
+    for (shift, unit) in [(30, "GiB"), (20, "MiB"), (10, "KiB")] {
+        if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    format!("{bytes} bytes")
+}
+
+/// The bytes of Arrow data a result batch holds: of its rows only, not of buffers it
+/// shares with what it was sliced from.
+fn result_bytes(batch: &RecordBatch) -> usize {
+    batch
+        .columns()
+        .iter()
+        .map(|c| {
+            let data = c.to_data();
+            data.get_slice_memory_size()
+                .unwrap_or_else(|_| c.get_array_memory_size())
+        })
+        .fold(0, usize::saturating_add)
 }

@@ -13,14 +13,22 @@ async fn plan(
         &state.catalog,
         |name| state.tables.get(name).map(|t| t.provider()),
     )?;
-    Ok(plan_view(
+    let plan = plan_view(
         &ctx.state(),
         &state.catalog,
         create,
         state.timeline.width(),
         engine.inner.config.partitions,
     )
-    .await?)
+    .await?;
+    if let Some(window) = &plan.window {
+        engine
+            .inner
+            .config
+            .limits
+            .check_window(window, state.timeline.width())?;
+    }
+    Ok(plan)
 }
 
 pub(super) async fn create_view(
