@@ -411,27 +411,38 @@ fn aggregate_plan(agg: &Aggregate, window: Option<&WindowSpec>) -> Result<Aggreg
     {
         return Err(unsupported("GROUPING SETS, CUBE and ROLLUP"));
     }
-    let n_groups = agg.group_expr.len();
+    // `GROUP BY k, k` groups by k once: the aggregate's schema has one column for it.
+    let mut group_exprs: Vec<Expr> = Vec::with_capacity(agg.group_expr.len());
+    for e in &agg.group_expr {
+        if !group_exprs.contains(e) {
+            group_exprs.push(e.clone());
+        }
+    }
+    let n_groups = group_exprs.len();
+    if agg.schema.fields().len() != n_groups + agg.aggr_expr.len() {
+        return Err(unsupported(format!(
+            "this GROUP BY ({}); group by distinct expressions",
+            agg.group_expr
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
     let calls = agg
         .aggr_expr
         .iter()
-        .enumerate()
-        .map(|(i, e)| {
-            aggregate_call(
-                e,
-                agg.schema.field(n_groups + i).clone(),
-                agg.input.schema(),
-            )
-        })
+        .zip(agg.schema.fields().iter().skip(n_groups))
+        .map(|(e, field)| aggregate_call(e, field.clone(), agg.input.schema()))
         .collect::<Result<Vec<_>>>()?;
     let key_named = |name: &str| {
-        window.and(agg.group_expr.iter().position(|e| match e {
+        window.and(group_exprs.iter().position(|e| match e {
             Expr::Column(c) => c.name == name,
             _ => false,
         }))
     };
     Ok(AggregatePlan {
-        group_exprs: agg.group_expr.clone(),
+        group_exprs: group_exprs.clone(),
         calls,
         output_schema: agg.schema.clone(),
         window_start_key: key_named("window_start"),

@@ -73,8 +73,20 @@ pub struct ServeConfig {
     pub query_memory: usize,
     /// Largest result one ad-hoc query may return, in bytes of Arrow data.
     pub max_result_bytes: usize,
+    /// Postgres connections served at once.
+    pub max_connections: usize,
+    /// Time a new connection has to send its startup message.
+    pub startup_timeout: Duration,
+    /// A connection silent both ways this long is closed (`None`: never).
+    pub idle_timeout: Option<Duration>,
 }
 
+/// Default of [`ServeConfig::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 100;
+/// Default of [`ServeConfig::startup_timeout`].
+pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default of [`ServeConfig::idle_timeout`].
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Default of [`ServeConfig::statement_timeout`].
 pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default of [`ServeConfig::query_memory`]: 1 GiB.
@@ -108,6 +120,9 @@ impl Default for ServeConfig {
             statement_timeout: Some(DEFAULT_STATEMENT_TIMEOUT),
             query_memory: DEFAULT_QUERY_MEMORY,
             max_result_bytes: DEFAULT_MAX_RESULT_BYTES,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            startup_timeout: DEFAULT_STARTUP_TIMEOUT,
+            idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
         }
     }
 }
@@ -150,6 +165,10 @@ pub struct FileConfig {
     pub statement_timeout: Option<String>,
     pub query_memory: Option<String>,
     pub max_result_bytes: Option<String>,
+    pub max_connections: Option<usize>,
+    pub startup_timeout: Option<String>,
+    /// A duration, or `off`.
+    pub idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -264,6 +283,15 @@ impl FileConfig {
         if let Some(v) = &self.max_result_bytes {
             config.max_result_bytes = parse_bytes(v)?;
         }
+        if let Some(v) = self.max_connections {
+            config.max_connections = v;
+        }
+        if let Some(v) = &self.startup_timeout {
+            config.startup_timeout = parse_duration(v)?;
+        }
+        if let Some(v) = &self.idle_timeout {
+            config.idle_timeout = parse_optional_duration(v)?;
+        }
         if let Some(on) = self.speculation {
             config.speculation = on.then(|| config.speculation.unwrap_or_default());
         }
@@ -339,6 +367,17 @@ impl ServeConfig {
         }
     }
 
+    /// The limits every Postgres connection is served under.
+    pub fn connection_limits(&self) -> crate::pgwire::ConnectionLimits {
+        crate::pgwire::ConnectionLimits {
+            max_connections: self.max_connections,
+            // A statement at its limit, and a megabyte of parameters with it.
+            max_message_bytes: self.limits.max_statement_bytes.saturating_add(1 << 20),
+            startup_timeout: self.startup_timeout,
+            idle_timeout: self.idle_timeout,
+        }
+    }
+
     /// Checks values that cannot work.
     pub fn validate(&self) -> Result<()> {
         if self.partitions == 0 || self.partitions > 1024 {
@@ -377,6 +416,9 @@ impl ServeConfig {
                  than the server's threads have",
                 dstream_planner::limits::MAX_EXPRESSION_DEPTH
             )));
+        }
+        if self.max_connections == 0 {
+            return Err(Error::Config("max_connections must be positive".into()));
         }
         if self.query_memory == 0 || self.max_result_bytes == 0 {
             return Err(Error::Config(

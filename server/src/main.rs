@@ -137,6 +137,15 @@ struct ServeArgs {
     /// Largest result of one ad-hoc query [default: 256MiB].
     #[arg(long, env = "DSTREAM_MAX_RESULT_BYTES")]
     max_result_bytes: Option<String>,
+    /// Postgres connections served at once [default: 100].
+    #[arg(long, env = "DSTREAM_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Time a new connection has to send its startup message [default: 30s].
+    #[arg(long, env = "DSTREAM_STARTUP_TIMEOUT")]
+    startup_timeout: Option<String>,
+    /// Close connections silent both ways this long, or off [default: 1h].
+    #[arg(long, env = "DSTREAM_IDLE_TIMEOUT")]
+    idle_timeout: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -206,6 +215,9 @@ impl ServeArgs {
             statement_timeout: self.statement_timeout,
             query_memory: self.query_memory,
             max_result_bytes: self.max_result_bytes,
+            max_connections: self.max_connections,
+            startup_timeout: self.startup_timeout,
+            idle_timeout: self.idle_timeout,
             ..FileConfig::default()
         }
         .apply(&mut config)?;
@@ -232,6 +244,8 @@ fn main() -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     let logging = || {
         tracing_subscriber::fmt()
+            // Colour only on a terminal: a log file or collector gets plain text.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
                     .unwrap_or_else(|_| "info".into()),

@@ -255,6 +255,8 @@ async fn serve(data: &std::path::Path, env: &[(&str, &str)]) -> (tokio::process:
         ])
         .args(["--clock", "manual", "--workers", "2", "--worker-cores", "1"])
         .args(["--block-rows", "64"])
+        // Its own process group: the test ends it with its workers.
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .expect("start dstream serve");
@@ -336,7 +338,7 @@ async fn a_killed_worker_is_started_again_and_takes_work() {
 async fn a_view_whose_tasks_kill_workers_is_stopped_and_the_others_go_on() {
     let dir = tempfile::tempdir().expect("a directory");
     // Every task of view `poison` aborts its worker process.
-    let (_server, client) = serve(dir.path(), &[("DSTREAM_FAULT_ABORT_VIEW", "poison")]).await;
+    let (server, client) = serve(dir.path(), &[("DSTREAM_FAULT_ABORT_VIEW", "poison")]).await;
     client
         .batch_execute(
             "CREATE SOURCE s (k BIGINT, v BIGINT) WITH (connector = 'generator', \
@@ -393,4 +395,160 @@ async fn a_view_whose_tasks_kill_workers_is_stopped_and_the_others_go_on() {
     )
     .await;
     assert_ne!(restarted, vec!["0"]);
+    if let Some(pid) = server.id() {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &format!("-{pid}")])
+            .status();
+    }
+}
+
+/// A raw connection that has finished the startup phase (no password is asked).
+async fn raw_session(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut startup = Vec::new();
+    startup.extend_from_slice(&196_608i32.to_be_bytes());
+    startup.extend_from_slice(b"user\0test\0database\0dstream\0\0");
+    let mut message = ((startup.len() + 4) as i32).to_be_bytes().to_vec();
+    message.extend_from_slice(&startup);
+    socket.write_all(&message).await.expect("startup");
+    // Read until ReadyForQuery ('Z').
+    let mut seen = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !seen.windows(6).any(|w| w == b"Z\0\0\0\x05I") {
+        let n = socket.read(&mut buffer).await.expect("read");
+        assert!(n > 0, "the server closed during startup: {seen:?}");
+        seen.extend_from_slice(&buffer[..n]);
+    }
+    socket
+}
+
+/// Everything the server sends until it closes the connection, as text.
+async fn until_closed(socket: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), socket.read_to_end(&mut seen)).await;
+    assert!(read.is_ok(), "the server did not close the connection");
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_protocol_messages_end_only_their_connection() {
+    use tokio::io::AsyncWriteExt;
+    let server = TestServer::start().await.expect("server");
+    let frame = |kind: u8, body: &[u8]| {
+        let mut m = vec![kind];
+        m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    };
+    let mut parse_lying = b"\0SELECT $1\0".to_vec();
+    parse_lying.extend_from_slice(&1000u16.to_be_bytes());
+    let mut bind_1gb = b"\0\0".to_vec();
+    bind_1gb.extend_from_slice(&0u16.to_be_bytes());
+    bind_1gb.extend_from_slice(&1u16.to_be_bytes());
+    bind_1gb.extend_from_slice(&(1i32 << 30).to_be_bytes());
+    bind_1gb.extend_from_slice(b"x");
+    let mut huge_length = vec![b'Q'];
+    huge_length.extend_from_slice(&i32::MAX.to_be_bytes());
+    let mut negative_length = vec![b'Q'];
+    negative_length.extend_from_slice(&(-20i32).to_be_bytes());
+    let garbage: Vec<(&str, Vec<u8>)> = vec![
+        ("a Parse of garbage", frame(b'P', b"\xff\xfe\xfd")),
+        (
+            "a Parse claiming more types than it sends",
+            frame(b'P', &parse_lying),
+        ),
+        ("a parameter claiming 1 GB", frame(b'B', &bind_1gb)),
+        ("a message of 2 GB", huge_length),
+        ("a negative length", negative_length),
+        ("an unknown message", frame(b'F', b"\0\0")),
+    ];
+    for (what, bytes) in &garbage {
+        let mut socket = raw_session(server.addr).await;
+        socket.write_all(bytes).await.expect("send");
+        let answer = until_closed(&mut socket).await;
+        assert!(
+            answer.contains("C08P01") || answer.contains("C54000"),
+            "{what}: {answer:?}"
+        );
+    }
+    // An Execute with a negative row limit returns every row.
+    let mut socket = raw_session(server.addr).await;
+    let mut parse = b"\0SELECT 41 + 1\0".to_vec();
+    parse.extend_from_slice(&0u16.to_be_bytes());
+    let mut bind = b"\0\0".to_vec();
+    bind.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    let mut execute = b"\0".to_vec();
+    execute.extend_from_slice(&(-1i32).to_be_bytes());
+    for message in [
+        frame(b'P', &parse),
+        frame(b'B', &bind),
+        frame(b'E', &execute),
+        frame(b'S', b""),
+        frame(b'X', b""),
+    ] {
+        socket.write_all(&message).await.expect("send");
+    }
+    let answer = until_closed(&mut socket).await;
+    assert!(answer.contains("42"), "{answer:?}");
+    // The server goes on.
+    let client = server.client().await.expect("connect");
+    assert_eq!(column(&client, "SELECT 1").await, vec!["1"]);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_beyond_the_limits_are_told_and_disconnected() {
+    let server = TestServer::start_with(|c| {
+        c.max_connections = 2;
+        c.idle_timeout = Some(Duration::from_secs(2));
+        c.startup_timeout = Duration::from_secs(1);
+    })
+    .await
+    .expect("server");
+    let first = server.client().await.expect("connect");
+    let second = server.client().await.expect("connect");
+    let conninfo = format!(
+        "host={} port={} user=test dbname=dstream",
+        server.addr.ip(),
+        server.addr.port()
+    );
+    let third = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await;
+    let error = third.err().expect("a third connection is refused");
+    assert_eq!(
+        error.as_db_error().map(|e| e.code().code()),
+        Some("53300"),
+        "{error}"
+    );
+    drop(second);
+    // A place is free again once the second connection is gone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let third = loop {
+        match tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await {
+            Ok((client, connection)) => {
+                #[allow(clippy::disallowed_methods)] // ends with the client
+                tokio::spawn(connection);
+                break client;
+            }
+            Err(e) if std::time::Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("no place freed: {e}"),
+        }
+    };
+    assert_eq!(column(&third, "SELECT 2").await, vec!["2"]);
+    drop(third);
+    // A connection that never says hello is closed with an error.
+    let mut silent = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    let answer = until_closed(&mut silent).await;
+    assert!(answer.contains("startup"), "{answer:?}");
+    // An idle session is closed after the idle timeout.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let idle = first.simple_query("SELECT 1").await;
+    assert!(idle.is_err(), "the idle connection was closed");
+    server.stop().await;
 }

@@ -173,7 +173,14 @@ impl RecordDecoder {
             owned.push(b'\n');
             Cow::Owned(owned)
         };
-        if let Ok(batches) = self.decode_all(&terminated) {
+        // arrow-json reads a stream of values and forgives what is not JSON (a
+        // missing comma, two objects on one line): each line must first be exactly
+        // one JSON value.
+        let strict = self.format != TextFormat::Json
+            || terminated
+                .split(|b| *b == b'\n')
+                .all(|l| json_line_error(l).is_none());
+        if strict && let Ok(batches) = self.decode_all(&terminated) {
             return Ok(Decoded {
                 batches,
                 ..Decoded::default()
@@ -184,6 +191,12 @@ impl RecordDecoder {
         let mut decoded = Decoded::default();
         for line in terminated.split(|b| *b == b'\n') {
             if line.iter().all(|b| b.is_ascii_whitespace()) {
+                continue;
+            }
+            if self.format == TextFormat::Json
+                && let Some(e) = json_line_error(line)
+            {
+                decoded.record_error(line, &format!("not JSON: {e}"));
                 continue;
             }
             let mut one = line.to_vec();
@@ -201,6 +214,14 @@ impl RecordDecoder {
         })?;
         Ok(decoded)
     }
+}
+
+/// Why `line` is not exactly one JSON value (blank lines are no record at all).
+fn json_line_error(line: &[u8]) -> Option<serde_json::Error> {
+    if line.iter().all(|b| b.is_ascii_whitespace()) {
+        return None;
+    }
+    serde_json::from_slice::<serde::de::IgnoredAny>(line).err()
 }
 
 impl Decoded {
@@ -249,6 +270,7 @@ impl Decoded {
 mod tests {
     use std::sync::Arc;
 
+    use arrow::array::Array;
     use arrow::datatypes::{DataType, Field, Schema};
 
     use super::*;
@@ -269,6 +291,59 @@ mod tests {
         Ok(())
     }
 
+    proptest::proptest! {
+        /// Whatever bytes arrive, decoding returns; every line is a good record or a
+        /// malformed one.
+        #[test]
+        fn any_bytes_decode_or_count_as_malformed(
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+        ) {
+            for format in [TextFormat::Json, TextFormat::Csv { delimiter: b',' }] {
+                let lines = data
+                    .split(|b| *b == b'\n')
+                    .filter(|l| !l.iter().all(|b| b.is_ascii_whitespace()))
+                    .count();
+                let out = RecordDecoder::new(schema(), format).decode(&data);
+                if let Ok(out) = out {
+                    // One record per line at most; CSV's quoted fields may span lines.
+                    let rows: usize = out.batches.iter().map(|b| b.num_rows()).sum();
+                    proptest::prop_assert!(rows + out.malformed as usize <= lines);
+                }
+            }
+        }
+
+        /// Lines that are JSON objects of the declared columns all decode, values intact.
+        #[test]
+        fn valid_json_lines_all_decode(
+            rows in proptest::collection::vec(
+                (proptest::prelude::any::<Option<i64>>(), proptest::prelude::any::<Option<String>>()),
+                0..40,
+            ),
+        ) {
+            let mut text = String::new();
+            for (a, b) in &rows {
+                text.push_str(&serde_json::json!({"a": a, "b": b}).to_string());
+                text.push('\n');
+            }
+            let out = RecordDecoder::new(schema(), TextFormat::Json).decode(text.as_bytes())?;
+            proptest::prop_assert_eq!(out.malformed, 0);
+            let decoded: usize = out.batches.iter().map(|b| b.num_rows()).sum();
+            proptest::prop_assert_eq!(decoded, rows.len());
+            let batch = arrow::compute::concat_batches(&schema(), &out.batches)?;
+            if !rows.is_empty() {
+                let a = batch.column(0).as_any().downcast_ref::<arrow::array::Int64Array>();
+                let b = batch.column(1).as_any().downcast_ref::<arrow::array::StringArray>();
+                let (Some(a), Some(b)) = (a, b) else {
+                    return Err(proptest::test_runner::TestCaseError::fail("column types"));
+                };
+                for (i, (x, y)) in rows.iter().enumerate() {
+                    proptest::prop_assert_eq!(a.is_valid(i).then(|| a.value(i)), *x);
+                    proptest::prop_assert_eq!(b.is_valid(i).then(|| b.value(i).to_string()), y.clone());
+                }
+            }
+        }
+    }
+
     #[test]
     fn malformed_lines_are_isolated_and_counted() -> Result<()> {
         let d = RecordDecoder::new(schema(), TextFormat::Json);
@@ -276,6 +351,15 @@ mod tests {
         assert_eq!(out.malformed, 2);
         assert_eq!(out.batches.iter().map(|b| b.num_rows()).sum::<usize>(), 2);
         assert!(out.first_error.is_some_and(|e| e.contains("not json")));
+
+        // What arrow-json alone would take: a missing comma, two objects on a line,
+        // a trailing comma, single quotes.
+        let out = d.decode(
+            b"{\"a\": 1 \"b\": \"x\"}\n{\"a\": 2}{\"a\": 3}\n{\"a\": 4,}\n{'a': 5}\n{\"a\": 6}\n",
+        )?;
+        assert_eq!(out.malformed, 4, "{:?}", out.first_error);
+        assert_eq!(out.batches.iter().map(|b| b.num_rows()).sum::<usize>(), 1);
+        assert!(out.first_error.is_some_and(|e| e.contains("not JSON")));
 
         let d = RecordDecoder::new(schema(), TextFormat::Csv { delimiter: b',' });
         let out = d.decode(b"1,x\noops,y\n2,z\n3\n")?;

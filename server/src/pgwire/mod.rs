@@ -40,12 +40,20 @@ use crate::session::{self, StatementResult};
 use crate::subscribe::Subscription;
 use dstream_planner::Statement;
 
-/// Accepts Postgres connections on `listener` until `shutdown` is cancelled.
+mod connection;
+mod frames;
+
+pub use connection::ConnectionLimits;
+
+/// Accepts Postgres connections on `listener` until `shutdown` is cancelled. Each
+/// connection is checked by [`connection::serve_connection`] before pgwire reads it.
 pub async fn serve(
     listener: TcpListener,
     engine: Engine,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    let limits = engine.config().connection_limits();
+    let admission = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let connections_registry = Arc::new(ConnectionManager::new());
     let handlers = Arc::new(PgHandlers {
         handler: Arc::new(PgHandler {
@@ -72,11 +80,31 @@ pub async fn serve(
                     }
                 };
                 debug!(%peer, "pgwire connection");
+                let (ours, theirs) = match tokio::net::UnixStream::pair() {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        warn!(error = %e, "cannot open a socket pair for a pgwire connection");
+                        continue;
+                    }
+                };
+                // Held for as long as the connection is served.
+                let permit = admission.clone().try_acquire_owned().ok();
+                if permit.is_none() {
+                    warn!(%peer, max = limits.max_connections, "refusing a pgwire connection: too many clients");
+                }
                 let handlers = handlers.clone();
                 connections.spawn(async move {
-                    if let Err(e) = pgwire::tokio::process_socket(socket, None, handlers).await {
-                        debug!(%peer, error = %e, "pgwire connection ended with an error");
-                    }
+                    let admitted = permit.is_some();
+                    let checked = connection::serve_connection(socket, ours, limits, admitted);
+                    let session = async move {
+                        if admitted
+                            && let Err(e) = pgwire::tokio::process_socket_unix(theirs, handlers).await
+                        {
+                            debug!(%peer, error = %e, "pgwire connection ended with an error");
+                        }
+                    };
+                    tokio::join!(checked, session);
+                    drop(permit);
                 });
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}

@@ -121,7 +121,9 @@ pub async fn execute_statement(engine: &Engine, statement: Statement) -> Result<
     let task_engine = engine.clone();
     let running = on_statement_threads(
         engine,
-        async move { dispatch(&task_engine, statement).await },
+        // Boxed where it runs: a statement's future is large, and the caller's stack
+        // (a test's, a connection's) need not hold it.
+        async move { Box::pin(dispatch(&task_engine, statement)).await },
     );
     match timeout {
         Some(limit) => tokio::time::timeout(limit, running)
@@ -181,10 +183,9 @@ async fn dispatch(engine: &Engine, statement: Statement) -> Result<StatementResu
 /// Re-creates one stored definition at startup, on the statement threads.
 pub(crate) async fn restore_entry(engine: &Engine, entry: &CatalogEntry) -> Result<()> {
     let (task_engine, task_entry) = (engine.clone(), entry.clone());
-    on_statement_threads(
-        engine,
-        async move { restore(&task_engine, &task_entry).await },
-    )
+    on_statement_threads(engine, async move {
+        Box::pin(restore(&task_engine, &task_entry)).await
+    })
     .await
 }
 
