@@ -487,9 +487,12 @@ pub(crate) struct Inner {
     pub background: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// The interval loop, awaited by [`Engine::stopped`].
     pub interval_loop: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
-    /// Threads with deep stacks that parse, plan and run statements (see
-    /// [`crate::session`]), whatever runtime the front door runs on.
+    /// Threads with deep stacks that parse statements and run definitions, `SHOW`
+    /// and `ADVANCE` (see [`crate::session`]), whatever runtime the front door runs on.
     pub statements: ComputePool,
+    /// Threads with deep stacks that run ad-hoc queries: a busy query never holds up
+    /// a definition or `ADVANCE`.
+    pub queries: ComputePool,
 }
 
 pub use dstream_executor::task::session_config;
@@ -587,13 +590,15 @@ impl Engine {
         .await?;
         let supervision = local_workers.supervision();
         let expected = config.workers;
-        let statements = ComputePool::new(
-            Work::Statements,
+        let statements = ComputePool::new(Work::Statements, 2)?;
+        let queries = ComputePool::new(
+            Work::Queries,
             std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
         )?;
         let engine = Engine {
             inner: Arc::new(Inner {
                 statements,
+                queries,
                 config,
                 clock,
                 data_dir,

@@ -139,6 +139,88 @@ pub fn dstream_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("dstream"))
 }
 
+/// A `dstream serve` process: the child, a client connected to it, and its pgwire
+/// address.
+pub struct ServeProcess {
+    pub child: tokio::process::Child,
+    pub client: Client,
+    pub addr: SocketAddr,
+}
+
+impl ServeProcess {
+    /// Starts `dstream serve` on `data` in its own process group (so that it can be
+    /// killed with its workers, like a machine that fails), with the manual clock,
+    /// two worker processes of one core each, metrics off, `args` after those and
+    /// `env` added to its environment; returns once a client is connected. Its log
+    /// says only errors unless `RUST_LOG` asks for more.
+    pub async fn start(data: &Path, args: &[&str], env: &[(&str, &str)]) -> ServeProcess {
+        // Two distinct free ports, held together while they are picked.
+        let held: Vec<std::net::TcpListener> = (0..2)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port"))
+            .collect();
+        let port = |i: usize| held[i].local_addr().expect("a port").to_string();
+        let (pg, grpc) = (port(0), port(1));
+        drop(held);
+        let child = tokio::process::Command::new(dstream_binary())
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()),
+            )
+            .envs(env.iter().copied())
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(data)
+            .args([
+                "--pg-addr",
+                &pg,
+                "--grpc-addr",
+                &grpc,
+                "--metrics-addr",
+                "off",
+            ])
+            .args(["--clock", "manual", "--workers", "2", "--worker-cores", "1"])
+            .args(args)
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start dstream serve");
+        let addr: SocketAddr = pg.parse().expect("an address");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            match connect(addr).await {
+                Ok(client) => {
+                    return ServeProcess {
+                        child,
+                        client,
+                        addr,
+                    };
+                }
+                Err(e) if std::time::Instant::now() > deadline => {
+                    panic!("connect to {addr}: {e}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// Kills the server and its workers at once (SIGKILL to the process group), and
+    /// waits for it.
+    pub async fn kill(mut self) {
+        if let Some(pid) = self.child.id() {
+            // `--`: without it, procps's kill takes `-pid` for an option.
+            let killed = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pid}")])
+                .status();
+            assert!(
+                killed.is_ok_and(|s| s.success()),
+                "kill the process group {pid}"
+            );
+        }
+        let waited = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
+        assert!(waited.is_ok(), "the killed server did not end");
+    }
+}
+
 /// Connects to a dstream server, retrying briefly while it starts.
 pub async fn connect(addr: SocketAddr) -> Result<Client, tokio_postgres::Error> {
     let conninfo = format!(

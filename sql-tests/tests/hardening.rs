@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use dstream_server::config::WorkerMode;
-use dstream_sql_tests::{TestServer, dstream_binary};
+use dstream_sql_tests::{ServeProcess, TestServer, dstream_binary};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 /// The SQLSTATE of a failed statement, or "ok". The message goes to stderr.
@@ -204,6 +204,31 @@ async fn slow_and_greedy_queries_are_cancelled() {
         "57014"
     );
     assert!(started.elapsed() < Duration::from_secs(10));
+    // Busy queries on every core do not hold up definitions, SHOW or ADVANCE.
+    let mut busy = Vec::new();
+    for _ in 0..4 {
+        let client = server.client().await.expect("connect");
+        #[allow(clippy::disallowed_methods)] // awaited below
+        busy.push(tokio::spawn(async move {
+            sqlstate(
+                &client,
+                "SELECT count(*) FROM generate_series(1, 100000000000) a",
+            )
+            .await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    client
+        .batch_execute("CREATE TABLE during (a INT); ADVANCE 1; SHOW TABLES;")
+        .await
+        .expect("control statements while queries are busy");
+    assert!(
+        busy.iter().all(|q| !q.is_finished()),
+        "the statements ran while the busy queries still ran"
+    );
+    for query in busy {
+        assert_eq!(query.await.expect("a query"), "57014");
+    }
     // A hash join's build side cannot spill: 4 MiB is not enough.
     assert_eq!(
         sqlstate(
@@ -224,51 +249,6 @@ async fn slow_and_greedy_queries_are_cancelled() {
         vec!["1000000"]
     );
     server.stop().await;
-}
-
-/// A `dstream serve` process with manual clock and two worker processes; extra
-/// environment for it and its workers; and a client.
-async fn serve(data: &std::path::Path, env: &[(&str, &str)]) -> (tokio::process::Child, Client) {
-    let held: Vec<std::net::TcpListener> = (0..2)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port"))
-        .collect();
-    let port = |i: usize| held[i].local_addr().expect("a port").to_string();
-    let (pg, grpc) = (port(0), port(1));
-    drop(held);
-    let mut command = tokio::process::Command::new(dstream_binary());
-    command.env(
-        "RUST_LOG",
-        std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-    );
-    command.envs(env.iter().copied());
-    let child = command
-        .arg("serve")
-        .arg("--data-dir")
-        .arg(data)
-        .args([
-            "--pg-addr",
-            &pg,
-            "--grpc-addr",
-            &grpc,
-            "--metrics-addr",
-            "off",
-        ])
-        .args(["--clock", "manual", "--workers", "2", "--worker-cores", "1"])
-        .args(["--block-rows", "64"])
-        // Its own process group: the test ends it with its workers.
-        .process_group(0)
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start dstream serve");
-    let pg = pg.parse().expect("an address");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        match dstream_sql_tests::connect(pg).await {
-            Ok(client) => return (child, client),
-            Err(e) if tokio::time::Instant::now() > deadline => panic!("connect to {pg}: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -338,7 +318,13 @@ async fn a_killed_worker_is_started_again_and_takes_work() {
 async fn a_view_whose_tasks_kill_workers_is_stopped_and_the_others_go_on() {
     let dir = tempfile::tempdir().expect("a directory");
     // Every task of view `poison` aborts its worker process.
-    let (server, client) = serve(dir.path(), &[("DSTREAM_FAULT_ABORT_VIEW", "poison")]).await;
+    let server = ServeProcess::start(
+        dir.path(),
+        &["--block-rows", "64"],
+        &[("DSTREAM_FAULT_ABORT_VIEW", "poison")],
+    )
+    .await;
+    let client = &server.client;
     client
         .batch_execute(
             "CREATE SOURCE s (k BIGINT, v BIGINT) WITH (connector = 'generator', \
@@ -354,7 +340,6 @@ async fn a_view_whose_tasks_kill_workers_is_stopped_and_the_others_go_on() {
             .expect("ADVANCE does not hang");
     advanced.expect("ADVANCE");
     let status = |name: &str| {
-        let client = &client;
         let name = name.to_string();
         async move {
             let rows = client
@@ -379,7 +364,7 @@ async fn a_view_whose_tasks_kill_workers_is_stopped_and_the_others_go_on() {
     assert_eq!(status("good").await, "running");
     assert_eq!(
         column(
-            &client,
+            client,
             "SELECT count(*) FROM (SELECT k, sum(v) AS total FROM s GROUP BY k) b \
              FULL JOIN good USING (k) WHERE b.total IS DISTINCT FROM good.total"
         )
@@ -387,19 +372,15 @@ async fn a_view_whose_tasks_kill_workers_is_stopped_and_the_others_go_on() {
         vec!["0"],
         "the other view has every interval"
     );
-    assert_eq!(column(&client, "SELECT count(*) FROM s").await, vec!["600"]);
+    assert_eq!(column(client, "SELECT count(*) FROM s").await, vec!["600"]);
     // Its workers were started again after each death.
     let restarted = column(
-        &client,
+        client,
         "SELECT count(*) FROM dstream_workers WHERE status = 'alive' AND supervisor LIKE '%restarts%'",
     )
     .await;
     assert_ne!(restarted, vec!["0"]);
-    if let Some(pid) = server.id() {
-        let _ = std::process::Command::new("kill")
-            .args(["-KILL", &format!("-{pid}")])
-            .status();
-    }
+    server.kill().await;
 }
 
 /// A raw connection that has finished the startup phase (no password is asked).

@@ -23,9 +23,11 @@ use crate::error::{Error, Result};
 pub enum Work {
     Tasks,
     Receivers,
-    /// The coordinator's statements: parsing, planning and ad-hoc queries, at the
+    /// The coordinator's statements: parsing, definitions, `SHOW`, `ADVANCE`, at the
     /// process's own priority.
     Statements,
+    /// The coordinator's ad-hoc queries, at the process's own priority.
+    Queries,
 }
 
 impl Work {
@@ -34,6 +36,7 @@ impl Work {
             Work::Tasks => "dstream-task",
             Work::Receivers => "dstream-ingest",
             Work::Statements => "dstream-sql",
+            Work::Queries => "dstream-query",
         }
     }
 
@@ -41,7 +44,7 @@ impl Work {
         match self {
             Work::Tasks => 10,
             Work::Receivers => 19,
-            Work::Statements => 0,
+            Work::Statements | Work::Queries => 0,
         }
     }
 }

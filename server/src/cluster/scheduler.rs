@@ -231,26 +231,18 @@ impl Interrupted {
     }
 }
 
-/// The views of tasks that were running on a worker that is no longer alive when
-/// they were lost (`lost_on`: task id → its worker).
+/// The views of a stage's tasks that got no result while their worker — no longer
+/// alive — was running them (not only holding them in its queue).
 fn suspects(
     cluster: &Cluster,
-    lost_on: &HashMap<u64, u64>,
+    stage: &StageOutcome,
     views_of: &HashMap<u64, (String, u32)>,
 ) -> BTreeSet<String> {
-    lost_on
+    stage
+        .lost
         .iter()
-        .filter(|(_, worker)| !cluster.is_alive(**worker))
+        .filter(|(id, (worker, _))| stage.lost_running.contains(id) && !cluster.is_alive(*worker))
         .filter_map(|(id, _)| views_of.get(id).map(|(view, _)| view.clone()))
-        .collect()
-}
-
-/// Task id → worker of the tasks of a stage that got no result while they were
-/// running (not queued) on their worker.
-fn lost_on(lost: &HashMap<u64, (u64, String)>, running: &BTreeSet<u64>) -> HashMap<u64, u64> {
-    lost.iter()
-        .filter(|(id, _)| running.contains(id))
-        .map(|(id, (worker, _))| (*id, *worker))
         .collect()
 }
 
@@ -963,7 +955,7 @@ async fn run_stages(
         note_outrun(state, &ahead.stage.outrun, interval);
     }
     counts.map_tasks += map_of_task.len() as u64;
-    let stage = run_stage(
+    let mut stage = run_stage(
         &cluster,
         stage_tasks,
         "run map tasks",
@@ -973,17 +965,19 @@ async fn run_stages(
     .await;
     counts.speculative_tasks += stage.speculated;
     note_outrun(state, &stage.outrun, interval);
-    map_outputs.extend(self::map_outputs(stage.results, &map_of_task));
-    let lost_maps = lost_on(&stage.lost, &stage.lost_running);
-    for (id, (_, error)) in stage.lost {
-        if let Some((view, _)) = map_of_task.get(&id) {
-            failed.entry(view.clone()).or_insert(error);
+    map_outputs.extend(self::map_outputs(
+        std::mem::take(&mut stage.results),
+        &map_of_task,
+    ));
+    for (id, (_, error)) in &stage.lost {
+        if let Some((view, _)) = map_of_task.get(id) {
+            failed.entry(view.clone()).or_insert_with(|| error.clone());
         }
     }
     if let Some(reason) = lost_worker(&cluster, alive, !failed.is_empty()).await {
         return Err(Interrupted {
             reason,
-            suspects: suspects(&cluster, &lost_maps, &map_of_task),
+            suspects: suspects(&cluster, &stage, &map_of_task),
         });
     }
 
@@ -1031,7 +1025,7 @@ async fn run_stages(
     }
     counts.reduce_tasks = reduce_of_task.len() as u64;
     let mut changes: HashMap<String, Vec<(u32, Changelog, u64)>> = HashMap::new();
-    let stage = run_stage(
+    let mut stage = run_stage(
         &cluster,
         reduce_tasks,
         "run reduce tasks",
@@ -1041,7 +1035,7 @@ async fn run_stages(
     .await;
     counts.speculative_tasks += stage.speculated;
     note_outrun(state, &stage.outrun, interval);
-    for (id, (worker, r)) in stage.results {
+    for (id, (worker, r)) in std::mem::take(&mut stage.results) {
         let Some((view, p)) = reduce_of_task.get(&id) else {
             continue;
         };
@@ -1070,16 +1064,15 @@ async fn run_stages(
             }
         }
     }
-    let lost_reduces = lost_on(&stage.lost, &stage.lost_running);
-    for (id, (_, error)) in stage.lost {
-        if let Some((view, _)) = reduce_of_task.get(&id) {
-            failed.entry(view.clone()).or_insert(error);
+    for (id, (_, error)) in &stage.lost {
+        if let Some((view, _)) = reduce_of_task.get(id) {
+            failed.entry(view.clone()).or_insert_with(|| error.clone());
         }
     }
     if let Some(reason) = lost_worker(&cluster, alive, !failed.is_empty()).await {
         return Err(Interrupted {
             reason,
-            suspects: suspects(&cluster, &lost_reduces, &reduce_of_task),
+            suspects: suspects(&cluster, &stage, &reduce_of_task),
         });
     }
 

@@ -103,7 +103,13 @@ pub async fn serve(
                             debug!(%peer, error = %e, "pgwire connection ended with an error");
                         }
                     };
-                    tokio::join!(checked, session);
+                    // A client that leaves stops its statement (a query; see
+                    // `session::execute_statement`) instead of leaving it running.
+                    tokio::pin!(checked, session);
+                    tokio::select! {
+                        _ = &mut checked => {}
+                        _ = &mut session => checked.await,
+                    }
                     drop(permit);
                 });
             }

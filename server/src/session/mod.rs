@@ -109,28 +109,49 @@ pub async fn parse_one(engine: &Engine, sql: &str) -> Result<Statement> {
     }
 }
 
-/// Executes one parsed statement on the statement threads. A query that runs longer
-/// than `statement_timeout` is cancelled with SQLSTATE `57014`; definitions and
-/// `ADVANCE` run to their end, so that none is left half applied.
+/// Executes one parsed statement on the statement threads. A query is stopped when
+/// it runs longer than `statement_timeout` (SQLSTATE `57014`) or when the caller
+/// stops waiting (its client left); definitions, `INSERT` and `ADVANCE` run to their
+/// end either way, so that none is left half applied.
 pub async fn execute_statement(engine: &Engine, statement: Statement) -> Result<StatementResult> {
-    let timeout = engine
-        .inner
-        .config
-        .statement_timeout
-        .filter(|_| interruptible(&statement));
+    let interruptible = interruptible(&statement);
+    let statement_kind = match &statement {
+        Statement::Sql(stmt)
+            if matches!(
+                stmt.as_ref(),
+                ast::Statement::Query(_) | ast::Statement::Explain { .. }
+            ) =>
+        {
+            StatementKind::Query
+        }
+        _ => StatementKind::Other,
+    };
     let task_engine = engine.clone();
-    let running = on_statement_threads(
-        engine,
-        // Boxed where it runs: a statement's future is large, and the caller's stack
-        // (a test's, a connection's) need not hold it.
-        async move { Box::pin(dispatch(&task_engine, statement)).await },
-    );
-    match timeout {
+    // Boxed where it runs: a statement's future is large, and the caller's stack (a
+    // test's, a connection's) need not hold it.
+    let work = async move { Box::pin(dispatch(&task_engine, statement)).await };
+    if !interruptible {
+        return engine.inner.statements.run_to_end(work).await?;
+    }
+    let pool = match &statement_kind {
+        StatementKind::Query => &engine.inner.queries,
+        StatementKind::Other => &engine.inner.statements,
+    };
+    let running = async { pool.run(work).await? };
+    match engine.inner.config.statement_timeout {
         Some(limit) => tokio::time::timeout(limit, running)
             .await
             .map_err(|_| Error::StatementTimeout(format_duration(limit)))?,
         None => running.await,
     }
+}
+
+/// Which threads run a statement.
+enum StatementKind {
+    /// An ad-hoc query (`SELECT`, `EXPLAIN SELECT`): on the query threads.
+    Query,
+    /// Anything else: on the statement threads, never behind a busy query.
+    Other,
 }
 
 /// Whether a statement only reads, so that stopping it half way changes nothing.
