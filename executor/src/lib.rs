@@ -17,6 +17,11 @@
 //! - [`worker`]: the worker process: its gRPC control plane and Flight data plane.
 //! - [`error`]: the crate's [`Error`] and [`Result`].
 
+// Nothing a client, a record or the network sends may reach a panic: outside tests
+// (where failing loudly is the point) `expect` and `panic!` are refused, as
+// `unwrap` is for the whole workspace.
+#![cfg_attr(not(test), warn(clippy::expect_used, clippy::panic))]
+
 pub mod block;
 pub mod connector;
 pub mod error;

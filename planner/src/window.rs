@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use datafusion::sql::sqlparser::ast::{
-    FunctionArg, FunctionArgExpr, Query, SetExpr, TableAlias, TableFactor, TableFunctionArgs,
+    Expr, FunctionArg, FunctionArgExpr, Query, SetExpr, TableAlias, TableFactor, TableFunctionArgs,
 };
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use datafusion::sql::sqlparser::parser::Parser;
@@ -175,28 +175,33 @@ fn window_spec(kind: WindowKind, args: &TableFunctionArgs) -> Result<WindowSpec>
         WindowKind::Tumble => "TUMBLE(source, time_column, size)",
         WindowKind::Hop => "HOP(source, time_column, slide, size)",
     };
-    let expected = if kind == WindowKind::Tumble { 3 } else { 4 };
-    if exprs.len() != expected {
-        return Err(invalid(format!(
-            "{usage} takes {expected} arguments, {} given",
-            exprs.len()
-        )));
-    }
-    let ident = |i: usize, what: &str| match exprs[i] {
-        datafusion::sql::sqlparser::ast::Expr::Identifier(id) => Ok(normalize_ident(id)),
+    let ident = |e: &Expr, what: &str| match e {
+        Expr::Identifier(id) => Ok(normalize_ident(id)),
         other => Err(invalid(format!(
             "{usage}: expected a {what} name, found {other}"
         ))),
     };
-    let source = ident(0, "source")?;
-    let time_column = ident(1, "column")?;
-    let (slide, size) = match kind {
-        WindowKind::Tumble => {
-            let size = interval_duration(exprs[2])?;
-            (size, size)
+    let (source, time_column, slide, size) = match (kind, exprs.as_slice()) {
+        (WindowKind::Tumble, [source, time, size]) => {
+            let size = interval_duration(size)?;
+            (source, time, size, size)
         }
-        WindowKind::Hop => (interval_duration(exprs[2])?, interval_duration(exprs[3])?),
+        (WindowKind::Hop, [source, time, slide, size]) => (
+            source,
+            time,
+            interval_duration(slide)?,
+            interval_duration(size)?,
+        ),
+        _ => {
+            let expected = if kind == WindowKind::Tumble { 3 } else { 4 };
+            return Err(invalid(format!(
+                "{usage} takes {expected} arguments, {} given",
+                exprs.len()
+            )));
+        }
     };
+    let source = ident(source, "source")?;
+    let time_column = ident(time_column, "column")?;
     if kind == WindowKind::Hop && size.as_nanos() % slide.as_nanos() != 0 {
         return Err(invalid(format!(
             "HOP window size {} must be a multiple of its slide {}",

@@ -18,6 +18,11 @@
 //! - [`config`]: [`config::ServeConfig`] from flags, environment and TOML.
 //! - [`error`]: the crate's [`Error`] and [`Result`], and SQLSTATEs.
 
+// Nothing a client, a record or the network sends may reach a panic: outside tests
+// (where failing loudly is the point) `expect` and `panic!` are refused, as
+// `unwrap` is for the whole workspace.
+#![cfg_attr(not(test), warn(clippy::expect_used, clippy::panic))]
+
 pub mod clock;
 pub mod cluster;
 pub mod config;

@@ -2,6 +2,11 @@
 //! `dstream coordinator` and `dstream worker` run the same parts separately, and
 //! `dstream sql` is the interactive SQL client.
 
+// Nothing a client, a record or the network sends may reach a panic: outside tests
+// (where failing loudly is the point) `expect` and `panic!` are refused, as
+// `unwrap` is for the whole workspace.
+#![cfg_attr(not(test), warn(clippy::expect_used, clippy::panic))]
+
 mod cli;
 
 use std::net::SocketAddr;

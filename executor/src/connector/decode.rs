@@ -53,15 +53,12 @@ impl TextFormat {
             "json" => Ok(Some(TextFormat::Json)),
             "csv" => {
                 let delimiter = options.get("delimiter").unwrap_or(",");
-                let bytes = delimiter.as_bytes();
-                if bytes.len() != 1 {
+                let &[delimiter] = delimiter.as_bytes() else {
                     return Err(config_error(format!(
                         "delimiter = '{delimiter}' must be a single character"
                     )));
-                }
-                Ok(Some(TextFormat::Csv {
-                    delimiter: bytes[0],
-                }))
+                };
+                Ok(Some(TextFormat::Csv { delimiter }))
             }
             other if allowed.contains(&other) => Ok(None),
             other => Err(config_error(format!(
@@ -124,7 +121,7 @@ fn drain(
     let mut out = Vec::new();
     let mut offset = 0;
     loop {
-        let read = decoder.push(&data[offset..])?;
+        let read = decoder.push(data.get(offset..).unwrap_or_default())?;
         offset += read;
         if let Some(batch) = decoder.take()? {
             out.push(batch);

@@ -100,7 +100,7 @@ impl FileReceiver {
                 let data = std::fs::read(path)?;
                 let body = if *header {
                     match data.iter().position(|b| *b == b'\n') {
-                        Some(end) => &data[end + 1..],
+                        Some(end) => data.get(end + 1..).unwrap_or_default(),
                         None => &[][..],
                     }
                 } else {

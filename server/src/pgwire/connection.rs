@@ -137,12 +137,15 @@ async fn read_startup(client: &mut TcpStream) -> Result<Option<Vec<u8>>, Refusal
             .ok_or_else(|| {
                 Refusal::protocol(format!("invalid startup message length {declared}"))
             })?;
-        let mut message = len.to_vec();
-        message.resize(size, 0);
-        if client.read_exact(&mut message[4..]).await.is_err() {
+        let mut code = [0u8; 4];
+        let mut rest = vec![0u8; size.saturating_sub(8)];
+        if client.read_exact(&mut code).await.is_err()
+            || client.read_exact(&mut rest).await.is_err()
+        {
             return Ok(None);
         }
-        let code = i32::from_be_bytes([message[4], message[5], message[6], message[7]]);
+        let message = [len.as_slice(), code.as_slice(), rest.as_slice()].concat();
+        let code = i32::from_be_bytes(code);
         match code {
             SSL_REQUEST | GSS_REQUEST => {
                 if client.write_all(b"N").await.is_err() {
@@ -248,12 +251,12 @@ async fn copy_answers(
 ) {
     let mut buffer = vec![0u8; 64 * 1024];
     loop {
-        let n = match pgwire.read(&mut buffer).await {
+        let read = match pgwire.read(&mut buffer).await {
             Ok(0) | Err(_) => return,
-            Ok(n) => n,
+            Ok(n) => buffer.get(..n).unwrap_or_default(),
         };
         activity.touch();
-        if client.write_all(&buffer[..n]).await.is_err() {
+        if client.write_all(read).await.is_err() {
             return;
         }
         activity.touch();
