@@ -59,10 +59,14 @@ pub fn cut_blocks(
     for batch in batches {
         let mut offset = 0;
         while offset < batch.num_rows() {
-            let take = (max_rows - rows).min(batch.num_rows() - offset);
+            // rows < max_rows and offset < num_rows here, so take > 0 and neither sum
+            // passes its bound.
+            let take = max_rows
+                .saturating_sub(rows)
+                .min(batch.num_rows().saturating_sub(offset));
             current.push(batch.slice(offset, take));
-            offset += take;
-            rows += take;
+            offset = offset.saturating_add(take);
+            rows = rows.saturating_add(take);
             if rows == max_rows {
                 flush(&mut current, &mut rows);
             }

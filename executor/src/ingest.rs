@@ -200,7 +200,7 @@ impl SourceRuntime {
         for batch in &batches {
             self.advance_watermark(batch)?;
         }
-        let first = self.split.index as usize * BLOCKS_PER_SPLIT;
+        let first = (self.split.index as usize).saturating_mul(BLOCKS_PER_SPLIT);
         Ok(cut_blocks(
             &self.def.name,
             interval,
@@ -210,7 +210,7 @@ impl SourceRuntime {
         )
         .into_iter()
         .map(|mut block| {
-            block.index += first;
+            block.index = block.index.saturating_add(first);
             Arc::new(block)
         })
         .collect())
@@ -228,7 +228,8 @@ impl SourceRuntime {
             return Ok(batch);
         }
         let kept = filter_record_batch(&batch, &keep)?;
-        self.late_rows += (batch.num_rows() - kept.num_rows()) as u64;
+        let late = batch.num_rows().saturating_sub(kept.num_rows()) as u64;
+        self.late_rows = self.late_rows.saturating_add(late);
         Ok(kept)
     }
 
@@ -286,11 +287,10 @@ fn event_times(batch: &RecordBatch, column: usize) -> Result<Arc<dyn Array>> {
 
 /// The row with the latest non-null time, if any.
 fn latest_row(times: &TimestampNanosecondArray) -> Option<usize> {
-    let values = times.values();
     let mut latest: Option<(usize, i64)> = None;
-    for row in 0..values.len() {
-        if times.is_valid(row) && latest.is_none_or(|(_, t)| values[row] > t) {
-            latest = Some((row, values[row]));
+    for (row, &time) in times.values().iter().enumerate() {
+        if times.is_valid(row) && latest.is_none_or(|(_, t)| time > t) {
+            latest = Some((row, time));
         }
     }
     latest.map(|(row, _)| row)

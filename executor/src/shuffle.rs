@@ -4,11 +4,13 @@
 //! The hash is DataFusion's with a fixed seed, so a key lands in the same partition in
 //! every process and every run — a requirement for recomputing lost partitions.
 
+use std::num::NonZeroU64;
+
 use arrow::array::{RecordBatch, UInt32Array};
 use arrow::compute::take_record_batch;
 use datafusion::common::hash_utils::{RandomState, create_hashes};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 const SHUFFLE_SEED: u64 = 0x0d57_2ea3;
 
@@ -18,6 +20,12 @@ pub fn hash_partition(
     keys: &[usize],
     partitions: usize,
 ) -> Result<Vec<Vec<RecordBatch>>> {
+    let Some(modulus) = NonZeroU64::new(partitions as u64) else {
+        return Err(Error::Internal(
+            "hash partitioning into no partitions".into(),
+        ));
+    };
+    let no_partition = |p: usize| Error::Internal(format!("no shuffle partition {p}"));
     let mut out = vec![Vec::new(); partitions];
     let state = RandomState::with_seed(SHUFFLE_SEED);
     let mut hashes = Vec::new();
@@ -26,7 +34,9 @@ pub fn hash_partition(
             continue;
         }
         if partitions == 1 || keys.is_empty() {
-            out[0].push(batch.clone());
+            out.first_mut()
+                .ok_or_else(|| no_partition(0))?
+                .push(batch.clone());
             continue;
         }
         hashes.clear();
@@ -35,14 +45,17 @@ pub fn hash_partition(
         create_hashes(&arrays, &state, &mut hashes)?;
         let mut indices: Vec<Vec<u32>> = vec![Vec::new(); partitions];
         for (row, h) in hashes.iter().enumerate() {
-            indices[(*h % partitions as u64) as usize].push(row as u32);
+            let p = (*h % modulus) as usize;
+            indices
+                .get_mut(p)
+                .ok_or_else(|| no_partition(p))?
+                .push(row as u32);
         }
-        for (p, idx) in indices.into_iter().enumerate() {
+        for (part, idx) in out.iter_mut().zip(indices) {
             if idx.is_empty() {
                 continue;
             }
-            let taken = take_record_batch(batch, &UInt32Array::from(idx))?;
-            out[p].push(taken);
+            part.push(take_record_batch(batch, &UInt32Array::from(idx))?);
         }
     }
     Ok(out)

@@ -16,6 +16,10 @@
 //! - [`stage_dag`]: the per-interval stage DAG and EXPLAIN text.
 //! - [`error`]: the crate's [`Error`] and [`Result`].
 
+// A statement reaches the planner from a client: outside tests slice indexing is
+// refused, as `unwrap` is for the whole workspace.
+#![cfg_attr(not(test), warn(clippy::indexing_slicing))]
+
 pub mod catalog;
 pub mod definition;
 pub mod duration;

@@ -352,12 +352,12 @@ fn parse_option_value(p: &mut Parser) -> Result<String> {
 /// quoted ones kept as written (PostgreSQL rules).
 fn parse_name(p: &mut Parser) -> Result<String> {
     let name = p.parse_object_name(false)?;
-    if name.0.len() != 1 {
+    let [part] = name.0.as_slice() else {
         return Err(Error::Unsupported(format!(
             "qualified names such as {name} are not supported; dstream has one schema"
         )));
-    }
-    match &name.0[0] {
+    };
+    match part {
         ast::ObjectNamePart::Identifier(ident) => Ok(normalize_ident(ident)),
         other => Err(Error::Syntax(format!("invalid name {other}"))),
     }

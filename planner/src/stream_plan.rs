@@ -345,8 +345,12 @@ fn split_at_aggregate(plan: &LogicalPlan) -> Result<(LogicalPlan, Option<&Aggreg
         match node {
             LogicalPlan::Aggregate(agg) => return Ok((agg.input.as_ref().clone(), Some(agg))),
             LogicalPlan::Projection(_) | LogicalPlan::Filter(_) | LogicalPlan::SubqueryAlias(_) => {
-                let inputs = node.inputs();
-                node = inputs[0];
+                let [input] = *node.inputs().as_slice() else {
+                    return Err(Error::Internal(
+                        "a projection, filter or alias without exactly one input".into(),
+                    ));
+                };
+                node = input;
             }
             _ => break,
         }

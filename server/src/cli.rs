@@ -162,7 +162,7 @@ fn command_tag(statement: &str) -> String {
         Some("CREATE" | "DROP") if words.get(1).map(String::as_str) == Some("MATERIALIZED") => {
             words.join(" ")
         }
-        Some("CREATE" | "DROP") => words[..2.min(words.len())].join(" "),
+        Some("CREATE" | "DROP") => words.get(..2).unwrap_or(&words).join(" "),
         Some(first) => first.to_string(),
         None => String::new(),
     }
@@ -371,7 +371,7 @@ fn print_messages(sql: &str, messages: Vec<SimpleQueryMessage>) {
                 if let Some(t) = table.as_mut() {
                     t.add_row((0..row.len()).map(|i| row.get(i).unwrap_or("NULL").to_string()));
                 }
-                rows += 1;
+                rows = rows.saturating_add(1);
             }
             SimpleQueryMessage::CommandComplete(n) => match table.take() {
                 Some(t) => {

@@ -48,7 +48,7 @@ impl IntervalClock for RealClock {
     async fn wait_until(&self, end_nanos: i64) {
         let now = self.now_nanos();
         if end_nanos > now {
-            tokio::time::sleep(Duration::from_nanos((end_nanos - now) as u64)).await;
+            tokio::time::sleep(Duration::from_nanos(end_nanos.abs_diff(now))).await;
         }
     }
 }

@@ -353,7 +353,7 @@ impl ServeConfig {
             return self.worker_cores;
         }
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        (cores / self.workers.max(1)).max(1)
+        cores.checked_div(self.workers).unwrap_or(cores).max(1)
     }
 
     /// The object store: as configured, or the data directory.

@@ -283,6 +283,14 @@ impl ViewSlot {
             && !self.placement.is_empty()
             && self.since.is_none_or(|s| s <= interval)
     }
+
+    /// Places state partition `p` on `worker`; a partition the view does not have is
+    /// left alone.
+    pub fn place(&mut self, p: u32, worker: u64) {
+        if let Some(owner) = self.placement.get_mut(p as usize) {
+            *owner = worker;
+        }
+    }
 }
 
 /// Timing of one interval, as the Spark Streaming UI shows it.
@@ -519,11 +527,11 @@ impl Engine {
         // Intervals start at whole multiples of their width (…:07.000, …:08.000 for 1 s),
         // the first one at the next such boundary.
         let width = batch_interval.as_nanos().max(1) as i64;
-        let origin = clock.now_nanos().div_euclid(width) * width;
+        let origin = clock.now_nanos().div_euclid(width).saturating_mul(width);
         let origin = if origin == clock.now_nanos() {
             origin
         } else {
-            origin + width
+            origin.saturating_add(width)
         };
         // A store with a committed checkpoint: carry on after it, on its timeline
         // (unless checkpoints are off: then every start is a fresh one).
@@ -780,7 +788,7 @@ impl Engine {
         }
         if !entries.is_empty() {
             info!(
-                objects = entries.len() - unrestored.len(),
+                objects = entries.len().saturating_sub(unrestored.len()),
                 unrestored = unrestored.len(),
                 "restored the catalog"
             );
@@ -935,7 +943,11 @@ impl Engine {
         let interval = state.next;
         let timeline = state.timeline;
         let started = Instant::now();
-        let delay_nanos = self.inner.clock.now_nanos() - timeline.end_nanos(interval);
+        let delay_nanos = self
+            .inner
+            .clock
+            .now_nanos()
+            .saturating_sub(timeline.end_nanos(interval));
         let scheduling_delay = if self.inner.clock.as_manual().is_some() {
             Duration::ZERO
         } else {
@@ -977,7 +989,7 @@ impl Engine {
             .has_ended(timeline.end_nanos(interval.next()));
         // Work of lost workers is recovered first; a worker lost during the interval
         // interrupts it, and it runs again once that worker's work is recovered.
-        let mut attempts = 0;
+        let mut attempts: u32 = 0;
         // Views stopped in this interval because their tasks were on every worker
         // lost while it ran, and how many attempts each view's tasks were on one.
         let mut poisonous: BTreeMap<String, String> = BTreeMap::new();
@@ -989,11 +1001,11 @@ impl Engine {
             match scheduler::run_interval(self, &mut state, interval, commit, seal_next).await {
                 Ok(done) => break done,
                 Err(Interrupted { reason, suspects }) => {
-                    attempts += 1;
+                    attempts = attempts.saturating_add(1);
                     self.cancel_interval(interval).await;
                     for view in suspects {
                         let times = suspected.entry(view.clone()).or_default();
-                        *times += 1;
+                        *times = times.saturating_add(1);
                         if *times >= POISON_ATTEMPTS
                             && let Some(slot) = state.views.get_mut(&view)
                         {
@@ -1115,7 +1127,9 @@ impl Engine {
         self.publish_snapshot(&state);
         drop(state);
         self.publish_changes(published);
-        self.inner.committed.send_modify(|c| *c += 1);
+        self.inner
+            .committed
+            .send_modify(|c| *c = c.saturating_add(1));
     }
 
     /// The first interval recovery may replay, whose input commits keep: the one

@@ -19,9 +19,17 @@
 //! - [`error`]: the crate's [`Error`] and [`Result`], and SQLSTATEs.
 
 // Nothing a client, a record or the network sends may reach a panic: outside tests
-// (where failing loudly is the point) `expect` and `panic!` are refused, as
-// `unwrap` is for the whole workspace.
-#![cfg_attr(not(test), warn(clippy::expect_used, clippy::panic))]
+// (where failing loudly is the point) `expect`, `panic!`, slice indexing and unchecked
+// arithmetic are refused, as `unwrap` is for the whole workspace.
+#![cfg_attr(
+    not(test),
+    warn(
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects
+    )
+)]
 
 pub mod clock;
 pub mod cluster;

@@ -3,9 +3,17 @@
 //! `dstream sql` is the interactive SQL client.
 
 // Nothing a client, a record or the network sends may reach a panic: outside tests
-// (where failing loudly is the point) `expect` and `panic!` are refused, as
-// `unwrap` is for the whole workspace.
-#![cfg_attr(not(test), warn(clippy::expect_used, clippy::panic))]
+// (where failing loudly is the point) `expect`, `panic!`, slice indexing and unchecked
+// arithmetic are refused, as `unwrap` is for the whole workspace.
+#![cfg_attr(
+    not(test),
+    warn(
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects
+    )
+)]
 
 mod cli;
 

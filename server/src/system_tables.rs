@@ -89,11 +89,9 @@ pub fn intervals_table(history: &[IntervalStat]) -> Result<MemTable> {
         Arc::new(Float64Array::from_iter_values(
             history.iter().map(|h| millis(h.processing_time)),
         )),
-        Arc::new(Float64Array::from_iter_values(
-            history
-                .iter()
-                .map(|h| millis(h.scheduling_delay + h.processing_time)),
-        )),
+        Arc::new(Float64Array::from_iter_values(history.iter().map(|h| {
+            millis(h.scheduling_delay.saturating_add(h.processing_time))
+        }))),
         Arc::new(UInt64Array::from_iter_values(
             history.iter().map(|h| h.map_tasks),
         )),

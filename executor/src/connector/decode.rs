@@ -122,7 +122,7 @@ fn drain(
     let mut offset = 0;
     loop {
         let read = decoder.push(data.get(offset..).unwrap_or_default())?;
-        offset += read;
+        offset = offset.saturating_add(read);
         if let Some(batch) = decoder.take()? {
             out.push(batch);
         }
@@ -245,17 +245,18 @@ impl Decoded {
             }
             warn!(source = %source, skipped = self.malformed, "{first}");
         }
-        stats.malformed += self.malformed;
-        stats.records += self
-            .batches
-            .iter()
-            .map(|b| b.num_rows() as u64)
-            .sum::<u64>();
+        stats.malformed = stats.malformed.saturating_add(self.malformed);
+        stats.records = stats.records.saturating_add(
+            self.batches
+                .iter()
+                .map(|b| b.num_rows() as u64)
+                .sum::<u64>(),
+        );
         Ok(self.batches)
     }
 
     fn record_error(&mut self, line: &[u8], reason: &str) {
-        self.malformed += 1;
+        self.malformed = self.malformed.saturating_add(1);
         if self.first_error.is_none() {
             let text: String = String::from_utf8_lossy(line).chars().take(200).collect();
             self.first_error = Some(format!("malformed record {text:?}: {reason}"));

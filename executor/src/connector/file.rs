@@ -99,10 +99,8 @@ impl FileReceiver {
             FileFormat::Text { decoder, header } => {
                 let data = std::fs::read(path)?;
                 let body = if *header {
-                    match data.iter().position(|b| *b == b'\n') {
-                        Some(end) => data.get(end + 1..).unwrap_or_default(),
-                        None => &[][..],
-                    }
+                    // What follows the header line; nothing if there is no newline.
+                    data.splitn(2, |b| *b == b'\n').nth(1).unwrap_or_default()
                 } else {
                     &data[..]
                 };

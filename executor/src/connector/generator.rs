@@ -16,6 +16,7 @@
 //!   order.
 
 use std::fmt::Write;
+use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,7 +38,7 @@ const BATCH_ROWS: u64 = 8192;
 #[derive(Clone, Debug)]
 enum ColumnGen {
     Sequence,
-    Uniform { cardinality: u64 },
+    Uniform { cardinality: NonZeroU64 },
     EventTime,
 }
 
@@ -96,11 +97,11 @@ impl Generator {
             let kind = options.get(&format!("fields.{name}.kind"));
             let cardinality: u64 =
                 options.number(&format!("fields.{name}.cardinality"), default_cardinality)?;
-            if cardinality == 0 {
+            let Some(cardinality) = NonZeroU64::new(cardinality) else {
                 return Err(config_error(format!(
                     "fields.{name}.cardinality must be positive"
                 )));
-            }
+            };
             let column_gen = match (kind, field.data_type()) {
                 (
                     Some("sequence"),
@@ -154,7 +155,7 @@ impl Generator {
     }
 
     fn value(&self, column: usize, row: u64) -> u64 {
-        mix(self.seed ^ mix(row ^ ((column as u64 + 1) << 48)))
+        mix(self.seed ^ mix(row ^ ((column as u64).wrapping_add(1) << 48)))
     }
 
     /// Rows `rows` of an interval whose first row is `first` and which starts at
@@ -166,24 +167,27 @@ impl Generator {
         start: i64,
         step: f64,
     ) -> Result<RecordBatch> {
-        let n = (rows.end - rows.start) as usize;
+        let n = rows.end.saturating_sub(rows.start) as usize;
         let mut arrays: Vec<ArrayRef> = Vec::with_capacity(self.columns.len());
         for (c, (field, column_gen)) in self.schema.fields().iter().zip(&self.columns).enumerate() {
             let ints = |row: u64| -> u64 {
                 match column_gen {
                     ColumnGen::Sequence => row,
-                    ColumnGen::Uniform { cardinality } => self.value(c, row) % cardinality,
+                    ColumnGen::Uniform { cardinality } => self.value(c, row) % *cardinality,
                     ColumnGen::EventTime => 0,
                 }
             };
             let time = |row: u64| -> i64 {
-                let arrival = start + ((row - first) as f64 * step) as i64;
+                let arrival =
+                    start.saturating_add((row.saturating_sub(first) as f64 * step) as i64);
                 let delay = if self.max_delay_nanos > 0 {
-                    (self.value(c, row) % self.max_delay_nanos as u64) as i64
+                    self.value(c, row)
+                        .checked_rem(self.max_delay_nanos as u64)
+                        .unwrap_or(0) as i64
                 } else {
                     0
                 };
-                arrival - delay
+                arrival.saturating_sub(delay)
             };
             let array: ArrayRef = match field.data_type() {
                 DataType::Int16 => Arc::new(Int16Array::from(
@@ -211,7 +215,7 @@ impl Generator {
                         .collect::<Vec<_>>(),
                 )),
                 DataType::Utf8 => {
-                    let mut b = StringBuilder::with_capacity(n, n * 8);
+                    let mut b = StringBuilder::with_capacity(n, n.saturating_mul(8));
                     for r in rows.clone() {
                         // Write into the builder's buffer; no string per value.
                         let _ = write!(b, "k{}", ints(r));
@@ -220,14 +224,14 @@ impl Generator {
                     Arc::new(b.finish())
                 }
                 DataType::Timestamp(unit, None) => {
-                    let divisor = match unit {
-                        TimeUnit::Nanosecond => 1,
-                        TimeUnit::Microsecond => 1_000,
-                        TimeUnit::Millisecond => 1_000_000,
-                        TimeUnit::Second => 1_000_000_000,
+                    let in_unit = |nanos: i64| match unit {
+                        TimeUnit::Nanosecond => nanos,
+                        TimeUnit::Microsecond => nanos / 1_000,
+                        TimeUnit::Millisecond => nanos / 1_000_000,
+                        TimeUnit::Second => nanos / 1_000_000_000,
                     };
                     let values = Int64Array::from(
-                        rows.clone().map(|r| time(r) / divisor).collect::<Vec<_>>(),
+                        rows.clone().map(|r| in_unit(time(r))).collect::<Vec<_>>(),
                     );
                     arrow::compute::cast(&values, field.data_type())?
                 }
@@ -245,7 +249,7 @@ impl Receiver for Generator {
     fn seal(&mut self, interval: IntervalId, timeline: &Timeline) -> Result<Vec<RecordBatch>> {
         let first = self.rows_before(interval, timeline);
         let end = self.rows_before(interval.next(), timeline);
-        let n = end - first;
+        let n = end.saturating_sub(first);
         let start = timeline.start_nanos(interval);
         let step = if n == 0 {
             0.0
@@ -256,11 +260,14 @@ impl Receiver for Generator {
         let mut batches = Vec::new();
         let mut lo = mine.start;
         while lo < mine.end {
-            let hi = (lo + BATCH_ROWS).min(mine.end);
+            let hi = lo.saturating_add(BATCH_ROWS).min(mine.end);
             batches.push(self.build(lo..hi, first, start, step)?);
             lo = hi;
         }
-        self.stats.records += mine.end - mine.start;
+        self.stats.records = self
+            .stats
+            .records
+            .saturating_add(mine.end.saturating_sub(mine.start));
         Ok(batches)
     }
 

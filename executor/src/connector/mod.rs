@@ -92,11 +92,15 @@ impl Split {
 
     /// This split's share of the positions `first..end`: a contiguous range, so the
     /// splits' shares in index order are the whole range in order.
+    // Bounds first + n·i/count for i <= count, in u128: n·i cannot overflow and the
+    // bound is at most end.
+    #[allow(clippy::arithmetic_side_effects)]
     pub fn share(&self, first: u64, end: u64) -> std::ops::Range<u64> {
-        let n = end - first;
-        let count = u64::from(self.count.max(1));
-        let index = u64::from(self.index.min(self.count.saturating_sub(1)));
-        first + n * index / count..first + n * (index + 1) / count
+        let n = u128::from(end.saturating_sub(first));
+        let count = u128::from(self.count.max(1));
+        let index = u128::from(self.index.min(self.count.saturating_sub(1)));
+        let bound = |i: u128| first + (n * i / count) as u64;
+        bound(index)..bound(index + 1)
     }
 }
 

@@ -235,7 +235,7 @@ impl Receiver for NexmarkReceiver {
         let mine = self.split.share(first, end);
         let events: Vec<Event> = self
             .generator(timeline, mine.start)
-            .take((mine.end - mine.start) as usize)
+            .take(mine.end.saturating_sub(mine.start) as usize)
             .filter(|e| {
                 matches!(
                     (self.table, e),
@@ -285,7 +285,7 @@ impl Receiver for NexmarkReceiver {
             };
             arrays.push(array);
         }
-        self.stats.records += events.len() as u64;
+        self.stats.records = self.stats.records.saturating_add(events.len() as u64);
         Ok(vec![RecordBatch::try_new(self.schema.clone(), arrays)?])
     }
 

@@ -221,7 +221,12 @@ impl AggregateOperator {
     /// The distinct (keys, value) pairs of `count(DISTINCT ...)` call `call`.
     fn distinct_plan(&self, input: LogicalPlan, call: usize) -> Result<LogicalPlan> {
         let aggregate = self.aggregate();
-        let arg = aggregate.calls[call].arg.clone();
+        let arg = aggregate
+            .calls
+            .get(call)
+            .ok_or_else(|| Error::Internal(format!("no aggregate call {call}")))?
+            .arg
+            .clone();
         let mut groups: Vec<Expr> = aggregate
             .group_exprs
             .iter()
@@ -258,7 +263,9 @@ impl AggregateOperator {
         let shifts = (0..window.panes_per_window() as i64)
             .map(|i| {
                 let back = i.saturating_mul(slide);
-                vec![interval(back), interval(size - slide - back)]
+                // back <= size - slide: a pane is in size / slide windows.
+                let ahead = size.saturating_sub(slide).saturating_sub(back);
+                vec![interval(back), interval(ahead)]
             })
             .collect::<Vec<_>>();
         if shifts.is_empty() {
@@ -323,9 +330,12 @@ impl AggregateOperator {
     /// Rows of `rows` whose keys appear in `touched`.
     fn semi_join(&self, rows: Vec<RecordBatch>, touched: &[RecordBatch]) -> Result<LogicalPlan> {
         let keys: Vec<String> = (0..self.keys).map(key_name).collect();
-        let touched_schema = Arc::new(Schema::new(
-            self.state_schema.fields()[..self.keys].to_vec(),
-        ));
+        let key_fields = self
+            .state_schema
+            .fields()
+            .get(..self.keys)
+            .ok_or_else(|| Error::Internal("state schema without its key columns".into()))?;
+        let touched_schema = Arc::new(Schema::new(key_fields.to_vec()));
         let touched_plan = scan("touched", touched_schema, touched.to_vec())?.build()?;
         Ok(scan("state", self.state_schema.clone(), rows)?
             .join_detailed(
@@ -538,14 +548,15 @@ impl StreamOperator for AggregateOperator {
             .into_iter()
             .map(|rows| ShufflePiece {
                 rows,
-                distinct: vec![Vec::new(); self.distinct_schemas.len()],
+                distinct: Vec::with_capacity(self.distinct_schemas.len()),
             })
             .collect();
-        for (d, (call, _)) in self.distinct_schemas.iter().enumerate() {
+        // Each piece's `distinct` lists the calls' pairs in call order.
+        for (call, _) in &self.distinct_schemas {
             let pairs = self.expand_panes(self.distinct_plan(input.clone(), *call)?)?;
             let pairs = execute(ctx, pairs).await?;
             for (piece, part) in pieces.iter_mut().zip(hash_partition(&pairs, &keys, p)?) {
-                piece.distinct[d] = part;
+                piece.distinct.push(part);
             }
         }
         Ok(pieces)
@@ -565,12 +576,15 @@ impl StreamOperator for AggregateOperator {
             }
         }
         for (d, (call, schema)) in self.distinct_schemas.iter().enumerate() {
-            let pieces: Vec<RecordBatch> = input
-                .pieces
-                .iter()
-                .flat_map(|p| p.distinct[d].iter())
-                .map(|b| relabel(b, schema))
-                .collect::<Result<_>>()?;
+            let mut pieces: Vec<RecordBatch> = Vec::new();
+            for piece in &input.pieces {
+                let rows = piece.distinct.get(d).ok_or_else(|| {
+                    Error::Internal(format!("a shuffle piece without count(DISTINCT) rows {d}"))
+                })?;
+                for b in rows {
+                    pieces.push(relabel(b, schema)?);
+                }
+            }
             let old = prev.distinct.get(d).cloned().unwrap_or_default();
             let (state, contributions) =
                 self.fold_distinct(ctx, *call, schema, &old, pieces).await?;

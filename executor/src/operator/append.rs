@@ -8,7 +8,7 @@ use datafusion::prelude::SessionContext;
 use dstream_planner::StreamPlan;
 
 use crate::block::Block;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::operator::{
     Changelog, PartitionInput, PartitionOutput, ShufflePiece, StreamOperator, ViewUpdate,
 };
@@ -38,8 +38,13 @@ impl StreamOperator for AppendOperator {
         let rows = execute(ctx, plan).await?;
         // Output rows need no shuffle: they stay with the partition of their block.
         let mut pieces = vec![ShufflePiece::default(); self.plan.partitions];
-        let home = (block.interval.0 as usize + block.index) % self.plan.partitions;
-        pieces[home].rows = rows;
+        let home = (block.interval.0 as usize)
+            .wrapping_add(block.index)
+            .checked_rem(self.plan.partitions);
+        let piece = home
+            .and_then(|home| pieces.get_mut(home))
+            .ok_or_else(|| Error::Internal("a view without partitions".into()))?;
+        piece.rows = rows;
         Ok(pieces)
     }
 

@@ -54,12 +54,14 @@ impl Changelog {
         let after_rows = encode(&after)?;
         for rows in &before_rows {
             for r in rows.iter() {
-                *counts.entry(r.data()).or_default() += 1;
+                let count = counts.entry(r.data()).or_default();
+                *count = count.saturating_add(1);
             }
         }
         for rows in &after_rows {
             for r in rows.iter() {
-                *counts.entry(r.data()).or_default() -= 1;
+                let count = counts.entry(r.data()).or_default();
+                *count = count.saturating_sub(1);
             }
         }
         // Keep rows whose net count says they changed: positive -> deleted, negative -> inserted.
@@ -73,9 +75,10 @@ impl Changelog {
                 let mut keep = Vec::new();
                 for (i, r) in rows.iter().enumerate() {
                     if let Some(c) = counts.get_mut(r.as_ref())
-                        && *c * sign > 0
+                        && c.signum() == sign
                     {
-                        *c -= sign;
+                        // Toward zero: c and sign have the same sign.
+                        *c = c.saturating_sub(sign);
                         keep.push(i as u32);
                     }
                 }

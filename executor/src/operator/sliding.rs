@@ -69,7 +69,7 @@ impl AggregateOperator {
             .ok_or_else(|| Error::Internal("pane column is not a timestamp".into()))?;
         Ok(times
             .iter()
-            .map(|t| t.unwrap_or(i64::MIN) - offset)
+            .map(|t| t.unwrap_or(i64::MIN).saturating_sub(offset))
             .collect())
     }
 
@@ -115,7 +115,7 @@ impl AggregateOperator {
                             WindowColumns::Window { end } => Some(*end),
                         };
                         let window_value = if Some(i) == aggregate.window_start_key {
-                            Some(value.map(|e| e - size))
+                            Some(value.map(|e| e.saturating_sub(size)))
                         } else if Some(i) == aggregate.window_end_key {
                             Some(value)
                         } else {
@@ -150,7 +150,12 @@ impl AggregateOperator {
             return Ok(rows);
         }
         let merged = self.combine(ctx, rows).await?;
-        let rows_column = self.state_schema.fields().len() - 1;
+        let rows_column = self
+            .state_schema
+            .fields()
+            .len()
+            .checked_sub(1)
+            .ok_or_else(|| Error::Internal("state schema without columns".into()))?;
         let mut out = Vec::new();
         for batch in merged {
             let batch = relabel(&batch, &self.state_schema)?;
@@ -188,36 +193,39 @@ impl AggregateOperator {
         let mut emitted = Vec::new();
 
         if let Some(wm) = watermark {
-            let last_end = wm.div_euclid(slide) * slide;
+            let last_end = wm.div_euclid(slide).saturating_mul(slide);
             let mut starts: Vec<i64> = Vec::new();
             for batch in &panes {
                 starts.extend(self.pane_starts(batch)?);
             }
             starts.sort_unstable();
             starts.dedup();
+            // A window that would end past i64::MAX ends the walk (checked_add).
             let mut end = match (until, starts.first()) {
-                (Some(u), _) => Some(u + slide),
-                (None, Some(first)) => Some(first + slide),
+                (Some(u), _) => u.checked_add(slide),
+                (None, Some(first)) => first.checked_add(slide),
                 (None, None) => None,
             };
             while let Some(e) = end.filter(|e| *e <= last_end) {
                 if running.is_empty() {
                     // Assemble the window from its panes; skip stretches without any.
-                    match starts.iter().find(|s| **s >= e - size) {
+                    let start = e.saturating_sub(size);
+                    match starts.iter().find(|s| **s >= start) {
                         Some(next) if *next < e => {
-                            let window = self.panes_between(&panes, e - size, e)?;
+                            let window = self.panes_between(&panes, start, e)?;
                             let window = self.reshape(&window, WindowColumns::Cleared, false)?;
                             running = self.combine_live(ctx, window).await?;
                         }
                         Some(next) => {
-                            end = Some(next + slide);
+                            end = next.checked_add(slide);
                             continue;
                         }
                         None => break,
                     }
                 } else {
-                    let newest = self.panes_between(&panes, e - slide, e)?;
-                    let expired = self.panes_between(&panes, e - slide - size, e - size)?;
+                    let start = e.saturating_sub(size);
+                    let newest = self.panes_between(&panes, e.saturating_sub(slide), e)?;
+                    let expired = self.panes_between(&panes, start.saturating_sub(slide), start)?;
                     let mut rows = running;
                     rows.extend(self.reshape(&newest, WindowColumns::Cleared, false)?);
                     rows.extend(self.reshape(&expired, WindowColumns::Cleared, true)?);
@@ -228,13 +236,13 @@ impl AggregateOperator {
                     emitted.extend(self.view(ctx, window).await?);
                 }
                 until = Some(e);
-                end = Some(e + slide);
+                end = e.checked_add(slide);
             }
         }
 
         // Keep the panes the next windows still add or subtract.
         let panes = match until {
-            Some(u) => self.panes_between(&panes, u - size, i64::MAX)?,
+            Some(u) => self.panes_between(&panes, u.saturating_sub(size), i64::MAX)?,
             None => panes,
         };
         Ok(PartitionOutput {

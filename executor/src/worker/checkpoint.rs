@@ -132,7 +132,7 @@ pub async fn restore(state: &WorkerState, request: proto::RestorePartitionReques
         ..Default::default()
     };
     let mut rows = Vec::new();
-    let mut bytes = 0;
+    let mut bytes: u64 = 0;
     for file in request.files {
         let part = Part::parse(&file.part).ok_or_else(|| {
             Error::Internal(format!(
@@ -148,7 +148,7 @@ pub async fn restore(state: &WorkerState, request: proto::RestorePartitionReques
             rows: file.rows,
         };
         let batches = checkpoint::read_part(&store, &file).await?;
-        bytes += file.bytes;
+        bytes = bytes.saturating_add(file.bytes);
         match part {
             Part::Rows => restored.rows = batches,
             Part::Running => restored.running = batches,

@@ -68,9 +68,9 @@ impl FlightEndpoint {
                 })?;
                 Ok(match s.component {
                     0 => piece.rows.clone(),
-                    k => piece
-                        .distinct
-                        .get(k as usize - 1)
+                    k => (k as usize)
+                        .checked_sub(1)
+                        .and_then(|d| piece.distinct.get(d))
                         .cloned()
                         .unwrap_or_default(),
                 })
@@ -462,7 +462,7 @@ impl FlightPeers {
         shuffle: proto::ShuffleRef,
     ) -> Result<Vec<Vec<RecordBatch>>> {
         let mut client = self.client(address)?;
-        let asked = 1 + shuffle.more_blocks.len();
+        let asked = shuffle.more_blocks.len().saturating_add(1);
         let stream = client
             .do_get(Ticket {
                 ticket: ticket(Kind::Shuffle(shuffle)),
@@ -545,11 +545,11 @@ fn split_rows(
                 ));
             };
             if batch.num_rows() > left {
-                carry = Some(batch.slice(left, batch.num_rows() - left));
+                carry = Some(batch.slice(left, batch.num_rows().saturating_sub(left)));
                 run.push(batch.slice(0, left));
                 left = 0;
             } else {
-                left -= batch.num_rows();
+                left = left.saturating_sub(batch.num_rows());
                 run.push(batch);
             }
         }

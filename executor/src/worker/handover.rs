@@ -178,10 +178,12 @@ pub async fn fetch_partition(
     };
     let mut bytes = 0u64;
     let mut count = |batches: &[RecordBatch]| {
-        bytes += batches
-            .iter()
-            .map(|b| b.get_array_memory_size() as u64)
-            .sum::<u64>();
+        bytes = bytes.saturating_add(
+            batches
+                .iter()
+                .map(|b| b.get_array_memory_size() as u64)
+                .sum::<u64>(),
+        );
     };
     let rows = fetch(Part::Rows, 0).await?;
     count(&rows);

@@ -160,7 +160,10 @@ impl proto::worker_server::Worker for WorkerService {
                             tracing::error!(view = %task.view, "fault injection: aborting the worker");
                             std::process::abort();
                         }
-                        let (read, waited) = (ready - arrived, started - ready);
+                        let (read, waited) = (
+                            ready.saturating_duration_since(arrived),
+                            started.saturating_duration_since(ready),
+                        );
                         let work = {
                             let (state, abandon) = (state.clone(), abandon.clone());
                             async move { run_task(&state, task, inputs, &abandon).await }
@@ -564,13 +567,13 @@ async fn read_inputs(
     // order), so that every run of the task folds them alike.
     let mut pieces: Vec<Option<ShufflePiece>> = vec![None; reduce.pieces.len()];
     let mut remote: Vec<(&str, Vec<(usize, &proto::PieceLocation)>)> = Vec::new();
-    for (i, location) in reduce.pieces.iter().enumerate() {
+    for ((i, location), slot) in reduce.pieces.iter().enumerate().zip(&mut pieces) {
         if location.worker == state.id() {
             let key = (task.view.clone(), interval, location.block);
             let local = state.shuffle(&key).ok_or_else(|| {
                 Error::Internal(format!("map output of block {} is missing", location.block))
             })?;
-            pieces[i] = Some(local.get(p as usize).cloned().unwrap_or_default());
+            *slot = Some(local.get(p as usize).cloned().unwrap_or_default());
         } else {
             match remote.iter_mut().find(|(a, _)| *a == location.address) {
                 Some((_, held)) => held.push((i, location)),
@@ -584,11 +587,14 @@ async fn read_inputs(
             .map(|(address, held)| fetch_pieces(peers, &task.view, interval, p, address, held)),
     )
     .await?;
-    let mut bytes_read = 0;
+    let mut bytes_read: u64 = 0;
     for ((_, held), fetched) in remote.iter().zip(fetched) {
         for ((i, _), piece) in held.iter().zip(fetched) {
-            bytes_read += piece_bytes(&piece);
-            pieces[*i] = Some(piece);
+            bytes_read = bytes_read.saturating_add(piece_bytes(&piece));
+            let slot = pieces
+                .get_mut(*i)
+                .ok_or_else(|| Error::Internal(format!("no piece {i} to fetch")))?;
+            *slot = Some(piece);
         }
     }
     let pieces = pieces
@@ -602,7 +608,7 @@ async fn read_inputs(
             })?;
             let (slot, bytes) =
                 handover::fetch_partition(peers, &adopt.from_address, description).await?;
-            bytes_read += bytes;
+            bytes_read = bytes_read.saturating_add(bytes);
             Some(slot)
         }
         None => None,
@@ -634,7 +640,9 @@ async fn run_task(
                 })?;
             let pieces = view.operator.map_block(&state.task_ctx, &block).await?;
             let partition_rows = pieces.iter().map(piece_rows).collect();
-            let components = pieces.first().map_or(1, |p| 1 + p.distinct.len() as u32);
+            let components = pieces
+                .first()
+                .map_or(1, |p| (p.distinct.len() as u32).saturating_add(1));
             // An abandoned run (a copy that lost, or one of a cancelled interval)
             // leaves nothing a newer run of the block's map could be mistaken for.
             if abandon.is_cancelled() {
@@ -695,7 +703,8 @@ async fn run_task(
                         .iter()
                         .map(|b| b.num_rows())
                         .sum();
-                    before as u64 + rows.iter().map(|b| b.num_rows() as u64).sum::<u64>()
+                    (before as u64)
+                        .saturating_add(rows.iter().map(|b| b.num_rows() as u64).sum::<u64>())
                 }
             };
             if !state.set_pending(
@@ -732,14 +741,17 @@ async fn fetch_pieces(
 ) -> Result<Vec<ShufflePiece>> {
     let components = held.iter().map(|(_, l)| l.components).max().unwrap_or(1);
     let blocks: Vec<u32> = held.iter().map(|(_, l)| l.block).collect();
+    let Some((&block, more_blocks)) = blocks.split_first() else {
+        return Ok(Vec::new());
+    };
     let fetches = (0..components.max(1)).map(|component| {
         let shuffle = proto::ShuffleRef {
             view: view.to_string(),
             interval: interval.0,
-            block: blocks[0],
+            block,
             partition,
             component,
-            more_blocks: blocks[1..].to_vec(),
+            more_blocks: more_blocks.to_vec(),
         };
         peers.fetch_pieces(address, shuffle)
     });

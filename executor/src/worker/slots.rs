@@ -109,13 +109,13 @@ impl TaskSlots {
         let wake = {
             let mut inner = self.lock();
             if inner.free > 0 {
-                inner.free -= 1;
+                inner.free = inner.free.saturating_sub(1);
                 return Slot {
                     slots: self.clone(),
                 };
             }
             let (wake, woken) = oneshot::channel();
-            inner.asked += 1;
+            inner.asked = inner.asked.saturating_add(1);
             let asked = inner.asked;
             inner.waiting.push(Waiter {
                 interval,
@@ -145,7 +145,7 @@ impl TaskSlots {
                 return;
             }
         }
-        inner.free += 1;
+        inner.free = inner.free.saturating_add(1);
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {

@@ -425,7 +425,9 @@ impl WorkerState {
         retain_intervals: u64,
         lineage: Option<IntervalId>,
     ) {
-        let mut keep_from = interval.0.saturating_sub(retain_intervals.max(1) - 1);
+        let mut keep_from = interval
+            .0
+            .saturating_sub(retain_intervals.saturating_sub(1));
         if let Some(lineage) = lineage {
             keep_from = keep_from.min(lineage.0);
         }
@@ -486,7 +488,7 @@ impl WorkerState {
     /// Installs every pending output of `interval`; returns how many.
     pub fn commit(&self, interval: IntervalId) -> usize {
         let mut partitions = lock(&self.partitions);
-        let mut committed = 0;
+        let mut committed: usize = 0;
         for slot in partitions.values_mut() {
             let Some((i, _, _)) = &slot.pending else {
                 continue;
@@ -522,7 +524,7 @@ impl WorkerState {
                     _ => break,
                 }
             }
-            committed += 1;
+            committed = committed.saturating_add(1);
         }
         committed
     }
@@ -530,11 +532,11 @@ impl WorkerState {
     /// Drops the pending outputs of `interval`.
     pub fn discard(&self, interval: IntervalId) -> usize {
         let mut partitions = lock(&self.partitions);
-        let mut dropped = 0;
+        let mut dropped: usize = 0;
         for slot in partitions.values_mut() {
             if matches!(&slot.pending, Some((i, _, _)) if *i == interval) {
                 slot.pending = None;
-                dropped += 1;
+                dropped = dropped.saturating_add(1);
             }
         }
         dropped

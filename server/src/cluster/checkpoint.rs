@@ -110,7 +110,10 @@ impl Checkpoints {
             return false;
         }
         let (since, since_nanos) = self.since;
-        let intervals = (interval.0 + 1).saturating_sub(since.map_or(0, |s| s.0 + 1));
+        let intervals = interval
+            .0
+            .saturating_add(1)
+            .saturating_sub(since.map_or(0, |s| s.0.saturating_add(1)));
         let by_count = every_intervals > 0 && intervals >= every_intervals;
         let by_time = every
             .is_some_and(|every| now_nanos.saturating_sub(since_nanos) >= every.as_nanos() as i64);

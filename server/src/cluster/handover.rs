@@ -88,7 +88,7 @@ pub async fn rebalance(engine: &Engine, state: &mut EngineState) -> bool {
         let (Some((from, most)), Some((to, fewest))) = (busiest, idlest) else {
             break;
         };
-        if most <= fewest + 1 {
+        if most <= fewest.saturating_add(1) {
             break;
         }
         let Some((view, p)) = owned.get_mut(&from).and_then(Vec::pop) else {
@@ -119,16 +119,16 @@ pub async fn rebalance(engine: &Engine, state: &mut EngineState) -> bool {
         }
     }))
     .await;
-    let (mut moved, mut bytes) = (0, 0);
+    let (mut moved, mut bytes) = (0u32, 0u64);
     let mut drops = Vec::new();
     for (name, p, from, to, result) in results {
         match result {
             Ok(size) => {
                 if let Some(view) = state.views.get_mut(&name) {
-                    view.placement[p as usize] = to;
+                    view.place(p, to);
                 }
-                moved += 1;
-                bytes += size;
+                moved = moved.saturating_add(1);
+                bytes = bytes.saturating_add(size);
                 drops.push((name, p, from));
             }
             Err(e) => {
@@ -179,17 +179,17 @@ async fn hand_over(cluster: &Cluster, state: &mut EngineState, leaving: &WorkerR
     for slot in state.sources.values() {
         for w in &slot.receivers {
             if let Some(n) = receivers.get_mut(w) {
-                *n += 1;
+                *n = n.saturating_add(1);
             }
         }
     }
-    let mut moved_receivers = 0;
+    let mut moved_receivers: u32 = 0;
     for (name, slot) in state.sources.iter_mut() {
         if slot.failure.is_some() {
             continue;
         }
         for split in 0..slot.receivers.len() {
-            if slot.receivers[split] != leaving.id {
+            if slot.receivers.get(split) != Some(&leaving.id) {
                 continue;
             }
             let target = staying
@@ -203,9 +203,12 @@ async fn hand_over(cluster: &Cluster, state: &mut EngineState, leaving: &WorkerR
             };
             match moved {
                 Ok(target) => {
-                    slot.receivers[split] = target;
-                    *receivers.entry(target).or_default() += 1;
-                    moved_receivers += 1;
+                    if let Some(receiver) = slot.receivers.get_mut(split) {
+                        *receiver = target;
+                    }
+                    let n = receivers.entry(target).or_default();
+                    *n = n.saturating_add(1);
+                    moved_receivers = moved_receivers.saturating_add(1);
                 }
                 Err(e) => {
                     warn!(source = %name, split, error = %e, "could not move a receiver off a leaving worker");
@@ -243,7 +246,7 @@ async fn hand_over(cluster: &Cluster, state: &mut EngineState, leaving: &WorkerR
     for view in state.views.values() {
         for w in &view.placement {
             if let Some(n) = owned.get_mut(w) {
-                *n += 1;
+                *n = n.saturating_add(1);
             }
         }
     }
@@ -260,7 +263,8 @@ async fn hand_over(cluster: &Cluster, state: &mut EngineState, leaving: &WorkerR
                 .iter()
                 .min_by_key(|w| (owned.get(&w.id).copied().unwrap_or(0), w.id));
             if let Some(target) = target {
-                *owned.entry(target.id).or_default() += 1;
+                let n = owned.entry(target.id).or_default();
+                *n = n.saturating_add(1);
             }
             moves.push((name.clone(), p as u32, target.cloned()));
         }
@@ -273,16 +277,16 @@ async fn hand_over(cluster: &Cluster, state: &mut EngineState, leaving: &WorkerR
         (view, p, target.map(|t| t.id), moved)
     }))
     .await;
-    let (mut moved_partitions, mut moved_bytes) = (0, 0u64);
+    let (mut moved_partitions, mut moved_bytes) = (0u32, 0u64);
     for (name, p, target, moved) in results {
         let Some(view) = state.views.get_mut(&name) else {
             continue;
         };
         match (moved, target) {
             (Ok(bytes), Some(target)) => {
-                view.placement[p as usize] = target;
-                moved_partitions += 1;
-                moved_bytes += bytes;
+                view.place(p, target);
+                moved_partitions = moved_partitions.saturating_add(1);
+                moved_bytes = moved_bytes.saturating_add(bytes);
             }
             (Err(e), _) => {
                 complete = false;

@@ -430,7 +430,7 @@ async fn watch_slot(
         if started.elapsed() >= restarts.healthy_after {
             quick_deaths = 0;
         }
-        quick_deaths += 1;
+        quick_deaths = quick_deaths.saturating_add(1);
         if quick_deaths > restarts.max_quick_deaths {
             let why = format!(
                 "crash loop: ended {quick_deaths} times in a row within {:?} of starting, \
@@ -453,7 +453,7 @@ async fn watch_slot(
             match launch.start(slot, &stop).await {
                 Ok(r) => break r,
                 Err(e) => {
-                    quick_deaths += 1;
+                    quick_deaths = quick_deaths.saturating_add(1);
                     warn!(worker = slot, error = %e, "cannot start a local worker");
                     if quick_deaths > restarts.max_quick_deaths {
                         let why = format!("cannot start it: {e}");
@@ -470,7 +470,7 @@ async fn watch_slot(
         };
         slots.update(slot, |s| {
             s.pid = running.pid();
-            s.restarts += 1;
+            s.restarts = s.restarts.saturating_add(1);
         });
     }
 }

@@ -149,7 +149,7 @@ impl Cluster {
     }
 
     fn bump(&self) {
-        self.membership.send_modify(|v| *v += 1);
+        self.membership.send_modify(|v| *v = v.saturating_add(1));
     }
 
     /// Adds a worker; returns its id.
@@ -336,7 +336,7 @@ impl Cluster {
     /// Counts tasks a worker completed.
     pub fn tasks_done(&self, id: u64, count: u64) {
         if let Some(w) = self.lock().get_mut(&id) {
-            w.tasks_done += count;
+            w.tasks_done = w.tasks_done.saturating_add(count);
         }
     }
 

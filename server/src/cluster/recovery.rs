@@ -229,11 +229,11 @@ async fn reopen_receivers(
     for slot in state.sources.values() {
         for w in &slot.receivers {
             if let Some(n) = load.get_mut(w) {
-                *n += 1;
+                *n = n.saturating_add(1);
             }
         }
     }
-    let mut reopened = 0;
+    let mut reopened: u64 = 0;
     forget_seals_of_lost_blocks(cluster, state, lost);
     // A receiver carries on after every seal it answered, those of the interval in
     // progress (an attempt interrupted before it ran) and of the one sealed ahead.
@@ -248,7 +248,9 @@ async fn reopen_receivers(
         }
         let splits = slot.receivers.len() as u32;
         for split in 0..slot.receivers.len() {
-            let dead = slot.receivers[split];
+            let Some(&dead) = slot.receivers.get(split) else {
+                break;
+            };
             if !lost.contains(&dead) {
                 continue;
             }
@@ -272,9 +274,12 @@ async fn reopen_receivers(
             {
                 Ok(_) => {
                     info!(source = %name, split, from = dead, to = target.id, "reopened the receiver of a lost worker");
-                    slot.receivers[split] = target.id;
-                    *load.entry(target.id).or_default() += 1;
-                    reopened += 1;
+                    if let Some(receiver) = slot.receivers.get_mut(split) {
+                        *receiver = target.id;
+                    }
+                    let n = load.entry(target.id).or_default();
+                    *n = n.saturating_add(1);
+                    reopened = reopened.saturating_add(1);
                 }
                 Err(e) => {
                     warn!(source = %name, split, error = %e, "could not reopen the receiver of a lost worker");
@@ -306,7 +311,7 @@ async fn rebuild_partitions(
     for view in state.views.values() {
         for w in &view.placement {
             if let Some(n) = owned.get_mut(w) {
-                *n += 1;
+                *n = n.saturating_add(1);
             }
         }
     }
@@ -326,7 +331,8 @@ async fn rebuild_partitions(
             else {
                 continue;
             };
-            *owned.entry(target.id).or_default() += 1;
+            let n = owned.entry(target.id).or_default();
+            *n = n.saturating_add(1);
             partitions.push((p as u32, target.clone()));
         }
         if partitions.is_empty() {
@@ -335,7 +341,7 @@ async fn rebuild_partitions(
         let Some(last) = view.last_interval else {
             // The view has not run yet: there is no state to rebuild.
             for (p, target) in &partitions {
-                view.placement[*p as usize] = target.id;
+                view.place(*p, target.id);
             }
             continue;
         };
@@ -365,7 +371,10 @@ async fn rebuild_partitions(
                     .map(|(p, _)| p.to_string())
                     .collect::<Vec<_>>()
                     .join(", "),
-                cluster.unavailable(view.placement[partitions[0].0 as usize]),
+                partitions
+                    .first()
+                    .and_then(|(p, _)| view.placement.get(*p as usize))
+                    .map_or_else(|| "a lost worker".into(), |w| cluster.unavailable(*w)),
                 if lineage.is_none() {
                     " (checkpoints are off, so input is kept only as long as source_retention says)"
                 } else {
@@ -444,7 +453,7 @@ async fn rebuild_partitions(
         }
         let first_task = scheduler::reserve_task_ids(state);
         replay_interval(engine, state, &active, i, first_task, lineage, &mut failed).await?;
-        stat.replayed_intervals += 1;
+        stat.replayed_intervals = stat.replayed_intervals.saturating_add(1);
     }
 
     for rebuild in rebuilds {
@@ -457,9 +466,11 @@ async fn rebuild_partitions(
             continue;
         }
         for (p, target) in &rebuild.partitions {
-            view.placement[*p as usize] = target.id;
+            view.place(*p, target.id);
         }
-        stat.partitions += rebuild.partitions.len() as u64;
+        stat.partitions = stat
+            .partitions
+            .saturating_add(rebuild.partitions.len() as u64);
     }
     Ok(())
 }
@@ -509,7 +520,7 @@ async fn replay_interval(
                 }
             };
         for (block, holder) in input.blocks.iter().zip(placed) {
-            next_task += 1;
+            next_task = next_task.saturating_add(1);
             map_of_task.insert(next_task, (rebuild.view.clone(), block.index));
             map_tasks.push(StageTask {
                 worker: holder,
@@ -561,7 +572,7 @@ async fn replay_interval(
         view_outputs.sort_by_key(|o| o.block);
         for (p, target) in &rebuild.partitions {
             let pieces = scheduler::pieces_for(&cluster, &view_outputs, *p as usize);
-            next_task += 1;
+            next_task = next_task.saturating_add(1);
             reduce_of_task.insert(next_task, (rebuild.view.clone(), *p));
             owners.insert(target.id);
             reduce_tasks.push(StageTask {

@@ -91,25 +91,27 @@ pub async fn resume(engine: &Engine, state: &mut EngineState, manifest: Arc<Mani
             })
             .collect();
         let splits = slot.receivers.len() as u32;
-        let reopens = slot.receivers.iter().enumerate().map(|(split, worker)| {
-            let handover = slot.positions[split].handover(name, split as u32, splits);
-            let cluster = &cluster;
-            async move {
-                let Some(w) = cluster.get(*worker) else {
-                    return Err(Error::WorkerLost(cluster.unavailable(*worker)));
-                };
-                let mut client = w.client.clone();
-                cluster
-                    .call(
-                        *worker,
-                        "reopen a receiver",
-                        client.adopt_receiver(handover),
-                    )
-                    .await
-            }
-        });
+        let reopens = slot.receivers.iter().zip(&slot.positions).enumerate().map(
+            |(split, (worker, position))| {
+                let handover = position.handover(name, split as u32, splits);
+                let cluster = &cluster;
+                async move {
+                    let Some(w) = cluster.get(*worker) else {
+                        return Err(Error::WorkerLost(cluster.unavailable(*worker)));
+                    };
+                    let mut client = w.client.clone();
+                    cluster
+                        .call(
+                            *worker,
+                            "reopen a receiver",
+                            client.adopt_receiver(handover),
+                        )
+                        .await
+                }
+            },
+        );
         match join_all(reopens).await.into_iter().find_map(|r| r.err()) {
-            None => resumed.sources += 1,
+            None => resumed.sources = resumed.sources.saturating_add(1),
             Some(e) => {
                 warn!(source = %name, error = %e, "could not reopen a receiver where the checkpoint left it");
                 slot.failure = Some(format!(
@@ -185,8 +187,8 @@ pub async fn resume(engine: &Engine, state: &mut EngineState, manifest: Arc<Mani
     for (view, result) in join_all(loads).await {
         match result {
             Ok(loaded) => {
-                resumed.partitions += 1;
-                resumed.bytes += loaded.bytes;
+                resumed.partitions = resumed.partitions.saturating_add(1);
+                resumed.bytes = resumed.bytes.saturating_add(loaded.bytes);
             }
             Err(e) => {
                 failed.entry(view).or_insert(e.to_string());
@@ -211,7 +213,7 @@ pub async fn resume(engine: &Engine, state: &mut EngineState, manifest: Arc<Mani
         view.first_interval = Some(at);
         view.last_interval = Some(at);
         view.partition_rows = held.partitions.iter().map(|p| p.view_rows).collect();
-        resumed.views += 1;
+        resumed.views = resumed.views.saturating_add(1);
     }
     state.last_committed = Some(at);
     engine
@@ -219,7 +221,10 @@ pub async fn resume(engine: &Engine, state: &mut EngineState, manifest: Arc<Mani
         .resumed(manifest, engine.clock().now_nanos());
     engine.publish_snapshot(state);
     // With the real clock, intervals that ended while the server was down run at once.
-    let behind = (engine.clock().now_nanos() - state.timeline.end_nanos(at))
+    let behind = engine
+        .clock()
+        .now_nanos()
+        .saturating_sub(state.timeline.end_nanos(at))
         .max(0)
         .checked_div(state.timeline.width_nanos)
         .unwrap_or(0);

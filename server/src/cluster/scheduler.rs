@@ -154,7 +154,8 @@ pub(crate) fn place_map_tasks(
             .iter()
             .find(|h| alive(**h))
             .ok_or(block.index)?;
-        *load.entry(holder).or_default() += 1;
+        let n = load.entry(holder).or_default();
+        *n = n.saturating_add(1);
         placed.push(holder);
     }
     // Every move lowers the sum of squared loads, so this ends.
@@ -169,10 +170,12 @@ pub(crate) fn place_map_tasks(
                 .map(|h| (load.get(h).copied().unwrap_or(0), *h))
                 .min();
             if let Some((other_load, other)) = lighter
-                && other_load + 1 < current
+                && other_load.saturating_add(1) < current
             {
-                *load.entry(*holder).or_default() -= 1;
-                *load.entry(other).or_default() += 1;
+                let n = load.entry(*holder).or_default();
+                *n = n.saturating_sub(1);
+                let n = load.entry(other).or_default();
+                *n = n.saturating_add(1);
                 *holder = other;
                 moved = true;
             }
@@ -196,7 +199,7 @@ fn note_outrun(
 ) {
     for worker in outrun {
         let before = state.outrun.insert(*worker, interval);
-        if before.is_none_or(|at| at.0 + AVOID_STRAGGLER_FOR <= interval.0) {
+        if before.is_none_or(|at| at.0.saturating_add(AVOID_STRAGGLER_FOR) <= interval.0) {
             info!(worker, %interval, "a worker straggles; its blocks' map tasks go to their other holders for a while");
         }
     }
@@ -388,17 +391,18 @@ impl AheadPlan {
         let mut pending: HashMap<u64, HashMap<String, usize>> = HashMap::new();
         for (worker, request) in requests {
             for split in &request.splits {
-                *pending
+                let n = pending
                     .entry(*worker)
                     .or_default()
                     .entry(split.source.clone())
-                    .or_default() += 1;
+                    .or_default();
+                *n = n.saturating_add(1);
             }
         }
         let (tasks, more) = mpsc::unbounded_channel();
         let stage_cluster = cluster.clone();
         // Copies of stragglers take ids from the upper half of the stage's range.
-        let mut next_copy = self.first_task + RANGED_TASK_IDS / 2;
+        let mut next_copy = self.first_task.saturating_add(RANGED_TASK_IDS / 2);
         let mut stage = JoinSet::new();
         stage.spawn(async move {
             let what = "run map tasks ahead";
@@ -469,10 +473,13 @@ impl AheadMapping {
             let expected: Vec<(u64, usize)> = self
                 .pending
                 .iter()
-                .filter_map(|(w, sources)| Some((*w, sources.get(&plan.source)? * per_split)))
+                .filter_map(|(w, sources)| {
+                    Some((*w, sources.get(&plan.source)?.saturating_mul(per_split)))
+                })
                 .collect();
             for (w, n) in &expected {
-                *self.load.entry(*w).or_default() += n;
+                let load = self.load.entry(*w).or_default();
+                *load = load.saturating_add(*n);
             }
             let placed = map_tasks(
                 (name, plan),
@@ -528,7 +535,7 @@ pub const FIRST_RANGED_TASK: u64 = 1 << 40;
 /// Takes the next range of [`RANGED_TASK_IDS`] task ids; returns its first.
 pub(crate) fn reserve_task_ids(state: &mut EngineState) -> u64 {
     let first = state.next_task_range;
-    state.next_task_range += RANGED_TASK_IDS;
+    state.next_task_range = state.next_task_range.saturating_add(RANGED_TASK_IDS);
     first
 }
 
@@ -610,7 +617,7 @@ fn map_tasks(
         alive(w)
             && outrun
                 .get(&w)
-                .is_none_or(|at| at.0 + AVOID_STRAGGLER_FOR <= interval.0)
+                .is_none_or(|at| at.0.saturating_add(AVOID_STRAGGLER_FOR) <= interval.0)
     };
     let mut tried = load.clone();
     let placed = match place_map_tasks(blocks, trusted, &mut tried) {
@@ -629,7 +636,7 @@ fn map_tasks(
         .iter()
         .zip(placed)
         .map(|(block, holder)| {
-            *next_task += 1;
+            *next_task = next_task.saturating_add(1);
             let task = StageTask {
                 worker: holder,
                 task: proto::Task {
@@ -829,7 +836,7 @@ async fn seal(
         if splits.len() < slot.receivers.len() {
             let failure = format!(
                 "{} of its {} receivers did not seal interval {interval}",
-                slot.receivers.len() - splits.len(),
+                slot.receivers.len().saturating_sub(splits.len()),
                 slot.receivers.len()
             );
             warn!(source = %name, error = %failure, "source failed and stopped");
@@ -927,8 +934,8 @@ async fn run_stages(
             .as_mut()
             .and_then(|a| a.take(&cluster, (name, plan), source_blocks))
         {
-            counts.map_tasks += outputs.len() as u64;
-            counts.map_tasks_ahead += outputs.len() as u64;
+            counts.map_tasks = counts.map_tasks.saturating_add(outputs.len() as u64);
+            counts.map_tasks_ahead = counts.map_tasks_ahead.saturating_add(outputs.len() as u64);
             map_outputs.insert(name.clone(), outputs);
             continue;
         }
@@ -951,10 +958,12 @@ async fn run_stages(
         }
     }
     if let Some(ahead) = &ahead {
-        counts.speculative_tasks += ahead.stage.speculated;
+        counts.speculative_tasks = counts
+            .speculative_tasks
+            .saturating_add(ahead.stage.speculated);
         note_outrun(state, &ahead.stage.outrun, interval);
     }
-    counts.map_tasks += map_of_task.len() as u64;
+    counts.map_tasks = counts.map_tasks.saturating_add(map_of_task.len() as u64);
     let mut stage = run_stage(
         &cluster,
         stage_tasks,
@@ -963,7 +972,7 @@ async fn run_stages(
         &mut next_task,
     )
     .await;
-    counts.speculative_tasks += stage.speculated;
+    counts.speculative_tasks = counts.speculative_tasks.saturating_add(stage.speculated);
     note_outrun(state, &stage.outrun, interval);
     map_outputs.extend(self::map_outputs(
         std::mem::take(&mut stage.results),
@@ -1002,7 +1011,7 @@ async fn run_stages(
         outputs.sort_by_key(|o| o.block);
         for (p, &owner) in placement.iter().enumerate() {
             let pieces = pieces_for(&cluster, &outputs, p);
-            next_task += 1;
+            next_task = next_task.saturating_add(1);
             reduce_of_task.insert(next_task, (name.clone(), p as u32));
             reduce_tasks.push(StageTask {
                 worker: owner,
@@ -1033,7 +1042,7 @@ async fn run_stages(
         &mut next_task,
     )
     .await;
-    counts.speculative_tasks += stage.speculated;
+    counts.speculative_tasks = counts.speculative_tasks.saturating_add(stage.speculated);
     note_outrun(state, &stage.outrun, interval);
     for (id, (worker, r)) in std::mem::take(&mut stage.results) {
         let Some((view, p)) = reduce_of_task.get(&id) else {
@@ -1047,7 +1056,7 @@ async fn run_stages(
             info!(view = %view, partition = p, from = *owner, to = worker, "a speculative copy won; the state partition moved");
             *owner = worker;
         }
-        counts.shuffle_bytes += r.shuffle_bytes_read;
+        counts.shuffle_bytes = counts.shuffle_bytes.saturating_add(r.shuffle_bytes_read);
         let changelog = read_ipc(&r.deletes).and_then(|deletes| {
             Ok(Changelog {
                 deletes,
@@ -1104,9 +1113,9 @@ async fn run_stages(
     tracing::debug!(
         %interval,
         seal = ?sealed_at,
-        map = ?(mapped_at - sealed_at),
-        reduce = ?(reduced_at - mapped_at),
-        commit = ?(started.elapsed() - reduced_at),
+        map = ?mapped_at.saturating_sub(sealed_at),
+        reduce = ?reduced_at.saturating_sub(mapped_at),
+        commit = ?started.elapsed().saturating_sub(reduced_at),
         "interval stages"
     );
     let mut outcomes = BTreeMap::new();
@@ -1161,9 +1170,11 @@ pub async fn sync_workers(engine: &Engine, state: &mut EngineState) -> Result<()
             sql: o.sql().to_string(),
         })
         .collect();
-    let retain_intervals = (engine.inner.config.source_retention.as_nanos()
-        / state.timeline.width().as_nanos().max(1))
-    .max(1) as u64;
+    let retention = engine.inner.config.source_retention.as_nanos();
+    let retain_intervals = retention
+        .checked_div(state.timeline.width().as_nanos())
+        .unwrap_or(retention)
+        .max(1) as u64;
     let config = &engine.inner.config;
     let store = proto::Store {
         url: engine.inner.data_dir.url().to_string(),
@@ -1234,7 +1245,7 @@ fn place(state: &mut EngineState, alive: &[WorkerRecord]) {
     for slot in state.sources.values() {
         for w in &slot.receivers {
             if let Some(n) = receivers.get_mut(w) {
-                *n += 1;
+                *n = n.saturating_add(1);
             }
         }
     }
@@ -1253,7 +1264,8 @@ fn place(state: &mut EngineState, alive: &[WorkerRecord]) {
                 .map(|w| w.id)
                 .min_by_key(|id| (receivers.get(id).copied().unwrap_or(0), *id));
             if let Some(id) = chosen {
-                *receivers.entry(id).or_default() += 1;
+                let n = receivers.entry(id).or_default();
+                *n = n.saturating_add(1);
                 slot.receivers.push(id);
             }
         }
@@ -1269,9 +1281,14 @@ fn place(state: &mut EngineState, alive: &[WorkerRecord]) {
         .filter(|v| v.placement.is_empty())
         .enumerate()
     {
-        let start = placed_views + offset;
-        slot.placement = (0..slot.plan.partitions)
-            .map(|p| alive[(start + p) % alive.len()].id)
+        // Partition p goes to alive[(start + p) % alive.len()]; none without workers.
+        let start = placed_views.saturating_add(offset);
+        slot.placement = alive
+            .iter()
+            .cycle()
+            .skip(start)
+            .take(slot.plan.partitions)
+            .map(|w| w.id)
             .collect();
     }
 }

@@ -213,7 +213,7 @@ pub(crate) async fn run_fed_stage(
                         continue;
                     }
                     if task.attempts.first().is_some_and(|a| a.sent_id != result.id) {
-                        outcome.copies_won += 1;
+                        outcome.copies_won = outcome.copies_won.saturating_add(1);
                         outcome.outrun.insert(task.task.worker);
                     }
                     times.add(&task.group, Duration::from_micros(result.micros));
@@ -236,7 +236,7 @@ pub(crate) async fn run_fed_stage(
                 for copy in plan_copies(&alive, &mut running, &straggling, next_id) {
                     task_of.insert(copy.task.id, copy.of);
                     calls.push(call(cluster.clone(), copy.worker, vec![copy.task], copy.adopt_from, what));
-                    outcome.speculated += 1;
+                    outcome.speculated = outcome.speculated.saturating_add(1);
                 }
             }
         }
@@ -338,15 +338,17 @@ fn copyable(alive: &HashSet<u64>, task: &Running) -> bool {
 struct RunTimes {
     tasks: HashMap<Group, usize>,
     done: HashMap<Group, Vec<Duration>>,
-    /// Reduce tasks (0) and map tasks (1) of every view.
-    kind_tasks: [usize; 2],
-    kind_done: [Vec<Duration>; 2],
+    /// The same for the map tasks (true) and the reduce tasks (false) of every view.
+    kind_tasks: HashMap<bool, usize>,
+    kind_done: HashMap<bool, Vec<Duration>>,
 }
 
 impl RunTimes {
     fn count(&mut self, group: &Group) {
-        *self.tasks.entry(group.clone()).or_default() += 1;
-        self.kind_tasks[usize::from(group.1)] += 1;
+        let n = self.tasks.entry(group.clone()).or_default();
+        *n = n.saturating_add(1);
+        let n = self.kind_tasks.entry(group.1).or_default();
+        *n = n.saturating_add(1);
     }
 
     fn add(&mut self, group: &Group, ran: Duration) {
@@ -355,7 +357,7 @@ impl RunTimes {
             times.insert(at, ran);
         };
         insert(self.done.entry(group.clone()).or_default());
-        insert(&mut self.kind_done[usize::from(group.1)]);
+        insert(self.kind_done.entry(group.1).or_default());
     }
 
     /// How long a task of `group` may run before it straggles: `multiplier` × the
@@ -368,15 +370,19 @@ impl RunTimes {
             !done.is_empty() && done.len() as f64 >= (SPECULATION_QUANTILE * total as f64).ceil()
         };
         let own = self.done.get(group).map(Vec::as_slice).unwrap_or_default();
-        let kind = usize::from(group.1);
+        let kind = self
+            .kind_done
+            .get(&group.1)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
         let reference = if enough(own, self.tasks.get(group).copied().unwrap_or(0)) {
             own
-        } else if enough(&self.kind_done[kind], self.kind_tasks[kind]) {
-            &self.kind_done[kind]
+        } else if enough(kind, self.kind_tasks.get(&group.1).copied().unwrap_or(0)) {
+            kind
         } else {
             return None;
         };
-        let median = reference[reference.len() / 2];
+        let median = *reference.get(reference.len() / 2)?;
         Some(median.mul_f64(policy.multiplier).max(policy.min_runtime))
     }
 }
@@ -391,7 +397,10 @@ fn next_straggler(
     running
         .values()
         .filter(|t| copyable(alive, t))
-        .filter_map(|t| Some(t.running_since()? + times.limit(&t.group, policy)?))
+        .filter_map(|t| {
+            t.running_since()?
+                .checked_add(times.limit(&t.group, policy)?)
+        })
         .min()
 }
 
@@ -410,7 +419,7 @@ fn stragglers(
         .filter(|(_, t)| {
             t.running_since()
                 .zip(times.limit(&t.group, policy))
-                .is_some_and(|(since, limit)| since + limit <= now)
+                .is_some_and(|(since, limit)| since.checked_add(limit).is_some_and(|at| at <= now))
         })
         .map(|(id, t)| (*id, t.task.worker))
         .collect();
@@ -448,7 +457,8 @@ fn plan_copies(
     let mut busy: HashMap<u64, usize> = HashMap::new();
     for task in running.values().filter(|t| !t.is_complete()) {
         for a in task.attempts.iter().filter(|a| a.failed.is_none()) {
-            *busy.entry(a.worker).or_default() += 1;
+            let n = busy.entry(a.worker).or_default();
+            *n = n.saturating_add(1);
         }
     }
     let mut copies = Vec::new();
@@ -468,7 +478,7 @@ fn plan_copies(
         else {
             continue;
         };
-        *next_id += 1;
+        *next_id = next_id.saturating_add(1);
         let mut copy = task.task.task.clone();
         copy.id = *next_id;
         info!(
@@ -486,7 +496,8 @@ fn plan_copies(
             started: None,
             failed: None,
         });
-        *busy.entry(target).or_default() += 1;
+        let n = busy.entry(target).or_default();
+        *n = n.saturating_add(1);
         copies.push(Copy {
             of: id,
             worker: target,

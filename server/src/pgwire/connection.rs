@@ -192,14 +192,15 @@ async fn forward_messages(
         activity.touch();
         let kind = header[0];
         let declared = i32::from_be_bytes([header[1], header[2], header[3], header[4]]);
-        let size = match usize::try_from(declared) {
-            Ok(n) if n >= 4 => n - 4,
-            _ => {
-                return Some(Refusal::protocol(format!(
-                    "invalid length {declared} of message '{}'",
-                    char::from(kind)
-                )));
-            }
+        // The length counts itself (4 bytes) but not the kind.
+        let size = usize::try_from(declared)
+            .ok()
+            .and_then(|n| n.checked_sub(4));
+        let Some(size) = size else {
+            return Some(Refusal::protocol(format!(
+                "invalid length {declared} of message '{}'",
+                char::from(kind)
+            )));
         };
         if size > limits.max_message_bytes {
             return Some(Refusal {
@@ -234,8 +235,11 @@ async fn forward(
     kind: u8,
     body: &[u8],
 ) -> std::io::Result<()> {
-    let len =
-        i32::try_from(body.len() + 4).map_err(|_| std::io::Error::other("message too long"))?;
+    let len = body
+        .len()
+        .checked_add(4)
+        .and_then(|len| i32::try_from(len).ok())
+        .ok_or_else(|| std::io::Error::other("message too long"))?;
     let mut header = [0u8; 5];
     header[0] = kind;
     header[1..].copy_from_slice(&len.to_be_bytes());
@@ -294,7 +298,7 @@ impl Activity {
             if silent >= timeout {
                 return silent;
             }
-            tokio::time::sleep(timeout - silent).await;
+            tokio::time::sleep(timeout.saturating_sub(silent)).await;
         }
     }
 }

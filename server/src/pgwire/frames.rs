@@ -209,7 +209,7 @@ pub fn error_response(refusal: &Refusal) -> Vec<u8> {
     }
     fields.push(0);
     let mut message = vec![b'E'];
-    let len = i32::try_from(fields.len() + 4).unwrap_or(i32::MAX);
+    let len = i32::try_from(fields.len().saturating_add(4)).unwrap_or(i32::MAX);
     message.extend_from_slice(&len.to_be_bytes());
     message.extend_from_slice(&fields);
     message

@@ -256,7 +256,7 @@ where
     let mut rows = 0usize;
     while let Some(chunk) = subscription.next_chunk().await {
         let text = match chunk.and_then(|batches| {
-            rows += batches.iter().map(|b| b.num_rows()).sum::<usize>();
+            rows = rows.saturating_add(batches.iter().map(|b| b.num_rows()).sum::<usize>());
             copy_text(&batches)
         }) {
             Ok(text) => text,
@@ -449,7 +449,7 @@ fn parameter_values(portal: &Portal<Prepared>) -> PgWireResult<Vec<ScalarValue>>
                 PgWireError::UserError(Box::new(ErrorInfo::new(
                     "ERROR".to_owned(),
                     "22P02".to_owned(),
-                    format!("invalid value for parameter ${}: {e}", i + 1),
+                    format!("invalid value for parameter ${}: {e}", i.saturating_add(1)),
                 )))
             };
             Ok(match pg_type {

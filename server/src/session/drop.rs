@@ -44,7 +44,7 @@ pub(super) async fn drop_object(engine: &Engine, drop: DropObject) -> Result<Sta
             }
         }
     }
-    state.catalog_version += 1;
+    state.catalog_version = state.catalog_version.saturating_add(1);
     crate::cluster::scheduler::remove_everywhere(engine, &drop.name).await;
     engine.publish_snapshot(&state);
     info!(name = %drop.name, kind = %drop.kind, "dropped");

@@ -252,11 +252,14 @@ fn text_rows(columns: &[&str], rows: Vec<Vec<String>>) -> Result<StatementResult
     ));
     let arrays: Vec<ArrayRef> = (0..columns.len())
         .map(|i| {
-            Arc::new(StringArray::from(
-                rows.iter().map(|r| r[i].clone()).collect::<Vec<_>>(),
-            )) as ArrayRef
+            let values = rows
+                .iter()
+                .map(|r| r.get(i).cloned())
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| Error::Internal(format!("a row without column {i}")))?;
+            Ok(Arc::new(StringArray::from(values)) as ArrayRef)
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let batch =
         RecordBatch::try_new(schema.clone(), arrays).map_err(|e| Error::Internal(e.to_string()))?;
     Ok(StatementResult::Rows {
@@ -314,7 +317,7 @@ async fn install_or_undo(
     previous: Catalog,
     persist: bool,
 ) -> Result<()> {
-    state.catalog_version += 1;
+    state.catalog_version = state.catalog_version.saturating_add(1);
     let mut outcome = crate::cluster::scheduler::sync_workers(engine, state).await;
     if outcome.is_ok() && persist {
         outcome = persist_catalog(engine, state, &state.catalog, &state.settings).await;
@@ -324,7 +327,7 @@ async fn install_or_undo(
         state.sources.remove(name);
         state.views.remove(name);
         state.tables.remove(name);
-        state.catalog_version += 1;
+        state.catalog_version = state.catalog_version.saturating_add(1);
         crate::cluster::scheduler::remove_everywhere(engine, name).await;
         return Err(e);
     }

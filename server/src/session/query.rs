@@ -119,7 +119,7 @@ pub async fn query_with_params(
     stmt: ast::Statement,
     params: Option<ParamValues>,
 ) -> Result<StatementResult> {
-    let mut attempt = 1;
+    let mut attempt: u32 = 1;
     loop {
         let snapshot = engine.snapshot();
         match query_snapshot(engine, &snapshot, stmt.clone(), params.clone()).await {
@@ -128,7 +128,7 @@ pub async fn query_with_params(
             {
                 tracing::debug!(attempt, error = %e, "rows moved under a query; running it again");
                 next_snapshot(engine, &snapshot).await;
-                attempt += 1;
+                attempt = attempt.saturating_add(1);
             }
             result => return result,
         }
@@ -178,8 +178,8 @@ async fn query_snapshot(
 /// Waits, for a second at most, until a snapshot newer than `old` is published:
 /// the commit that moved rows publishes one right after.
 async fn next_snapshot(engine: &Engine, old: &Arc<crate::engine::Snapshot>) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(1);
-    while Arc::ptr_eq(&engine.snapshot(), old) && std::time::Instant::now() < deadline {
+    let started = std::time::Instant::now();
+    while Arc::ptr_eq(&engine.snapshot(), old) && started.elapsed() < Duration::from_secs(1) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

@@ -24,12 +24,14 @@ pub(super) async fn set_batch_interval(
     // Continue where the current timeline is, on a boundary of the new width.
     let next_start = state.timeline.start_nanos(state.next);
     let step = width.as_nanos().max(1) as i64;
-    let origin = next_start.div_euclid(step) * step
-        + if next_start.rem_euclid(step) == 0 {
+    let origin = next_start
+        .div_euclid(step)
+        .saturating_mul(step)
+        .saturating_add(if next_start.rem_euclid(step) == 0 {
             0
         } else {
             step
-        };
+        });
     state.timeline = dstream_storage::Timeline::new(origin, width);
     state.next = dstream_storage::IntervalId(0);
     // Interval numbers start again: nothing sealed under the old ones is kept.
@@ -45,7 +47,9 @@ pub(super) async fn advance(engine: &Engine, n: u64) -> Result<StatementResult> 
             "ADVANCE needs the manual clock; start the server with --clock manual".into(),
         ));
     };
-    let target = engine.committed_intervals() + n;
+    let Some(target) = engine.committed_intervals().checked_add(n) else {
+        return Err(Error::Invalid(format!("ADVANCE {n} is out of range")));
+    };
     manual.advance(n);
     engine.wait_committed(target).await?;
     Ok(command(&format!("ADVANCE {n}")))

@@ -14,8 +14,10 @@ pub(super) async fn create_source(
     state.catalog.check_free(&create.name)?;
     let ctx = SessionContext::new_with_config(engine.inner.session_config.clone());
     let def = Arc::new(dstream_planner::definition::source_def(&ctx.state(), &create).await?);
-    let retain = (engine.inner.config.source_retention.as_nanos()
-        / state.timeline.width().as_nanos().max(1)) as usize;
+    let retention = engine.inner.config.source_retention.as_nanos();
+    let retain = retention
+        .checked_div(state.timeline.width().as_nanos())
+        .unwrap_or(retention) as usize;
     let name = create.name.clone();
     let mut catalog = state.catalog.clone();
     catalog.insert(CatalogObject::Source(def.clone()))?;
