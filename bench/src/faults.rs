@@ -1,9 +1,12 @@
 //! Faults, as figures 11 and 13 of the D-Streams paper measure them.
 //!
 //! `recovery`: a running count over `--keys` keys on three worker processes; after
-//! `--before` intervals one worker is killed with SIGKILL and `--after` more
-//! intervals run. Once per checkpoint spacing in `--checkpoints` (in intervals of
-//! 1 s: 2, 10, 30 by default). It reports the processing time of the intervals
+//! at least `--warmup` intervals one worker is killed with SIGKILL and `--after`
+//! more intervals run. For each checkpoint spacing in `--checkpoints` (in intervals
+//! of 1 s: 2, 10, 30 by default), the kill lands at each point of `--kill-at`:
+//! half-way between two checkpoints, and just as a checkpoint is being written (the
+//! worst case: the lost partitions come from the checkpoint before, and a whole
+//! spacing of input is replayed). It reports the processing time of the intervals
 //! around the kill against the median before it: the interval after the kill
 //! includes noticing the loss and rebuilding the lost partitions in parallel on the
 //! two survivors (last checkpoint + replay of the input since).
@@ -35,15 +38,51 @@ pub struct Recovery {
     /// Checkpoint spacings to run with, in intervals (of 1 s).
     #[arg(long, value_delimiter = ',', default_value = "2,10,30")]
     checkpoints: Vec<u64>,
-    /// Intervals before the kill (45: half-way between two checkpoints 10 apart).
-    #[arg(long, default_value_t = 45)]
-    before: u64,
+    /// Intervals at least before the kill.
+    #[arg(long, default_value_t = 40)]
+    warmup: u64,
+    /// Where the kill lands: `halfway` between two checkpoints, or just as a
+    /// `checkpoint` is being written.
+    #[arg(
+        long = "kill-at",
+        value_delimiter = ',',
+        default_value = "halfway,checkpoint"
+    )]
+    kill_at: Vec<KillAt>,
     /// Intervals after the kill.
     #[arg(long, default_value_t = 5)]
     after: u64,
     /// State partitions.
     #[arg(long, default_value_t = 6)]
     partitions: usize,
+}
+
+/// Where, between two checkpoints, `recovery` kills a worker.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum KillAt {
+    Halfway,
+    Checkpoint,
+}
+
+impl KillAt {
+    /// Intervals to run before the kill, with a checkpoint every `every` intervals
+    /// and at least `warmup` intervals first. A checkpoint is taken at the commit of
+    /// every `every`-th interval (ids `every - 1`, `2 * every - 1`, ...).
+    fn before(self, every: u64, warmup: u64) -> u64 {
+        let every = every.max(1);
+        let checkpoint = warmup.div_ceil(every).saturating_mul(every);
+        match self {
+            KillAt::Checkpoint => checkpoint,
+            KillAt::Halfway => checkpoint.saturating_add(every / 2),
+        }
+    }
+
+    fn describe(self, before: u64) -> String {
+        match self {
+            KillAt::Halfway => "half-way".to_string(),
+            KillAt::Checkpoint => format!("checkpoint {} being written", before.saturating_sub(1)),
+        }
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -133,75 +172,85 @@ fn median(values: &[f64]) -> f64 {
 
 pub async fn recovery(args: Recovery) -> anyhow::Result<()> {
     println!(
-        "recovery: running count over {} keys, {} events per 1 s interval, P = {}, 3 worker processes (1 task slot each); SIGKILL of one after {} intervals, then {} more",
-        args.keys, args.rate, args.partitions, args.before, args.after
+        "recovery: running count over {} keys, {} events per 1 s interval, P = {}, 3 worker processes (1 task slot each); SIGKILL of one after at least {} intervals, then {} more",
+        args.keys, args.rate, args.partitions, args.warmup, args.after
     );
     println!(
-        "| checkpoint every | normal interval (median before) | interval after the kill | difference | recovery | checkpoint loaded | intervals replayed | intervals around the kill (ms) |"
+        "| checkpoint every | kill | normal interval (median before) | interval after the kill | difference | recovery | checkpoint loaded | intervals replayed | intervals around the kill (ms) |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for &every in &args.checkpoints {
-        let dir = tempfile::tempdir()?;
-        let mut config = config(3, args.partitions, &dir)?;
-        config.checkpoint_intervals = every;
-        config.checkpoint_every = None;
-        let Engined {
-            engine, shutdown, ..
-        } = start_config(config, dir).await?;
-        exec(&engine, &source(args.rate, args.keys)).await?;
-        exec(&engine, VIEW).await?;
-        exec(&engine, &format!("ADVANCE {}", args.before)).await?;
-        let pids = engine.local_worker_pids().await;
-        let victim = *pids.first().context("no worker processes")?;
-        let killed = std::process::Command::new("kill")
-            .args(["-KILL", &victim.to_string()])
-            .status()?;
-        if !killed.success() {
-            bail!("could not kill worker process {victim}");
+        for &at in &args.kill_at {
+            let before = at.before(every, args.warmup);
+            let row = recover_once(&args, every, before).await?;
+            println!("| {every} s | {} | {row} |", at.describe(before));
         }
-        exec(&engine, &format!("ADVANCE {}", args.after)).await?;
-        let times = processing_times(&engine, 2).await?;
-        let kill_at = args.before; // the first interval run after the kill
-        let normal = median(
-            &times
-                .iter()
-                .filter(|(i, _)| *i < kill_at)
-                .map(|(_, t)| *t)
-                .collect::<Vec<_>>(),
-        );
-        let after = times
-            .iter()
-            .find(|(i, _)| *i == kill_at)
-            .map_or(f64::NAN, |(_, t)| *t);
-        let around: Vec<String> = times
-            .iter()
-            .filter(|(i, _)| *i + 3 >= kill_at && *i <= kill_at + 3)
-            .map(|(i, t)| format!("{i}: {t:.0}"))
-            .collect();
-        let recovery = text(
-            &engine,
-            "SELECT round(duration_ms, 0), coalesce(CAST(checkpoint_interval AS VARCHAR), 'none'), \
-             replayed_intervals, status FROM dstream_recoveries",
-        )
-        .await?;
-        let Some(r) = recovery.first() else {
-            bail!("no recovery was recorded");
-        };
-        if r[3] != "recovered" {
-            bail!("the recovery did not complete: {r:?}");
-        }
-        println!(
-            "| {every} s | {normal:.0} ms | {after:.0} ms | {:+.0} ms | {} ms | {} | {} | {} |",
-            after - normal,
-            r[0],
-            r[1],
-            r[2],
-            around.join(", ")
-        );
-        shutdown.cancel();
-        engine.stopped().await;
     }
     Ok(())
+}
+
+/// One run of `recovery`: checkpoints every `every` intervals, the kill after
+/// `before`; the rest of its table row.
+async fn recover_once(args: &Recovery, every: u64, before: u64) -> anyhow::Result<String> {
+    let dir = tempfile::tempdir()?;
+    let mut config = config(3, args.partitions, &dir)?;
+    config.checkpoint_intervals = every;
+    config.checkpoint_every = None;
+    let Engined {
+        engine, shutdown, ..
+    } = start_config(config, dir).await?;
+    exec(&engine, &source(args.rate, args.keys)).await?;
+    exec(&engine, VIEW).await?;
+    exec(&engine, &format!("ADVANCE {before}")).await?;
+    let pids = engine.local_worker_pids().await;
+    let victim = *pids.first().context("no worker processes")?;
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &victim.to_string()])
+        .status()?;
+    if !killed.success() {
+        bail!("could not kill worker process {victim}");
+    }
+    exec(&engine, &format!("ADVANCE {}", args.after)).await?;
+    let times = processing_times(&engine, 2).await?;
+    let kill_at = before; // the first interval run after the kill
+    let normal = median(
+        &times
+            .iter()
+            .filter(|(i, _)| *i < kill_at)
+            .map(|(_, t)| *t)
+            .collect::<Vec<_>>(),
+    );
+    let after = times
+        .iter()
+        .find(|(i, _)| *i == kill_at)
+        .map_or(f64::NAN, |(_, t)| *t);
+    let around: Vec<String> = times
+        .iter()
+        .filter(|(i, _)| *i + 3 >= kill_at && *i <= kill_at + 3)
+        .map(|(i, t)| format!("{i}: {t:.0}"))
+        .collect();
+    let recovery = text(
+        &engine,
+        "SELECT round(duration_ms, 0), coalesce(CAST(checkpoint_interval AS VARCHAR), 'none'), \
+         replayed_intervals, status FROM dstream_recoveries",
+    )
+    .await?;
+    let Some(r) = recovery.first() else {
+        bail!("no recovery was recorded");
+    };
+    if r[3] != "recovered" {
+        bail!("the recovery did not complete: {r:?}");
+    }
+    shutdown.cancel();
+    engine.stopped().await;
+    Ok(format!(
+        "{normal:.0} ms | {after:.0} ms | {:+.0} ms | {} ms | {} | {} | {}",
+        after - normal,
+        r[0],
+        r[1],
+        r[2],
+        around.join(", ")
+    ))
 }
 
 pub async fn straggler(args: Straggler) -> anyhow::Result<()> {

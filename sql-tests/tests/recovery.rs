@@ -23,7 +23,11 @@ const SETUP: &str = "
       FROM TUMBLE(s, ts, INTERVAL '2' SECOND) GROUP BY window_start, k % 20;
     CREATE MATERIALIZED VIEW closed AS
       SELECT window_start, k % 5 AS b, count(*) AS n FROM TUMBLE(s, ts, INTERVAL '3' SECOND)
-      GROUP BY window_start, k % 5 EMIT ON WINDOW CLOSE;";
+      GROUP BY window_start, k % 5 EMIT ON WINDOW CLOSE;
+    CREATE MATERIALIZED VIEW hops AS
+      SELECT window_start, k % 10 AS b, max(v) AS hi
+      FROM HOP(s, ts, INTERVAL '1' SECOND, INTERVAL '3' SECOND) GROUP BY window_start, k % 10;
+    CREATE MATERIALIZED VIEW picked AS SELECT k, v FROM s WHERE v % 97 = 0;";
 
 /// A view created later in some runs (after interval 7), its rows, and the batch
 /// query over the raw input from interval 8 (8 s after the manual clock's origin)
@@ -36,7 +40,7 @@ const LATE_ORACLE: &str = "SELECT k % 7, count(*), sum(v) FROM s \
 
 /// Each view, read as text, with the batch query over the raw input that must give
 /// the same rows (`None`: compared with the fault-free run only).
-const VIEWS: [(&str, &str, Option<&str>); 3] = [
+const VIEWS: [(&str, &str, Option<&str>); 5] = [
     (
         "totals",
         "SELECT k, n, total, d FROM totals",
@@ -54,6 +58,16 @@ const VIEWS: [(&str, &str, Option<&str>); 3] = [
         "closed",
         "SELECT CAST(window_start AS VARCHAR), b, n FROM closed",
         None,
+    ),
+    (
+        "hops",
+        "SELECT CAST(window_start AS VARCHAR), b, hi FROM hops",
+        None,
+    ),
+    (
+        "picked",
+        "SELECT k, v FROM picked",
+        Some("SELECT k, v FROM s WHERE v % 97 = 0"),
     ),
 ];
 
@@ -102,6 +116,13 @@ enum Step {
     Join,
     /// The same, with every task of that worker delayed this long: a straggler.
     JoinStraggler(Duration),
+    /// The same, with every object store call of that worker delayed this long: its
+    /// part of each checkpoint is written last, long after the others'.
+    JoinSlowStore(Duration),
+    /// Waits until a checkpoint is being written and every worker but the last that
+    /// joined has written its partitions of it, then `kill -9` of the n-th worker:
+    /// the checkpoint never commits, but holds the lost partitions.
+    KillWhenWritten(usize),
     /// Creates [`LATE_VIEW`].
     CreateLateView,
 }
@@ -117,6 +138,10 @@ struct Outcome {
     speculated_in: Vec<String>,
     /// The rows of [`LATE_VIEW`], if it was created.
     late: Vec<String>,
+    /// The checkpoint each recovery loaded from (`none` without).
+    loaded: Vec<String>,
+    /// The checkpoint [`Step::KillWhenWritten`] killed during.
+    killed_during: Option<u64>,
 }
 
 /// Runs `steps` on a fresh server; with `oracle`, checks the views against batch
@@ -152,15 +177,22 @@ async fn run(workers: usize, checkpoint_intervals: u64, steps: &[Step], oracle: 
         assert!(killed.success(), "kill -9 {pid}");
     };
     let mut joined = Vec::new();
+    let mut killed_during = None;
     for step in steps {
         match *step {
-            Step::Join | Step::JoinStraggler(_) => {
+            Step::Join | Step::JoinStraggler(_) | Step::JoinSlowStore(_) => {
                 let alive = engine.cluster().alive().len();
                 let mut command = tokio::process::Command::new(dstream_binary());
                 if let Step::JoinStraggler(delay) = step {
                     command.env(
                         "DSTREAM_FAULT_TASK_DELAY",
                         format!("{}ms", delay.as_millis()),
+                    );
+                }
+                if let Step::JoinSlowStore(delay) = step {
+                    command.env(
+                        "DSTREAM_FAULT_STORE",
+                        format!("latency={}ms", delay.as_millis()),
                     );
                 }
                 let child = command
@@ -193,6 +225,34 @@ async fn run(workers: usize, checkpoint_intervals: u64, steps: &[Step], oracle: 
                 }
             }
             Step::Kill(n) => kill(n),
+            Step::KillWhenWritten(n) => {
+                let workers = query(
+                    &engine,
+                    "SELECT id, state_partitions FROM dstream_workers WHERE status = 'alive' ORDER BY id",
+                )
+                .await;
+                let counts: Vec<u64> = workers
+                    .iter()
+                    .filter_map(|w| w.split('|').nth(2)?.parse().ok())
+                    .collect();
+                let (total, slow) = (counts.iter().sum::<u64>(), counts.last().copied());
+                let others = total - slow.expect("a worker joined");
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+                let at = loop {
+                    if let Some((at, written)) = unfinished_checkpoint(&server.data_dir)
+                        && written >= others
+                    {
+                        break at;
+                    }
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "no checkpoint with {others} partitions written and no manifest"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                };
+                kill(n);
+                killed_during = Some(at);
+            }
             Step::CreateLateView => {
                 batches(&engine, LATE_VIEW).await;
             }
@@ -239,6 +299,11 @@ async fn run(workers: usize, checkpoint_intervals: u64, steps: &[Step], oracle: 
         "SELECT id, state_partitions FROM dstream_workers WHERE status = 'alive'",
     )
     .await;
+    let loaded = query(
+        &engine,
+        "SELECT coalesce(CAST(checkpoint_interval AS VARCHAR), 'none') FROM dstream_recoveries",
+    )
+    .await;
     let speculative_tasks = query(
         &engine,
         "SELECT sum(speculative_tasks) FROM dstream_intervals",
@@ -261,7 +326,31 @@ async fn run(workers: usize, checkpoint_intervals: u64, steps: &[Step], oracle: 
         speculative_tasks,
         speculated_in,
         late,
+        loaded,
+        killed_during,
     }
+}
+
+/// The newest checkpoint in `data` that has files but no manifest, and how many of
+/// its partitions' records (`written.json`) are written.
+fn unfinished_checkpoint(data: &std::path::Path) -> Option<(u64, u64)> {
+    let newest = std::fs::read_dir(data.join("checkpoints"))
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+        .max()?;
+    if data.join(format!("manifests/{newest:020}.json")).exists() {
+        return None;
+    }
+    let dir = data.join(format!("checkpoints/{newest:020}"));
+    let mut written = 0;
+    for view in std::fs::read_dir(dir).ok()?.flatten() {
+        for partition in std::fs::read_dir(view.path()).ok()?.flatten() {
+            if partition.path().join("written.json").exists() {
+                written += 1;
+            }
+        }
+    }
+    Some((newest, written))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -301,9 +390,9 @@ async fn killed_workers_are_recovered_with_the_same_results() {
     assert_ne!(recovery[4], "0", "receivers were reopened: {recovery:?}");
     assert_eq!(recovery[5], "true", "from a checkpoint: {recovery:?}");
     assert_eq!(recovery[6], "true", "input was replayed: {recovery:?}");
-    // 12 partitions, evenly over the survivor and the replacement.
+    // 20 partitions (5 views of 4), evenly over the survivor and the replacement.
     assert!(
-        killed.partitions.len() == 2 && killed.partitions.iter().all(|p| p.ends_with("|6|")),
+        killed.partitions.len() == 2 && killed.partitions.iter().all(|p| p.ends_with("|10|")),
         "{:?}",
         killed.partitions
     );
@@ -353,6 +442,37 @@ async fn killed_workers_are_recovered_with_the_same_results() {
         twice.recoveries.iter().all(|r| r.contains("recovered")),
         "{:?}",
         twice.recoveries
+    );
+
+    // Killed while a checkpoint is being written, after writing its part of it: the
+    // checkpoint never commits (its part is not acknowledged), yet the lost
+    // partitions are loaded from it, not from the checkpoint before.
+    let mid_checkpoint = run(
+        2,
+        3,
+        &[
+            Step::JoinSlowStore(Duration::from_millis(300)),
+            Step::Advance(3),
+            Step::Checkpointed(2),
+            Step::Advance(3),
+            Step::KillWhenWritten(0),
+            Step::Advance(intervals - 6),
+        ],
+        true,
+    )
+    .await;
+    assert_eq!(
+        mid_checkpoint.views, clean.views,
+        "kill during a checkpoint"
+    );
+    let at = mid_checkpoint
+        .killed_during
+        .expect("killed during a checkpoint");
+    assert_eq!(
+        mid_checkpoint.loaded,
+        [at.to_string()],
+        "loaded from the unfinished checkpoint: {:?}",
+        mid_checkpoint.recoveries
     );
 }
 
@@ -613,11 +733,12 @@ async fn a_failing_store_never_commits_half_a_checkpoint() {
     let clean = run(2, 3, &[Step::Advance(intervals)], true).await;
 
     // Every store call of the coordinator and of each worker waits 20 ms, and each
-    // process's writes 6 to 15 fail: more than retries cover, so the checkpoints
-    // written meanwhile fail; later ones commit.
+    // process's writes 9 to 18 fail (the coordinator's first six write the catalog):
+    // more than retries cover, so the checkpoints written meanwhile fail; later ones
+    // commit.
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let (first, client, _) = serve(&data, Some("latency=20ms,fail=6-15")).await;
+    let (first, client, _) = serve(&data, Some("latency=20ms,fail=9-18")).await;
     client.batch_execute(SETUP).await.expect("setup");
     client.batch_execute("ADVANCE 9").await.expect("advance");
     let statuses = "SELECT DISTINCT status FROM dstream_checkpoints";

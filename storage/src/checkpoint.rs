@@ -8,6 +8,7 @@
 //! checkpoints/<interval>/<view>/<partition>/running.arrow     sliding-window running values
 //! checkpoints/<interval>/<view>/<partition>/distinct-<k>.arrow  pairs of the k-th count(DISTINCT)
 //! checkpoints/<interval>/<view>/<partition>/view.arrow        the partition's view rows
+//! checkpoints/<interval>/<view>/<partition>/written.json      the partition is whole
 //! manifests/<interval>.json                                   the commit point
 //! ```
 //!
@@ -18,6 +19,12 @@
 //! exists exactly when its manifest does, and files without a manifest are leftovers
 //! of a checkpoint that did not complete. The manifest ([`Manifest`]) lists every file
 //! with its size, so a reader can tell a complete checkpoint from a damaged one.
+//!
+//! A worker also writes each partition's record ([`WrittenPartition`]) once its files
+//! are written. Resuming never reads it; but when a worker dies while a checkpoint is
+//! being written, so that the checkpoint never commits, recovery loads the lost
+//! partitions that the record shows whole from it, instead of from the checkpoint
+//! before.
 
 use std::collections::BTreeMap;
 use std::io::Cursor;
@@ -188,6 +195,51 @@ pub struct PartitionCheckpoint {
     pub emitted_until: Option<i64>,
     pub watermark: Option<i64>,
     pub view_rows: u64,
+}
+
+/// The record a worker writes once a partition's files in a checkpoint are written:
+/// the partition is whole, even if the checkpoint never commits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WrittenPartition {
+    /// The view's `CREATE` statement, as in [`ViewCheckpoint`].
+    pub sql: String,
+    pub partition: PartitionCheckpoint,
+}
+
+impl WrittenPartition {
+    fn path(interval: IntervalId, view: &str, partition: u32) -> String {
+        format!("{}/written.json", partition_dir(interval, view, partition))
+    }
+
+    /// Writes the record of `view`'s partition in the checkpoint of `interval`.
+    pub async fn write(&self, dir: &DataDir, interval: IntervalId, view: &str) -> Result<()> {
+        let json = serde_json::to_vec(self).map_err(|e| Error::Corrupt {
+            what: "partition record".into(),
+            reason: e.to_string(),
+        })?;
+        let path = WrittenPartition::path(interval, view, self.partition.partition);
+        dir.put(&path, Bytes::from(json)).await
+    }
+
+    /// Reads the record of `view`'s `partition` in the checkpoint of `interval`, if
+    /// it was written.
+    pub async fn read(
+        dir: &DataDir,
+        interval: IntervalId,
+        view: &str,
+        partition: u32,
+    ) -> Result<Option<WrittenPartition>> {
+        let path = WrittenPartition::path(interval, view, partition);
+        let Some(bytes) = dir.get(&path).await? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::Corrupt {
+                what: path,
+                reason: e.to_string(),
+            })
+    }
 }
 
 /// One view in a checkpoint.
@@ -392,6 +444,48 @@ mod tests {
             )]),
             sources: BTreeMap::new(),
         }
+    }
+
+    #[tokio::test]
+    async fn a_partition_record_is_read_back_only_where_it_was_written() -> Result<()> {
+        let dir = memory("records")?;
+        let file = write_part(
+            &dir,
+            IntervalId(5),
+            "v",
+            3,
+            Part::Rows,
+            0,
+            &[batch(vec![1, 2])?],
+        )
+        .await?
+        .ok_or_else(|| Error::Corrupt {
+            what: "part".into(),
+            reason: "not written".into(),
+        })?;
+        let record = WrittenPartition {
+            sql: "CREATE MATERIALIZED VIEW v AS SELECT 1".into(),
+            partition: PartitionCheckpoint {
+                partition: 3,
+                files: vec![file],
+                watermark: Some(7),
+                ..Default::default()
+            },
+        };
+        record.write(&dir, IntervalId(5), "v").await?;
+        assert_eq!(
+            WrittenPartition::read(&dir, IntervalId(5), "v", 3).await?,
+            Some(record)
+        );
+        assert_eq!(
+            WrittenPartition::read(&dir, IntervalId(5), "v", 2).await?,
+            None
+        );
+        assert_eq!(
+            WrittenPartition::read(&dir, IntervalId(4), "v", 3).await?,
+            None
+        );
+        Ok(())
     }
 
     #[tokio::test]

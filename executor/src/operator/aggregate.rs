@@ -35,7 +35,7 @@ use crate::operator::{
     Changelog, PartitionInput, PartitionOutput, ShufflePiece, StatePartition, StreamOperator,
     ViewUpdate,
 };
-use crate::shuffle::hash_partition;
+use crate::shuffle::{Wanted, hash_partition, in_partitions};
 use crate::task::{PlanTemplate, bind_scan, execute, scan};
 
 const ROWS: &str = "__rows";
@@ -178,6 +178,28 @@ impl AggregateOperator {
                         && Some(*k) != aggregate.window_end_key)
             })
             .collect()
+    }
+
+    /// A filter over the map's input that keeps the rows whose groups go to a
+    /// `wanted` partition, when a row's shuffle key is a function of the row alone:
+    /// always, except for hopping windows outside sliding mode, whose window columns
+    /// (part of the key there) are given to a row by the pane expansion after the
+    /// partial aggregate. `None` when every partition is wanted or there is no key.
+    fn partition_filter(&self, keys: &[usize], wanted: &Wanted) -> Option<Expr> {
+        let Wanted::Only(list) = wanted else {
+            return None;
+        };
+        let hopping = self
+            .plan
+            .window
+            .as_ref()
+            .is_some_and(|w| w.kind == WindowKind::Hop);
+        if keys.is_empty() || (hopping && !self.sliding) {
+            return None;
+        }
+        let exprs = &self.aggregate().group_exprs;
+        let keys: Option<Vec<Expr>> = keys.iter().map(|k| exprs.get(*k).cloned()).collect();
+        Some(in_partitions(keys?, self.plan.partitions, list.clone()))
     }
 
     /// The partial aggregate of `input` in the state layout.
@@ -518,17 +540,28 @@ fn plan_source_schema(plan: &StreamPlan) -> Result<Schema> {
 
 #[async_trait]
 impl StreamOperator for AggregateOperator {
-    async fn map_block(&self, ctx: &SessionContext, block: &Block) -> Result<Vec<ShufflePiece>> {
+    async fn map_block(
+        &self,
+        ctx: &SessionContext,
+        block: &Block,
+        wanted: &Wanted,
+    ) -> Result<Vec<ShufflePiece>> {
         let p = self.plan.partitions;
-        let input = bind_scan(
+        let keys = self.shuffle_keys();
+        let mut input = bind_scan(
             &self.plan.input,
             &self.plan.source,
             block.schema.clone(),
             block.batches.clone(),
         )?;
-        let keys = self.shuffle_keys();
-        let rows = match &self.templates {
-            Some(t) => {
+        let prefilter = self.partition_filter(&keys, wanted);
+        if let Some(filter) = &prefilter {
+            input = LogicalPlanBuilder::from(input)
+                .filter(filter.clone())?
+                .build()?;
+        }
+        let rows = match (&self.templates, &prefilter) {
+            (Some(t), None) => {
                 let source = (
                     self.plan.source.as_str(),
                     block.schema.clone(),
@@ -536,7 +569,7 @@ impl StreamOperator for AggregateOperator {
                 );
                 t.partial.execute(ctx, vec![source]).await?
             }
-            None => {
+            _ => {
                 let mut partial = self.partial_plan(input.clone())?;
                 if !self.sliding {
                     partial = self.expand_panes(partial)?;
@@ -544,7 +577,7 @@ impl StreamOperator for AggregateOperator {
                 execute(ctx, partial).await?
             }
         };
-        let mut pieces: Vec<ShufflePiece> = hash_partition(&rows, &keys, p)?
+        let mut pieces: Vec<ShufflePiece> = hash_partition(&rows, &keys, p, wanted)?
             .into_iter()
             .map(|rows| ShufflePiece {
                 rows,
@@ -555,7 +588,10 @@ impl StreamOperator for AggregateOperator {
         for (call, _) in &self.distinct_schemas {
             let pairs = self.expand_panes(self.distinct_plan(input.clone(), *call)?)?;
             let pairs = execute(ctx, pairs).await?;
-            for (piece, part) in pieces.iter_mut().zip(hash_partition(&pairs, &keys, p)?) {
+            for (piece, part) in pieces
+                .iter_mut()
+                .zip(hash_partition(&pairs, &keys, p, wanted)?)
+            {
                 piece.distinct.push(part);
             }
         }

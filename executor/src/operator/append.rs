@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::operator::{
     Changelog, PartitionInput, PartitionOutput, ShufflePiece, StreamOperator, ViewUpdate,
 };
+use crate::shuffle::Wanted;
 use crate::task::{bind_scan, execute};
 
 /// Runs a stateless stream plan.
@@ -28,7 +29,21 @@ impl AppendOperator {
 
 #[async_trait]
 impl StreamOperator for AppendOperator {
-    async fn map_block(&self, ctx: &SessionContext, block: &Block) -> Result<Vec<ShufflePiece>> {
+    async fn map_block(
+        &self,
+        ctx: &SessionContext,
+        block: &Block,
+        wanted: &Wanted,
+    ) -> Result<Vec<ShufflePiece>> {
+        // Output rows need no shuffle: they stay with the partition of their block.
+        let mut pieces = vec![ShufflePiece::default(); self.plan.partitions];
+        let home = (block.interval.0 as usize)
+            .wrapping_add(block.index)
+            .checked_rem(self.plan.partitions)
+            .ok_or_else(|| Error::Internal("a view without partitions".into()))?;
+        if !wanted.contains(home) {
+            return Ok(pieces);
+        }
         let plan = bind_scan(
             &self.plan.input,
             &self.plan.source,
@@ -36,13 +51,8 @@ impl StreamOperator for AppendOperator {
             block.batches.clone(),
         )?;
         let rows = execute(ctx, plan).await?;
-        // Output rows need no shuffle: they stay with the partition of their block.
-        let mut pieces = vec![ShufflePiece::default(); self.plan.partitions];
-        let home = (block.interval.0 as usize)
-            .wrapping_add(block.index)
-            .checked_rem(self.plan.partitions);
-        let piece = home
-            .and_then(|home| pieces.get_mut(home))
+        let piece = pieces
+            .get_mut(home)
             .ok_or_else(|| Error::Internal("a view without partitions".into()))?;
         piece.rows = rows;
         Ok(pieces)

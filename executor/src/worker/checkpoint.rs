@@ -11,7 +11,7 @@
 //! Recovery goes the other way: [`restore`] loads a lost partition from the latest
 //! checkpoint onto a surviving worker, which then replays the input since.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use dstream_storage::checkpoint::{self, Part};
@@ -44,13 +44,26 @@ pub struct TakenPartition {
 
 /// Takes the committed partitions held here for the checkpoint of `interval` and
 /// prepares their writing to `store`.
-pub fn start(state: &WorkerState, store: DataDir, interval: IntervalId) {
+pub async fn start(state: &WorkerState, store: DataDir, interval: IntervalId) {
     let taken = state.committed_partitions();
     let count = taken.len();
+    let sql: HashMap<String, String> = match state.installed.lock().await.as_ref() {
+        Some(installed) => taken
+            .iter()
+            .filter_map(|p| {
+                let object = installed.catalog.get(&p.view)?;
+                Some((p.view.clone(), object.sql().to_string()))
+            })
+            .collect(),
+        None => HashMap::new(),
+    };
     let writing = async move {
         let started = std::time::Instant::now();
         let written: Vec<proto::PartitionCheckpoint> = futures::stream::iter(taken)
-            .map(|p| write_partition(&store, interval, p))
+            .map(|p| {
+                let sql = sql.get(&p.view).cloned();
+                write_partition(&store, interval, p, sql)
+            })
             .buffer_unordered(CONCURRENT_WRITES)
             .try_collect()
             .await
@@ -69,10 +82,13 @@ pub fn start(state: &WorkerState, store: DataDir, interval: IntervalId) {
     state.add_checkpoint(interval, writing);
 }
 
+/// Writes one partition's files, then its record (with the view's `sql`; see
+/// [`checkpoint::WrittenPartition`]).
 async fn write_partition(
     store: &DataDir,
     interval: IntervalId,
     taken: TakenPartition,
+    sql: Option<String>,
 ) -> Result<proto::PartitionCheckpoint> {
     let TakenPartition {
         view,
@@ -92,25 +108,47 @@ async fn write_partition(
     for (part, index, batches) in parts {
         let written =
             checkpoint::write_part(store, interval, &view, partition, part, index, batches).await?;
-        if let Some(file) = written {
-            files.push(proto::CheckpointFile {
-                path: file.path,
-                bytes: file.bytes,
-                rows: file.rows,
-                part: file.part.as_str().to_string(),
-                index: file.index,
-            });
-        }
+        files.extend(written);
     }
-    Ok(proto::PartitionCheckpoint {
-        view,
+    let written = checkpoint::PartitionCheckpoint {
         partition,
         files,
         distinct: state.distinct.len() as u32,
         emitted_until: state.emitted_until,
         watermark: state.watermark,
         view_rows: rows.iter().map(|b| b.num_rows() as u64).sum(),
-    })
+    };
+    if let Some(sql) = sql {
+        let record = checkpoint::WrittenPartition {
+            sql,
+            partition: written,
+        };
+        record.write(store, interval, &view).await?;
+        return Ok(partition_proto(view, record.partition));
+    }
+    Ok(partition_proto(view, written))
+}
+
+fn partition_proto(view: String, p: checkpoint::PartitionCheckpoint) -> proto::PartitionCheckpoint {
+    proto::PartitionCheckpoint {
+        view,
+        partition: p.partition,
+        files: p
+            .files
+            .into_iter()
+            .map(|f| proto::CheckpointFile {
+                path: f.path,
+                bytes: f.bytes,
+                rows: f.rows,
+                part: f.part.as_str().to_string(),
+                index: f.index,
+            })
+            .collect(),
+        distinct: p.distinct,
+        emitted_until: p.emitted_until,
+        watermark: p.watermark,
+        view_rows: p.view_rows,
+    }
 }
 
 /// Makes a lost state partition this worker's, as the checkpoint in `request` holds

@@ -30,6 +30,7 @@ use super::state::{InstalledView, PartitionSlot, WorkerState};
 use super::{checkpoint, handover, install, status};
 use crate::error::{Error, Result};
 use crate::operator::{PartitionInput, ShufflePiece, ViewUpdate};
+use crate::shuffle::Wanted;
 use crate::view_runtime::conform;
 
 /// The results of a `RunTasks` call, streamed as its tasks finish.
@@ -244,7 +245,7 @@ impl proto::worker_server::Worker for WorkerService {
                 .state
                 .store()
                 .ok_or_else(|| Status::failed_precondition("no object store installed"))?;
-            checkpoint::start(&self.state, store, interval);
+            checkpoint::start(&self.state, store, interval).await;
         }
         self.state.expire_shuffle(interval);
         let retain = self
@@ -638,7 +639,11 @@ async fn run_task(
                         map.block, map.source
                     ))
                 })?;
-            let pieces = view.operator.map_block(&state.task_ctx, &block).await?;
+            let wanted = Wanted::from_list(map.partitions);
+            let pieces = view
+                .operator
+                .map_block(&state.task_ctx, &block, &wanted)
+                .await?;
             let partition_rows = pieces.iter().map(piece_rows).collect();
             let components = pieces
                 .first()

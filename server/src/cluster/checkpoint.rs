@@ -55,6 +55,9 @@ pub struct Checkpoints {
     committed: Option<IntervalId>,
     /// Its manifest, which recovery loads lost partitions from.
     latest: Option<Arc<Manifest>>,
+    /// The newest checkpoint started, while it has not committed (being written, or
+    /// failed): recovery loads lost partitions whose writing finished from it.
+    unfinished: Option<IntervalId>,
     /// Take a checkpoint at the next commit, whatever the count (after a recovery,
     /// whose replayed input is held by fewer workers than before).
     soon: bool,
@@ -85,6 +88,13 @@ impl Checkpoints {
     /// The manifest of the newest committed checkpoint.
     pub fn latest(&self) -> Option<Arc<Manifest>> {
         self.latest.clone()
+    }
+
+    /// The newest checkpoint started that has not committed, if it is newer than the
+    /// newest committed one.
+    pub fn unfinished(&self) -> Option<IntervalId> {
+        self.unfinished
+            .filter(|at| self.committed.is_none_or(|c| c < *at))
     }
 
     /// Asks for a checkpoint at the next commit.
@@ -131,6 +141,7 @@ impl Checkpoints {
         self.since = (Some(interval), now_nanos);
         self.soon = false;
         self.writing = Some(writing);
+        self.unfinished = Some(interval);
     }
 
     fn finished(&mut self, stat: CheckpointStat, manifest: Option<Manifest>) {
@@ -331,6 +342,51 @@ fn partition_checkpoint(p: proto::PartitionCheckpoint) -> Result<PartitionCheckp
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn stat(interval: u64, error: Option<&str>) -> CheckpointStat {
+        CheckpointStat {
+            interval: IntervalId(interval),
+            started_at_nanos: 0,
+            duration: Duration::ZERO,
+            views: 0,
+            partitions: 0,
+            files: 0,
+            bytes: 0,
+            error: error.map(str::to_string),
+        }
+    }
+
+    fn manifest(interval: u64) -> Manifest {
+        Manifest {
+            version: checkpoint::FORMAT_VERSION,
+            interval,
+            origin_nanos: 0,
+            width_nanos: 1,
+            created_at: String::new(),
+            views: BTreeMap::new(),
+            sources: BTreeMap::new(),
+        }
+    }
+
+    #[tokio::test]
+    #[allow(clippy::disallowed_methods)] // the handles are kept in `c`
+    async fn a_checkpoint_is_unfinished_until_it_or_a_newer_one_commits() {
+        let mut c = Checkpoints::default();
+        assert_eq!(c.unfinished(), None);
+        c.started(IntervalId(2), 0, tokio::spawn(async {}));
+        assert_eq!(c.unfinished(), Some(IntervalId(2)));
+        c.finished(stat(2, None), Some(manifest(2)));
+        assert_eq!(c.unfinished(), None);
+        // One that fails (a worker died while writing it) stays unfinished: its
+        // partitions that were written still count for recovery.
+        c.started(IntervalId(5), 0, tokio::spawn(async {}));
+        c.finished(stat(5, Some("worker 1 did not write its partitions")), None);
+        assert_eq!(c.unfinished(), Some(IntervalId(5)));
+        assert_eq!(c.committed(), Some(IntervalId(2)));
+        c.started(IntervalId(8), 0, tokio::spawn(async {}));
+        c.finished(stat(8, None), Some(manifest(8)));
+        assert_eq!(c.unfinished(), None);
+    }
 
     #[test]
     fn checkpoints_fall_due_by_count_or_by_time() {

@@ -29,11 +29,11 @@ use std::time::{Duration, Instant};
 use dstream_executor::view_runtime::window_watermark;
 use dstream_executor::worker::proto::{self, task::Kind as TaskKind};
 use dstream_storage::IntervalId;
-use dstream_storage::checkpoint::ViewCheckpoint;
+use dstream_storage::checkpoint::{PartitionCheckpoint, WrittenPartition};
 use futures::future::join_all;
 use tracing::{info, warn};
 
-use super::scheduler::{self, CommitOptions, Interrupted};
+use super::scheduler::{self, CommitOptions, Interrupted, MapOutput};
 use super::stage::{StageTask, run_stage};
 use super::{Cluster, WorkerRecord, WorkerStatus};
 use crate::engine::{Engine, EngineState, Sealing};
@@ -66,14 +66,23 @@ const RESTARTED_WORKER: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 struct Rebuild {
     view: String,
-    /// (partition, new owner).
-    partitions: Vec<(u32, WorkerRecord)>,
-    /// The checkpoint loaded, and what it holds of the view.
-    checkpoint: Option<(IntervalId, ViewCheckpoint)>,
-    /// Intervals replayed: from the one after the checkpoint (or the view's first)
-    /// to the view's last.
+    partitions: Vec<LostPartition>,
+    /// Intervals replayed: from the earliest a partition needs to the view's last.
     from: IntervalId,
     to: IntervalId,
+}
+
+/// One lost partition and how it is rebuilt.
+#[derive(Debug)]
+struct LostPartition {
+    partition: u32,
+    target: WorkerRecord,
+    /// The checkpoint it is loaded from, and what that holds of it (`None`: it
+    /// starts empty).
+    checkpoint: Option<(IntervalId, Option<PartitionCheckpoint>)>,
+    /// The first interval replayed into it: the one after its checkpoint, or the
+    /// view's first.
+    from: IntervalId,
 }
 
 /// Whether worker `id` is dead (or unknown): its work must be recovered. Leaving
@@ -306,7 +315,10 @@ async fn rebuild_partitions(
     stat: &mut RecoveryStat,
 ) -> std::result::Result<(), Interrupted> {
     let cluster = engine.inner.cluster.clone();
-    let manifest = engine.checkpoints().latest();
+    let (manifest, unfinished) = {
+        let checkpoints = engine.checkpoints();
+        (checkpoints.latest(), checkpoints.unfinished())
+    };
     let mut owned: HashMap<u64, usize> = survivors.iter().map(|w| (w.id, 0)).collect();
     for view in state.views.values() {
         for w in &view.placement {
@@ -347,18 +359,44 @@ async fn rebuild_partitions(
         };
         let first = view.first_interval.unwrap_or(last);
         let sql = state.catalog.get(name).map(|o| o.sql().to_string());
+        let ran = |at: IntervalId| first <= at && at <= last;
         // The checkpoint holds this view if it was taken while the view ran, from
         // the same definition.
-        let checkpoint = manifest.as_ref().and_then(|m| {
+        let committed = manifest.as_ref().and_then(|m| {
             let at = IntervalId(m.interval);
             let held = m.views.get(name)?;
-            (first <= at
-                && at <= last
+            (ran(at)
                 && Some(&held.sql) == sql.as_ref()
                 && held.partitions.len() == view.placement.len())
-            .then(|| (at, held.clone()))
+            .then_some((at, held))
         });
-        let from = checkpoint.as_ref().map_or(first, |(at, _)| at.next());
+        // A newer checkpoint that never committed (its writing lost a worker, maybe
+        // this one) still holds the partitions whose writing finished.
+        let newer = unfinished.filter(|at| ran(*at) && committed.is_none_or(|(c, _)| c < *at));
+        let written = match (newer, &sql) {
+            (Some(at), Some(sql)) => written_partitions(engine, at, name, sql, &partitions).await,
+            _ => HashMap::new(),
+        };
+        let partitions: Vec<LostPartition> = partitions
+            .into_iter()
+            .map(|(partition, target)| {
+                let checkpoint = match (written.get(&partition), newer, committed) {
+                    (Some(held), Some(at), _) => Some((at, Some(held.clone()))),
+                    (_, _, Some((at, held))) => {
+                        Some((at, held.partitions.get(partition as usize).cloned()))
+                    }
+                    _ => None,
+                };
+                let from = checkpoint.as_ref().map_or(first, |(at, _)| at.next());
+                LostPartition {
+                    partition,
+                    target,
+                    checkpoint,
+                    from,
+                }
+            })
+            .collect();
+        let from = partitions.iter().map(|p| p.from).min().unwrap_or(first);
         let source = state.sources.get(&view.plan.source);
         let missing = (from.0..=last.0)
             .map(IntervalId)
@@ -368,12 +406,12 @@ async fn rebuild_partitions(
                 "its state partition(s) {} were on lost {}, and the input of interval {missing} needed to rebuild them is no longer held{}",
                 partitions
                     .iter()
-                    .map(|(p, _)| p.to_string())
+                    .map(|p| p.partition.to_string())
                     .collect::<Vec<_>>()
                     .join(", "),
                 partitions
                     .first()
-                    .and_then(|(p, _)| view.placement.get(*p as usize))
+                    .and_then(|p| view.placement.get(p.partition as usize))
                     .map_or_else(|| "a lost worker".into(), |w| cluster.unavailable(*w)),
                 if lineage.is_none() {
                     " (checkpoints are off, so input is kept only as long as source_retention says)"
@@ -388,7 +426,6 @@ async fn rebuild_partitions(
         rebuilds.push(Rebuild {
             view: name.clone(),
             partitions,
-            checkpoint,
             from,
             to: last,
         });
@@ -398,18 +435,22 @@ async fn rebuild_partitions(
     }
     stat.checkpoint = rebuilds
         .iter()
-        .filter_map(|r| r.checkpoint.as_ref().map(|(at, _)| *at))
+        .flat_map(|r| r.partitions.iter())
+        .filter_map(|p| p.checkpoint.as_ref().map(|(at, _)| *at))
         .max();
 
     // Load every lost partition at once.
     let mut failed: BTreeMap<String, String> = BTreeMap::new();
     let restores = rebuilds.iter().flat_map(|r| {
         let cluster = &cluster;
-        r.partitions.iter().map(move |(p, target)| {
+        r.partitions.iter().map(move |lost| {
+            let target = &lost.target;
             let request = restore_request(
                 &r.view,
-                *p,
-                r.checkpoint.as_ref().map(|(at, held)| (*at, held)),
+                lost.partition,
+                lost.checkpoint
+                    .as_ref()
+                    .map(|(at, held)| (*at, held.as_ref())),
             );
             async move {
                 let mut client = target.client.clone();
@@ -436,7 +477,11 @@ async fn rebuild_partitions(
         }
     }
 
-    // Replay, interval by interval, every view that needs it at once.
+    // Replay. The map tasks of every replayed interval run at once: they depend on
+    // their blocks alone, and produce the lost partitions' rows only. Then, interval
+    // by interval, the lost partitions fold them in and commit.
+    let first_task = scheduler::reserve_task_ids(state);
+    let mut outputs = replay_maps(engine, state, &rebuilds, first_task, &mut failed).await?;
     let (Some(first), Some(last)) = (
         rebuilds.iter().map(|r| r.from).min(),
         rebuilds.iter().map(|r| r.to).max(),
@@ -451,8 +496,12 @@ async fn rebuild_partitions(
         if active.is_empty() {
             continue;
         }
-        let first_task = scheduler::reserve_task_ids(state);
-        replay_interval(engine, state, &active, i, first_task, lineage, &mut failed).await?;
+        let replay = Replay {
+            interval: i,
+            first_task: scheduler::reserve_task_ids(state),
+            lineage,
+        };
+        replay_reduce(engine, state, &active, replay, &mut outputs, &mut failed).await?;
         stat.replayed_intervals = stat.replayed_intervals.saturating_add(1);
     }
 
@@ -465,8 +514,8 @@ async fn rebuild_partitions(
             view.failure = Some(format!("while recovering from a lost worker: {reason}"));
             continue;
         }
-        for (p, target) in &rebuild.partitions {
-            view.place(*p, target.id);
+        for lost in &rebuild.partitions {
+            view.place(lost.partition, lost.target.id);
         }
         stat.partitions = stat
             .partitions
@@ -475,78 +524,148 @@ async fn rebuild_partitions(
     Ok(())
 }
 
-/// Replays interval `i` into the lost partitions of `active` views: map tasks over
-/// the interval's blocks, reduce tasks for those partitions only, and a commit on
-/// their new owners. Task ids start at `first_task` (see
-/// [`scheduler::reserve_task_ids`]). A view that fails goes into `failed`.
-async fn replay_interval(
+/// The records of `view`'s lost `partitions` written for the unfinished checkpoint
+/// of `at` from the same definition (`sql`), by partition. A record that cannot be
+/// read counts as not written.
+async fn written_partitions(
+    engine: &Engine,
+    at: IntervalId,
+    view: &str,
+    sql: &str,
+    partitions: &[(u32, WorkerRecord)],
+) -> HashMap<u32, PartitionCheckpoint> {
+    let store = &engine.inner.data_dir;
+    let reads = partitions
+        .iter()
+        .map(|(p, _)| WrittenPartition::read(store, at, view, *p));
+    let mut written = HashMap::new();
+    for ((p, _), read) in partitions.iter().zip(join_all(reads).await) {
+        match read {
+            Ok(Some(record)) if record.sql == sql && record.partition.partition == *p => {
+                written.insert(*p, record.partition);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(%view, partition = p, checkpoint = %at, error = %e, "could not read a partition's record in an unfinished checkpoint");
+            }
+        }
+    }
+    written
+}
+
+/// Where the map outputs of replayed intervals are, by interval and view.
+type ReplayOutputs = HashMap<(IntervalId, String), Vec<MapOutput>>;
+
+/// Runs the map tasks of every interval `rebuilds` replay in one stage, each
+/// producing the rows of its view's lost partitions only. Task ids start at
+/// `first_task` (see [`scheduler::reserve_task_ids`]). A view that fails goes into
+/// `failed`.
+async fn replay_maps(
     engine: &Engine,
     state: &EngineState,
-    active: &[&Rebuild],
-    i: IntervalId,
+    rebuilds: &[Rebuild],
     first_task: u64,
-    lineage: Option<IntervalId>,
     failed: &mut BTreeMap<String, String>,
-) -> std::result::Result<(), Interrupted> {
+) -> std::result::Result<ReplayOutputs, Interrupted> {
     let cluster = engine.inner.cluster.clone();
-    let alive = cluster.alive();
     let mut next_task = first_task;
     let mut load = HashMap::new();
-    let mut map_tasks: Vec<StageTask> = Vec::new();
-    let mut map_of_task: HashMap<u64, (String, u32)> = HashMap::new();
-    for rebuild in active {
-        let Some(view) = state.views.get(&rebuild.view) else {
+    let no_stragglers = BTreeMap::new();
+    let mut tasks: Vec<StageTask> = Vec::new();
+    let mut of_task: HashMap<u64, ((IntervalId, String), u32)> = HashMap::new();
+    for rebuild in rebuilds {
+        let name = &rebuild.view;
+        let Some(view) = state.views.get(name) else {
             continue;
         };
-        let source = &view.plan.source;
-        let Some(input) = state.sources.get(source).and_then(|s| s.input_of(i)) else {
-            failed.insert(
-                rebuild.view.clone(),
-                format!("the input of interval {i} is no longer held"),
-            );
+        if failed.contains_key(name) {
             continue;
-        };
-        let placed =
-            match scheduler::place_map_tasks(&input.blocks, |w| cluster.is_alive(w), &mut load) {
-                Ok(placed) => placed,
-                Err(index) => {
-                    failed.insert(
-                    rebuild.view.clone(),
-                    format!(
-                        "block {index} of interval {i} of source \"{source}\" is on no live worker"
-                    ),
+        }
+        let source = state.sources.get(&view.plan.source);
+        for i in (rebuild.from.0..=rebuild.to.0).map(IntervalId) {
+            let lost: Vec<u32> = rebuild
+                .partitions
+                .iter()
+                .filter(|p| p.from <= i)
+                .map(|p| p.partition)
+                .collect();
+            let Some(input) = source.and_then(|s| s.input_of(i)) else {
+                failed.insert(
+                    name.clone(),
+                    format!("the input of interval {i} is no longer held"),
                 );
-                    continue;
-                }
+                break;
             };
-        for (block, holder) in input.blocks.iter().zip(placed) {
-            next_task = next_task.saturating_add(1);
-            map_of_task.insert(next_task, (rebuild.view.clone(), block.index));
-            map_tasks.push(StageTask {
-                worker: holder,
-                task: proto::Task {
-                    id: next_task,
-                    view: rebuild.view.clone(),
-                    interval: i.0,
-                    kind: Some(TaskKind::Map(proto::MapTask {
-                        source: source.clone(),
-                        block: block.index,
-                    })),
-                },
-                alternatives: block.holders.clone(),
-            });
+            let placed = scheduler::map_tasks(
+                (name, &view.plan),
+                i,
+                &input.blocks,
+                &lost,
+                (&cluster, &no_stragglers),
+                (&mut load, &mut next_task),
+            );
+            match placed {
+                Ok(placed) => {
+                    for (task, block) in placed {
+                        of_task.insert(task.task.id, ((i, name.clone()), block));
+                        tasks.push(task);
+                    }
+                }
+                Err(e) => {
+                    failed.insert(name.clone(), format!("in interval {i}, {e}"));
+                    break;
+                }
+            }
         }
     }
     let stage = run_stage(
         &cluster,
-        map_tasks,
+        tasks,
         "replay map tasks",
         engine.inner.config.speculation,
         &mut next_task,
     )
     .await;
-    let mut outputs = scheduler::map_outputs(stage.results, &map_of_task);
-    lost_tasks(&cluster, &map_of_task, stage.lost, failed)?;
+    let outputs = scheduler::map_outputs(stage.results, &of_task);
+    lost_tasks(
+        &cluster,
+        |id| of_task.get(&id).map(|((_, view), _)| view),
+        stage.lost,
+        failed,
+    )?;
+    Ok(outputs)
+}
+
+/// One replayed interval.
+#[derive(Clone, Copy, Debug)]
+struct Replay {
+    interval: IntervalId,
+    /// The first of the task ids its reduce tasks take (see
+    /// [`scheduler::reserve_task_ids`]).
+    first_task: u64,
+    /// What its commit keeps of the input (see [`CommitOptions`]).
+    lineage: Option<IntervalId>,
+}
+
+/// Folds the mapped rows of one replayed interval (from `outputs`) into the lost
+/// partitions of `active` views, with reduce tasks for those partitions only, and
+/// commits it on their new owners. A view that fails goes into `failed`.
+async fn replay_reduce(
+    engine: &Engine,
+    state: &EngineState,
+    active: &[&Rebuild],
+    replay: Replay,
+    outputs: &mut ReplayOutputs,
+    failed: &mut BTreeMap<String, String>,
+) -> std::result::Result<(), Interrupted> {
+    let Replay {
+        interval: i,
+        first_task,
+        lineage,
+    } = replay;
+    let cluster = engine.inner.cluster.clone();
+    let alive = cluster.alive();
+    let mut next_task = first_task;
 
     let mut reduce_tasks: Vec<StageTask> = Vec::new();
     let mut reduce_of_task: HashMap<u64, (String, u32)> = HashMap::new();
@@ -568,9 +687,12 @@ async fn replay_interval(
                 .and_then(|s| s.input_of(i))
                 .and_then(|input| input.watermark),
         );
-        let mut view_outputs = outputs.remove(&rebuild.view).unwrap_or_default();
+        let mut view_outputs = outputs
+            .remove(&(i, rebuild.view.clone()))
+            .unwrap_or_default();
         view_outputs.sort_by_key(|o| o.block);
-        for (p, target) in &rebuild.partitions {
+        for lost in rebuild.partitions.iter().filter(|p| p.from <= i) {
+            let (p, target) = (&lost.partition, &lost.target);
             let pieces = scheduler::pieces_for(&cluster, &view_outputs, *p as usize);
             next_task = next_task.saturating_add(1);
             reduce_of_task.insert(next_task, (rebuild.view.clone(), *p));
@@ -602,7 +724,12 @@ async fn replay_interval(
         &mut next_task,
     )
     .await;
-    lost_tasks(&cluster, &reduce_of_task, stage.lost, failed)?;
+    lost_tasks(
+        &cluster,
+        |id| reduce_of_task.get(&id).map(|(view, _)| view),
+        stage.lost,
+        failed,
+    )?;
     if let Some(w) = alive.iter().find(|w| !cluster.is_alive(w.id)) {
         return Err(Interrupted::by(cluster.unavailable(w.id)));
     }
@@ -634,7 +761,7 @@ async fn replay_interval(
             Err(e) if !cluster.is_alive(worker) => return Err(Interrupted::by(e.to_string())),
             Err(e) => {
                 for rebuild in active {
-                    if rebuild.partitions.iter().any(|(_, t)| t.id == worker) {
+                    if rebuild.partitions.iter().any(|p| p.target.id == worker) {
                         failed.entry(rebuild.view.clone()).or_insert(e.to_string());
                     }
                 }
@@ -646,9 +773,9 @@ async fn replay_interval(
 
 /// Fails the views of tasks that got no result, or interrupts the recovery when a
 /// worker was lost meanwhile.
-fn lost_tasks(
+fn lost_tasks<'a>(
     cluster: &Cluster,
-    tasks: &HashMap<u64, (String, u32)>,
+    view_of: impl Fn(u64) -> Option<&'a String>,
     lost: HashMap<u64, (u64, String)>,
     failed: &mut BTreeMap<String, String>,
 ) -> std::result::Result<(), Interrupted> {
@@ -656,7 +783,7 @@ fn lost_tasks(
         if !cluster.is_alive(worker) {
             return Err(Interrupted::by(error));
         }
-        if let Some((view, _)) = tasks.get(&id) {
+        if let Some(view) = view_of(id) {
             failed.entry(view.clone()).or_insert(error);
         }
     }
@@ -664,13 +791,13 @@ fn lost_tasks(
 }
 
 /// What a worker needs to load partition `p` of `view` from `checkpoint` (the
-/// interval and what it holds of the view), or to start it empty without one.
+/// interval and what it holds of the partition), or to start it empty without one.
 pub(crate) fn restore_request(
     view: &str,
     p: u32,
-    checkpoint: Option<(IntervalId, &ViewCheckpoint)>,
+    checkpoint: Option<(IntervalId, Option<&PartitionCheckpoint>)>,
 ) -> proto::RestorePartitionRequest {
-    let held = checkpoint.and_then(|(_, v)| v.partitions.get(p as usize));
+    let held = checkpoint.and_then(|(_, held)| held);
     proto::RestorePartitionRequest {
         view: view.to_string(),
         partition: p,

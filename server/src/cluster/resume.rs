@@ -162,7 +162,7 @@ pub async fn resume(engine: &Engine, state: &mut EngineState, manifest: Arc<Mani
             continue;
         };
         for (p, owner) in view.placement.iter().enumerate() {
-            let request = restore_request(name, p as u32, Some((at, held)));
+            let request = restore_request(name, p as u32, Some((at, held.partitions.get(p))));
             let cluster = &cluster;
             let name = name.clone();
             loads.push(async move {

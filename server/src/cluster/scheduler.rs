@@ -107,13 +107,13 @@ pub(crate) fn pieces_for(
         .collect()
 }
 
-/// Where each successful map task (by id: its view and block, `of_task`) left its
-/// output, by view.
-pub(crate) fn map_outputs(
+/// Where each successful map task (by id: what it mapped — a view, say — and its
+/// block, `of_task`) left its output, by what it mapped.
+pub(crate) fn map_outputs<K: Clone + Eq + std::hash::Hash>(
     results: HashMap<u64, (u64, proto::TaskResult)>,
-    of_task: &HashMap<u64, (String, u32)>,
-) -> HashMap<String, Vec<MapOutput>> {
-    let mut outputs: HashMap<String, Vec<MapOutput>> = HashMap::new();
+    of_task: &HashMap<u64, (K, u32)>,
+) -> HashMap<K, Vec<MapOutput>> {
+    let mut outputs: HashMap<K, Vec<MapOutput>> = HashMap::new();
     for (id, (worker, r)) in results {
         if let Some((view, block)) = of_task.get(&id) {
             outputs.entry(view.clone()).or_default().push(MapOutput {
@@ -485,6 +485,7 @@ impl AheadMapping {
                 (name, plan),
                 interval,
                 &blocks,
+                &[],
                 (cluster, &self.plan.outrun),
                 (&mut self.load, &mut self.next_task),
             );
@@ -603,12 +604,14 @@ impl MappedOutputs {
 /// The map tasks of a view (`name`, `plan`) in `interval`: one per block of `blocks`,
 /// each with its block's index, placed by [`place_map_tasks`] on live workers no
 /// speculative copy outran lately (`outrun`) if the blocks allow, else on any live
-/// one. `load` counts tasks per worker across views; task ids come from
-/// `next_task`. Fails when a block is on no live worker.
-fn map_tasks(
+/// one. They produce the rows of `partitions` only (a recovery's replay), of all
+/// when it is empty. `load` counts tasks per worker across views; task ids come
+/// from `next_task`. Fails when a block is on no live worker.
+pub(crate) fn map_tasks(
     (name, plan): (&str, &StreamPlan),
     interval: IntervalId,
     blocks: &[BlockInfo],
+    partitions: &[u32],
     (cluster, outrun): (&Cluster, &BTreeMap<u64, IntervalId>),
     (load, next_task): (&mut HashMap<u64, usize>, &mut u64),
 ) -> std::result::Result<Vec<(StageTask, u32)>, String> {
@@ -646,6 +649,7 @@ fn map_tasks(
                     kind: Some(TaskKind::Map(proto::MapTask {
                         source: plan.source.clone(),
                         block: block.index,
+                        partitions: partitions.to_vec(),
                     })),
                 },
                 // A copy may run on any other holder of the block.
@@ -943,6 +947,7 @@ async fn run_stages(
             (name, plan),
             interval,
             source_blocks,
+            &[],
             (&cluster, &state.outrun),
             (&mut map_load, &mut next_task),
         ) {
