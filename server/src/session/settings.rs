@@ -41,12 +41,20 @@ pub(super) async fn set_batch_interval(
     Ok(command("SET"))
 }
 
+/// The most intervals one `ADVANCE` runs.
+const MAX_ADVANCE: u64 = 1_000_000_000;
+
 pub(super) async fn advance(engine: &Engine, n: u64) -> Result<StatementResult> {
     let Some(manual) = engine.clock().as_manual() else {
         return Err(Error::Invalid(
             "ADVANCE needs the manual clock; start the server with --clock manual".into(),
         ));
     };
+    if n > MAX_ADVANCE {
+        return Err(Error::Invalid(format!(
+            "ADVANCE {n} is out of range: one ADVANCE runs at most {MAX_ADVANCE} intervals"
+        )));
+    }
     let Some(target) = engine.committed_intervals().checked_add(n) else {
         return Err(Error::Invalid(format!("ADVANCE {n} is out of range")));
     };
