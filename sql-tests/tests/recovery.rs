@@ -470,7 +470,7 @@ async fn killed_workers_are_recovered_with_the_same_results() {
         .expect("killed during a checkpoint");
     assert_eq!(
         mid_checkpoint.loaded,
-        [at.to_string()],
+        [format!("|{at}|")],
         "loaded from the unfinished checkpoint: {:?}",
         mid_checkpoint.recoveries
     );
