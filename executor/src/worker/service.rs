@@ -552,6 +552,9 @@ struct ReduceInputs {
     bytes_read: u64,
 }
 
+/// A worker's address and an interval: where one fetch of pieces reads.
+type FetchFrom<'a> = (&'a str, IntervalId);
+
 /// Reads a reduce task's inputs (`None` for other tasks).
 async fn read_inputs(
     state: &WorkerState,
@@ -567,26 +570,30 @@ async fn read_inputs(
     // worker that holds some, all at once. They stay in the order given (block
     // order), so that every run of the task folds them alike.
     let mut pieces: Vec<Option<ShufflePiece>> = vec![None; reduce.pieces.len()];
-    let mut remote: Vec<(&str, Vec<(usize, &proto::PieceLocation)>)> = Vec::new();
+    // By (address, interval) of the pieces: the pieces each fetch reads.
+    let mut remote: Vec<(FetchFrom, Vec<(usize, &proto::PieceLocation)>)> = Vec::new();
     for ((i, location), slot) in reduce.pieces.iter().enumerate().zip(&mut pieces) {
+        let of = location.interval.map_or(interval, IntervalId);
         if location.worker == state.id() {
-            let key = (task.view.clone(), interval, location.block);
+            let key = (task.view.clone(), of, location.block);
             let local = state.shuffle(&key).ok_or_else(|| {
-                Error::Internal(format!("map output of block {} is missing", location.block))
+                Error::Internal(format!(
+                    "map output of block {} of interval {of} is missing",
+                    location.block
+                ))
             })?;
             *slot = Some(local.get(p as usize).cloned().unwrap_or_default());
         } else {
-            match remote.iter_mut().find(|(a, _)| *a == location.address) {
+            let at = (location.address.as_str(), of);
+            match remote.iter_mut().find(|(a, _)| *a == at) {
                 Some((_, held)) => held.push((i, location)),
-                None => remote.push((&location.address, vec![(i, location)])),
+                None => remote.push((at, vec![(i, location)])),
             }
         }
     }
-    let fetched = futures::future::try_join_all(
-        remote
-            .iter()
-            .map(|(address, held)| fetch_pieces(peers, &task.view, interval, p, address, held)),
-    )
+    let fetched = futures::future::try_join_all(remote.iter().map(|((address, of), held)| {
+        fetch_pieces(peers, &task.view, *of, p, address, held)
+    }))
     .await?;
     let mut bytes_read: u64 = 0;
     for ((_, held), fetched) in remote.iter().zip(fetched) {

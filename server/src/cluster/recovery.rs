@@ -67,6 +67,11 @@ const RESTARTED_WORKER: Duration = Duration::from_secs(30);
 struct Rebuild {
     view: String,
     partitions: Vec<LostPartition>,
+    /// Whether the input of all the intervals replayed may be folded into each
+    /// partition at once, by one reduce task: nothing of the view's state depends
+    /// on an interval's watermark (it has no window), so folding several intervals'
+    /// rows in one go leaves the state that folding them one by one does.
+    fold: bool,
     /// Intervals replayed: from the earliest a partition needs to the view's last.
     from: IntervalId,
     to: IntervalId,
@@ -426,6 +431,7 @@ async fn rebuild_partitions(
         rebuilds.push(Rebuild {
             view: name.clone(),
             partitions,
+            fold: view.plan.window.is_none(),
             from,
             to: last,
         });
@@ -481,17 +487,27 @@ async fn rebuild_partitions(
     // their blocks alone, and produce the lost partitions' rows only. Then, interval
     // by interval, the lost partitions fold them in and commit.
     let first_task = scheduler::reserve_task_ids(state);
-    let mut outputs = replay_maps(engine, state, &rebuilds, first_task, &mut failed).await?;
+    let outputs = replay_maps(engine, state, &rebuilds, first_task, &mut failed).await?;
     let (Some(first), Some(last)) = (
         rebuilds.iter().map(|r| r.from).min(),
         rebuilds.iter().map(|r| r.to).max(),
     ) else {
         return Ok(());
     };
+    // Views that fold their replayed input at once do so at their last interval;
+    // the others reduce and commit interval by interval.
     for i in (first.0..=last.0).map(IntervalId) {
-        let active: Vec<&Rebuild> = rebuilds
+        let replayed: Vec<&Rebuild> = rebuilds
             .iter()
             .filter(|r| r.from <= i && i <= r.to && !failed.contains_key(&r.view))
+            .collect();
+        if replayed.is_empty() {
+            continue;
+        }
+        stat.replayed_intervals = stat.replayed_intervals.saturating_add(1);
+        let active: Vec<&Rebuild> = replayed
+            .into_iter()
+            .filter(|r| !r.fold || i == r.to)
             .collect();
         if active.is_empty() {
             continue;
@@ -501,8 +517,7 @@ async fn rebuild_partitions(
             first_task: scheduler::reserve_task_ids(state),
             lineage,
         };
-        replay_reduce(engine, state, &active, replay, &mut outputs, &mut failed).await?;
-        stat.replayed_intervals = stat.replayed_intervals.saturating_add(1);
+        replay_reduce(engine, state, &active, replay, &outputs, &mut failed).await?;
     }
 
     for rebuild in rebuilds {
@@ -553,7 +568,8 @@ async fn written_partitions(
     written
 }
 
-/// Where the map outputs of replayed intervals are, by interval and view.
+/// Where the map outputs of replayed intervals are, by interval and view, each in
+/// block order.
 type ReplayOutputs = HashMap<(IntervalId, String), Vec<MapOutput>>;
 
 /// Runs the map tasks of every interval `rebuilds` replay in one stage, each
@@ -626,7 +642,10 @@ async fn replay_maps(
         &mut next_task,
     )
     .await;
-    let outputs = scheduler::map_outputs(stage.results, &of_task);
+    let mut outputs = scheduler::map_outputs(stage.results, &of_task);
+    for mapped in outputs.values_mut() {
+        mapped.sort_by_key(|o| o.block);
+    }
     lost_tasks(
         &cluster,
         |id| of_task.get(&id).map(|((_, view), _)| view),
@@ -647,15 +666,16 @@ struct Replay {
     lineage: Option<IntervalId>,
 }
 
-/// Folds the mapped rows of one replayed interval (from `outputs`) into the lost
+/// Folds the mapped rows (from `outputs`) of one replayed interval — or, for views
+/// that [`Rebuild::fold`], of every interval replayed up to it — into the lost
 /// partitions of `active` views, with reduce tasks for those partitions only, and
-/// commits it on their new owners. A view that fails goes into `failed`.
+/// commits the interval on their new owners. A view that fails goes into `failed`.
 async fn replay_reduce(
     engine: &Engine,
     state: &EngineState,
     active: &[&Rebuild],
     replay: Replay,
-    outputs: &mut ReplayOutputs,
+    outputs: &ReplayOutputs,
     failed: &mut BTreeMap<String, String>,
 ) -> std::result::Result<(), Interrupted> {
     let Replay {
@@ -687,13 +707,24 @@ async fn replay_reduce(
                 .and_then(|s| s.input_of(i))
                 .and_then(|input| input.watermark),
         );
-        let mut view_outputs = outputs
-            .remove(&(i, rebuild.view.clone()))
-            .unwrap_or_default();
-        view_outputs.sort_by_key(|o| o.block);
         for lost in rebuild.partitions.iter().filter(|p| p.from <= i) {
             let (p, target) = (&lost.partition, &lost.target);
-            let pieces = scheduler::pieces_for(&cluster, &view_outputs, *p as usize);
+            let folded = if rebuild.fold { lost.from } else { i };
+            // Interval by interval, each in block order: every run folds alike.
+            let mut pieces = Vec::new();
+            for j in (folded.0..=i.0).map(IntervalId) {
+                let mapped = outputs
+                    .get(&(j, rebuild.view.clone()))
+                    .map_or(&[][..], Vec::as_slice);
+                pieces.extend(
+                    scheduler::pieces_for(&cluster, mapped, *p as usize)
+                        .into_iter()
+                        .map(|piece| proto::PieceLocation {
+                            interval: Some(j.0),
+                            ..piece
+                        }),
+                );
+            }
             next_task = next_task.saturating_add(1);
             reduce_of_task.insert(next_task, (rebuild.view.clone(), *p));
             owners.insert(target.id);

@@ -103,6 +103,7 @@ pub(crate) fn pieces_for(
             worker: o.worker,
             address: cluster.get(o.worker).map(|w| w.address).unwrap_or_default(),
             components: o.components,
+            interval: None,
         })
         .collect()
 }
