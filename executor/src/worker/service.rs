@@ -591,9 +591,11 @@ async fn read_inputs(
             }
         }
     }
-    let fetched = futures::future::try_join_all(remote.iter().map(|((address, of), held)| {
-        fetch_pieces(peers, &task.view, *of, p, address, held)
-    }))
+    let fetched = futures::future::try_join_all(
+        remote
+            .iter()
+            .map(|((address, of), held)| fetch_pieces(peers, &task.view, *of, p, address, held)),
+    )
     .await?;
     let mut bytes_read: u64 = 0;
     for ((_, held), fetched) in remote.iter().zip(fetched) {

@@ -281,6 +281,32 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Whatever a client sends after the startup, the check answers (passes,
+        /// rewrites or refuses it) and never panics; a refusal is a protocol error.
+        #[test]
+        fn any_bytes_are_checked_without_panicking(
+            kind in proptest::sample::select(b"QPBEDCSHXcdfpFZ\0\xff".to_vec()),
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+        ) {
+            if let Err(refusal) = check_message(kind, &body) {
+                proptest::prop_assert_eq!(refusal.sqlstate, "08P01");
+            }
+        }
+
+        /// Bind messages as a client builds them pass, whatever their parameters.
+        #[test]
+        fn well_formed_binds_pass(
+            parameters in proptest::collection::vec(
+                proptest::option::of(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40)),
+                0..20,
+            ),
+        ) {
+            let parameters: Vec<Option<&[u8]>> = parameters.iter().map(|p| p.as_deref()).collect();
+            proptest::prop_assert_eq!(check_message(b'B', &bind(&parameters, None)), Ok(Checked::AsIs));
+        }
+    }
+
     #[test]
     fn error_responses_are_framed() {
         let e = error_response(&Refusal::protocol("bad"));
