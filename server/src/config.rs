@@ -79,6 +79,9 @@ pub struct ServeConfig {
     pub startup_timeout: Duration,
     /// A connection silent both ways this long is closed (`None`: never).
     pub idle_timeout: Option<Duration>,
+    /// A client that takes none of what the server sends for this long is
+    /// disconnected: the rest of its results are not held for it.
+    pub send_timeout: Duration,
 }
 
 /// Default of [`ServeConfig::max_connections`].
@@ -87,6 +90,8 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 100;
 pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default of [`ServeConfig::idle_timeout`].
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Default of [`ServeConfig::send_timeout`].
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default of [`ServeConfig::statement_timeout`].
 pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default of [`ServeConfig::query_memory`]: 1 GiB.
@@ -123,6 +128,7 @@ impl Default for ServeConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             startup_timeout: DEFAULT_STARTUP_TIMEOUT,
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+            send_timeout: DEFAULT_SEND_TIMEOUT,
         }
     }
 }
@@ -169,6 +175,7 @@ pub struct FileConfig {
     pub startup_timeout: Option<String>,
     /// A duration, or `off`.
     pub idle_timeout: Option<String>,
+    pub send_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -292,6 +299,9 @@ impl FileConfig {
         if let Some(v) = &self.idle_timeout {
             config.idle_timeout = parse_optional_duration(v)?;
         }
+        if let Some(v) = &self.send_timeout {
+            config.send_timeout = parse_duration(v)?;
+        }
         if let Some(on) = self.speculation {
             config.speculation = on.then(|| config.speculation.unwrap_or_default());
         }
@@ -375,6 +385,7 @@ impl ServeConfig {
             max_message_bytes: self.limits.max_statement_bytes.saturating_add(1 << 20),
             startup_timeout: self.startup_timeout,
             idle_timeout: self.idle_timeout,
+            send_timeout: self.send_timeout,
         }
     }
 

@@ -159,6 +159,10 @@ struct ServeArgs {
     /// Close connections silent both ways this long, or off [default: 1h].
     #[arg(long, env = "DSTREAM_IDLE_TIMEOUT")]
     idle_timeout: Option<String>,
+    /// Disconnect a client that takes none of the server's answers this long
+    /// [default: 60s].
+    #[arg(long, env = "DSTREAM_SEND_TIMEOUT")]
+    send_timeout: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -231,6 +235,7 @@ impl ServeArgs {
             max_connections: self.max_connections,
             startup_timeout: self.startup_timeout,
             idle_timeout: self.idle_timeout,
+            send_timeout: self.send_timeout,
             ..FileConfig::default()
         }
         .apply(&mut config)?;

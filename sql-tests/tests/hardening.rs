@@ -533,3 +533,32 @@ async fn clients_beyond_the_limits_are_told_and_disconnected() {
     assert!(idle.is_err(), "the idle connection was closed");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reads_none_of_its_results_is_disconnected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestServer::start_with(|c| c.send_timeout = Duration::from_secs(2))
+        .await
+        .expect("server");
+    let mut socket = raw_session(server.addr).await;
+    // About 60 MB of rows, far more than the socket buffers hold.
+    let sql = b"SELECT repeat('x', 100) FROM generate_series(1, 500000)\0";
+    let mut query = vec![b'Q'];
+    query.extend_from_slice(&((sql.len() + 4) as i32).to_be_bytes());
+    query.extend_from_slice(sql);
+    socket.write_all(&query).await.expect("query");
+    // The client reads nothing for a while; the server gives up on it.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let mut seen = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), socket.read_to_end(&mut seen)).await;
+    assert!(read.is_ok(), "the server did not close the connection");
+    assert!(
+        seen.len() < 30_000_000,
+        "the connection was closed before its results were sent ({} bytes came)",
+        seen.len()
+    );
+    // Everyone else is served as before.
+    let client = server.client().await.expect("connect");
+    assert_eq!(column(&client, "SELECT 3").await, vec!["3"]);
+    server.stop().await;
+}

@@ -444,6 +444,29 @@ async fn killed_workers_are_recovered_with_the_same_results() {
         twice.recoveries
     );
 
+    // Four intervals replayed, into views that fold them at once (no window) and
+    // views that take them one by one (windows): the one-by-one commits must not
+    // drop what the folds read.
+    let several = run(
+        2,
+        6,
+        &[
+            Step::Advance(7),
+            Step::Checkpointed(5),
+            Step::Advance(3),
+            Step::Kill(1),
+            Step::Advance(intervals - 10),
+        ],
+        true,
+    )
+    .await;
+    assert_eq!(several.views, clean.views, "several intervals replayed");
+    assert!(
+        several.recoveries.len() == 1 && several.recoveries[0].contains("recovered"),
+        "{:?}",
+        several.recoveries
+    );
+
     // Killed while a checkpoint is being written, after writing its part of it: the
     // checkpoint never commits (its part is not acknowledged), yet the lost
     // partitions are loaded from it, not from the checkpoint before.

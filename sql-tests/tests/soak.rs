@@ -88,7 +88,7 @@ async fn lines(client: &Client, sql: &str) -> Vec<String> {
     client
         .simple_query(sql)
         .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
         .into_iter()
         .filter_map(|m| match m {
             SimpleQueryMessage::Row(r) => Some(

@@ -247,7 +247,9 @@ impl proto::worker_server::Worker for WorkerService {
                 .ok_or_else(|| Status::failed_precondition("no object store installed"))?;
             checkpoint::start(&self.state, store, interval).await;
         }
-        self.state.expire_shuffle(interval);
+        if !request.replay {
+            self.state.expire_shuffle(interval);
+        }
         let retain = self
             .state
             .installed

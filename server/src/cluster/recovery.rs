@@ -778,6 +778,7 @@ async fn replay_reduce(
         interval: i.0,
         checkpoint: commit.checkpoint,
         keep_from: commit.lineage.map(|l| l.0),
+        replay: true,
     };
     let commits = cluster
         .call_each(

@@ -1098,6 +1098,7 @@ async fn run_stages(
         interval: interval.0,
         checkpoint: commit.checkpoint,
         keep_from: commit.lineage.map(|c| c.0),
+        replay: false,
     };
     let commits = cluster
         .call_each(alive, "commit the interval", |mut client| async move {

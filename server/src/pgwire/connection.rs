@@ -13,7 +13,9 @@
 //!   [`ConnectionLimits::startup_timeout`], or whose connection stays silent both
 //!   ways for [`ConnectionLimits::idle_timeout`], is disconnected with an error;
 //! - a connection holds at most one message of the client's at a time, and a slow
-//!   reader of results holds back pgwire's writes rather than growing a buffer.
+//!   reader of results holds back pgwire's writes rather than growing a buffer; a
+//!   client that takes none of them for [`ConnectionLimits::send_timeout`] is
+//!   disconnected, so that what it was sent is not held for it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,6 +42,8 @@ pub struct ConnectionLimits {
     /// A connection with no traffic either way for this long is closed (`None`:
     /// never).
     pub idle_timeout: Option<Duration>,
+    /// A client that takes none of what is sent to it for this long is disconnected.
+    pub send_timeout: Duration,
 }
 
 /// How long a connection that is being closed waits for pgwire to finish what it
@@ -85,7 +89,12 @@ pub async fn serve_connection(
     }
     let ended = {
         let up = forward_messages(&mut from_client, &mut to_pgwire, &limits, &activity);
-        let down = copy_answers(&mut from_pgwire, &mut to_client, &activity);
+        let down = copy_answers(
+            &mut from_pgwire,
+            &mut to_client,
+            &activity,
+            limits.send_timeout,
+        );
         tokio::pin!(up, down);
         tokio::select! {
             ended = &mut up => ended,
@@ -97,7 +106,12 @@ pub async fn serve_connection(
         // Let pgwire finish what it was sending.
         let _ = tokio::time::timeout(
             DRAIN,
-            copy_answers(&mut from_pgwire, &mut to_client, &activity),
+            copy_answers(
+                &mut from_pgwire,
+                &mut to_client,
+                &activity,
+                limits.send_timeout,
+            ),
         )
         .await;
         let _ = to_client.shutdown().await;
@@ -108,7 +122,12 @@ pub async fn serve_connection(
     let _ = to_pgwire.shutdown().await;
     let _ = tokio::time::timeout(
         DRAIN,
-        copy_answers(&mut from_pgwire, &mut to_client, &activity),
+        copy_answers(
+            &mut from_pgwire,
+            &mut to_client,
+            &activity,
+            limits.send_timeout,
+        ),
     )
     .await;
     let _ = to_client.write_all(&error_response(&refusal)).await;
@@ -247,11 +266,13 @@ async fn forward(
     pgwire.write_all(body).await
 }
 
-/// Copies pgwire's answers to the client until pgwire closes.
+/// Copies pgwire's answers to the client until pgwire closes, or the client takes
+/// none of a write for `send_timeout`.
 async fn copy_answers(
     pgwire: &mut (impl AsyncRead + Unpin),
     client: &mut (impl AsyncWrite + Unpin),
     activity: &Activity,
+    send_timeout: Duration,
 ) {
     let mut buffer = vec![0u8; 64 * 1024];
     loop {
@@ -260,10 +281,21 @@ async fn copy_answers(
             Ok(n) => buffer.get(..n).unwrap_or_default(),
         };
         activity.touch();
-        if client.write_all(read).await.is_err() {
-            return;
+        let mut rest = read;
+        while !rest.is_empty() {
+            match tokio::time::timeout(send_timeout, client.write(rest)).await {
+                Ok(Ok(n)) if n > 0 => rest = rest.get(n..).unwrap_or_default(),
+                Ok(_) => return,
+                Err(_) => {
+                    debug!(
+                        ?send_timeout,
+                        "a client took none of its answers; disconnecting it"
+                    );
+                    return;
+                }
+            }
+            activity.touch();
         }
-        activity.touch();
     }
 }
 
