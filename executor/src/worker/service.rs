@@ -281,7 +281,9 @@ impl proto::worker_server::Worker for WorkerService {
         let interval = IntervalId(request.into_inner().interval);
         self.state.cancel(interval);
         let cancelled = self.state.discard(interval) as u32;
-        self.state.expire_shuffle(interval);
+        // Only this interval's: a cancel that arrives late must not take the map
+        // outputs a recovery's replay of earlier intervals is about to read.
+        self.state.drop_shuffle(interval);
         Ok(Response::new(proto::CancelResponse { cancelled }))
     }
 

@@ -449,6 +449,11 @@ impl WorkerState {
         lock(&self.shuffle).retain(|(_, i, _), _| *i > interval);
     }
 
+    /// Drops the map outputs of `interval` alone.
+    pub fn drop_shuffle(&self, interval: IntervalId) {
+        lock(&self.shuffle).retain(|(_, i, _), _| *i != interval);
+    }
+
     // --- state partitions ---------------------------------------------------------
 
     /// The committed state of a partition (empty if the partition is new here).
