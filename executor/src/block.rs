@@ -16,6 +16,10 @@ pub const BLOCK_ROWS: usize = 65_536;
 /// Rows of one source that arrived in one interval — all of them or, for large
 /// intervals, a slice of them — in the source's full schema (declared
 /// columns plus `_interval`). Immutable once sealed.
+///
+/// The changes one partition of a stage made in an interval are a block too, read by
+/// the stages after it: `source` is the stage, `index` the partition, `batches` the
+/// rows it inserted and `deletes` those it deleted.
 #[derive(Clone, Debug)]
 pub struct Block {
     pub source: String,
@@ -24,6 +28,8 @@ pub struct Block {
     pub index: usize,
     pub schema: SchemaRef,
     pub batches: Vec<RecordBatch>,
+    /// Rows the block retracts: empty for a source's block.
+    pub deletes: Vec<RecordBatch>,
 }
 
 impl Block {
@@ -52,6 +58,7 @@ pub fn cut_blocks(
                 index: blocks.len(),
                 schema: schema.clone(),
                 batches: std::mem::take(current),
+                deletes: Vec::new(),
             });
             *rows = 0;
         }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use arrow::datatypes::SchemaRef;
 use datafusion::logical_expr::Expr;
 
+use crate::dataflow::Dataflow;
 use crate::error::{Error, Result};
 use crate::statement::ObjectKind;
 use crate::stream_plan::StreamPlan;
@@ -60,8 +61,21 @@ pub struct TableDef {
 #[derive(Clone, Debug)]
 pub struct ViewDef {
     pub name: String,
+    /// The view's own stage, the last of `dataflow`.
     pub plan: Arc<StreamPlan>,
+    pub dataflow: Arc<Dataflow>,
     pub sql: String,
+}
+
+impl ViewDef {
+    pub fn new(dataflow: Dataflow, sql: String) -> Result<Self> {
+        Ok(ViewDef {
+            name: dataflow.view.clone(),
+            plan: dataflow.output()?.clone(),
+            dataflow: Arc::new(dataflow),
+            sql,
+        })
+    }
 }
 
 /// One catalog object.
@@ -183,7 +197,7 @@ impl Catalog {
         self.objects
             .values()
             .filter_map(|obj| match obj {
-                CatalogObject::View(v) if v.plan.reads.iter().any(|r| r == name) => {
+                CatalogObject::View(v) if v.dataflow.reads().iter().any(|r| r == name) => {
                     Some(v.name.clone())
                 }
                 _ => None,

@@ -2,8 +2,8 @@
 //! queries into stream plans.
 //!
 //! The entry points are [`statement::parse_statements`], which reads dstream SQL, and
-//! [`stream_plan::plan_view`], which compiles a `CREATE MATERIALIZED VIEW` into a
-//! [`StreamPlan`].
+//! [`dataflow::plan_dataflow`], which compiles a `CREATE MATERIALIZED VIEW` into a
+//! [`Dataflow`] of [`StreamPlan`] stages.
 //!
 //! # Layout
 //! - [`statement`]: dstream's statements and their parser.
@@ -12,7 +12,8 @@
 //! - [`window`]: `TUMBLE` and `HOP`, rewritten into pane columns.
 //! - [`catalog`]: definitions of sources, tables and views.
 //! - [`definition`]: schemas and source definitions from CREATE statements.
-//! - [`stream_plan`]: a view's query split into input, aggregate and output.
+//! - [`dataflow`]: a view's query cut into stages at its stateful operators.
+//! - [`stream_plan`]: one stage, split into input, operator and output.
 //! - [`stage_dag`]: the per-interval stage DAG and EXPLAIN text.
 //! - [`error`]: the crate's [`Error`] and [`Result`].
 
@@ -21,6 +22,7 @@
 #![cfg_attr(not(test), warn(clippy::indexing_slicing))]
 
 pub mod catalog;
+pub mod dataflow;
 pub mod definition;
 pub mod duration;
 pub mod error;
@@ -33,8 +35,11 @@ pub mod window;
 pub use catalog::{
     Catalog, CatalogObject, ConnectorSpec, SourceDef, TableDef, ViewDef, WatermarkDef,
 };
+pub use dataflow::{Dataflow, plan_dataflow};
 pub use error::{Error, Result};
 pub use limits::StatementLimits;
 pub use statement::{EmitMode, ObjectKind, Statement};
-pub use stream_plan::{AggregateCall, AggregateKind, AggregatePlan, StreamPlan};
+pub use stream_plan::{
+    AggregateCall, AggregateKind, AggregatePlan, KeyedKind, KeyedPlan, StreamPlan,
+};
 pub use window::{INTERVAL_COLUMN, WindowKind, WindowSpec};

@@ -1,16 +1,19 @@
-//! The per-interval stage DAG of a stream plan, and its EXPLAIN text.
+//! The per-interval tasks of each stage of a dataflow, and the EXPLAIN text.
 //!
-//! Every interval instantiates the same small DAG: a **map** stage with one task per
-//! input block, running the stateless input and the partial aggregate, whose output is
-//! hash-shuffled by group key into P partitions; then a **reduce** stage with one task
-//! per state partition, merging the shuffled partials into the partition's state; then
-//! a **commit** that makes the interval's state, view rows and changelog visible at once.
+//! Every interval runs each stage of a view's [`Dataflow`] as a **map** stage with one
+//! task per input piece (a block of a source, or one partition's changes of the stage
+//! or view it reads), running the stateless input (and a partial aggregate), whose
+//! output is hash-shuffled by key into P partitions; then a **reduce** stage with one
+//! task per state partition, folding the shuffled rows into the partition's state. A
+//! stage runs after the stages it reads; a **commit** then makes the interval's state,
+//! view rows and changelogs visible at once.
 
 use std::fmt::Write;
 use std::time::Duration;
 
 use crate::duration::format_duration;
 
+use crate::dataflow::Dataflow;
 use crate::statement::EmitMode;
 use crate::stream_plan::{AggregateKind, StreamPlan};
 use crate::window::WindowKind;
@@ -44,21 +47,70 @@ impl StageDag {
     pub fn for_plan(plan: &StreamPlan) -> StageDag {
         let p = plan.partitions;
         let mut stages = Vec::new();
+        let input = if plan.retracting_input {
+            format!(
+                "the interval's changes to {} (one task per partition of it with changes)",
+                plan.source
+            )
+        } else if plan.source.contains(crate::dataflow::STAGE_SEPARATOR) {
+            format!(
+                "the interval's new rows of {} (one task per partition of it with rows)",
+                plan.source
+            )
+        } else {
+            format!("the interval's block of {}", plan.source)
+        };
+        if let Some(keyed) = &plan.keyed {
+            let keys = keyed
+                .keys
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            let exchange = if keyed.keys.is_empty() {
+                "send every row to partition 0 (one key: all rows)".to_string()
+            } else {
+                format!("hash-shuffle rows by key [{keys}] into {p} partitions")
+            };
+            stages.push(StageSpec {
+                name: "map",
+                fanout: Fanout::PerBlock,
+                steps: vec![
+                    format!("scan {input}"),
+                    "run the stateless input; weigh each row +1 (insert) or -1 (delete)".into(),
+                    exchange,
+                ],
+            });
+            stages.push(StageSpec {
+                name: "reduce",
+                fanout: Fanout::PerPartition(p),
+                steps: vec![
+                    format!(
+                        "state: the {} operator's input rows per key, with their counts",
+                        keyed.kind.describe()
+                    ),
+                    "state(t)[p] = state(t-1)[p] + the shuffled rows (rows whose count reaches 0 leave)".into(),
+                    "compute the operator for the keys the interval touched, before and after".into(),
+                    "emit the difference as a changelog (deletes, then inserts)".into(),
+                ],
+            });
+            return StageDag { stages };
+        }
         match &plan.aggregate {
             None => {
                 stages.push(StageSpec {
                     name: "map",
                     fanout: Fanout::PerBlock,
                     steps: vec![
-                        format!("scan the interval's block of {}", plan.source),
+                        format!("scan {input}"),
                         "run the stateless query (filter, projection, joins with tables)"
                             .to_string(),
                     ],
                 });
                 stages.push(StageSpec {
-                    name: "commit",
+                    name: "append",
                     fanout: Fanout::Single,
-                    steps: vec!["append the rows to the view; emit them as inserts".into()],
+                    steps: vec!["append the rows to the stage; emit them as inserts".into()],
                 });
             }
             Some(agg) => {
@@ -82,13 +134,14 @@ impl StageDag {
                     name: "map",
                     fanout: Fanout::PerBlock,
                     steps: vec![
-                        format!("scan the interval's block of {}", plan.source),
+                        format!("scan {input}"),
                         "run the stateless input (filter, projection, joins with tables)".into(),
                         format!("partial aggregate{pane}: group by [{keys}] computing [{calls}]"),
                         format!("hash-shuffle partials by group key into {p} partitions"),
                     ],
                 });
                 let mut reduce = vec![
+                    "state: accumulators per group".to_string(),
                     "merge shuffled partials into state(t-1)[p], giving state(t)[p]".to_string(),
                 ];
                 if agg
@@ -135,13 +188,6 @@ impl StageDag {
                     fanout: Fanout::PerPartition(p),
                     steps: reduce,
                 });
-                stages.push(StageSpec {
-                    name: "commit",
-                    fanout: Fanout::Single,
-                    steps: vec![
-                        "make state(t), the view's rows and the changelog of interval t visible atomically".into(),
-                    ],
-                });
             }
         }
         StageDag { stages }
@@ -174,17 +220,50 @@ fn readable_intervals(line: &str) -> String {
     out
 }
 
-/// The text of `EXPLAIN CREATE MATERIALIZED VIEW`.
-pub fn explain(plan: &StreamPlan) -> String {
+/// The text of `EXPLAIN CREATE MATERIALIZED VIEW`: the view's dataflow, stage by
+/// stage, each as the map, exchange and reduce tasks every interval runs for it.
+pub fn explain(dataflow: &Dataflow) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "Stream plan for materialized view {}", plan.view);
-    let _ = writeln!(out, "  source: {}", plan.source);
+    let partitions = dataflow.stages.first().map_or(0, |s| s.partitions);
+    let _ = writeln!(
+        out,
+        "Dataflow of materialized view {} ({} {}, P = {partitions} partitions)",
+        dataflow.view,
+        dataflow.stages.len(),
+        if dataflow.stages.len() == 1 {
+            "stage"
+        } else {
+            "stages"
+        },
+    );
+    for plan in &dataflow.stages {
+        explain_stage(&mut out, plan);
+    }
+    let _ = writeln!(out, "commit (coordinator)");
+    let _ = writeln!(
+        out,
+        "  - make every stage's state(t), the view's rows and the changelog of interval t visible atomically"
+    );
+    out
+}
+
+fn explain_stage(out: &mut String, plan: &StreamPlan) {
+    let changes = if plan.retracting_input {
+        "changes"
+    } else {
+        "new rows"
+    };
+    let _ = writeln!(
+        out,
+        "stage {}: reads {} ({changes})",
+        plan.name, plan.source
+    );
     if let Some(w) = &plan.window {
         let _ = writeln!(out, "  window: {}", w.describe());
+        let _ = writeln!(out, "  emit: {}", plan.emit);
     }
-    let _ = writeln!(out, "  emit: {}", plan.emit);
-    match &plan.aggregate {
-        Some(agg) => {
+    let operator = match (&plan.aggregate, &plan.keyed) {
+        (Some(agg), _) => {
             let calls = agg
                 .calls
                 .iter()
@@ -196,31 +275,40 @@ pub fn explain(plan: &StreamPlan) -> String {
             } else {
                 "not invertible"
             };
-            let _ = writeln!(out, "  aggregates: {calls} ({inv})");
+            format!("incremental aggregate: {calls} ({inv}); keeps state")
         }
-        None => {
-            let _ = writeln!(out, "  stateless: the view appends every output row");
-        }
-    }
-    let _ = writeln!(out, "  input plan (per block):");
+        (None, Some(keyed)) => format!(
+            "keyed {}: keeps its input rows per key; keeps state",
+            keyed.kind.describe()
+        ),
+        (None, None) => "stateless: appends every output row".to_string(),
+    };
+    let _ = writeln!(out, "  operator: {operator}");
+    let output = if plan.retracts {
+        "changes (deletes and inserts)"
+    } else {
+        "inserts only"
+    };
+    let _ = writeln!(out, "  output: {output}");
+    let _ = writeln!(out, "  input plan (per task):");
     for line in plan.input.display_indent().to_string().lines() {
         let _ = writeln!(out, "    {}", readable_intervals(line));
     }
-    let _ = writeln!(
-        out,
-        "Per-interval stage DAG (P = {} partitions):",
-        plan.partitions
-    );
-    for (i, stage) in StageDag::for_plan(plan).stages.iter().enumerate() {
+    if let Some(keyed) = &plan.keyed {
+        let _ = writeln!(out, "  operator plan (per touched key):");
+        for line in keyed.reduce.display_indent().to_string().lines() {
+            let _ = writeln!(out, "    {}", readable_intervals(line));
+        }
+    }
+    for stage in StageDag::for_plan(plan).stages {
         let fanout = match stage.fanout {
-            Fanout::PerBlock => "one task per input block".to_string(),
+            Fanout::PerBlock => "one task per input piece".to_string(),
             Fanout::PerPartition(p) => format!("{p} tasks, one per partition"),
-            Fanout::Single => "coordinator".to_string(),
+            Fanout::Single => "with the reduce tasks".to_string(),
         };
-        let _ = writeln!(out, "  stage {} {} ({fanout})", i + 1, stage.name);
+        let _ = writeln!(out, "  {} ({fanout})", stage.name);
         for step in &stage.steps {
             let _ = writeln!(out, "    - {step}");
         }
     }
-    out
 }

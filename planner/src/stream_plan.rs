@@ -1,56 +1,81 @@
-//! From SQL to a stream plan.
+//! One stage of a view's dataflow: a stream plan.
 //!
-//! [`plan_view`] compiles the query of a `CREATE MATERIALIZED VIEW` once into a
-//! [`StreamPlan`]: the DataFusion logical plan of the query, split at its aggregation
-//! into
+//! [`crate::dataflow::plan_dataflow`] cuts a view's query into stages, one per stateful
+//! operator; [`plan_stage`] compiles each into a [`StreamPlan`]: the DataFusion
+//! logical plan of the stage, split into
 //! - the **input**: the stateless part (scan, filter, projection, join with static
-//!   tables), run over each interval's new rows of the source;
-//! - the **aggregate**: group keys and aggregate calls, maintained incrementally as
-//!   state (partial aggregate per block, shuffle by key, merge per partition);
-//! - the **output**: what lies above the aggregate (HAVING, the select list), applied to
-//!   the aggregate's rows to produce the view's rows.
+//!   tables), run over each interval's new rows of the relation the stage reads — a
+//!   source, another view, or the stage before it;
+//! - the **operator** that keeps state, one of
+//!   - the incremental **aggregate** ([`AggregatePlan`]): group keys and aggregate
+//!     calls, maintained as accumulators (partial aggregate per block, shuffle by key,
+//!     merge per partition), for a stage whose input only ever grows;
+//!   - the **keyed** operator ([`KeyedPlan`]): the stage's input rows kept per key,
+//!     and the operator recomputed for the keys an interval touched — any aggregate,
+//!     `DISTINCT`, top-N, window functions, and every stage whose input retracts rows;
+//!   - none: a stateless stage appends its rows;
+//! - the **output**: what lies above the operator (HAVING, the select list), applied
+//!   to the operator's rows to produce the stage's rows.
 //!
-//! The executor instantiates this plan at every interval as a stage DAG
-//! ([`crate::stage_dag`]).
+//! The executor instantiates each stage at every interval as a map stage, an
+//! exchange and a reduce stage ([`crate::stage_dag`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use arrow::datatypes::{DataType, FieldRef, SchemaRef};
-use datafusion::common::DFSchemaRef;
-use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
-use datafusion::execution::SessionState;
-use datafusion::logical_expr::{Aggregate, Expr, JoinType, LogicalPlan};
-use datafusion::sql::parser::Statement as DFStatement;
-use datafusion::sql::sqlparser::ast;
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::{Column, DFSchemaRef};
+use datafusion::logical_expr::expr::{Sort as SortExpr, WindowFunction};
+use datafusion::logical_expr::{
+    Aggregate, Distinct, Expr, JoinType, LogicalPlan, LogicalPlanBuilder, Sort, lit, when,
+};
 
 use crate::catalog::{Catalog, CatalogObject};
 use crate::duration::format_duration;
 use crate::error::{Error, Result, invalid, unsupported};
-use crate::statement::{CreateMaterializedView, EmitMode};
-use crate::window::{WindowKind, WindowSpec, rewrite_windows};
+use crate::statement::EmitMode;
+use crate::window::{WindowKind, WindowSpec};
 
-/// The compiled form of a continuous query.
+/// The compiled form of one stage of a continuous query.
 #[derive(Clone, Debug)]
 pub struct StreamPlan {
-    /// The view this plan maintains.
+    /// The relation this stage maintains: the view's name for its last stage, and
+    /// `view#i` for the stages before it.
+    pub name: String,
+    /// The view the stage belongs to.
     pub view: String,
-    /// The one source the query reads.
+    /// The one stream the stage reads: a source, another view, or an earlier stage.
     pub source: String,
-    /// Every catalog object the query reads (the source and any tables).
+    /// Every catalog object the stage reads (sources, views and tables; not stages).
     pub reads: Vec<String>,
     pub window: Option<WindowSpec>,
     pub emit: EmitMode,
-    /// The whole query, analyzed (types coerced), not optimized.
+    /// The stage's query, analyzed (types coerced), not optimized, over a scan of
+    /// `source`.
     pub logical: LogicalPlan,
     /// The stateless part, run over one interval's rows of `source`.
     pub input: LogicalPlan,
-    /// The incremental aggregation, if the query aggregates.
+    /// The incremental aggregation, if the stage has one.
     pub aggregate: Option<AggregatePlan>,
-    /// The schema of the view's rows.
+    /// The keyed operator, if the stage has one.
+    pub keyed: Option<KeyedPlan>,
+    /// Whether the stage's input retracts rows (has deletions).
+    pub retracting_input: bool,
+    /// Whether the stage's output retracts rows: an aggregate that emits updates, and
+    /// every keyed operator, delete the rows they replace.
+    pub retracts: bool,
+    /// The schema of the stage's rows.
     pub schema: SchemaRef,
     /// Number of state partitions (P).
     pub partitions: usize,
+}
+
+impl StreamPlan {
+    /// Whether the stage keeps state across intervals.
+    pub fn is_stateful(&self) -> bool {
+        self.aggregate.is_some() || self.keyed.is_some()
+    }
 }
 
 /// The aggregation of a stream plan.
@@ -74,6 +99,56 @@ impl AggregatePlan {
     pub fn invertible(&self) -> bool {
         self.calls.iter().all(|c| c.invertible)
     }
+}
+
+/// What a keyed operator computes for each key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyedKind {
+    /// `GROUP BY`: aggregates of the rows of each group.
+    Aggregate,
+    /// `SELECT DISTINCT`: each distinct row once.
+    Distinct,
+    /// `ORDER BY ... LIMIT n`: the first rows of all.
+    TopN,
+    /// Window functions (`ROW_NUMBER() OVER (PARTITION BY ...)`): over the rows of
+    /// each partition.
+    Window,
+    /// A stateless stage over input that retracts rows: its rows, as they are.
+    Rows,
+}
+
+impl KeyedKind {
+    pub fn describe(self) -> &'static str {
+        match self {
+            KeyedKind::Aggregate => "aggregate",
+            KeyedKind::Distinct => "distinct",
+            KeyedKind::TopN => "top-N",
+            KeyedKind::Window => "window functions",
+            KeyedKind::Rows => "rows",
+        }
+    }
+}
+
+/// The name of the scan of the rows a keyed operator keeps, in [`KeyedPlan::reduce`].
+pub const KEPT: &str = "__kept";
+
+/// A keyed operator: the rows of its input are kept per key, as a multiset, and every
+/// interval the operator (and what lies above it in the stage) is computed again for
+/// the keys the interval's input touched, before and after the change. The
+/// difference is the stage's changelog. Exact for any operator whose result for a key
+/// depends on that key's rows alone, retractions included.
+#[derive(Clone, Debug)]
+pub struct KeyedPlan {
+    pub kind: KeyedKind,
+    /// Over one block of the stage's input: the rows kept, as columns `__c0 ..`,
+    /// followed by the key columns `__k0 ..`.
+    pub map: LogicalPlan,
+    /// The key expressions, over the operator's input (for EXPLAIN); none: all rows
+    /// are one key, in one partition.
+    pub keys: Vec<Expr>,
+    /// The operator and everything above it in the stage, over a scan of the kept
+    /// rows of some keys named [`KEPT`] (the schema of `map`).
+    pub reduce: LogicalPlan,
 }
 
 /// The aggregate functions dstream maintains incrementally.
@@ -112,134 +187,210 @@ pub struct AggregateCall {
     pub invertible: bool,
 }
 
-/// Compiles `create` against the tables registered in `state` and the `catalog`.
-pub async fn plan_view(
-    state: &SessionState,
-    catalog: &Catalog,
-    create: &CreateMaterializedView,
-    batch_interval: Duration,
-    partitions: usize,
+/// What a stage is planned against: the catalog, the stages before it, and the
+/// view's window and emit mode.
+pub(crate) struct StageContext<'a> {
+    pub catalog: &'a Catalog,
+    pub view: &'a str,
+    pub stages: &'a [Arc<StreamPlan>],
+    pub window: Option<&'a WindowSpec>,
+    pub emit: EmitMode,
+    pub partitions: usize,
+}
+
+/// Compiles one stage, `logical`, named `name`.
+pub(crate) fn plan_stage(
+    cx: &StageContext<'_>,
+    name: String,
+    logical: LogicalPlan,
 ) -> Result<StreamPlan> {
-    let mut query = create.query.clone();
-    let window = rewrite_windows(&mut query)?;
-    if let Some(window) = &window {
-        check_window(window, catalog, batch_interval, create.emit)?;
-    }
-    let plan = state
-        .statement_to_plan(DFStatement::Statement(Box::new(ast::Statement::Query(
-            query,
-        ))))
-        .await?;
-    let logical = state
-        .analyzer()
-        .execute_and_check(plan, state.config_options(), |_, _| {})?;
-
-    let (source, reads) = resolve_reads(&logical, catalog)?;
+    let inputs = resolve_reads(&logical, cx)?;
     check_supported(&logical)?;
-    let (input, aggregate) = split_at_aggregate(&logical)?;
-    check_joins(&input, &source)?;
-    let aggregate = aggregate
-        .map(|agg| aggregate_plan(agg, window.as_ref()))
-        .transpose()?;
-
-    match (&aggregate, &window, create.emit) {
-        (None, Some(w), _) if w.kind == WindowKind::Hop => {
+    let source = inputs.stream.clone();
+    check_joins(&logical, &source)?;
+    // The window belongs to the stage that reads its source; EMIT ON WINDOW CLOSE to
+    // that stage too (later stages see only closed windows, and emit updates).
+    let window = cx.window.filter(|w| w.source == source).cloned();
+    let emit = match &window {
+        Some(_) => cx.emit,
+        None => EmitMode::OnUpdate,
+    };
+    let schema = Arc::new(logical.schema().as_arrow().clone());
+    let mut plan = StreamPlan {
+        name,
+        view: cx.view.to_string(),
+        source,
+        reads: inputs.reads,
+        window,
+        emit,
+        input: logical.clone(),
+        logical: logical.clone(),
+        aggregate: None,
+        keyed: None,
+        retracting_input: inputs.retracting,
+        retracts: inputs.retracting,
+        schema,
+        partitions: cx.partitions,
+    };
+    let operator = find_operator(&logical)?;
+    // An aggregate over input that only grows is maintained as accumulators, when
+    // every call has an incremental form.
+    if let Some(LogicalPlan::Aggregate(agg)) = operator
+        && !inputs.retracting
+    {
+        match aggregate_plan(agg, plan.window.as_ref()) {
+            Ok(aggregate) => {
+                plan.input = agg.input.as_ref().clone();
+                check_aggregate(&plan, &aggregate)?;
+                plan.retracts = plan.emit != EmitMode::OnWindowClose;
+                plan.aggregate = Some(aggregate);
+                return Ok(plan);
+            }
+            Err(Error::Unsupported(_)) if !hopping(&plan) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    match (operator, &plan.window) {
+        (None, Some(w)) if w.kind == WindowKind::Hop => {
             return Err(unsupported(
                 "HOP windows need an aggregation: GROUP BY window_start, window_end, ...",
             ));
         }
-        (None, _, EmitMode::OnWindowClose) => {
-            return Err(invalid(
-                "EMIT ON WINDOW CLOSE needs a windowed aggregation: \
-                 GROUP BY window_start, window_end, ... over TUMBLE or HOP",
+        (Some(_), Some(w)) if w.kind == WindowKind::Hop => {
+            return Err(unsupported(
+                "this query over a HOP window; a HOP window is read by an aggregation \
+                 with count, sum, min, max and avg, grouped by window_start or window_end",
             ));
         }
-        (Some(agg), w, EmitMode::OnWindowClose)
+        _ => {}
+    }
+    if plan.emit == EmitMode::OnWindowClose {
+        return Err(invalid(
+            "EMIT ON WINDOW CLOSE needs a windowed aggregation with count, sum, min, max \
+             or avg: GROUP BY window_start, window_end, ... over TUMBLE or HOP",
+        ));
+    }
+    if operator.is_none() && !inputs.retracting {
+        // Stateless over input that only grows: the stage appends its rows.
+        return Ok(plan);
+    }
+    let keyed = keyed_plan(&logical, operator)?;
+    plan.input = keyed.map.clone();
+    plan.keyed = Some(keyed);
+    plan.retracts = true;
+    Ok(plan)
+}
+
+fn hopping(plan: &StreamPlan) -> bool {
+    plan.window
+        .as_ref()
+        .is_some_and(|w| w.kind == WindowKind::Hop)
+}
+
+/// The checks of an incremental aggregate: window close and HOP.
+fn check_aggregate(plan: &StreamPlan, agg: &AggregatePlan) -> Result<()> {
+    match (&plan.window, plan.emit) {
+        (w, EmitMode::OnWindowClose)
             if w.is_none() || (agg.window_start_key.is_none() && agg.window_end_key.is_none()) =>
         {
-            return Err(invalid(
+            Err(invalid(
                 "EMIT ON WINDOW CLOSE needs a windowed aggregation: \
                  GROUP BY window_start or window_end over TUMBLE or HOP",
-            ));
+            ))
         }
-        (Some(agg), Some(w), _) if w.kind == WindowKind::Hop => {
+        (Some(w), _) if w.kind == WindowKind::Hop => {
             if agg.window_start_key.is_none() && agg.window_end_key.is_none() {
                 return Err(invalid(
                     "a HOP window must be grouped by window_start or window_end",
                 ));
             }
-            check_hop_columns(&input, agg)?;
+            check_hop_columns(&plan.input, agg)
         }
-        _ => {}
+        _ => Ok(()),
     }
-
-    let schema = Arc::new(logical.schema().as_arrow().clone());
-    Ok(StreamPlan {
-        view: create.name.clone(),
-        source,
-        reads,
-        window,
-        emit: create.emit,
-        input,
-        aggregate,
-        schema,
-        logical,
-        partitions,
-    })
 }
 
-/// Finds the source and the tables the plan reads.
-fn resolve_reads(plan: &LogicalPlan, catalog: &Catalog) -> Result<(String, Vec<String>)> {
-    let mut reads = Vec::new();
+/// The relations a stage reads.
+struct StageInputs {
+    /// The one stream: a source, a view or an earlier stage.
+    stream: String,
+    /// Catalog objects read.
+    reads: Vec<String>,
+    /// Whether the stream retracts rows.
+    retracting: bool,
+}
+
+/// Finds the stream and the tables the stage reads.
+fn resolve_reads(plan: &LogicalPlan, cx: &StageContext<'_>) -> Result<StageInputs> {
     let mut scans: Vec<String> = Vec::new();
     plan.apply(|node| {
         if let LogicalPlan::TableScan(scan) = node {
             let name = scan.table_name.table().to_string();
-            scans.push(name.clone());
-            if !reads.contains(&name) {
-                reads.push(name);
+            if !scans.contains(&name) {
+                scans.push(name);
             }
         }
         Ok(TreeNodeRecursion::Continue)
     })?;
-    let mut sources = Vec::new();
-    for name in &reads {
-        match catalog.get(name) {
-            Some(CatalogObject::Source(_)) => sources.push(name.clone()),
+    let mut reads = Vec::new();
+    let mut streams: Vec<(String, bool)> = Vec::new();
+    for name in scans {
+        if let Some(stage) = cx.stages.iter().find(|s| s.name == name) {
+            streams.push((name, stage.retracts));
+            continue;
+        }
+        match cx.catalog.get(&name) {
+            Some(CatalogObject::Source(_)) => streams.push((name.clone(), false)),
             Some(CatalogObject::Table(_)) => {}
-            Some(CatalogObject::View(_)) => {
-                return Err(unsupported(format!(
-                    "a materialized view cannot read materialized view \"{name}\" yet; \
-                     read its source instead"
-                )));
+            Some(CatalogObject::View(v)) => {
+                if v.name == cx.view {
+                    return Err(invalid(format!("view \"{name}\" cannot read itself")));
+                }
+                streams.push((name.clone(), v.plan.retracts));
             }
             None => {
                 return Err(unsupported(format!(
-                    "a materialized view cannot read \"{name}\"; it reads sources and tables"
+                    "a materialized view cannot read \"{name}\"; it reads sources, \
+                     views and tables"
                 )));
             }
         }
+        reads.push(name);
     }
-    if let Some(source) = sources.first()
-        && scans.iter().filter(|s| *s == source).count() > 1
-    {
-        return Err(unsupported(format!(
-            "reading source \"{source}\" twice (a self-join); join a stream with tables"
-        )));
-    }
-    match sources.len() {
-        1 => Ok((sources.remove(0), reads)),
+    match streams.len() {
+        1 => {
+            let (stream, retracting) = streams.remove(0);
+            Ok(StageInputs {
+                stream,
+                reads,
+                retracting,
+            })
+        }
         0 => Err(invalid(
-            "a materialized view must read a source; to query tables alone, use SELECT",
+            "a materialized view must read a source or a view; to query tables alone, use SELECT",
         )),
-        _ => Err(unsupported(format!(
-            "joins of two streams ({}) are not supported yet; join a stream with tables",
-            sources.join(", ")
-        ))),
+        _ => {
+            let names = streams
+                .iter()
+                .map(|(n, _)| crate::dataflow::view_of_stage(n))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let joins = plan.exists(|n| Ok(matches!(n, LogicalPlan::Join(_))))?;
+            Err(unsupported(if joins {
+                format!(
+                    "joins of two streams ({names}) are not supported yet; join a stream with tables"
+                )
+            } else {
+                format!(
+                    "UNION ALL of different streams ({names}) is not supported yet; a view \
+                     reads one source or view"
+                )
+            }))
+        }
     }
 }
 
-fn check_window(
+pub(crate) fn check_window(
     window: &WindowSpec,
     catalog: &Catalog,
     batch_interval: Duration,
@@ -294,56 +445,77 @@ fn check_window(
     Ok(())
 }
 
-/// Rejects constructs that have no incremental form (yet), naming them.
+/// Rejects constructs that have no streaming form (yet), naming them.
 fn check_supported(plan: &LogicalPlan) -> Result<()> {
-    let mut aggregates = 0;
+    let mut problem = None;
     plan.apply_with_subqueries(|node| {
-        let problem = match node {
-            LogicalPlan::Aggregate(_) => {
-                aggregates += 1;
-                (aggregates > 1).then_some("nested aggregations")
-            }
-            LogicalPlan::Sort(_) => {
-                Some("ORDER BY in a materialized view (order when you query the view)")
-            }
-            LogicalPlan::Limit(_) => {
-                Some("LIMIT in a materialized view (limit when you query the view)")
-            }
-            LogicalPlan::Window(_) => Some("window functions with OVER (...)"),
-            LogicalPlan::Distinct(_) => Some("SELECT DISTINCT (use GROUP BY)"),
-            LogicalPlan::Union(_) => Some("UNION"),
-            LogicalPlan::Subquery(_) => Some("subqueries in expressions"),
-            LogicalPlan::RecursiveQuery(_) => Some("recursive queries"),
+        problem = match node {
+            LogicalPlan::Limit(limit) => match limit.input.as_ref() {
+                _ if limit.fetch.is_none() => Some("OFFSET without LIMIT".to_string()),
+                LogicalPlan::Sort(_) => None,
+                _ => Some("LIMIT without ORDER BY (which rows it keeps would be arbitrary)".into()),
+            },
+            LogicalPlan::Sort(sort) if sort.fetch.is_some() => None,
+            LogicalPlan::Distinct(Distinct::On(_)) => Some("SELECT DISTINCT ON".into()),
+            LogicalPlan::Subquery(_) => Some("subqueries in expressions".into()),
+            LogicalPlan::RecursiveQuery(_) => Some("recursive queries".into()),
+            LogicalPlan::Union(_) => None,
             _ => None,
         };
         match problem {
-            Some(p) => Err(datafusion::error::DataFusionError::External(Box::new(
-                unsupported(format!("{p} in materialized views is not supported")),
-            ))),
+            Some(_) => Ok(TreeNodeRecursion::Stop),
             None => Ok(TreeNodeRecursion::Continue),
         }
-    })
-    .map_err(unwrap_external)?;
+    })?;
+    if let Some(p) = problem {
+        return Err(unsupported(format!(
+            "{p} in materialized views is not supported"
+        )));
+    }
+    // ORDER BY is kept only under a LIMIT: a top-N.
+    let mut sorts = 0usize;
+    let mut limited = 0usize;
+    plan.apply(|node| {
+        match node {
+            LogicalPlan::Sort(_) => sorts = sorts.saturating_add(1),
+            LogicalPlan::Limit(limit) if matches!(limit.input.as_ref(), LogicalPlan::Sort(_)) => {
+                limited = limited.saturating_add(1)
+            }
+            _ => {}
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    if sorts > limited {
+        return Err(unsupported(
+            "ORDER BY without LIMIT in materialized views is not supported (a view is a \
+             set of rows: order when you query it, or keep the first rows with LIMIT)",
+        ));
+    }
     Ok(())
 }
 
-fn unwrap_external(e: datafusion::error::DataFusionError) -> Error {
-    match e {
-        datafusion::error::DataFusionError::External(inner) => match inner.downcast::<Error>() {
-            Ok(err) => *err,
-            Err(other) => Error::DataFusion(datafusion::error::DataFusionError::External(other)),
-        },
-        other => Error::DataFusion(other),
-    }
+/// Whether `node` keeps state in a stream: it computes over more than one row.
+pub(crate) fn is_stateful(node: &LogicalPlan) -> bool {
+    matches!(
+        node,
+        LogicalPlan::Aggregate(_)
+            | LogicalPlan::Distinct(_)
+            | LogicalPlan::Window(_)
+            | LogicalPlan::Limit(_)
+            | LogicalPlan::Sort(_)
+    )
 }
 
-/// Splits the plan into its stateless input and the aggregate above it. Only
-/// projections, filters and aliases may stand above the aggregate.
-fn split_at_aggregate(plan: &LogicalPlan) -> Result<(LogicalPlan, Option<&Aggregate>)> {
+/// The stage's stateful operator: the first one below projections, filters and
+/// aliases (the stage's output part). `None` for a stateless stage.
+fn find_operator(plan: &LogicalPlan) -> Result<Option<&LogicalPlan>> {
     let mut node = plan;
     loop {
         match node {
-            LogicalPlan::Aggregate(agg) => return Ok((agg.input.as_ref().clone(), Some(agg))),
+            LogicalPlan::Aggregate(_)
+            | LogicalPlan::Distinct(_)
+            | LogicalPlan::Window(_)
+            | LogicalPlan::Limit(_) => return Ok(Some(node)),
             LogicalPlan::Projection(_) | LogicalPlan::Filter(_) | LogicalPlan::SubqueryAlias(_) => {
                 let [input] = *node.inputs().as_slice() else {
                     return Err(Error::Internal(
@@ -355,17 +527,211 @@ fn split_at_aggregate(plan: &LogicalPlan) -> Result<(LogicalPlan, Option<&Aggreg
             _ => break,
         }
     }
-    let mut has_aggregate = false;
-    node.apply(|n| {
-        has_aggregate |= matches!(n, LogicalPlan::Aggregate(_));
-        Ok(TreeNodeRecursion::Continue)
-    })?;
-    if has_aggregate {
+    if node.exists(|n| Ok(is_stateful(n)))? {
         return Err(unsupported(
-            "an aggregation below a join or subquery in a materialized view",
+            "an aggregation, DISTINCT, LIMIT or window function below a join in a \
+             materialized view",
         ));
     }
-    Ok((plan.clone(), None))
+    Ok(None)
+}
+
+/// The columns of `schema`, qualified as they are.
+fn columns(schema: &DFSchemaRef) -> Vec<Expr> {
+    schema
+        .iter()
+        .map(|(q, f)| Expr::Column(Column::new(q.cloned(), f.name())))
+        .collect()
+}
+
+/// Name of the `i`-th kept column of a keyed operator.
+pub fn kept_column(i: usize) -> String {
+    format!("__c{i}")
+}
+
+/// Name of the `i`-th key column of a keyed operator.
+pub fn key_column(i: usize) -> String {
+    format!("__k{i}")
+}
+
+/// The keyed form of a stage whose stateful operator is `operator` (none: a stateless
+/// stage over input that retracts).
+fn keyed_plan(logical: &LogicalPlan, operator: Option<&LogicalPlan>) -> Result<KeyedPlan> {
+    let (kind, input, keys): (KeyedKind, &LogicalPlan, Vec<Expr>) = match operator {
+        None => (KeyedKind::Rows, logical, columns(logical.schema())),
+        Some(LogicalPlan::Aggregate(agg)) => {
+            if agg
+                .group_expr
+                .iter()
+                .any(|e| matches!(e, Expr::GroupingSet(_)))
+            {
+                return Err(unsupported("GROUPING SETS, CUBE and ROLLUP"));
+            }
+            (
+                KeyedKind::Aggregate,
+                agg.input.as_ref(),
+                agg.group_expr.clone(),
+            )
+        }
+        Some(LogicalPlan::Distinct(Distinct::All(input))) => {
+            (KeyedKind::Distinct, input.as_ref(), columns(input.schema()))
+        }
+        Some(LogicalPlan::Window(window)) => {
+            // Rows are keyed by the PARTITION BY all the window functions share.
+            let mut shared: Option<Vec<Expr>> = None;
+            for e in &window.window_expr {
+                let partition_by = window_function(e)
+                    .map(|f| f.params.partition_by.clone())
+                    .unwrap_or_default();
+                shared = Some(match shared {
+                    None => partition_by,
+                    Some(s) if s == partition_by => s,
+                    Some(_) => Vec::new(),
+                });
+            }
+            (
+                KeyedKind::Window,
+                window.input.as_ref(),
+                shared.unwrap_or_default(),
+            )
+        }
+        Some(LogicalPlan::Limit(limit)) => match limit.input.as_ref() {
+            LogicalPlan::Sort(sort) => (KeyedKind::TopN, sort.input.as_ref(), Vec::new()),
+            _ => return Err(unsupported("LIMIT without ORDER BY")),
+        },
+        Some(other) => {
+            return Err(Error::Internal(format!(
+                "no keyed form of {}",
+                other.display()
+            )));
+        }
+    };
+    let mut projection: Vec<Expr> = columns(input.schema())
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| c.alias(kept_column(i)))
+        .collect();
+    projection.extend(
+        keys.iter()
+            .enumerate()
+            .map(|(i, k)| k.clone().alias(key_column(i))),
+    );
+    let map = LogicalPlanBuilder::from(input.clone())
+        .project(projection)?
+        .build()?;
+    // The operator reads the kept rows in one order (by all their columns), whatever
+    // order they were kept in, so that order-sensitive results (floating-point sums,
+    // string_agg) come out alike every time the same rows are read.
+    let kept = Arc::new(map.schema().as_arrow().clone());
+    let table = datafusion::datasource::MemTable::try_new(kept, vec![vec![]])?;
+    let width = input.schema().fields().len();
+    let canonical: Vec<SortExpr> = (0..width)
+        .map(|i| SortExpr::new(Expr::Column(Column::from_name(kept_column(i))), true, true))
+        .collect();
+    let restore: Vec<Expr> = input
+        .schema()
+        .iter()
+        .enumerate()
+        .map(|(i, (q, f))| {
+            Expr::Column(Column::from_name(kept_column(i))).alias_qualified(q.cloned(), f.name())
+        })
+        .collect();
+    let restored = LogicalPlanBuilder::scan(
+        KEPT,
+        datafusion::datasource::provider_as_source(Arc::new(table)),
+        None,
+    )?
+    .sort(canonical)?
+    .project(restore)?
+    .build()?;
+    let reduce = match operator {
+        None => restored,
+        Some(op) => replace_operator_input(logical, op, restored)?,
+    };
+    Ok(KeyedPlan {
+        kind,
+        map,
+        keys,
+        reduce,
+    })
+}
+
+/// The window function of a window expression, aliased or not.
+fn window_function(e: &Expr) -> Option<&WindowFunction> {
+    match e {
+        Expr::WindowFunction(f) => Some(f),
+        Expr::Alias(a) => window_function(&a.expr),
+        _ => None,
+    }
+}
+
+/// `logical` with the input of its operator `op` replaced by `input` (of the same
+/// schema). Orders that leave ties (a top-N's ORDER BY, ROW_NUMBER's) are completed
+/// with every input column, so that which of two tied rows comes first is the same
+/// every time.
+fn replace_operator_input(
+    logical: &LogicalPlan,
+    op: &LogicalPlan,
+    input: LogicalPlan,
+) -> Result<LogicalPlan> {
+    let ties = |schema: &DFSchemaRef| -> Vec<SortExpr> {
+        columns(schema)
+            .into_iter()
+            .map(|c| SortExpr::new(c, true, true))
+            .collect()
+    };
+    let mut replaced = false;
+    let out = logical.clone().transform_down(|node| {
+        if replaced || &node != op {
+            return Ok(Transformed::no(node));
+        }
+        replaced = true;
+        let new = match node {
+            LogicalPlan::Limit(mut limit) => {
+                let LogicalPlan::Sort(sort) = limit.input.as_ref() else {
+                    return Err(datafusion::error::DataFusionError::Plan(
+                        "LIMIT without ORDER BY".into(),
+                    ));
+                };
+                let mut expr = sort.expr.clone();
+                expr.extend(ties(input.schema()));
+                limit.input = Arc::new(LogicalPlan::Sort(Sort {
+                    expr,
+                    input: Arc::new(input.clone()),
+                    fetch: sort.fetch,
+                }));
+                LogicalPlan::Limit(limit)
+            }
+            LogicalPlan::Window(window) => {
+                let exprs = window
+                    .window_expr
+                    .iter()
+                    .map(|e| {
+                        let Some(f) = window_function(e) else {
+                            return Ok(e.clone());
+                        };
+                        if f.fun.name() != "row_number" {
+                            return Ok(e.clone());
+                        }
+                        let mut f = f.clone();
+                        f.params.order_by.extend(ties(input.schema()));
+                        Ok(Expr::WindowFunction(Box::new(f)).alias(e.schema_name().to_string()))
+                    })
+                    .collect::<datafusion::error::Result<Vec<_>>>()?;
+                LogicalPlanBuilder::from(input.clone())
+                    .window(exprs)?
+                    .build()?
+            }
+            other => other.with_new_exprs(other.expressions(), vec![input.clone()])?,
+        };
+        Ok(Transformed::new(new, true, TreeNodeRecursion::Jump))
+    })?;
+    if !replaced {
+        return Err(Error::Internal(
+            "the operator to key is not in its stage".into(),
+        ));
+    }
+    Ok(out.data)
 }
 
 /// Joins may only add columns from static tables to each stream row.
@@ -384,6 +750,13 @@ fn check_joins(input: &LogicalPlan, source: &str) -> Result<()> {
                 found
             };
             let left = reads_source(&join.left);
+            if left && reads_source(&join.right) {
+                problem = Some(format!(
+                    "reading source \"{source}\" twice (a self-join); join a stream with \
+                     tables"
+                ));
+                return Ok(TreeNodeRecursion::Stop);
+            }
             let ok = match join.join_type {
                 JoinType::Inner => true,
                 JoinType::Left | JoinType::LeftSemi | JoinType::LeftAnti => left,
@@ -463,9 +836,6 @@ fn aggregate_call(expr: &Expr, output: FieldRef, input: &DFSchemaRef) -> Result<
         return Err(unsupported(format!("aggregate expression {expr}")));
     };
     let params = &f.params;
-    if params.filter.is_some() {
-        return Err(unsupported("FILTER (WHERE ...) on aggregates"));
-    }
     if !params.order_by.is_empty() {
         return Err(unsupported("ORDER BY inside aggregate calls"));
     }
@@ -490,9 +860,15 @@ fn aggregate_call(expr: &Expr, output: FieldRef, input: &DFSchemaRef) -> Result<
         }
     };
     let arg = match params.args.as_slice() {
-        [] => datafusion::logical_expr::lit(1i64),
+        [] => lit(1i64),
         [arg] => arg.clone(),
         _ => return Err(unsupported(format!("{name} with several arguments"))),
+    };
+    // `agg(x) FILTER (WHERE c)` is `agg(CASE WHEN c THEN x END)`: every maintained
+    // aggregate skips NULLs.
+    let arg = match &params.filter {
+        Some(filter) => when(filter.as_ref().clone(), arg).end()?,
+        None => arg,
     };
     let exact = {
         use datafusion::common::ExprSchema;
@@ -546,4 +922,15 @@ fn check_hop_columns(input: &LogicalPlan, agg: &AggregatePlan) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// The planner error a DataFusion callback carried out, or the DataFusion error.
+pub(crate) fn unwrap_external(e: datafusion::error::DataFusionError) -> Error {
+    match e {
+        datafusion::error::DataFusionError::External(inner) => match inner.downcast::<Error>() {
+            Ok(err) => *err,
+            Err(other) => Error::DataFusion(datafusion::error::DataFusionError::External(other)),
+        },
+        other => Error::DataFusion(other),
+    }
 }

@@ -284,6 +284,11 @@ impl ViewSlot {
             && self.since.is_none_or(|s| s <= interval)
     }
 
+    /// Whether this is a stage before a view's last: internal, not shown to users.
+    pub fn is_inner_stage(&self) -> bool {
+        self.plan.name != self.plan.view
+    }
+
     /// Places state partition `p` on `worker`; a partition the view does not have is
     /// left alone.
     pub fn place(&mut self, p: u32, worker: u64) {
@@ -413,6 +418,77 @@ impl Sealing {
 }
 
 impl EngineState {
+    /// The level of every stage: 0 for a stage that reads a source, one more than
+    /// the stage it reads otherwise. A level runs after the levels below it.
+    pub fn stage_levels(&self) -> HashMap<String, usize> {
+        let mut levels: HashMap<String, usize> = HashMap::new();
+        for name in self.views.keys() {
+            let mut chain = vec![name.as_str()];
+            let mut at = name.as_str();
+            // Stages read earlier ones: the chain ends at a source (and cannot loop,
+            // but is cut at the number of stages in case).
+            while let Some(slot) = self.views.get(at) {
+                if chain.len() > self.views.len() {
+                    break;
+                }
+                at = slot.plan.source.as_str();
+                if self.views.contains_key(at) {
+                    chain.push(at);
+                }
+            }
+            levels.insert(name.clone(), chain.len().saturating_sub(1));
+        }
+        levels
+    }
+
+    /// The stages of view `view`, its own last.
+    pub fn stages_of(&self, view: &str) -> Vec<String> {
+        let mut stages: Vec<String> = self
+            .views
+            .iter()
+            .filter(|(_, slot)| slot.plan.view == view)
+            .map(|(name, _)| name.clone())
+            .collect();
+        stages.sort_by_key(|name| name == view);
+        stages
+    }
+
+    /// Forgets view `view` and all its stages.
+    pub fn remove_view(&mut self, view: &str) {
+        self.views.retain(|_, slot| slot.plan.view != view);
+    }
+
+    /// The statement that defined the view stage `stage` belongs to.
+    pub fn stage_sql(&self, stage: &str) -> Option<String> {
+        let view = &self.views.get(stage)?.plan.view;
+        Some(self.catalog.get(view)?.sql().to_string())
+    }
+
+    /// The stages that cannot run once `failed` did: the other stages of its view,
+    /// and every stage that reads one of them, transitively.
+    pub fn failing_with(&self, failed: &str) -> BTreeSet<String> {
+        let mut out: BTreeSet<String> = BTreeSet::new();
+        let mut views: Vec<String> = self
+            .views
+            .get(failed)
+            .map(|s| vec![s.plan.view.clone()])
+            .unwrap_or_default();
+        while let Some(view) = views.pop() {
+            for (name, slot) in &self.views {
+                if slot.plan.view == view && out.insert(name.clone()) {
+                    // Views that read this one.
+                    for other in self.views.values() {
+                        if other.plan.source == *name && other.plan.view != view {
+                            views.push(other.plan.view.clone());
+                        }
+                    }
+                }
+            }
+        }
+        out.remove(failed);
+        out
+    }
+
     /// What the receivers sealed of `interval` so far: in an earlier attempt of it,
     /// or ahead while the interval before it ran.
     pub fn take_sealing(&mut self, interval: IntervalId) -> Option<Sealing> {
@@ -1053,6 +1129,26 @@ impl Engine {
             .flat_map(|s| s.blocks.iter().map(|b| b.rows))
             .sum();
 
+        // A stage that failed stops its view's other stages and the views that read
+        // it.
+        let failures: Vec<(String, String)> = outcomes
+            .iter()
+            .filter_map(|(name, o)| match o {
+                ViewOutcome::Failed(reason) => Some((name.clone(), reason.clone())),
+                ViewOutcome::Done { .. } => None,
+            })
+            .collect();
+        for (failed, reason) in failures {
+            for name in state.failing_with(&failed) {
+                let reason = format!("{failed} failed: {reason}");
+                match outcomes.get(&name) {
+                    Some(ViewOutcome::Failed(_)) => {}
+                    _ => {
+                        outcomes.insert(name, ViewOutcome::Failed(reason));
+                    }
+                }
+            }
+        }
         // Commit: record every view's new version, then publish.
         let mut published = Vec::new();
         for (name, outcome) in outcomes {
@@ -1172,7 +1268,7 @@ impl Engine {
             .iter()
             .filter(|(_, v)| v.failure.is_none() && !v.placement.is_empty())
             .filter_map(|(name, v)| {
-                let sql = state.catalog.get(name)?.sql().to_string();
+                let sql = state.stage_sql(name)?;
                 Some(CheckpointedView {
                     name: name.clone(),
                     sql,
@@ -1248,6 +1344,7 @@ impl Engine {
             views: state
                 .views
                 .iter()
+                .filter(|(_, slot)| !slot.is_inner_stage())
                 .map(|(name, slot)| {
                     (
                         name.clone(),
@@ -1266,6 +1363,7 @@ impl Engine {
             failed: state
                 .views
                 .iter()
+                .filter(|(_, slot)| !slot.is_inner_stage())
                 .filter_map(|(name, slot)| slot.failure.clone().map(|f| (name.clone(), f)))
                 .collect(),
             sources: state

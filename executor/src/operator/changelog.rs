@@ -5,7 +5,7 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use arrow::row::{RowConverter, SortField};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// The changes of one interval, as deletions then insertions of view rows.
 #[derive(Clone, Debug, Default)]
@@ -92,5 +92,66 @@ impl Changelog {
         let deletes = select(&before, &before_rows, 1, &mut counts)?;
         let inserts = select(&after, &after_rows, -1, &mut counts)?;
         Ok(Changelog { deletes, inserts })
+    }
+
+    /// `rows` with this changelog applied: each deleted row taken out once, the
+    /// inserted rows added. A deleted row that `rows` does not have is an error: the
+    /// changelog was not made against these rows.
+    pub fn apply_to(&self, schema: &SchemaRef, rows: &[RecordBatch]) -> Result<Vec<RecordBatch>> {
+        use std::collections::HashMap;
+        if self.deletes.iter().all(|b| b.num_rows() == 0) {
+            let mut out = rows.to_vec();
+            out.extend(self.inserts.iter().filter(|b| b.num_rows() > 0).cloned());
+            return Ok(out);
+        }
+        let converter = RowConverter::new(
+            schema
+                .fields()
+                .iter()
+                .map(|f| SortField::new(f.data_type().clone()))
+                .collect(),
+        )?;
+        let deleted = self
+            .deletes
+            .iter()
+            .map(|b| Ok(converter.convert_columns(b.columns())?))
+            .collect::<Result<Vec<_>>>()?;
+        let mut pending: HashMap<&[u8], usize> = HashMap::new();
+        for r in deleted.iter().flat_map(|rows| rows.iter()) {
+            let n = pending.entry(r.data()).or_default();
+            *n = n.saturating_add(1);
+        }
+        let mut out = Vec::with_capacity(rows.len().saturating_add(self.inserts.len()));
+        for batch in rows {
+            let encoded = converter.convert_columns(batch.columns())?;
+            let mut keep = Vec::with_capacity(batch.num_rows());
+            let mut dropped = false;
+            for r in encoded.iter() {
+                match pending.get_mut(r.data()) {
+                    Some(n) if *n > 0 => {
+                        *n = n.saturating_sub(1);
+                        keep.push(false);
+                        dropped = true;
+                    }
+                    _ => keep.push(true),
+                }
+            }
+            if !dropped {
+                out.push(batch.clone());
+            } else {
+                let mask = arrow::array::BooleanArray::from(keep);
+                let kept = arrow::compute::filter_record_batch(batch, &mask)?;
+                if kept.num_rows() > 0 {
+                    out.push(kept);
+                }
+            }
+        }
+        if pending.values().any(|n| *n > 0) {
+            return Err(Error::Internal(
+                "a changelog deletes rows its view does not have".into(),
+            ));
+        }
+        out.extend(self.inserts.iter().filter(|b| b.num_rows() > 0).cloned());
+        Ok(out)
     }
 }

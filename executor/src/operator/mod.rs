@@ -21,11 +21,13 @@ use crate::shuffle::Wanted;
 pub mod aggregate;
 pub mod append;
 pub mod changelog;
+pub mod keyed;
 pub mod sliding;
 
 pub use aggregate::AggregateOperator;
 pub use append::AppendOperator;
 pub use changelog::Changelog;
+pub use keyed::KeyedOperator;
 
 /// The map output of one block destined for one partition.
 #[derive(Clone, Debug, Default)]
@@ -63,6 +65,8 @@ pub struct PartitionInput {
     pub interval: IntervalId,
     pub state: Arc<StatePartition>,
     pub pieces: Vec<ShufflePiece>,
+    /// The partition's rows before this interval.
+    pub rows: crate::view_runtime::ViewPartition,
     /// The watermark after this interval, nanoseconds since the epoch, if the query's
     /// window has one.
     pub watermark: Option<i64>,
@@ -115,8 +119,8 @@ mod tests {
     use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
     use dstream_planner::catalog::CatalogObject;
     use dstream_planner::definition::source_def;
+    use dstream_planner::plan_dataflow;
     use dstream_planner::statement::parse_statement;
-    use dstream_planner::stream_plan::plan_view;
     use dstream_planner::{Catalog, Statement};
 
     use super::*;
@@ -142,7 +146,7 @@ mod tests {
             panic!("not a view: {view}");
         };
         let planning = planning_context(session_config(PARTITIONS), &catalog, |_| None)?;
-        let plan = plan_view(
+        let dataflow = plan_dataflow(
             &planning.state(),
             &catalog,
             &create,
@@ -150,7 +154,7 @@ mod tests {
             PARTITIONS,
         )
         .await?;
-        operator_for(Arc::new(plan))
+        operator_for(dataflow.output()?.clone())
     }
 
     fn block(index: usize) -> Result<Block> {
@@ -176,6 +180,7 @@ mod tests {
             index,
             schema,
             batches: vec![batch],
+            deletes: vec![],
         })
     }
 

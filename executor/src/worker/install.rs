@@ -14,8 +14,7 @@ use datafusion::sql::sqlparser::ast;
 use dstream_planner::catalog::{CatalogObject, TableDef, ViewDef};
 use dstream_planner::definition::{columns_schema, source_def};
 use dstream_planner::statement::parse_statement;
-use dstream_planner::stream_plan::plan_view;
-use dstream_planner::{Catalog, ConnectorSpec, ObjectKind, Statement};
+use dstream_planner::{Catalog, ConnectorSpec, ObjectKind, Statement, plan_dataflow};
 use dstream_storage::Timeline;
 use tracing::info;
 
@@ -152,31 +151,30 @@ async fn install_object(installed: &mut Installed, object: &proto::CatalogObject
                 &installed.catalog,
                 |name| installed.tables.get(name).cloned(),
             )?;
-            let plan = Arc::new(
-                plan_view(
-                    &planning.state(),
-                    &installed.catalog,
-                    &create,
-                    installed.timeline.width(),
-                    installed.partitions,
-                )
-                .await?,
-            );
-            let operator = operator_for(plan.clone())?;
-            installed.views.insert(
-                object.name.clone(),
-                InstalledView {
-                    plan: plan.clone(),
-                    operator,
-                },
-            );
+            let dataflow = plan_dataflow(
+                &planning.state(),
+                &installed.catalog,
+                &create,
+                installed.timeline.width(),
+                installed.partitions,
+            )
+            .await?;
+            // Every stage is installed under its own name: tasks name the stage.
+            for stage in &dataflow.stages {
+                installed.views.insert(
+                    stage.name.clone(),
+                    InstalledView {
+                        plan: stage.clone(),
+                        operator: operator_for(stage.clone())?,
+                    },
+                );
+            }
             installed
                 .catalog
-                .insert(CatalogObject::View(Arc::new(ViewDef {
-                    name: object.name.clone(),
-                    plan,
-                    sql: object.sql.clone(),
-                })))?;
+                .insert(CatalogObject::View(Arc::new(ViewDef::new(
+                    dataflow,
+                    object.sql.clone(),
+                )?)))?;
         }
         (kind, _) => {
             return Err(Error::Internal(format!(
@@ -188,15 +186,27 @@ async fn install_object(installed: &mut Installed, object: &proto::CatalogObject
     Ok(())
 }
 
-/// Forgets `name` and whatever the worker held for it.
+/// Forgets `name` (with all its stages, for a view) and whatever the worker held
+/// for it.
 pub async fn remove(state: &WorkerState, name: &str) -> Result<()> {
+    let mut forget = vec![name.to_string()];
     if let Some(installed) = state.installed.lock().await.as_mut()
         && let Some(kind) = installed.catalog.get(name).map(|o| o.kind())
     {
+        if let Some(CatalogObject::View(view)) = installed.catalog.get(name) {
+            forget = view
+                .dataflow
+                .stages
+                .iter()
+                .map(|s| s.name.clone())
+                .collect();
+        }
         installed.catalog.remove(kind, name)?;
         installed.tables.remove(name);
         installed.memory_tables.remove(name);
-        installed.views.remove(name);
+        for stage in &forget {
+            installed.views.remove(stage);
+        }
         if kind == ObjectKind::Source {
             state
                 .receivers
@@ -205,6 +215,8 @@ pub async fn remove(state: &WorkerState, name: &str) -> Result<()> {
                 .retain(|(source, _), _| source != name);
         }
     }
-    state.forget(name);
+    for name in &forget {
+        state.forget(name);
+    }
     Ok(())
 }

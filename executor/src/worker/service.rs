@@ -28,6 +28,7 @@ use super::flight::FlightPeers;
 use super::proto::{self, data_ticket::Kind, task::Kind as TaskKind};
 use super::state::{InstalledView, PartitionSlot, WorkerState};
 use super::{checkpoint, handover, install, status};
+use crate::block::Block;
 use crate::error::{Error, Result};
 use crate::operator::{PartitionInput, ShufflePiece, ViewUpdate};
 use crate::shuffle::Wanted;
@@ -684,10 +685,15 @@ async fn run_task(
                 Some(slot) => slot.state.clone(),
                 None => state.partition_state(&task.view, p),
             };
+            let rows = match &adopted {
+                Some(slot) => slot.current_rows(),
+                None => state.current_view_rows(&task.view, p),
+            };
             let input = PartitionInput {
                 interval,
                 state: prior,
                 pieces,
+                rows,
                 watermark: reduce.watermark,
             };
             let output = view
@@ -699,15 +705,27 @@ async fn run_task(
                 ViewUpdate::Replace(rows) => ViewUpdate::Replace(conform(schema, rows)?),
                 ViewUpdate::Append(rows) => ViewUpdate::Append(conform(schema, rows)?),
             };
+            let deletes = conform(schema, output.changelog.deletes)?;
+            let inserts = conform(schema, output.changelog.inserts)?;
+            let changed = deletes.iter().chain(&inserts);
+            let changed_rows: u64 = changed.clone().map(|b| b.num_rows() as u64).sum();
+            let changed_bytes: u64 = changed.map(|b| b.get_array_memory_size() as u64).sum();
+            if reduce.keep_changes && changed_rows > 0 {
+                state.put_block(Arc::new(Block {
+                    source: task.view.clone(),
+                    interval,
+                    index: p as usize,
+                    schema: schema.clone(),
+                    batches: inserts.clone(),
+                    deletes: deletes.clone(),
+                }));
+            }
             // A replay rebuilds state only: its changelog went out when the interval
             // first ran.
-            let (deletes, inserts) = if reduce.replay {
+            let (deletes, inserts) = if reduce.replay || reduce.withhold_changes {
                 (Vec::new(), Vec::new())
             } else {
-                (
-                    conform(schema, output.changelog.deletes)?,
-                    conform(schema, output.changelog.inserts)?,
-                )
+                (deletes, inserts)
             };
             let view_rows = match &update {
                 ViewUpdate::Replace(rows) => rows.iter().map(|b| b.num_rows() as u64).sum(),
@@ -736,6 +754,8 @@ async fn run_task(
             }
             Ok(proto::TaskResult {
                 view_rows,
+                changed_rows,
+                changed_bytes,
                 deletes: ipc_bytes(schema, &deletes)?,
                 inserts: ipc_bytes(schema, &inserts)?,
                 shuffle_bytes_read: bytes_read,

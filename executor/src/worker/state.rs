@@ -190,6 +190,7 @@ impl EncodedBlock {
             index: self.index,
             schema: self.schema.clone(),
             batches,
+            deletes: Vec::new(),
         })
     }
 }

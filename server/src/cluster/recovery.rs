@@ -363,7 +363,28 @@ async fn rebuild_partitions(
             continue;
         };
         let first = view.first_interval.unwrap_or(last);
-        let sql = state.catalog.get(name).map(|o| o.sql().to_string());
+        let sql = state
+            .catalog
+            .get(&view.plan.view)
+            .map(|o| o.sql().to_string());
+        if !state.sources.contains_key(&view.plan.source) {
+            let reason = format!(
+                "its state partition(s) {} were on lost {}; rebuilding the partitions of a \
+                 stage that reads another stage or view is not supported yet",
+                partitions
+                    .iter()
+                    .map(|(p, _)| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                partitions
+                    .first()
+                    .and_then(|(p, _)| view.placement.get(*p as usize))
+                    .map_or_else(|| "a lost worker".into(), |w| cluster.unavailable(*w)),
+            );
+            warn!(view = %name, %reason, "cannot rebuild a view");
+            view.failure = Some(reason);
+            continue;
+        }
         let ran = |at: IntervalId| first <= at && at <= last;
         // The checkpoint holds this view if it was taken while the view ran, from
         // the same definition.
@@ -740,6 +761,8 @@ async fn replay_reduce(
                         watermark,
                         replay: true,
                         adopt: None,
+                        keep_changes: false,
+                        withhold_changes: true,
                     })),
                 },
                 // The partition is being rebuilt on its new owner: no copies.

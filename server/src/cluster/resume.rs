@@ -126,11 +126,16 @@ pub async fn resume(engine: &Engine, state: &mut EngineState, manifest: Arc<Mani
     // but is not (it had stopped), or that no longer fits it, stops with the reason
     // rather than go on from empty state.
     let mut resumable = std::collections::BTreeSet::new();
+    let sqls: std::collections::HashMap<String, Option<String>> = state
+        .views
+        .keys()
+        .map(|name| (name.clone(), state.stage_sql(name)))
+        .collect();
     for (name, view) in state.views.iter_mut() {
         if view.since.is_some_and(|s| s > at) || view.failure.is_some() {
             continue;
         }
-        let sql = state.catalog.get(name).map(|o| o.sql().to_string());
+        let sql = sqls.get(name).cloned().flatten();
         let refused = match manifest.views.get(name) {
             None => Some(format!(
                 "it is not in the checkpoint of interval {at}: it had stopped before; drop it and create it again"

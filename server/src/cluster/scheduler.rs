@@ -34,7 +34,7 @@
 //! not interrupt it: every result is in, and recovery replays the interval into the
 //! partitions that worker held.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -881,14 +881,16 @@ async fn seal(
 }
 
 /// Maps, reduces and commits `interval`, whose input is `blocks` (sealed since
-/// `started`).
+/// `started`). Stages run in levels: a stage that reads a source is in level 0, one
+/// that reads a stage (of its view, or another view's last) one level above it; each
+/// level maps and reduces before the next maps over the changes it made.
 async fn run_stages(
     engine: &Engine,
     state: &mut EngineState,
     interval: IntervalId,
     commit: CommitOptions,
     alive: &[WorkerRecord],
-    blocks: HashMap<String, Vec<BlockInfo>>,
+    mut blocks: HashMap<String, Vec<BlockInfo>>,
     started: Instant,
 ) -> IntervalResult {
     let sealed_at = started.elapsed();
@@ -902,18 +904,19 @@ async fn run_stages(
     if let Some(reason) = lost_worker(&cluster, alive, false).await {
         return Err(Interrupted::by(reason));
     }
-    // 2. Map: one task per (view, block), where the block was received if the load
-    // allows (see `place_map_tasks`).
     let mut failed: HashMap<String, String> = HashMap::new();
     let mut next_task = 0u64;
-    let mut map_load: HashMap<u64, usize> = HashMap::new();
-    let mut stage_tasks: Vec<StageTask> = Vec::new();
-    let mut map_of_task: HashMap<u64, (String, u32)> = HashMap::new();
     let views: Vec<(String, Arc<StreamPlan>, Vec<u64>)> = state
         .views
         .iter()
         .filter(|(_, v)| v.runs_in(interval))
         .map(|(n, v)| (n.clone(), v.plan.clone(), v.placement.clone()))
+        .collect();
+    let levels = state.stage_levels();
+    // Stages other stages read keep their changes on the workers for them.
+    let read: HashSet<&str> = views
+        .iter()
+        .map(|(_, plan, _)| plan.source.as_str())
         .collect();
     // Map outputs started ahead, while the interval before ran, stand for the views
     // whose plan and blocks are still these.
@@ -921,174 +924,220 @@ async fn run_stages(
         Some(ahead) => ahead.outcome(&cluster, interval).await,
         None => None,
     };
-    let mut map_outputs: HashMap<String, Vec<MapOutput>> = HashMap::new();
-    for (name, plan, placement) in &views {
-        if let Some(lost) = placement.iter().find(|w| !cluster.is_alive(**w)) {
-            // Recovery could not move it (it says why when it gives up).
-            failed.insert(
-                name.clone(),
-                format!(
-                    "a state partition is on {}, and was not recovered",
-                    cluster.unavailable(*lost)
-                ),
-            );
-            continue;
-        }
-        let source_blocks = blocks.get(&plan.source).map(Vec::as_slice).unwrap_or(&[]);
-        if let Some(outputs) = ahead
-            .as_mut()
-            .and_then(|a| a.take(&cluster, (name, plan), source_blocks))
-        {
-            counts.map_tasks = counts.map_tasks.saturating_add(outputs.len() as u64);
-            counts.map_tasks_ahead = counts.map_tasks_ahead.saturating_add(outputs.len() as u64);
-            map_outputs.insert(name.clone(), outputs);
-            continue;
-        }
-        match map_tasks(
-            (name, plan),
-            interval,
-            source_blocks,
-            &[],
-            (&cluster, &state.outrun),
-            (&mut map_load, &mut next_task),
-        ) {
-            Ok(tasks) => {
-                for (task, block) in tasks {
-                    map_of_task.insert(task.task.id, (name.clone(), block));
-                    stage_tasks.push(task);
-                }
-            }
-            Err(failure) => {
-                failed.insert(name.clone(), failure);
-            }
-        }
-    }
     if let Some(ahead) = &ahead {
         counts.speculative_tasks = counts
             .speculative_tasks
             .saturating_add(ahead.stage.speculated);
         note_outrun(state, &ahead.stage.outrun, interval);
     }
-    counts.map_tasks = counts.map_tasks.saturating_add(map_of_task.len() as u64);
-    let mut stage = run_stage(
-        &cluster,
-        stage_tasks,
-        "run map tasks",
-        speculation,
-        &mut next_task,
-    )
-    .await;
-    counts.speculative_tasks = counts.speculative_tasks.saturating_add(stage.speculated);
-    note_outrun(state, &stage.outrun, interval);
-    map_outputs.extend(self::map_outputs(
-        std::mem::take(&mut stage.results),
-        &map_of_task,
-    ));
-    for (id, (_, error)) in &stage.lost {
-        if let Some((view, _)) = map_of_task.get(id) {
-            failed.entry(view.clone()).or_insert_with(|| error.clone());
-        }
-    }
-    if let Some(reason) = lost_worker(&cluster, alive, !failed.is_empty()).await {
-        return Err(Interrupted {
-            reason,
-            suspects: suspects(&cluster, &stage, &map_of_task),
-        });
-    }
-
-    let mapped_at = started.elapsed();
-    // 3. Reduce: one task per (view, partition) where the state partition lives.
-    let mut reduce_tasks: Vec<StageTask> = Vec::new();
-    let mut reduce_of_task: HashMap<u64, (String, u32)> = HashMap::new();
-    for (name, plan, placement) in &views {
-        if failed.contains_key(name) {
-            continue;
-        }
-        let watermark = window_watermark(
-            plan.window.as_ref(),
-            interval,
-            &timeline,
-            state
-                .sources
-                .get(&plan.source)
-                .and_then(|s| s.stats.watermark),
-        );
-        let mut outputs = map_outputs.remove(name).unwrap_or_default();
-        outputs.sort_by_key(|o| o.block);
-        for (p, &owner) in placement.iter().enumerate() {
-            let pieces = pieces_for(&cluster, &outputs, p);
-            next_task = next_task.saturating_add(1);
-            reduce_of_task.insert(next_task, (name.clone(), p as u32));
-            reduce_tasks.push(StageTask {
-                worker: owner,
-                task: proto::Task {
-                    id: next_task,
-                    view: name.clone(),
-                    interval: interval.0,
-                    kind: Some(TaskKind::Reduce(proto::ReduceTask {
-                        partition: p as u32,
-                        pieces,
-                        watermark,
-                        replay: false,
-                        adopt: None,
-                    })),
-                },
-                // A copy may run on any other live worker: it fetches the partition.
-                alternatives: alive.iter().map(|w| w.id).collect(),
-            });
-        }
-    }
-    counts.reduce_tasks = reduce_of_task.len() as u64;
     let mut changes: HashMap<String, Vec<(u32, Changelog, u64)>> = HashMap::new();
-    let mut stage = run_stage(
-        &cluster,
-        reduce_tasks,
-        "run reduce tasks",
-        speculation,
-        &mut next_task,
-    )
-    .await;
-    counts.speculative_tasks = counts.speculative_tasks.saturating_add(stage.speculated);
-    note_outrun(state, &stage.outrun, interval);
-    for (id, (worker, r)) in std::mem::take(&mut stage.results) {
-        let Some((view, p)) = reduce_of_task.get(&id) else {
-            continue;
-        };
-        // A copy that won moved the state partition to its worker.
-        if let Some(slot) = state.views.get_mut(view)
-            && let Some(owner) = slot.placement.get_mut(*p as usize)
-            && *owner != worker
-        {
-            info!(view = %view, partition = p, from = *owner, to = worker, "a speculative copy won; the state partition moved");
-            *owner = worker;
-        }
-        counts.shuffle_bytes = counts.shuffle_bytes.saturating_add(r.shuffle_bytes_read);
-        let changelog = read_ipc(&r.deletes).and_then(|deletes| {
-            Ok(Changelog {
-                deletes,
-                inserts: read_ipc(&r.inserts)?,
-            })
-        });
-        match changelog {
-            Ok(c) => changes
-                .entry(view.clone())
-                .or_default()
-                .push((*p, c, r.view_rows)),
-            Err(e) => {
-                failed.entry(view.clone()).or_insert(e.to_string());
+    let top = views
+        .iter()
+        .map(|(name, ..)| levels.get(name).copied().unwrap_or(0))
+        .max()
+        .unwrap_or(0);
+    let mut mapped_at = sealed_at;
+    for level in 0..=top {
+        let stages: Vec<&(String, Arc<StreamPlan>, Vec<u64>)> = views
+            .iter()
+            .filter(|(name, ..)| levels.get(name).copied().unwrap_or(0) == level)
+            .collect();
+        // 2. Map: one task per (stage, block), where the block is if the load allows
+        // (see `place_map_tasks`); a stage's changes are mapped where they were made.
+        let mut map_load: HashMap<u64, usize> = HashMap::new();
+        let mut stage_tasks: Vec<StageTask> = Vec::new();
+        let mut map_of_task: HashMap<u64, (String, u32)> = HashMap::new();
+        let mut map_outputs: HashMap<String, Vec<MapOutput>> = HashMap::new();
+        for (name, plan, placement) in &stages {
+            let upstream = failed.get(&plan.source).cloned().or_else(|| {
+                state
+                    .views
+                    .get(&plan.source)
+                    .and_then(|s| s.failure.clone())
+            });
+            if let Some(reason) = upstream {
+                let reason = format!("{} failed: {reason}", plan.source);
+                failed.insert(name.clone(), reason);
+                continue;
+            }
+            if let Some(lost) = placement.iter().find(|w| !cluster.is_alive(**w)) {
+                // Recovery could not move it (it says why when it gives up).
+                failed.insert(
+                    name.clone(),
+                    format!(
+                        "a state partition is on {}, and was not recovered",
+                        cluster.unavailable(*lost)
+                    ),
+                );
+                continue;
+            }
+            let source_blocks = blocks.get(&plan.source).map(Vec::as_slice).unwrap_or(&[]);
+            if let Some(outputs) = ahead
+                .as_mut()
+                .and_then(|a| a.take(&cluster, (name, plan), source_blocks))
+            {
+                counts.map_tasks = counts.map_tasks.saturating_add(outputs.len() as u64);
+                counts.map_tasks_ahead =
+                    counts.map_tasks_ahead.saturating_add(outputs.len() as u64);
+                map_outputs.insert(name.clone(), outputs);
+                continue;
+            }
+            match map_tasks(
+                (name, plan),
+                interval,
+                source_blocks,
+                &[],
+                (&cluster, &state.outrun),
+                (&mut map_load, &mut next_task),
+            ) {
+                Ok(tasks) => {
+                    for (task, block) in tasks {
+                        map_of_task.insert(task.task.id, (name.clone(), block));
+                        stage_tasks.push(task);
+                    }
+                }
+                Err(failure) => {
+                    failed.insert(name.clone(), failure);
+                }
             }
         }
-    }
-    for (id, (_, error)) in &stage.lost {
-        if let Some((view, _)) = reduce_of_task.get(id) {
-            failed.entry(view.clone()).or_insert_with(|| error.clone());
+        counts.map_tasks = counts.map_tasks.saturating_add(map_of_task.len() as u64);
+        let mut stage = run_stage(
+            &cluster,
+            stage_tasks,
+            "run map tasks",
+            speculation,
+            &mut next_task,
+        )
+        .await;
+        counts.speculative_tasks = counts.speculative_tasks.saturating_add(stage.speculated);
+        note_outrun(state, &stage.outrun, interval);
+        map_outputs.extend(self::map_outputs(
+            std::mem::take(&mut stage.results),
+            &map_of_task,
+        ));
+        for (id, (_, error)) in &stage.lost {
+            if let Some((view, _)) = map_of_task.get(id) {
+                failed.entry(view.clone()).or_insert_with(|| error.clone());
+            }
         }
-    }
-    if let Some(reason) = lost_worker(&cluster, alive, !failed.is_empty()).await {
-        return Err(Interrupted {
-            reason,
-            suspects: suspects(&cluster, &stage, &reduce_of_task),
-        });
+        if let Some(reason) = lost_worker(&cluster, alive, !failed.is_empty()).await {
+            return Err(Interrupted {
+                reason,
+                suspects: suspects(&cluster, &stage, &map_of_task),
+            });
+        }
+
+        mapped_at = started.elapsed();
+        // 3. Reduce: one task per (stage, partition) where the state partition lives.
+        let mut reduce_tasks: Vec<StageTask> = Vec::new();
+        let mut reduce_of_task: HashMap<u64, (String, u32)> = HashMap::new();
+        for (name, plan, placement) in &stages {
+            if failed.contains_key(name) {
+                continue;
+            }
+            let watermark = window_watermark(
+                plan.window.as_ref(),
+                interval,
+                &timeline,
+                state
+                    .sources
+                    .get(&plan.source)
+                    .and_then(|s| s.stats.watermark),
+            );
+            let mut outputs = map_outputs.remove(name).unwrap_or_default();
+            outputs.sort_by_key(|o| o.block);
+            for (p, &owner) in placement.iter().enumerate() {
+                let pieces = pieces_for(&cluster, &outputs, p);
+                next_task = next_task.saturating_add(1);
+                reduce_of_task.insert(next_task, (name.clone(), p as u32));
+                reduce_tasks.push(StageTask {
+                    worker: owner,
+                    task: proto::Task {
+                        id: next_task,
+                        view: name.clone(),
+                        interval: interval.0,
+                        kind: Some(TaskKind::Reduce(proto::ReduceTask {
+                            partition: p as u32,
+                            pieces,
+                            watermark,
+                            replay: false,
+                            adopt: None,
+                            keep_changes: read.contains(name.as_str()),
+                            withhold_changes: plan.name != plan.view,
+                        })),
+                    },
+                    // A copy may run on any other live worker: it fetches the partition.
+                    alternatives: alive.iter().map(|w| w.id).collect(),
+                });
+            }
+        }
+        counts.reduce_tasks = counts
+            .reduce_tasks
+            .saturating_add(reduce_of_task.len() as u64);
+        let mut stage = run_stage(
+            &cluster,
+            reduce_tasks,
+            "run reduce tasks",
+            speculation,
+            &mut next_task,
+        )
+        .await;
+        counts.speculative_tasks = counts.speculative_tasks.saturating_add(stage.speculated);
+        note_outrun(state, &stage.outrun, interval);
+        for (id, (worker, r)) in std::mem::take(&mut stage.results) {
+            let Some((view, p)) = reduce_of_task.get(&id) else {
+                continue;
+            };
+            // A copy that won moved the state partition to its worker.
+            if let Some(slot) = state.views.get_mut(view)
+                && let Some(owner) = slot.placement.get_mut(*p as usize)
+                && *owner != worker
+            {
+                info!(view = %view, partition = p, from = *owner, to = worker, "a speculative copy won; the state partition moved");
+                *owner = worker;
+            }
+            counts.shuffle_bytes = counts.shuffle_bytes.saturating_add(r.shuffle_bytes_read);
+            // The stages that read this one map its changes where they were kept.
+            if read.contains(view.as_str()) && r.changed_rows > 0 {
+                blocks.entry(view.clone()).or_default().push(BlockInfo {
+                    interval,
+                    index: *p,
+                    rows: r.changed_rows,
+                    bytes: r.changed_bytes,
+                    holders: vec![worker],
+                });
+            }
+            let changelog = read_ipc(&r.deletes).and_then(|deletes| {
+                Ok(Changelog {
+                    deletes,
+                    inserts: read_ipc(&r.inserts)?,
+                })
+            });
+            match changelog {
+                Ok(c) => changes
+                    .entry(view.clone())
+                    .or_default()
+                    .push((*p, c, r.view_rows)),
+                Err(e) => {
+                    failed.entry(view.clone()).or_insert(e.to_string());
+                }
+            }
+        }
+        for (id, (_, error)) in &stage.lost {
+            if let Some((view, _)) = reduce_of_task.get(id) {
+                failed.entry(view.clone()).or_insert_with(|| error.clone());
+            }
+        }
+        if let Some(reason) = lost_worker(&cluster, alive, !failed.is_empty()).await {
+            return Err(Interrupted {
+                reason,
+                suspects: suspects(&cluster, &stage, &reduce_of_task),
+            });
+        }
+        for stage_blocks in blocks.values_mut() {
+            stage_blocks.sort_by_key(|b| b.index);
+        }
     }
 
     let reduced_at = started.elapsed();

@@ -38,7 +38,7 @@ pub(super) async fn drop_object(engine: &Engine, drop: DropObject) -> Result<Sta
             }
         }
         ObjectKind::MaterializedView => {
-            state.views.remove(&drop.name);
+            state.remove_view(&drop.name);
             if let Ok(mut subs) = engine.inner.subscribers.lock() {
                 subs.remove(&drop.name);
             }

@@ -58,12 +58,22 @@ pub(super) async fn show(engine: &Engine, kind: ShowKind) -> Result<StatementRes
             let rows = state
                 .views
                 .iter()
+                .filter(|(_, slot)| !slot.is_inner_stage())
                 .map(|(name, slot)| {
                     let plan = &slot.plan;
                     let rows: u64 = slot.partition_rows.iter().sum();
+                    // What the view reads: the streams its stages read, not the
+                    // stages themselves.
+                    let reads: Vec<String> = state
+                        .stages_of(name)
+                        .iter()
+                        .filter_map(|s| state.views.get(s))
+                        .map(|s| s.plan.source.clone())
+                        .filter(|s| !s.contains(dstream_planner::dataflow::STAGE_SEPARATOR))
+                        .collect();
                     vec![
                         name.clone(),
-                        plan.source.clone(),
+                        reads.join(", "),
                         plan.emit.to_string(),
                         rows.to_string(),
                         slot.last_interval

@@ -27,11 +27,11 @@ use dstream_planner::catalog::{CatalogObject, ConnectorSpec, TableDef, ViewDef};
 use dstream_planner::definition::columns_schema;
 use dstream_planner::duration::format_duration;
 use dstream_planner::limits::parse_statements_within;
+use dstream_planner::plan_dataflow;
 use dstream_planner::stage_dag::explain;
 use dstream_planner::statement::{
     CreateMaterializedView, CreateSource, DropObject, ShowKind, normalize_ident, parse_statement,
 };
-use dstream_planner::stream_plan::plan_view;
 use dstream_planner::{Catalog, INTERVAL_COLUMN, ObjectKind, Statement};
 use dstream_storage::{CatalogEntry, CatalogState, EntryKind, table_data};
 use tracing::info;
@@ -229,8 +229,10 @@ async fn restore(engine: &Engine, entry: &CatalogEntry) -> Result<()> {
     if let Some(source) = state.sources.get_mut(&entry.name) {
         source.since = since;
     }
-    if let Some(view) = state.views.get_mut(&entry.name) {
-        view.since = since;
+    for stage in state.stages_of(&entry.name) {
+        if let Some(view) = state.views.get_mut(&stage) {
+            view.since = since;
+        }
     }
     Ok(())
 }
@@ -325,7 +327,7 @@ async fn install_or_undo(
     if let Err(e) = outcome {
         state.catalog = previous;
         state.sources.remove(name);
-        state.views.remove(name);
+        state.remove_view(name);
         state.tables.remove(name);
         state.catalog_version = state.catalog_version.saturating_add(1);
         crate::cluster::scheduler::remove_everywhere(engine, name).await;

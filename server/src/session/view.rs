@@ -7,13 +7,13 @@ async fn plan(
     engine: &Engine,
     state: &EngineState,
     create: &CreateMaterializedView,
-) -> Result<dstream_planner::StreamPlan> {
+) -> Result<dstream_planner::Dataflow> {
     let ctx = dstream_executor::task::planning_context(
         engine.inner.session_config.clone(),
         &state.catalog,
         |name| state.tables.get(name).map(|t| t.provider()),
     )?;
-    let plan = plan_view(
+    let dataflow = plan_dataflow(
         &ctx.state(),
         &state.catalog,
         create,
@@ -21,14 +21,16 @@ async fn plan(
         engine.inner.config.partitions,
     )
     .await?;
-    if let Some(window) = &plan.window {
-        engine
-            .inner
-            .config
-            .limits
-            .check_window(window, state.timeline.width())?;
+    for stage in &dataflow.stages {
+        if let Some(window) = &stage.window {
+            engine
+                .inner
+                .config
+                .limits
+                .check_window(window, state.timeline.width())?;
+        }
     }
-    Ok(plan)
+    Ok(dataflow)
 }
 
 pub(super) async fn create_view(
@@ -41,19 +43,22 @@ pub(super) async fn create_view(
         return Ok(command("CREATE MATERIALIZED VIEW"));
     }
     state.catalog.check_free(&create.name)?;
-    let plan = plan(engine, &state, &create).await?;
-    let plan = Arc::new(plan);
+    let dataflow = plan(engine, &state, &create).await?;
+    let stages = dataflow.stages.clone();
     let mut catalog = state.catalog.clone();
-    catalog.insert(CatalogObject::View(Arc::new(ViewDef {
-        name: create.name.clone(),
-        plan: plan.clone(),
-        sql: create.to_string(),
-    })))?;
+    catalog.insert(CatalogObject::View(Arc::new(ViewDef::new(
+        dataflow,
+        create.to_string(),
+    )?)))?;
     let previous = std::mem::replace(&mut state.catalog, catalog);
-    let mut slot = ViewSlot::new(plan);
-    // A new view starts with the next interval (a restored one: see `restore_entry`).
-    slot.since = persist.then_some(state.next);
-    state.views.insert(create.name.clone(), slot);
+    // Every stage runs as a view of its own; the last is the view's.
+    for stage in stages {
+        let mut slot = ViewSlot::new(stage.clone());
+        // A new view starts with the next interval (a restored one: see
+        // `restore_entry`).
+        slot.since = persist.then_some(state.next);
+        state.views.insert(stage.name.clone(), slot);
+    }
     install_or_undo(engine, &mut state, &create.name, previous, persist).await?;
     if persist {
         info!(view = %create.name, "created materialized view");
@@ -67,8 +72,8 @@ pub(super) async fn explain_view(
     create: CreateMaterializedView,
 ) -> Result<StatementResult> {
     let state = engine.inner.state.lock().await;
-    let plan = plan(engine, &state, &create).await?;
-    let rows = explain(&plan)
+    let dataflow = plan(engine, &state, &create).await?;
+    let rows = explain(&dataflow)
         .lines()
         .map(|l| vec![l.to_string()])
         .collect();

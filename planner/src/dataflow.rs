@@ -1,0 +1,195 @@
+//! A view's query as a dataflow: a chain of stages, cut at every stateful operator.
+//!
+//! [`plan_dataflow`] compiles `CREATE MATERIALIZED VIEW` into a [`Dataflow`]. The
+//! query's logical plan is cut below every operator that keeps state (an aggregate,
+//! `DISTINCT`, a top-N, window functions) whose input has another such operator in
+//! it: that input becomes a stage of its own, and the operator reads it as a stream of
+//! changes. Each stage is a [`StreamPlan`]; the last one is the view's, named after it,
+//! and the ones before are named `view#0`, `view#1`, ... A view that reads another
+//! view reads that view's last stage the same way.
+//!
+//! At every interval the scheduler runs each stage as a map stage over the new rows
+//! (or changes) of what it reads, an exchange by the stage's key, and a reduce stage
+//! into the stage's state partitions; a stage runs after the stages it reads. This
+//! object is what EXPLAIN prints ([`crate::stage_dag::explain`]) and what the engine
+//! installs and schedules.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use datafusion::common::Column;
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::execution::SessionState;
+use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder};
+use datafusion::sql::parser::Statement as DFStatement;
+use datafusion::sql::sqlparser::ast;
+
+use crate::catalog::Catalog;
+use crate::error::{Result, unsupported};
+use crate::statement::{CreateMaterializedView, EmitMode};
+use crate::stream_plan::{
+    StageContext, StreamPlan, check_window, is_stateful, plan_stage, unwrap_external,
+};
+use crate::window::rewrite_windows;
+
+/// The character that separates a view's name from the number of one of its earlier
+/// stages; catalog names may not contain it.
+pub const STAGE_SEPARATOR: char = '#';
+
+/// A view's stages, in the order they run: each reads a source, a view, or an
+/// earlier stage; the last is the view's own.
+#[derive(Clone, Debug)]
+pub struct Dataflow {
+    pub view: String,
+    pub stages: Vec<Arc<StreamPlan>>,
+}
+
+impl Dataflow {
+    /// The view's own stage: the last.
+    pub fn output(&self) -> Result<&Arc<StreamPlan>> {
+        self.stages
+            .last()
+            .ok_or_else(|| crate::Error::Internal(format!("view {} has no stages", self.view)))
+    }
+
+    /// Every catalog object the view reads, over all its stages.
+    pub fn reads(&self) -> Vec<String> {
+        let mut reads: Vec<String> = Vec::new();
+        for stage in &self.stages {
+            for r in &stage.reads {
+                if !reads.contains(r) {
+                    reads.push(r.clone());
+                }
+            }
+        }
+        reads
+    }
+}
+
+/// The name of stage `i` (before the last) of `view`.
+pub fn stage_name(view: &str, i: usize) -> String {
+    format!("{view}{STAGE_SEPARATOR}{i}")
+}
+
+/// The view a stage relation belongs to.
+pub fn view_of_stage(stage: &str) -> &str {
+    stage.split(STAGE_SEPARATOR).next().unwrap_or(stage)
+}
+
+/// Compiles `create` against the tables registered in `state` and the `catalog`.
+pub async fn plan_dataflow(
+    state: &SessionState,
+    catalog: &Catalog,
+    create: &CreateMaterializedView,
+    batch_interval: Duration,
+    partitions: usize,
+) -> Result<Dataflow> {
+    if create.name.contains(STAGE_SEPARATOR) {
+        return Err(crate::error::invalid(format!(
+            "a view name cannot contain '{STAGE_SEPARATOR}': \"{}\"",
+            create.name
+        )));
+    }
+    let mut query = create.query.clone();
+    let window = rewrite_windows(&mut query)?;
+    match &window {
+        Some(window) => check_window(window, catalog, batch_interval, create.emit)?,
+        None if create.emit == EmitMode::OnWindowClose => {
+            return Err(crate::error::invalid(
+                "EMIT ON WINDOW CLOSE needs a windowed aggregation: \
+                 GROUP BY window_start, window_end, ... over TUMBLE or HOP",
+            ));
+        }
+        None => {}
+    }
+    let plan = state
+        .statement_to_plan(DFStatement::Statement(Box::new(ast::Statement::Query(
+            query,
+        ))))
+        .await?;
+    let logical = state
+        .analyzer()
+        .execute_and_check(plan, state.config_options(), |_, _| {})?;
+
+    // Cut the plan bottom-up: below a stateful operator (and below a union or join),
+    // an input that holds a stateful operator becomes a stage of its own.
+    let mut drafts: Vec<(String, LogicalPlan)> = Vec::new();
+    let lowered = logical
+        .transform_up(|node| {
+        let cuts = is_stateful(&node)
+            || matches!(node, LogicalPlan::Union(_) | LogicalPlan::Join(_));
+        if !cuts {
+            return Ok(Transformed::no(node));
+        }
+        // A top-N is LIMIT over ORDER BY: one operator, whose input the ORDER BY cut.
+        let top_n = matches!(&node, LogicalPlan::Limit(l) if matches!(l.input.as_ref(), LogicalPlan::Sort(_)));
+        node.map_children(|child| {
+            if top_n || !child.exists(|n| Ok(is_stateful(n)))? {
+                return Ok(Transformed::no(child));
+            }
+            let name = stage_name(&create.name, drafts.len());
+            let scan = scan_of_stage(&name, &child)?;
+            drafts.push((name, child));
+            Ok(Transformed::yes(scan))
+        })
+    })
+        .map_err(unwrap_external)?;
+    drafts.push((create.name.clone(), lowered.data));
+
+    let mut stages: Vec<Arc<StreamPlan>> = Vec::with_capacity(drafts.len());
+    for (name, logical) in drafts {
+        let cx = StageContext {
+            catalog,
+            view: &create.name,
+            stages: &stages,
+            window: window.as_ref(),
+            emit: create.emit,
+            partitions,
+        };
+        let plan = plan_stage(&cx, name, logical)?;
+        stages.push(Arc::new(plan));
+    }
+    if let Some(w) = &window
+        && !stages.iter().any(|s| s.window.is_some())
+    {
+        return Err(unsupported(format!(
+            "the window over \"{}\" in this query; a window function reads a source",
+            w.source
+        )));
+    }
+    Ok(Dataflow {
+        view: create.name.clone(),
+        stages,
+    })
+}
+
+/// What stands in the plan for an input cut off into stage `name`: a scan of the
+/// stage's rows, named and qualified as the input's columns were.
+fn scan_of_stage(name: &str, input: &LogicalPlan) -> datafusion::error::Result<LogicalPlan> {
+    let schema = input.schema();
+    let arrow = Arc::new(schema.as_arrow().clone());
+    let mut names = std::collections::HashSet::new();
+    if let Some(f) = arrow.fields().iter().find(|f| !names.insert(f.name())) {
+        return Err(datafusion::error::DataFusionError::External(Box::new(
+            unsupported(format!(
+                "a subquery with two columns named \"{}\" read by an aggregation, DISTINCT \
+                 or LIMIT; name its columns apart",
+                f.name()
+            )),
+        )));
+    }
+    let table = datafusion::datasource::MemTable::try_new(arrow, vec![vec![]])?;
+    let restore: Vec<Expr> = schema
+        .iter()
+        .map(|(q, f)| {
+            Expr::Column(Column::new(Some(name), f.name())).alias_qualified(q.cloned(), f.name())
+        })
+        .collect();
+    LogicalPlanBuilder::scan(
+        name,
+        datafusion::datasource::provider_as_source(Arc::new(table)),
+        None,
+    )?
+    .project(restore)?
+    .build()
+}
