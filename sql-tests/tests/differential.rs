@@ -6,7 +6,9 @@
 //! view is read over pgwire and compared with batch SQL that this test runs in its own
 //! DataFusion context over the raw rows fetched from the server. The batch queries are
 //! written independently of dstream's plans: HOP windows are expanded row by row with
-//! UNION ALL, not assembled from panes.
+//! UNION ALL, not assembled from panes. Views of several stages (a view on a view,
+//! aggregates of aggregates, top-N overall and per window, DISTINCT, UNION ALL) are
+//! compared with the nested batch query.
 
 use std::sync::Arc;
 
@@ -126,6 +128,93 @@ fn cases() -> Vec<Case> {
             oracle: "SELECT CAST(w AS VARCHAR), CAST(count(*) AS VARCHAR), CAST(sum(v) AS VARCHAR) \
                      FROM hop3_interval WHERE w + 3000000000 <= (SELECT last_end FROM watermark) \
                      GROUP BY w",
+        },
+        // Views of several stages.
+        Case {
+            name: "view_on_view",
+            create: "CREATE MATERIALIZED VIEW view_on_view AS SELECT n % 5 AS b, count(*) AS c, \
+                     max(hi) AS top, min(lo) AS bottom, sum(s) AS total, count(DISTINCT d) AS ds \
+                     FROM running GROUP BY n % 5",
+            view_select: "SELECT CAST(b AS VARCHAR), CAST(c AS VARCHAR), CAST(top AS VARCHAR), \
+                          CAST(bottom AS VARCHAR), CAST(total AS VARCHAR), CAST(ds AS VARCHAR) \
+                          FROM view_on_view",
+            oracle: "SELECT CAST(n % 5 AS VARCHAR), CAST(count(*) AS VARCHAR), CAST(max(hi) AS VARCHAR), \
+                     CAST(min(lo) AS VARCHAR), CAST(sum(s) AS VARCHAR), CAST(count(DISTINCT d) AS VARCHAR) \
+                     FROM (SELECT k, count(*) AS n, sum(v) AS s, min(v) AS lo, max(v) AS hi, \
+                     count(DISTINCT v) AS d FROM events GROUP BY k) GROUP BY n % 5",
+        },
+        Case {
+            name: "aggregate_of_aggregates",
+            create: "CREATE MATERIALIZED VIEW aggregate_of_aggregates AS SELECT window_start, \
+                     max(n) AS top, count(*) AS keys, sum(n) AS total FROM (SELECT window_start, k, \
+                     count(*) AS n FROM TUMBLE(events, ts, INTERVAL '2' SECOND) GROUP BY window_start, k) \
+                     AS c GROUP BY window_start",
+            view_select: "SELECT CAST(CAST(window_start AS BIGINT) AS VARCHAR), CAST(top AS VARCHAR), \
+                          CAST(keys AS VARCHAR), CAST(total AS VARCHAR) FROM aggregate_of_aggregates",
+            oracle: "SELECT CAST(w AS VARCHAR), CAST(max(n) AS VARCHAR), CAST(count(*) AS VARCHAR), \
+                     CAST(sum(n) AS VARCHAR) FROM (SELECT w, k, count(*) AS n FROM \
+                     (SELECT *, ts_ns - ts_ns % 2000000000 AS w FROM raw) GROUP BY w, k) GROUP BY w",
+        },
+        Case {
+            name: "hot_keys",
+            create: "CREATE MATERIALIZED VIEW hot_keys AS SELECT window_start, max(n) AS top FROM \
+                     (SELECT window_start, k, count(*) AS n \
+                     FROM HOP(events, ts, INTERVAL '1' SECOND, INTERVAL '3' SECOND) \
+                     GROUP BY window_start, k) AS c GROUP BY window_start EMIT ON WINDOW CLOSE",
+            view_select: "SELECT CAST(CAST(window_start AS BIGINT) AS VARCHAR), CAST(top AS VARCHAR) \
+                          FROM hot_keys",
+            oracle: "SELECT CAST(w AS VARCHAR), CAST(max(n) AS VARCHAR) FROM (SELECT w, k, count(*) AS n \
+                     FROM hop3 WHERE w + 3000000000 <= (SELECT wm FROM watermark) GROUP BY w, k) \
+                     GROUP BY w",
+        },
+        Case {
+            name: "top_keys",
+            create: "CREATE MATERIALIZED VIEW top_keys AS SELECT k, n FROM (SELECT k, count(*) AS n \
+                     FROM events GROUP BY k) AS c ORDER BY n DESC, k LIMIT 5",
+            view_select: "SELECT CAST(k AS VARCHAR), CAST(n AS VARCHAR) FROM top_keys",
+            oracle: "SELECT CAST(k AS VARCHAR), CAST(n AS VARCHAR) FROM (SELECT k, n FROM \
+                     (SELECT k, count(*) AS n FROM events GROUP BY k) ORDER BY n DESC, k LIMIT 5)",
+        },
+        Case {
+            name: "top_per_window",
+            create: "CREATE MATERIALIZED VIEW top_per_window AS SELECT window_start, k, n FROM \
+                     (SELECT window_start, k, n, ROW_NUMBER() OVER (PARTITION BY window_start \
+                     ORDER BY n DESC, k) AS rank FROM (SELECT window_start, k, count(*) AS n \
+                     FROM TUMBLE(events, ts, INTERVAL '2' SECOND) GROUP BY window_start, k) AS c) \
+                     AS ranked WHERE rank <= 3",
+            view_select: "SELECT CAST(CAST(window_start AS BIGINT) AS VARCHAR), CAST(k AS VARCHAR), \
+                          CAST(n AS VARCHAR) FROM top_per_window",
+            oracle: "SELECT CAST(w AS VARCHAR), CAST(k AS VARCHAR), CAST(n AS VARCHAR) FROM \
+                     (SELECT w, k, n, ROW_NUMBER() OVER (PARTITION BY w ORDER BY n DESC, k) AS rank \
+                     FROM (SELECT w, k, count(*) AS n FROM \
+                     (SELECT *, ts_ns - ts_ns % 2000000000 AS w FROM raw) GROUP BY w, k)) \
+                     WHERE rank <= 3",
+        },
+        Case {
+            name: "distinct_pairs",
+            create: "CREATE MATERIALIZED VIEW distinct_pairs AS SELECT DISTINCT k % 11 AS b, v % 3 AS m \
+                     FROM events WHERE v > 50",
+            view_select: "SELECT CAST(b AS VARCHAR), CAST(m AS VARCHAR) FROM distinct_pairs",
+            oracle: "SELECT DISTINCT CAST(k % 11 AS VARCHAR), CAST(v % 3 AS VARCHAR) FROM events \
+                     WHERE v > 50",
+        },
+        Case {
+            name: "distinct_of_changes",
+            create: "CREATE MATERIALIZED VIEW distinct_of_changes AS SELECT DISTINCT n / 10 AS tens \
+                     FROM running",
+            view_select: "SELECT CAST(tens AS VARCHAR) FROM distinct_of_changes",
+            oracle: "SELECT DISTINCT CAST(n / 10 AS VARCHAR) FROM (SELECT k, count(*) AS n FROM events \
+                     GROUP BY k)",
+        },
+        Case {
+            name: "union_all",
+            create: "CREATE MATERIALIZED VIEW union_all AS SELECT k % 4 AS b, count(*) AS n, sum(v) AS s \
+                     FROM (SELECT k, v FROM events WHERE v < 20 UNION ALL \
+                     SELECT k, v + 1000 FROM events WHERE v > 80) AS u GROUP BY k % 4",
+            view_select: "SELECT CAST(b AS VARCHAR), CAST(n AS VARCHAR), CAST(s AS VARCHAR) FROM union_all",
+            oracle: "SELECT CAST(k % 4 AS VARCHAR), CAST(count(*) AS VARCHAR), CAST(sum(v) AS VARCHAR) \
+                     FROM (SELECT k, v FROM events WHERE v < 20 UNION ALL \
+                     SELECT k, v + 1000 FROM events WHERE v > 80) GROUP BY k % 4",
         },
     ]
 }
