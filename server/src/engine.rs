@@ -261,11 +261,16 @@ pub struct ViewSlot {
     /// The first interval the view runs (the one after its creation); `None` when
     /// unknown (restored without a checkpoint: from the start).
     pub since: Option<IntervalId>,
+    /// For a stage other stages read: where the changes of each recent interval are
+    /// kept, one block per partition that changed (as a source's input is kept), so
+    /// that a recovery can replay them into the readers' lost partitions.
+    pub changes: VecDeque<SealedInterval>,
 }
 
 impl ViewSlot {
     pub fn new(plan: Arc<StreamPlan>) -> Self {
         ViewSlot {
+            changes: VecDeque::new(),
             since: None,
             plan,
             placement: Vec::new(),
@@ -282,6 +287,33 @@ impl ViewSlot {
         self.failure.is_none()
             && !self.placement.is_empty()
             && self.since.is_none_or(|s| s <= interval)
+    }
+
+    /// Records where the changes of an interval are kept (again, if an earlier
+    /// attempt of it did), and forgets intervals workers no longer keep: those
+    /// before the last `retain_intervals` and before `lineage` (see
+    /// `WorkerState::expire_blocks`).
+    pub fn record_changes(
+        &mut self,
+        changes: SealedInterval,
+        lineage: Option<IntervalId>,
+        retain_intervals: u64,
+    ) {
+        let interval = changes.interval;
+        self.changes.retain(|c| c.interval != interval);
+        self.changes.push_back(changes);
+        let mut keep_from = interval
+            .0
+            .saturating_sub(retain_intervals.saturating_sub(1));
+        if let Some(lineage) = lineage {
+            keep_from = keep_from.min(lineage.0);
+        }
+        self.changes.retain(|c| c.interval.0 >= keep_from);
+    }
+
+    /// Where the changes of `interval` are kept, if they still are.
+    pub fn changes_of(&self, interval: IntervalId) -> Option<&SealedInterval> {
+        self.changes.iter().find(|c| c.interval == interval)
     }
 
     /// Whether this is a stage before a view's last: internal, not shown to users.
@@ -439,6 +471,31 @@ impl EngineState {
             levels.insert(name.clone(), chain.len().saturating_sub(1));
         }
         levels
+    }
+
+    /// The input of stage `name` in `interval`, if still held: its source's blocks,
+    /// or the changes the stage it reads made.
+    pub fn input_of(&self, name: &str, interval: IntervalId) -> Option<&SealedInterval> {
+        let source = &self.views.get(name)?.plan.source;
+        match self.views.get(source) {
+            Some(upstream) => upstream.changes_of(interval),
+            None => self.sources.get(source)?.input_of(interval),
+        }
+    }
+
+    /// How many intervals of input workers keep whatever the lineage (as
+    /// `source_retention` says).
+    pub fn retain_intervals(&self, retention: Duration) -> u64 {
+        let retention = retention.as_nanos();
+        retention
+            .checked_div(self.timeline.width().as_nanos())
+            .unwrap_or(retention)
+            .max(1) as u64
+    }
+
+    /// Whether stage `name` is read by other stages.
+    pub fn is_read(&self, name: &str) -> bool {
+        self.views.values().any(|v| v.plan.source == name)
     }
 
     /// The stages of view `view`, its own last.

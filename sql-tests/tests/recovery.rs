@@ -27,7 +27,11 @@ const SETUP: &str = "
     CREATE MATERIALIZED VIEW hops AS
       SELECT window_start, k % 10 AS b, max(v) AS hi
       FROM HOP(s, ts, INTERVAL '1' SECOND, INTERVAL '3' SECOND) GROUP BY window_start, k % 10;
-    CREATE MATERIALIZED VIEW picked AS SELECT k, v FROM s WHERE v % 97 = 0;";
+    CREATE MATERIALIZED VIEW picked AS SELECT k, v FROM s WHERE v % 97 = 0;
+    CREATE MATERIALIZED VIEW spread AS
+      SELECT n % 10 AS b, count(*) AS keys, max(total) AS top FROM totals GROUP BY n % 10;
+    CREATE MATERIALIZED VIEW leaders AS
+      SELECT k, n FROM (SELECT k, count(*) AS n FROM s GROUP BY k) AS c ORDER BY n DESC, k LIMIT 5;";
 
 /// A view created later in some runs (after interval 7), its rows, and the batch
 /// query over the raw input from interval 8 (8 s after the manual clock's origin)
@@ -40,7 +44,7 @@ const LATE_ORACLE: &str = "SELECT k % 7, count(*), sum(v) FROM s \
 
 /// Each view, read as text, with the batch query over the raw input that must give
 /// the same rows (`None`: compared with the fault-free run only).
-const VIEWS: [(&str, &str, Option<&str>); 5] = [
+const VIEWS: [(&str, &str, Option<&str>); 7] = [
     (
         "totals",
         "SELECT k, n, total, d FROM totals",
@@ -68,6 +72,23 @@ const VIEWS: [(&str, &str, Option<&str>); 5] = [
         "picked",
         "SELECT k, v FROM picked",
         Some("SELECT k, v FROM s WHERE v % 97 = 0"),
+    ),
+    // Views of several stages: a view on a view, and a top-N over a count.
+    (
+        "spread",
+        "SELECT b, keys, top FROM spread",
+        Some(
+            "SELECT n % 10, count(*), max(total) FROM \
+             (SELECT k, count(*) AS n, sum(v) AS total FROM s GROUP BY k) AS t GROUP BY n % 10",
+        ),
+    ),
+    (
+        "leaders",
+        "SELECT k, n FROM leaders",
+        Some(
+            "SELECT k, n FROM (SELECT k, n FROM (SELECT k, count(*) AS n FROM s GROUP BY k) AS c \
+             ORDER BY n DESC, k LIMIT 5) AS top",
+        ),
     ),
 ];
 
@@ -390,9 +411,10 @@ async fn killed_workers_are_recovered_with_the_same_results() {
     assert_ne!(recovery[4], "0", "receivers were reopened: {recovery:?}");
     assert_eq!(recovery[5], "true", "from a checkpoint: {recovery:?}");
     assert_eq!(recovery[6], "true", "input was replayed: {recovery:?}");
-    // 20 partitions (5 views of 4), evenly over the survivor and the replacement.
+    // 32 partitions (8 stages of 4: 7 views, one of two stages), evenly over the
+    // survivor and the replacement.
     assert!(
-        killed.partitions.len() == 2 && killed.partitions.iter().all(|p| p.ends_with("|10|")),
+        killed.partitions.len() == 2 && killed.partitions.iter().all(|p| p.ends_with("|16|")),
         "{:?}",
         killed.partitions
     );
@@ -756,12 +778,12 @@ async fn a_failing_store_never_commits_half_a_checkpoint() {
     let clean = run(2, 3, &[Step::Advance(intervals)], true).await;
 
     // Every store call of the coordinator and of each worker waits 20 ms, and each
-    // process's writes 9 to 18 fail (the coordinator's first six write the catalog):
-    // more than retries cover, so the checkpoints written meanwhile fail; later ones
-    // commit.
+    // process's writes 10 to 19 fail (the coordinator's first eight write the
+    // catalog, its ninth the first manifest): more than retries cover, so the
+    // checkpoints written meanwhile fail; later ones commit.
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let (first, client, _) = serve(&data, Some("latency=20ms,fail=9-18")).await;
+    let (first, client, _) = serve(&data, Some("latency=20ms,fail=10-19")).await;
     client.batch_execute(SETUP).await.expect("setup");
     client.batch_execute("ADVANCE 9").await.expect("advance");
     let statuses = "SELECT DISTINCT status FROM dstream_checkpoints";

@@ -36,7 +36,7 @@ use tracing::{info, warn};
 use super::scheduler::{self, CommitOptions, Interrupted, MapOutput};
 use super::stage::{StageTask, run_stage};
 use super::{Cluster, WorkerRecord, WorkerStatus};
-use crate::engine::{Engine, EngineState, Sealing};
+use crate::engine::{BlockInfo, Engine, EngineState, SealedInterval, Sealing};
 
 /// One recovery, as `dstream_recoveries` shows it.
 #[derive(Clone, Debug)]
@@ -72,6 +72,12 @@ struct Rebuild {
     /// on an interval's watermark (it has no window), so folding several intervals'
     /// rows in one go leaves the state that folding them one by one does.
     fold: bool,
+    /// Other stages read this one: each replayed interval keeps its changes (the
+    /// readers' lost partitions replay them), so intervals are not folded.
+    keep_changes: bool,
+    /// Level of the stage (see `EngineState::stage_levels`): a level's rebuilds
+    /// replay after the levels below, whose changes they may read.
+    level: usize,
     /// Intervals replayed: from the earliest a partition needs to the view's last.
     from: IntervalId,
     to: IntervalId,
@@ -332,8 +338,13 @@ async fn rebuild_partitions(
             }
         }
     }
+    let levels = state.stage_levels();
     let mut rebuilds = Vec::new();
-    for (name, view) in state.views.iter_mut() {
+    let names: Vec<String> = state.views.keys().cloned().collect();
+    for name in names {
+        let Some(view) = state.views.get(&name) else {
+            continue;
+        };
         if view.failure.is_some() {
             continue;
         }
@@ -357,40 +368,25 @@ async fn rebuild_partitions(
         }
         let Some(last) = view.last_interval else {
             // The view has not run yet: there is no state to rebuild.
-            for (p, target) in &partitions {
-                view.place(*p, target.id);
+            if let Some(view) = state.views.get_mut(&name) {
+                for (p, target) in &partitions {
+                    view.place(*p, target.id);
+                }
             }
             continue;
         };
         let first = view.first_interval.unwrap_or(last);
-        let sql = state
-            .catalog
-            .get(&view.plan.view)
-            .map(|o| o.sql().to_string());
-        if !state.sources.contains_key(&view.plan.source) {
-            let reason = format!(
-                "its state partition(s) {} were on lost {}; rebuilding the partitions of a \
-                 stage that reads another stage or view is not supported yet",
-                partitions
-                    .iter()
-                    .map(|(p, _)| p.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                partitions
-                    .first()
-                    .and_then(|(p, _)| view.placement.get(*p as usize))
-                    .map_or_else(|| "a lost worker".into(), |w| cluster.unavailable(*w)),
-            );
-            warn!(view = %name, %reason, "cannot rebuild a view");
-            view.failure = Some(reason);
-            continue;
-        }
+        let sql = state.stage_sql(&name);
+        // A stage that reads another stage, or that others read, is rebuilt from the
+        // committed checkpoint alone: its partitions and those of the stages next to
+        // it then start from the same interval.
+        let chained = !state.sources.contains_key(&view.plan.source) || state.is_read(&name);
         let ran = |at: IntervalId| first <= at && at <= last;
         // The checkpoint holds this view if it was taken while the view ran, from
         // the same definition.
         let committed = manifest.as_ref().and_then(|m| {
             let at = IntervalId(m.interval);
-            let held = m.views.get(name)?;
+            let held = m.views.get(&name)?;
             (ran(at)
                 && Some(&held.sql) == sql.as_ref()
                 && held.partitions.len() == view.placement.len())
@@ -398,9 +394,10 @@ async fn rebuild_partitions(
         });
         // A newer checkpoint that never committed (its writing lost a worker, maybe
         // this one) still holds the partitions whose writing finished.
-        let newer = unfinished.filter(|at| ran(*at) && committed.is_none_or(|(c, _)| c < *at));
+        let newer =
+            unfinished.filter(|at| !chained && ran(*at) && committed.is_none_or(|(c, _)| c < *at));
         let written = match (newer, &sql) {
-            (Some(at), Some(sql)) => written_partitions(engine, at, name, sql, &partitions).await,
+            (Some(at), Some(sql)) => written_partitions(engine, at, &name, sql, &partitions).await,
             _ => HashMap::new(),
         };
         let partitions: Vec<LostPartition> = partitions
@@ -423,10 +420,9 @@ async fn rebuild_partitions(
             })
             .collect();
         let from = partitions.iter().map(|p| p.from).min().unwrap_or(first);
-        let source = state.sources.get(&view.plan.source);
         let missing = (from.0..=last.0)
             .map(IntervalId)
-            .find(|i| source.is_none_or(|s| s.input_of(*i).is_none()));
+            .find(|i| state.input_of(&name, *i).is_none());
         if let Some(missing) = missing {
             let reason = format!(
                 "its state partition(s) {} were on lost {}, and the input of interval {missing} needed to rebuild them is no longer held{}",
@@ -446,13 +442,18 @@ async fn rebuild_partitions(
                 }
             );
             warn!(view = %name, %reason, "cannot rebuild a view");
-            view.failure = Some(reason);
+            if let Some(view) = state.views.get_mut(&name) {
+                view.failure = Some(reason);
+            }
             continue;
         }
+        let keep_changes = state.is_read(&name);
         rebuilds.push(Rebuild {
-            view: name.clone(),
+            fold: view.plan.window.is_none() && !keep_changes,
+            keep_changes,
+            level: levels.get(&name).copied().unwrap_or(0),
+            view: name,
             partitions,
-            fold: view.plan.window.is_none(),
             from,
             to: last,
         });
@@ -504,41 +505,68 @@ async fn rebuild_partitions(
         }
     }
 
-    // Replay. The map tasks of every replayed interval run at once: they depend on
-    // their blocks alone, and produce the lost partitions' rows only. Then, interval
-    // by interval, the lost partitions fold them in and commit.
-    let first_task = scheduler::reserve_task_ids(state);
-    let outputs = replay_maps(engine, state, &rebuilds, first_task, &mut failed).await?;
-    let (Some(first), Some(last)) = (
-        rebuilds.iter().map(|r| r.from).min(),
-        rebuilds.iter().map(|r| r.to).max(),
-    ) else {
-        return Ok(());
-    };
-    // Views that fold their replayed input at once do so at their last interval;
-    // the others reduce and commit interval by interval.
-    for i in (first.0..=last.0).map(IntervalId) {
-        let replayed: Vec<&Rebuild> = rebuilds
-            .iter()
-            .filter(|r| r.from <= i && i <= r.to && !failed.contains_key(&r.view))
-            .collect();
-        if replayed.is_empty() {
+    // Replay, a level of stages at a time: a stage's lost partitions read the
+    // changes of the stage before it, which the level below kept (or replayed and
+    // kept again). Within a level the map tasks of every replayed interval run at
+    // once: they depend on their input alone, and produce the lost partitions' rows
+    // only. Then, interval by interval, the lost partitions fold them in and commit.
+    let top = rebuilds.iter().map(|r| r.level).max().unwrap_or(0);
+    for level in 0..=top {
+        let at_level: Vec<&Rebuild> = rebuilds.iter().filter(|r| r.level == level).collect();
+        if at_level.is_empty() {
             continue;
         }
-        stat.replayed_intervals = stat.replayed_intervals.saturating_add(1);
-        let active: Vec<&Rebuild> = replayed
-            .into_iter()
-            .filter(|r| !r.fold || i == r.to)
-            .collect();
-        if active.is_empty() {
+        let first_task = scheduler::reserve_task_ids(state);
+        let outputs = replay_maps(engine, state, &at_level, first_task, &mut failed).await?;
+        let (Some(first), Some(last)) = (
+            at_level.iter().map(|r| r.from).min(),
+            at_level.iter().map(|r| r.to).max(),
+        ) else {
             continue;
-        }
-        let replay = Replay {
-            interval: i,
-            first_task: scheduler::reserve_task_ids(state),
-            lineage,
         };
-        replay_reduce(engine, state, &active, replay, &outputs, &mut failed).await?;
+        // Views that fold their replayed input at once do so at their last interval;
+        // the others reduce and commit interval by interval.
+        for i in (first.0..=last.0).map(IntervalId) {
+            let replayed: Vec<&Rebuild> = at_level
+                .iter()
+                .copied()
+                .filter(|r| r.from <= i && i <= r.to && !failed.contains_key(&r.view))
+                .collect();
+            if replayed.is_empty() {
+                continue;
+            }
+            stat.replayed_intervals = stat.replayed_intervals.saturating_add(1);
+            let active: Vec<&Rebuild> = replayed
+                .into_iter()
+                .filter(|r| !r.fold || i == r.to)
+                .collect();
+            if active.is_empty() {
+                continue;
+            }
+            let replay = Replay {
+                interval: i,
+                first_task: scheduler::reserve_task_ids(state),
+                lineage,
+            };
+            let kept = replay_reduce(engine, state, &active, replay, &outputs, &mut failed).await?;
+            // The replayed changes are where the readers' replay finds them now.
+            let retain = state.retain_intervals(engine.inner.config.source_retention);
+            for (view, changes) in kept {
+                if let Some(slot) = state.views.get_mut(&view) {
+                    let mut record = slot.changes_of(i).cloned().unwrap_or(SealedInterval {
+                        interval: i,
+                        blocks: Vec::new(),
+                        watermark: None,
+                    });
+                    for (partition, block) in changes {
+                        record.blocks.retain(|b| b.index != partition);
+                        record.blocks.extend(block);
+                    }
+                    record.blocks.sort_by_key(|b| b.index);
+                    slot.record_changes(record, lineage, retain);
+                }
+            }
+        }
     }
 
     for rebuild in rebuilds {
@@ -600,7 +628,7 @@ type ReplayOutputs = HashMap<(IntervalId, String), Vec<MapOutput>>;
 async fn replay_maps(
     engine: &Engine,
     state: &EngineState,
-    rebuilds: &[Rebuild],
+    rebuilds: &[&Rebuild],
     first_task: u64,
     failed: &mut BTreeMap<String, String>,
 ) -> std::result::Result<ReplayOutputs, Interrupted> {
@@ -618,7 +646,6 @@ async fn replay_maps(
         if failed.contains_key(name) {
             continue;
         }
-        let source = state.sources.get(&view.plan.source);
         for i in (rebuild.from.0..=rebuild.to.0).map(IntervalId) {
             let lost: Vec<u32> = rebuild
                 .partitions
@@ -626,7 +653,7 @@ async fn replay_maps(
                 .filter(|p| p.from <= i)
                 .map(|p| p.partition)
                 .collect();
-            let Some(input) = source.and_then(|s| s.input_of(i)) else {
+            let Some(input) = state.input_of(name, i) else {
                 failed.insert(
                     name.clone(),
                     format!("the input of interval {i} is no longer held"),
@@ -687,10 +714,15 @@ struct Replay {
     lineage: Option<IntervalId>,
 }
 
+/// The changes replayed partitions of read stages kept, by stage: for each
+/// partition, where its changes are (none: it had none).
+type KeptChanges = HashMap<String, Vec<(u32, Option<BlockInfo>)>>;
+
 /// Folds the mapped rows (from `outputs`) of one replayed interval — or, for views
 /// that [`Rebuild::fold`], of every interval replayed up to it — into the lost
 /// partitions of `active` views, with reduce tasks for those partitions only, and
 /// commits the interval on their new owners. A view that fails goes into `failed`.
+/// Returns where the stages that [`Rebuild::keep_changes`] kept them.
 async fn replay_reduce(
     engine: &Engine,
     state: &EngineState,
@@ -698,7 +730,7 @@ async fn replay_reduce(
     replay: Replay,
     outputs: &ReplayOutputs,
     failed: &mut BTreeMap<String, String>,
-) -> std::result::Result<(), Interrupted> {
+) -> std::result::Result<KeptChanges, Interrupted> {
     let Replay {
         interval: i,
         first_task,
@@ -761,7 +793,7 @@ async fn replay_reduce(
                         watermark,
                         replay: true,
                         adopt: None,
-                        keep_changes: false,
+                        keep_changes: rebuild.keep_changes,
                         withhold_changes: true,
                     })),
                 },
@@ -770,7 +802,7 @@ async fn replay_reduce(
             });
         }
     }
-    let stage = run_stage(
+    let mut stage = run_stage(
         &cluster,
         reduce_tasks,
         "replay reduce tasks",
@@ -778,6 +810,23 @@ async fn replay_reduce(
         &mut next_task,
     )
     .await;
+    let mut kept: KeptChanges = HashMap::new();
+    for (id, (worker, result)) in std::mem::take(&mut stage.results) {
+        let Some((view, p)) = reduce_of_task.get(&id) else {
+            continue;
+        };
+        if !active.iter().any(|r| r.view == *view && r.keep_changes) {
+            continue;
+        }
+        let block = (result.changed_rows > 0).then(|| BlockInfo {
+            interval: i,
+            index: *p,
+            rows: result.changed_rows,
+            bytes: result.changed_bytes,
+            holders: vec![worker],
+        });
+        kept.entry(view.clone()).or_default().push((*p, block));
+    }
     lost_tasks(
         &cluster,
         |id| reduce_of_task.get(&id).map(|(view, _)| view),
@@ -823,7 +872,7 @@ async fn replay_reduce(
             }
         }
     }
-    Ok(())
+    Ok(kept)
 }
 
 /// Fails the views of tasks that got no result, or interrupts the recovery when a

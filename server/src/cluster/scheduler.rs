@@ -913,6 +913,7 @@ async fn run_stages(
         .map(|(n, v)| (n.clone(), v.plan.clone(), v.placement.clone()))
         .collect();
     let levels = state.stage_levels();
+    let retain = state.retain_intervals(engine.inner.config.source_retention);
     // Stages other stages read keep their changes on the workers for them.
     let read: HashSet<&str> = views
         .iter()
@@ -1137,6 +1138,20 @@ async fn run_stages(
         }
         for stage_blocks in blocks.values_mut() {
             stage_blocks.sort_by_key(|b| b.index);
+        }
+        // Where each read stage's changes are kept, for a recovery to replay them.
+        for (name, ..) in &stages {
+            if !read.contains(name.as_str()) || failed.contains_key(name) {
+                continue;
+            }
+            let kept = SealedInterval {
+                interval,
+                blocks: blocks.get(name).cloned().unwrap_or_default(),
+                watermark: None,
+            };
+            if let Some(slot) = state.views.get_mut(name) {
+                slot.record_changes(kept, commit.lineage, retain);
+            }
         }
     }
 
