@@ -52,6 +52,24 @@ impl Wanted {
     }
 }
 
+/// Bits of a piece id that hold the block index; the bits above hold the input.
+const BLOCK_BITS: u32 = 24;
+
+/// The id a map task's output is kept under: its block's index, and which of its
+/// stage's inputs the block is of (a stage reads several with UNION ALL), so that
+/// blocks of two inputs with the same index stay apart.
+pub fn piece_id(input: u32, block: u32) -> Result<u32> {
+    if block >> BLOCK_BITS != 0 || input >> (32 - BLOCK_BITS) != 0 {
+        return Err(Error::Internal(format!(
+            "block {block} of input {input} has no piece id: at most {} blocks per interval \
+             and {} inputs per stage",
+            1u32 << BLOCK_BITS,
+            1u32 << (32 - BLOCK_BITS)
+        )));
+    }
+    Ok((input << BLOCK_BITS) | block)
+}
+
 /// The partition of every row of `keys` (columns of equal length) among `partitions`,
 /// into `out`. Without keys, or with one partition, every row is in partition 0.
 fn partitions_of(

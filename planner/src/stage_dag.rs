@@ -47,19 +47,20 @@ impl StageDag {
     pub fn for_plan(plan: &StreamPlan) -> StageDag {
         let p = plan.partitions;
         let mut stages = Vec::new();
-        let input = if plan.retracting_input {
-            format!(
-                "the interval's changes to {} (one task per partition of it with changes)",
-                plan.source
-            )
-        } else if plan.source.contains(crate::dataflow::STAGE_SEPARATOR) {
-            format!(
-                "the interval's new rows of {} (one task per partition of it with rows)",
-                plan.source
-            )
-        } else {
-            format!("the interval's block of {}", plan.source)
-        };
+        let input = plan
+            .inputs
+            .iter()
+            .map(|input| {
+                if plan.retracting_input {
+                    format!("the interval's changes to {input} (one task per partition of it with changes)")
+                } else if input.contains(crate::dataflow::STAGE_SEPARATOR) {
+                    format!("the interval's new rows of {input} (one task per partition of it with rows)")
+                } else {
+                    format!("the interval's block of {input}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
         if let Some(keyed) = &plan.keyed {
             let keys = keyed
                 .keys
@@ -256,8 +257,15 @@ fn explain_stage(out: &mut String, plan: &StreamPlan) {
     let _ = writeln!(
         out,
         "stage {}: reads {} ({changes})",
-        plan.name, plan.source
+        plan.name,
+        plan.inputs.join(", ")
     );
+    if plan.inputs.len() > 1 {
+        let _ = writeln!(
+            out,
+            "  union: the map tasks of every input feed the same exchange"
+        );
+    }
     if let Some(w) = &plan.window {
         let _ = writeln!(out, "  window: {}", w.describe());
         let _ = writeln!(out, "  emit: {}", plan.emit);

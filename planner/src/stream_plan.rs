@@ -45,8 +45,11 @@ pub struct StreamPlan {
     pub name: String,
     /// The view the stage belongs to.
     pub view: String,
-    /// The one stream the stage reads: a source, another view, or an earlier stage.
+    /// The stream the stage reads: a source, another view, or an earlier stage (the
+    /// first of `inputs`).
     pub source: String,
+    /// Every stream the stage reads, `source` first: several with `UNION ALL`.
+    pub inputs: Vec<String>,
     /// Every catalog object the stage reads (sources, views and tables; not stages).
     pub reads: Vec<String>,
     pub window: Option<WindowSpec>,
@@ -206,11 +209,24 @@ pub(crate) fn plan_stage(
 ) -> Result<StreamPlan> {
     let inputs = resolve_reads(&logical, cx)?;
     check_supported(&logical)?;
-    let source = inputs.stream.clone();
-    check_joins(&logical, &source)?;
+    let source = inputs
+        .streams
+        .first()
+        .cloned()
+        .ok_or_else(|| Error::Internal("a stage without a stream".into()))?;
+    check_joins(&logical, &inputs.streams)?;
     // The window belongs to the stage that reads its source; EMIT ON WINDOW CLOSE to
     // that stage too (later stages see only closed windows, and emit updates).
-    let window = cx.window.filter(|w| w.source == source).cloned();
+    let window = cx
+        .window
+        .filter(|w| inputs.streams.contains(&w.source))
+        .cloned();
+    if window.is_some() && inputs.streams.len() > 1 {
+        return Err(unsupported(
+            "a window over one of several streams read with UNION ALL; window the \
+             streams in views of their own, and read those",
+        ));
+    }
     let emit = match &window {
         Some(_) => cx.emit,
         None => EmitMode::OnUpdate,
@@ -220,6 +236,7 @@ pub(crate) fn plan_stage(
         name,
         view: cx.view.to_string(),
         source,
+        inputs: inputs.streams,
         reads: inputs.reads,
         window,
         emit,
@@ -312,11 +329,12 @@ fn check_aggregate(plan: &StreamPlan, agg: &AggregatePlan) -> Result<()> {
 
 /// The relations a stage reads.
 struct StageInputs {
-    /// The one stream: a source, a view or an earlier stage.
-    stream: String,
+    /// The streams: sources, views or earlier stages, in the order the plan reads
+    /// them.
+    streams: Vec<String>,
     /// Catalog objects read.
     reads: Vec<String>,
-    /// Whether the stream retracts rows.
+    /// Whether a stream retracts rows.
     retracting: bool,
 }
 
@@ -357,37 +375,16 @@ fn resolve_reads(plan: &LogicalPlan, cx: &StageContext<'_>) -> Result<StageInput
         }
         reads.push(name);
     }
-    match streams.len() {
-        1 => {
-            let (stream, retracting) = streams.remove(0);
-            Ok(StageInputs {
-                stream,
-                reads,
-                retracting,
-            })
-        }
-        0 => Err(invalid(
+    if streams.is_empty() {
+        return Err(invalid(
             "a materialized view must read a source or a view; to query tables alone, use SELECT",
-        )),
-        _ => {
-            let names = streams
-                .iter()
-                .map(|(n, _)| crate::dataflow::view_of_stage(n))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let joins = plan.exists(|n| Ok(matches!(n, LogicalPlan::Join(_))))?;
-            Err(unsupported(if joins {
-                format!(
-                    "joins of two streams ({names}) are not supported yet; join a stream with tables"
-                )
-            } else {
-                format!(
-                    "UNION ALL of different streams ({names}) is not supported yet; a view \
-                     reads one source or view"
-                )
-            }))
-        }
+        ));
     }
+    Ok(StageInputs {
+        retracting: streams.iter().any(|(_, r)| *r),
+        streams: streams.into_iter().map(|(n, _)| n).collect(),
+        reads,
+    })
 }
 
 pub(crate) fn check_window(
@@ -735,28 +732,40 @@ fn replace_operator_input(
 }
 
 /// Joins may only add columns from static tables to each stream row.
-fn check_joins(input: &LogicalPlan, source: &str) -> Result<()> {
+fn check_joins(input: &LogicalPlan, streams: &[String]) -> Result<()> {
     let mut problem = None;
+    let reads = |p: &LogicalPlan| -> Vec<String> {
+        let mut found = Vec::new();
+        let _ = p.apply(|n| {
+            if let LogicalPlan::TableScan(s) = n {
+                let name = s.table_name.table().to_string();
+                if streams.contains(&name) {
+                    found.push(name);
+                }
+            }
+            Ok(TreeNodeRecursion::Continue)
+        });
+        found
+    };
     input.apply(|node| {
         if let LogicalPlan::Join(join) = node {
-            let reads_source = |p: &LogicalPlan| {
-                let mut found = false;
-                let _ = p.apply(|n| {
-                    if let LogicalPlan::TableScan(s) = n {
-                        found |= s.table_name.table() == source;
-                    }
-                    Ok(TreeNodeRecursion::Continue)
+            let (left, right) = (reads(&join.left), reads(&join.right));
+            if !left.is_empty() && !right.is_empty() {
+                problem = Some(match left.iter().find(|l| right.contains(l)) {
+                    Some(same) => format!(
+                        "reading source \"{same}\" twice (a self-join); join a stream with \
+                         tables"
+                    ),
+                    None => format!(
+                        "joins of two streams ({}, {}) are not supported yet; join a stream \
+                         with tables",
+                        crate::dataflow::view_of_stage(left.first().map_or("", |s| s.as_str())),
+                        crate::dataflow::view_of_stage(right.first().map_or("", |s| s.as_str()))
+                    ),
                 });
-                found
-            };
-            let left = reads_source(&join.left);
-            if left && reads_source(&join.right) {
-                problem = Some(format!(
-                    "reading source \"{source}\" twice (a self-join); join a stream with \
-                     tables"
-                ));
                 return Ok(TreeNodeRecursion::Stop);
             }
+            let left = !left.is_empty();
             let ok = match join.join_type {
                 JoinType::Inner => true,
                 JoinType::Left | JoinType::LeftSemi | JoinType::LeftAnti => left,

@@ -453,33 +453,44 @@ impl EngineState {
     /// The level of every stage: 0 for a stage that reads a source, one more than
     /// the stage it reads otherwise. A level runs after the levels below it.
     pub fn stage_levels(&self) -> HashMap<String, usize> {
+        fn level(
+            state: &EngineState,
+            name: &str,
+            levels: &mut HashMap<String, usize>,
+            depth: usize,
+        ) -> usize {
+            if let Some(l) = levels.get(name) {
+                return *l;
+            }
+            // Stages read earlier ones, so this ends at sources (and cannot loop,
+            // but is cut at the number of stages in case).
+            let Some(slot) = state.views.get(name).filter(|_| depth <= state.views.len()) else {
+                return 0;
+            };
+            let l = slot
+                .plan
+                .inputs
+                .iter()
+                .filter(|input| state.views.contains_key(input.as_str()))
+                .map(|input| level(state, input, levels, depth.saturating_add(1)).saturating_add(1))
+                .max()
+                .unwrap_or(0);
+            levels.insert(name.to_string(), l);
+            l
+        }
         let mut levels: HashMap<String, usize> = HashMap::new();
         for name in self.views.keys() {
-            let mut chain = vec![name.as_str()];
-            let mut at = name.as_str();
-            // Stages read earlier ones: the chain ends at a source (and cannot loop,
-            // but is cut at the number of stages in case).
-            while let Some(slot) = self.views.get(at) {
-                if chain.len() > self.views.len() {
-                    break;
-                }
-                at = slot.plan.source.as_str();
-                if self.views.contains_key(at) {
-                    chain.push(at);
-                }
-            }
-            levels.insert(name.clone(), chain.len().saturating_sub(1));
+            level(self, name, &mut levels, 0);
         }
         levels
     }
 
-    /// The input of stage `name` in `interval`, if still held: its source's blocks,
-    /// or the changes the stage it reads made.
-    pub fn input_of(&self, name: &str, interval: IntervalId) -> Option<&SealedInterval> {
-        let source = &self.views.get(name)?.plan.source;
-        match self.views.get(source) {
+    /// The input `input` (a source, or a stage other stages read) in `interval`, if
+    /// still held: the source's blocks, or where the stage's changes are.
+    pub fn input_of(&self, input: &str, interval: IntervalId) -> Option<&SealedInterval> {
+        match self.views.get(input) {
             Some(upstream) => upstream.changes_of(interval),
-            None => self.sources.get(source)?.input_of(interval),
+            None => self.sources.get(input)?.input_of(interval),
         }
     }
 
@@ -495,7 +506,9 @@ impl EngineState {
 
     /// Whether stage `name` is read by other stages.
     pub fn is_read(&self, name: &str) -> bool {
-        self.views.values().any(|v| v.plan.source == name)
+        self.views
+            .values()
+            .any(|v| v.plan.inputs.iter().any(|i| i == name))
     }
 
     /// The stages of view `view`, its own last.
@@ -535,7 +548,7 @@ impl EngineState {
                 if slot.plan.view == view && out.insert(name.clone()) {
                     // Views that read this one.
                     for other in self.views.values() {
-                        if other.plan.source == *name && other.plan.view != view {
+                        if other.plan.inputs.contains(name) && other.plan.view != view {
                             views.push(other.plan.view.clone());
                         }
                     }

@@ -550,7 +550,7 @@ impl StreamOperator for AggregateOperator {
         let keys = self.shuffle_keys();
         let mut input = bind_scan(
             &self.plan.input,
-            &self.plan.source,
+            &block.source,
             block.schema.clone(),
             block.batches.clone(),
         )?;
@@ -563,7 +563,7 @@ impl StreamOperator for AggregateOperator {
         let rows = match (&self.templates, &prefilter) {
             (Some(t), None) => {
                 let source = (
-                    self.plan.source.as_str(),
+                    block.source.as_str(),
                     block.schema.clone(),
                     block.batches.clone(),
                 );

@@ -46,7 +46,7 @@ impl StreamOperator for AppendOperator {
         }
         let plan = bind_scan(
             &self.plan.input,
-            &self.plan.source,
+            &block.source,
             block.schema.clone(),
             block.batches.clone(),
         )?;

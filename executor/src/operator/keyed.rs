@@ -216,7 +216,7 @@ impl StreamOperator for KeyedOperator {
                 .map
                 .execute(
                     ctx,
-                    vec![(&self.plan.source, block.schema.clone(), batches.clone())],
+                    vec![(&block.source, block.schema.clone(), batches.clone())],
                 )
                 .await?;
             for b in out {

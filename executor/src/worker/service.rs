@@ -667,7 +667,8 @@ async fn run_task(
             if abandon.is_cancelled() {
                 return Err(Error::Internal(format!("task {} was abandoned", task.id)));
             }
-            state.put_shuffle((task.view.clone(), interval, map.block), pieces);
+            let piece = crate::shuffle::piece_id(map.input, map.block)?;
+            state.put_shuffle((task.view.clone(), interval, piece), pieces);
             Ok(proto::TaskResult {
                 partition_rows,
                 components,

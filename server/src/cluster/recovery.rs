@@ -380,7 +380,12 @@ async fn rebuild_partitions(
         // A stage that reads another stage, or that others read, is rebuilt from the
         // committed checkpoint alone: its partitions and those of the stages next to
         // it then start from the same interval.
-        let chained = !state.sources.contains_key(&view.plan.source) || state.is_read(&name);
+        let chained = view
+            .plan
+            .inputs
+            .iter()
+            .any(|input| !state.sources.contains_key(input))
+            || state.is_read(&name);
         let ran = |at: IntervalId| first <= at && at <= last;
         // The checkpoint holds this view if it was taken while the view ran, from
         // the same definition.
@@ -420,9 +425,12 @@ async fn rebuild_partitions(
             })
             .collect();
         let from = partitions.iter().map(|p| p.from).min().unwrap_or(first);
-        let missing = (from.0..=last.0)
-            .map(IntervalId)
-            .find(|i| state.input_of(&name, *i).is_none());
+        let missing = (from.0..=last.0).map(IntervalId).find(|i| {
+            view.plan
+                .inputs
+                .iter()
+                .any(|input| state.input_of(input, *i).is_none())
+        });
         if let Some(missing) = missing {
             let reason = format!(
                 "its state partition(s) {} were on lost {}, and the input of interval {missing} needed to rebuild them is no longer held{}",
@@ -653,32 +661,37 @@ async fn replay_maps(
                 .filter(|p| p.from <= i)
                 .map(|p| p.partition)
                 .collect();
-            let Some(input) = state.input_of(name, i) else {
-                failed.insert(
-                    name.clone(),
-                    format!("the input of interval {i} is no longer held"),
+            for (k, source) in view.plan.inputs.iter().enumerate() {
+                let Some(input) = state.input_of(source, i) else {
+                    failed.insert(
+                        name.clone(),
+                        format!("the input of interval {i} from {source} is no longer held"),
+                    );
+                    break;
+                };
+                let placed = scheduler::map_tasks(
+                    (name, (k as u32, source)),
+                    i,
+                    &input.blocks,
+                    &lost,
+                    (&cluster, &no_stragglers),
+                    (&mut load, &mut next_task),
                 );
-                break;
-            };
-            let placed = scheduler::map_tasks(
-                (name, &view.plan),
-                i,
-                &input.blocks,
-                &lost,
-                (&cluster, &no_stragglers),
-                (&mut load, &mut next_task),
-            );
-            match placed {
-                Ok(placed) => {
-                    for (task, block) in placed {
-                        of_task.insert(task.task.id, ((i, name.clone()), block));
-                        tasks.push(task);
+                match placed {
+                    Ok(placed) => {
+                        for (task, piece) in placed {
+                            of_task.insert(task.task.id, ((i, name.clone()), piece));
+                            tasks.push(task);
+                        }
+                    }
+                    Err(e) => {
+                        failed.insert(name.clone(), format!("in interval {i}, {e}"));
+                        break;
                     }
                 }
-                Err(e) => {
-                    failed.insert(name.clone(), format!("in interval {i}, {e}"));
-                    break;
-                }
+            }
+            if failed.contains_key(name) {
+                break;
             }
         }
     }

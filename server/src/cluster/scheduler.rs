@@ -39,6 +39,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dstream_executor::Changelog;
+use dstream_executor::shuffle::piece_id;
 use dstream_executor::view_runtime::window_watermark;
 use dstream_executor::worker::proto::{self, task::Kind as TaskKind};
 use dstream_executor::worker::service::read_ipc;
@@ -464,6 +465,10 @@ impl AheadMapping {
         let interval = self.plan.interval;
         let mut batch = Vec::new();
         for (name, plan) in &self.plan.views {
+            if plan.inputs.len() > 1 {
+                // A union's map tasks start with its interval.
+                continue;
+            }
             let splits: Vec<&proto::SealedSource> =
                 splits.iter().filter(|s| s.source == plan.source).collect();
             if splits.is_empty() || splits.iter().any(|s| !s.failure.is_empty()) {
@@ -483,7 +488,7 @@ impl AheadMapping {
                 *load = load.saturating_add(*n);
             }
             let placed = map_tasks(
-                (name, plan),
+                (name, (0, &plan.source)),
                 interval,
                 &blocks,
                 &[],
@@ -602,14 +607,16 @@ impl MappedOutputs {
     }
 }
 
-/// The map tasks of a view (`name`, `plan`) in `interval`: one per block of `blocks`,
-/// each with its block's index, placed by [`place_map_tasks`] on live workers no
-/// speculative copy outran lately (`outrun`) if the blocks allow, else on any live
-/// one. They produce the rows of `partitions` only (a recovery's replay), of all
-/// when it is empty. `load` counts tasks per worker across views; task ids come
-/// from `next_task`. Fails when a block is on no live worker.
+/// The map tasks of a stage (`name`) in `interval` over one of its inputs (its
+/// index among the stage's inputs, and name): one per block of `blocks`, each with
+/// the piece id its output is kept under ([`piece_id`]), placed by
+/// [`place_map_tasks`] on live workers no speculative copy outran lately (`outrun`)
+/// if the blocks allow, else on any live one. They produce the rows of `partitions`
+/// only (a recovery's replay), of all when it is empty. `load` counts tasks per
+/// worker across views; task ids come from `next_task`. Fails when a block is on
+/// no live worker.
 pub(crate) fn map_tasks(
-    (name, plan): (&str, &StreamPlan),
+    (name, (input, source)): (&str, (u32, &str)),
     interval: IntervalId,
     blocks: &[BlockInfo],
     partitions: &[u32],
@@ -629,18 +636,15 @@ pub(crate) fn map_tasks(
             *load = tried;
             placed
         }
-        Err(_) => place_map_tasks(blocks, alive, load).map_err(|index| {
-            format!(
-                "block {index} of source \"{}\" is on no live worker",
-                plan.source
-            )
-        })?,
+        Err(_) => place_map_tasks(blocks, alive, load)
+            .map_err(|index| format!("block {index} of \"{source}\" is on no live worker"))?,
     };
-    Ok(blocks
+    blocks
         .iter()
         .zip(placed)
         .map(|(block, holder)| {
             *next_task = next_task.saturating_add(1);
+            let piece = piece_id(input, block.index).map_err(|e| e.to_string())?;
             let task = StageTask {
                 worker: holder,
                 task: proto::Task {
@@ -648,17 +652,18 @@ pub(crate) fn map_tasks(
                     view: name.to_string(),
                     interval: interval.0,
                     kind: Some(TaskKind::Map(proto::MapTask {
-                        source: plan.source.clone(),
+                        source: source.to_string(),
                         block: block.index,
                         partitions: partitions.to_vec(),
+                        input,
                     })),
                 },
                 // A copy may run on any other holder of the block.
                 alternatives: block.holders.clone(),
             };
-            (task, block.index)
+            Ok((task, piece))
         })
-        .collect())
+        .collect()
 }
 
 /// A source's blocks in `interval`, in index order, from what its receivers sealed.
@@ -917,7 +922,7 @@ async fn run_stages(
     // Stages other stages read keep their changes on the workers for them.
     let read: HashSet<&str> = views
         .iter()
-        .map(|(_, plan, _)| plan.source.as_str())
+        .flat_map(|(_, plan, _)| plan.inputs.iter().map(String::as_str))
         .collect();
     // Map outputs started ahead, while the interval before ran, stand for the views
     // whose plan and blocks are still these.
@@ -950,14 +955,14 @@ async fn run_stages(
         let mut map_of_task: HashMap<u64, (String, u32)> = HashMap::new();
         let mut map_outputs: HashMap<String, Vec<MapOutput>> = HashMap::new();
         for (name, plan, placement) in &stages {
-            let upstream = failed.get(&plan.source).cloned().or_else(|| {
-                state
-                    .views
-                    .get(&plan.source)
-                    .and_then(|s| s.failure.clone())
+            let upstream = plan.inputs.iter().find_map(|input| {
+                let reason = failed
+                    .get(input)
+                    .cloned()
+                    .or_else(|| state.views.get(input).and_then(|s| s.failure.clone()))?;
+                Some(format!("{input} failed: {reason}"))
             });
             if let Some(reason) = upstream {
-                let reason = format!("{} failed: {reason}", plan.source);
                 failed.insert(name.clone(), reason);
                 continue;
             }
@@ -975,6 +980,7 @@ async fn run_stages(
             let source_blocks = blocks.get(&plan.source).map(Vec::as_slice).unwrap_or(&[]);
             if let Some(outputs) = ahead
                 .as_mut()
+                .filter(|_| plan.inputs.len() == 1)
                 .and_then(|a| a.take(&cluster, (name, plan), source_blocks))
             {
                 counts.map_tasks = counts.map_tasks.saturating_add(outputs.len() as u64);
@@ -983,22 +989,26 @@ async fn run_stages(
                 map_outputs.insert(name.clone(), outputs);
                 continue;
             }
-            match map_tasks(
-                (name, plan),
-                interval,
-                source_blocks,
-                &[],
-                (&cluster, &state.outrun),
-                (&mut map_load, &mut next_task),
-            ) {
-                Ok(tasks) => {
-                    for (task, block) in tasks {
-                        map_of_task.insert(task.task.id, (name.clone(), block));
-                        stage_tasks.push(task);
+            for (input, source) in plan.inputs.iter().enumerate() {
+                let input_blocks = blocks.get(source).map(Vec::as_slice).unwrap_or(&[]);
+                match map_tasks(
+                    (name, (input as u32, source)),
+                    interval,
+                    input_blocks,
+                    &[],
+                    (&cluster, &state.outrun),
+                    (&mut map_load, &mut next_task),
+                ) {
+                    Ok(tasks) => {
+                        for (task, piece) in tasks {
+                            map_of_task.insert(task.task.id, (name.clone(), piece));
+                            stage_tasks.push(task);
+                        }
                     }
-                }
-                Err(failure) => {
-                    failed.insert(name.clone(), failure);
+                    Err(failure) => {
+                        failed.insert(name.clone(), failure);
+                        break;
+                    }
                 }
             }
         }

@@ -68,7 +68,7 @@ pub(super) async fn show(engine: &Engine, kind: ShowKind) -> Result<StatementRes
                         .stages_of(name)
                         .iter()
                         .filter_map(|s| state.views.get(s))
-                        .map(|s| s.plan.source.clone())
+                        .flat_map(|s| s.plan.inputs.clone())
                         .filter(|s| !s.contains(dstream_planner::dataflow::STAGE_SEPARATOR))
                         .collect();
                     vec![
