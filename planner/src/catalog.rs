@@ -182,7 +182,7 @@ impl Catalog {
         let dependents = self.dependents(name);
         if !dependents.is_empty() {
             return Err(Error::Invalid(format!(
-                "cannot drop {kind} \"{name}\": materialized view {} depends on it; drop it first",
+                "cannot drop {kind} \"{name}\": materialized view {} depends on it; drop it first, or use DROP ... CASCADE",
                 dependents.join(", ")
             )));
         }
@@ -190,6 +190,25 @@ impl Catalog {
         self.objects
             .remove(name)
             .ok_or_else(|| Error::Internal(format!("catalog lost {name}")))
+    }
+
+    /// Views that read `name`, and the views that read those, in an order they can
+    /// be dropped in (readers first).
+    pub fn dependents_deep(&self, name: &str) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        fn visit(catalog: &Catalog, name: &str, out: &mut Vec<String>, depth: usize) {
+            if depth > catalog.objects.len() {
+                return;
+            }
+            for dependent in catalog.dependents(name) {
+                visit(catalog, &dependent, out, depth.saturating_add(1));
+                if !out.contains(&dependent) {
+                    out.push(dependent);
+                }
+            }
+        }
+        visit(self, name, &mut out, 0);
+        out
     }
 
     /// Views that read `name`.

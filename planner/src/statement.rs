@@ -116,12 +116,14 @@ pub enum ShowKind {
     MaterializedViews,
 }
 
-/// `DROP SOURCE | TABLE | MATERIALIZED VIEW [IF EXISTS] name`.
+/// `DROP SOURCE | TABLE | MATERIALIZED VIEW [IF EXISTS] name [CASCADE | RESTRICT]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DropObject {
     pub kind: ObjectKind,
     pub name: String,
     pub if_exists: bool,
+    /// Drop the views that read the object too (else dropping it is refused).
+    pub cascade: bool,
 }
 
 /// The most intervals one `ADVANCE` runs.
@@ -294,10 +296,15 @@ fn parse_create_view(p: &mut Parser) -> Result<CreateMaterializedView> {
 fn parse_drop(p: &mut Parser, kind: ObjectKind) -> Result<Statement> {
     let if_exists = p.parse_keywords(&[Keyword::IF, Keyword::EXISTS]);
     let name = parse_name(p)?;
+    let cascade = p.parse_keyword(Keyword::CASCADE);
+    if !cascade {
+        let _ = p.parse_keyword(Keyword::RESTRICT);
+    }
     Ok(Statement::Drop(DropObject {
         kind,
         name,
         if_exists,
+        cascade,
     }))
 }
 

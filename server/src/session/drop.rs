@@ -24,9 +24,26 @@ pub(super) async fn drop_object(engine: &Engine, drop: DropObject) -> Result<Sta
         return Ok(command(&tag));
     }
     let mut catalog = state.catalog.clone();
+    // With CASCADE, the views that read it go first, readers before what they read.
+    let cascaded = if drop.cascade {
+        catalog.dependents_deep(&drop.name)
+    } else {
+        Vec::new()
+    };
+    for view in &cascaded {
+        catalog.remove(ObjectKind::MaterializedView, view)?;
+    }
     catalog.remove(drop.kind, &drop.name)?;
     persist_catalog(engine, &state, &catalog, &state.settings).await?;
     state.catalog = catalog;
+    for view in &cascaded {
+        state.remove_view(view);
+        if let Ok(mut subs) = engine.inner.subscribers.lock() {
+            subs.remove(view);
+        }
+        crate::cluster::scheduler::remove_everywhere(engine, view).await;
+        info!(name = %view, cascade = %drop.name, "dropped materialized view");
+    }
     match drop.kind {
         ObjectKind::Source => {
             state.sources.remove(&drop.name);
