@@ -217,6 +217,8 @@ async fn start_engine(
         workers: cluster.workers,
         worker_cores: cluster.cores,
         worker_mode: dstream_server::config::WorkerMode::Process(Some(worker_binary()?)),
+        // The batch side reads every input row back in one query.
+        max_result_bytes: 64 << 30,
         ..ServeConfig::default()
     };
     start_config(config, dir).await

@@ -193,3 +193,136 @@ fn scan_of_stage(name: &str, input: &LogicalPlan) -> datafusion::error::Result<L
     .project(restore)?
     .build()
 }
+
+#[cfg(test)]
+mod tests {
+    use datafusion::prelude::SessionContext;
+
+    use super::*;
+    use crate::catalog::CatalogObject;
+    use crate::definition::source_def;
+    use crate::statement::{Statement, parse_statement};
+    use crate::stream_plan::KeyedKind;
+
+    /// The stages of `view` over a source `s (k, v, ts)` with a watermark: for each,
+    /// what it reads and its operator.
+    async fn stages(view: &str) -> Result<Vec<(String, String)>> {
+        let ctx = SessionContext::new();
+        let Statement::CreateSource(create) = parse_statement(
+            "CREATE SOURCE s (k BIGINT, v BIGINT, ts TIMESTAMP, \
+             WATERMARK FOR ts AS ts - INTERVAL '1' SECOND) WITH (connector = 'generator')",
+        )?
+        else {
+            panic!("not a source");
+        };
+        let def = source_def(&ctx.state(), &create).await?;
+        ctx.register_table(
+            "s",
+            Arc::new(datafusion::datasource::MemTable::try_new(
+                def.schema.clone(),
+                vec![vec![]],
+            )?),
+        )?;
+        let mut catalog = Catalog::default();
+        catalog.insert(CatalogObject::Source(Arc::new(def)))?;
+        let Statement::CreateMaterializedView(create) = parse_statement(view)? else {
+            panic!("not a view: {view}");
+        };
+        let dataflow =
+            plan_dataflow(&ctx.state(), &catalog, &create, Duration::from_secs(1), 4).await?;
+        Ok(dataflow
+            .stages
+            .iter()
+            .map(|s| {
+                let operator = match (&s.aggregate, &s.keyed) {
+                    (Some(_), _) => "aggregate".to_string(),
+                    (None, Some(k)) if k.kind == KeyedKind::TopN => {
+                        format!("top-N by {} keys", k.keys.len())
+                    }
+                    (None, Some(k)) => {
+                        format!("keyed {} by {} keys", k.kind.describe(), k.keys.len())
+                    }
+                    (None, None) => "append".to_string(),
+                };
+                (s.inputs.join(","), operator)
+            })
+            .collect())
+    }
+
+    fn expect(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_query_is_cut_into_a_stage_per_stateful_operator() -> Result<()> {
+        // One stage, as before dataflows.
+        assert_eq!(
+            stages("CREATE MATERIALIZED VIEW v AS SELECT k, count(*) AS n FROM s GROUP BY k")
+                .await?,
+            expect(&[("s", "aggregate")])
+        );
+        // The same source twice with UNION ALL is one input.
+        assert_eq!(
+            stages("CREATE MATERIALIZED VIEW v AS SELECT k FROM s WHERE v > 1 UNION ALL SELECT v FROM s").await?,
+            expect(&[("s", "append")])
+        );
+        // An aggregate over a running aggregate reads changes: keyed.
+        assert_eq!(
+            stages(
+                "CREATE MATERIALIZED VIEW v AS SELECT n, count(*) AS c FROM \
+                 (SELECT k, count(*) AS n FROM s GROUP BY k) AS t GROUP BY n"
+            )
+            .await?,
+            expect(&[("s", "aggregate"), ("v#0", "keyed aggregate by 1 keys")])
+        );
+        // Over windows that close, the second stage sees inserts only: accumulators.
+        assert_eq!(
+            stages(
+                "CREATE MATERIALIZED VIEW v AS SELECT window_start, max(n) AS top FROM \
+                 (SELECT window_start, k, count(*) AS n FROM TUMBLE(s, ts, INTERVAL '1' SECOND) \
+                 GROUP BY window_start, k) AS c GROUP BY window_start EMIT ON WINDOW CLOSE"
+            )
+            .await?,
+            expect(&[("s", "aggregate"), ("v#0", "aggregate")])
+        );
+        // A top-N is one key; ROW_NUMBER per group is keyed by its PARTITION BY.
+        assert_eq!(
+            stages(
+                "CREATE MATERIALIZED VIEW v AS SELECT k, n FROM \
+                 (SELECT k, count(*) AS n FROM s GROUP BY k) AS c ORDER BY n DESC LIMIT 3"
+            )
+            .await?,
+            expect(&[("s", "aggregate"), ("v#0", "top-N by 0 keys")])
+        );
+        assert_eq!(
+            stages(
+                "CREATE MATERIALIZED VIEW v AS SELECT k, v FROM (SELECT k, v, ROW_NUMBER() \
+                 OVER (PARTITION BY k ORDER BY v DESC) AS r FROM s) AS x WHERE r <= 2"
+            )
+            .await?,
+            expect(&[("s", "keyed window functions by 1 keys")])
+        );
+        assert_eq!(
+            stages("CREATE MATERIALIZED VIEW v AS SELECT DISTINCT k, v % 2 AS odd FROM s").await?,
+            expect(&[("s", "keyed distinct by 2 keys")])
+        );
+        // Three stages: a count, a count of counts, the top of those.
+        assert_eq!(
+            stages(
+                "CREATE MATERIALIZED VIEW v AS SELECT n, c FROM (SELECT n, count(*) AS c FROM \
+                 (SELECT k, count(*) AS n FROM s GROUP BY k) AS t GROUP BY n) AS h \
+                 ORDER BY c DESC, n LIMIT 1"
+            )
+            .await?,
+            expect(&[
+                ("s", "aggregate"),
+                ("v#0", "keyed aggregate by 1 keys"),
+                ("v#1", "top-N by 0 keys"),
+            ])
+        );
+        Ok(())
+    }
+}

@@ -998,6 +998,18 @@ impl Engine {
             .subscribe()
     }
 
+    /// Whether `view` has subscribers: only then do its reduce tasks send its changes
+    /// back to the coordinator (changes stay on the workers otherwise).
+    pub fn has_subscribers(&self, view: &str) -> bool {
+        let subscribers = match self.inner.subscribers.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        subscribers
+            .get(view)
+            .is_some_and(|tx| tx.receiver_count() > 0)
+    }
+
     /// Hands a leaving worker's work over as soon as it asks to leave (the interval
     /// loop also does so before each interval), until `shutdown`.
     fn start_handovers(&self, shutdown: CancellationToken) {

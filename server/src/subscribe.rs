@@ -76,8 +76,14 @@ impl Subscription {
             return Err(failed_view(view, failure));
         }
         // Register first, then read the snapshot: changes already in it are skipped.
-        let changes = engine.subscribe_changes(view);
-        let snapshot = engine.snapshot();
+        // Both between two intervals (under the engine's lock): the workers send a
+        // view's changes back only while it has subscribers, so every interval
+        // started after this sends them, and every one started before is in the
+        // snapshot.
+        let (changes, snapshot) = {
+            let _between_intervals = engine.inner.state.lock().await;
+            (engine.subscribe_changes(view), engine.snapshot())
+        };
         let current_view = view_in(&snapshot, view)?;
         let view_schema = &current_view.schema;
         let schema = changelog_schema(view_schema);

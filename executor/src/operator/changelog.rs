@@ -35,13 +35,7 @@ impl Changelog {
         after: Vec<RecordBatch>,
     ) -> Result<Changelog> {
         use std::collections::HashMap;
-        let converter = RowConverter::new(
-            schema
-                .fields()
-                .iter()
-                .map(|f| SortField::new(f.data_type().clone()))
-                .collect(),
-        )?;
+        let converter = row_converter(schema)?;
         // Keys borrow the encoded rows, which live until the end of this function.
         let mut counts: HashMap<&[u8], i64> = HashMap::new();
         let encode = |batches: &[RecordBatch]| -> Result<Vec<arrow::row::Rows>> {
@@ -104,13 +98,7 @@ impl Changelog {
             out.extend(self.inserts.iter().filter(|b| b.num_rows() > 0).cloned());
             return Ok(out);
         }
-        let converter = RowConverter::new(
-            schema
-                .fields()
-                .iter()
-                .map(|f| SortField::new(f.data_type().clone()))
-                .collect(),
-        )?;
+        let converter = row_converter(schema)?;
         let deleted = self
             .deletes
             .iter()
@@ -154,4 +142,15 @@ impl Changelog {
         out.extend(self.inserts.iter().filter(|b| b.num_rows() > 0).cloned());
         Ok(out)
     }
+}
+
+/// Encodes whole rows of `schema` for comparison.
+fn row_converter(schema: &SchemaRef) -> Result<RowConverter> {
+    Ok(RowConverter::new(
+        schema
+            .fields()
+            .iter()
+            .map(|f| SortField::new(f.data_type().clone()))
+            .collect(),
+    )?)
 }

@@ -1075,7 +1075,9 @@ async fn run_stages(
                             replay: false,
                             adopt: None,
                             keep_changes: read.contains(name.as_str()),
-                            withhold_changes: plan.name != plan.view,
+                            // Changes go to the coordinator only for subscribers.
+                            withhold_changes: plan.name != plan.view
+                                || !engine.has_subscribers(name),
                         })),
                     },
                     // A copy may run on any other live worker: it fetches the partition.
