@@ -129,6 +129,9 @@ impl StageDag {
                     .join(", ");
                 let pane = match &plan.window {
                     Some(w) if w.kind == WindowKind::Hop => " per pane",
+                    _ if plan.retracting_input => {
+                        " of the inserted rows, minus that of the deleted rows"
+                    }
                     _ => "",
                 };
                 stages.push(StageSpec {

@@ -252,10 +252,20 @@ pub(crate) fn plan_stage(
     let operator = find_operator(&logical)?;
     // An aggregate over input that only grows is maintained as accumulators, when
     // every call has an incremental form.
-    if let Some(LogicalPlan::Aggregate(agg)) = operator
-        && !inputs.retracting
-    {
+    if let Some(LogicalPlan::Aggregate(agg)) = operator {
         match aggregate_plan(agg, plan.window.as_ref()) {
+            // Over input that deletes rows, only aggregates that can be un-applied
+            // (count, and sum and avg of exact numbers) stay accumulators: a deleted
+            // row's partial is subtracted.
+            Ok(aggregate)
+                if inputs.retracting
+                    && !aggregate.calls.iter().all(|c| {
+                        c.invertible
+                            && matches!(
+                                c.kind,
+                                AggregateKind::Count | AggregateKind::Sum | AggregateKind::Avg
+                            )
+                    }) => {}
             Ok(aggregate) => {
                 plan.input = agg.input.as_ref().clone();
                 check_aggregate(&plan, &aggregate)?;

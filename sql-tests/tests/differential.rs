@@ -144,6 +144,16 @@ fn cases() -> Vec<Case> {
                      count(DISTINCT v) AS d FROM events GROUP BY k) GROUP BY n % 5",
         },
         Case {
+            name: "inverted",
+            create: "CREATE MATERIALIZED VIEW inverted AS SELECT n % 7 AS b, count(*) AS c, \
+                     sum(s) AS t, avg(n) AS a FROM running GROUP BY n % 7",
+            view_select: "SELECT CAST(b AS VARCHAR), CAST(c AS VARCHAR), CAST(t AS VARCHAR), \
+                          CAST(round(a, 6) AS VARCHAR) FROM inverted",
+            oracle: "SELECT CAST(n % 7 AS VARCHAR), CAST(count(*) AS VARCHAR), CAST(sum(s) AS VARCHAR), \
+                     CAST(round(avg(n), 6) AS VARCHAR) FROM (SELECT k, count(*) AS n, sum(v) AS s \
+                     FROM events GROUP BY k) GROUP BY n % 7",
+        },
+        Case {
             name: "aggregate_of_aggregates",
             create: "CREATE MATERIALIZED VIEW aggregate_of_aggregates AS SELECT window_start, \
                      max(n) AS top, count(*) AS keys, sum(n) AS total FROM (SELECT window_start, k, \

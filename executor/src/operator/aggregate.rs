@@ -521,6 +521,24 @@ impl AggregateOperator {
     }
 }
 
+/// State rows of groups that still have input rows (`__rows` is not 0).
+fn without_empty_groups(rows: &[RecordBatch]) -> Result<Vec<RecordBatch>> {
+    let mut out = Vec::with_capacity(rows.len());
+    for batch in rows {
+        let counts = batch
+            .column_by_name(ROWS)
+            .and_then(|c| c.as_primitive_opt::<arrow::datatypes::Int64Type>())
+            .ok_or_else(|| Error::Internal("state rows without their row count".into()))?;
+        let mask: arrow::array::BooleanArray =
+            counts.iter().map(|n| Some(n.unwrap_or(0) != 0)).collect();
+        let kept = filter_record_batch(batch, &mask)?;
+        if kept.num_rows() > 0 {
+            out.push(kept);
+        }
+    }
+    Ok(out)
+}
+
 /// The schema of the scanned source, as the input plan expects it.
 fn plan_source_schema(plan: &StreamPlan) -> Result<Schema> {
     let mut found = None;
@@ -548,35 +566,20 @@ impl StreamOperator for AggregateOperator {
     ) -> Result<Vec<ShufflePiece>> {
         let p = self.plan.partitions;
         let keys = self.shuffle_keys();
-        let mut input = bind_scan(
-            &self.plan.input,
-            &block.source,
-            block.schema.clone(),
-            block.batches.clone(),
-        )?;
         let prefilter = self.partition_filter(&keys, wanted);
-        if let Some(filter) = &prefilter {
-            input = LogicalPlanBuilder::from(input)
-                .filter(filter.clone())?
-                .build()?;
+        let (input, mut rows) = self
+            .partial_of(ctx, block, block.batches.clone(), prefilter.as_ref())
+            .await?;
+        if !block.deletes.is_empty() {
+            // Rows the input deleted: their partials count negatively (the planner
+            // keeps this operator for invertible aggregates over such input).
+            let (_, deleted) = self
+                .partial_of(ctx, block, block.deletes.clone(), prefilter.as_ref())
+                .await?;
+            for batch in deleted {
+                rows.push(self.negated(&batch)?);
+            }
         }
-        let rows = match (&self.templates, &prefilter) {
-            (Some(t), None) => {
-                let source = (
-                    block.source.as_str(),
-                    block.schema.clone(),
-                    block.batches.clone(),
-                );
-                t.partial.execute(ctx, vec![source]).await?
-            }
-            _ => {
-                let mut partial = self.partial_plan(input.clone())?;
-                if !self.sliding {
-                    partial = self.expand_panes(partial)?;
-                }
-                execute(ctx, partial).await?
-            }
-        };
         let mut pieces: Vec<ShufflePiece> = hash_partition(&rows, &keys, p, wanted)?
             .into_iter()
             .map(|rows| ShufflePiece {
@@ -604,6 +607,11 @@ impl StreamOperator for AggregateOperator {
         input: PartitionInput,
     ) -> Result<PartitionOutput> {
         let prev = input.state;
+        if self.plan.retracting_input && !self.distinct_schemas.is_empty() {
+            return Err(Error::Internal(
+                "count(DISTINCT) is not maintained over input that deletes rows".into(),
+            ));
+        }
         let mut delta: Vec<RecordBatch> = Vec::new();
         let mut distinct_state = Vec::new();
         for piece in &input.pieces {
@@ -648,10 +656,16 @@ impl StreamOperator for AggregateOperator {
             prev.rows.clone()
         } else {
             let merged = self.combine(ctx, all).await?;
-            merged
+            let merged = merged
                 .iter()
                 .map(|b| relabel(b, &self.state_schema))
-                .collect::<Result<Vec<_>>>()?
+                .collect::<Result<Vec<_>>>()?;
+            if self.plan.retracting_input {
+                // A group whose rows were all deleted is gone.
+                without_empty_groups(&merged)?
+            } else {
+                merged
+            }
         };
 
         if closing {
@@ -724,6 +738,60 @@ impl AggregateOperator {
             .collect::<Result<Vec<_>>>()?;
         let out = self.view(ctx, rows).await?;
         out.iter().map(|b| relabel(b, &self.plan.schema)).collect()
+    }
+
+    /// The stateless input over `batches` of `block`'s input (bound to its scan),
+    /// filtered by `prefilter`, and its partial aggregate in the state layout.
+    async fn partial_of(
+        &self,
+        ctx: &SessionContext,
+        block: &Block,
+        batches: Vec<RecordBatch>,
+        prefilter: Option<&Expr>,
+    ) -> Result<(LogicalPlan, Vec<RecordBatch>)> {
+        let mut input = bind_scan(
+            &self.plan.input,
+            &block.source,
+            block.schema.clone(),
+            batches.clone(),
+        )?;
+        if let Some(filter) = prefilter {
+            input = LogicalPlanBuilder::from(input)
+                .filter(filter.clone())?
+                .build()?;
+        }
+        let rows = match (&self.templates, prefilter) {
+            (Some(t), None) => {
+                let source = (block.source.as_str(), block.schema.clone(), batches);
+                t.partial.execute(ctx, vec![source]).await?
+            }
+            _ => {
+                let mut partial = self.partial_plan(input.clone())?;
+                if !self.sliding {
+                    partial = self.expand_panes(partial)?;
+                }
+                execute(ctx, partial).await?
+            }
+        };
+        Ok((input, rows))
+    }
+
+    /// Partial rows that subtract what `batch` adds: every accumulator negated (the
+    /// counts and sums of invertible aggregates, and `__rows`).
+    fn negated(&self, batch: &RecordBatch) -> Result<RecordBatch> {
+        let columns = batch
+            .columns()
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i < self.keys {
+                    Ok(c.clone())
+                } else {
+                    arrow::compute::kernels::numeric::neg(c.as_ref())
+                }
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(RecordBatch::try_new(batch.schema(), columns)?)
     }
 
     /// Runs [`AggregateOperator::combine_plan`] over `rows`.
