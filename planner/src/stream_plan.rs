@@ -74,13 +74,6 @@ pub struct StreamPlan {
     pub partitions: usize,
 }
 
-impl StreamPlan {
-    /// Whether the stage keeps state across intervals.
-    pub fn is_stateful(&self) -> bool {
-        self.aggregate.is_some() || self.keyed.is_some()
-    }
-}
-
 /// The aggregation of a stream plan.
 #[derive(Clone, Debug)]
 pub struct AggregatePlan {

@@ -640,11 +640,7 @@ impl StreamOperator for AggregateOperator {
 
         let closing = self.plan.emit == EmitMode::OnWindowClose;
         if delta.is_empty() && (!closing || prev.unchanged_by(input.watermark)) {
-            return Ok(PartitionOutput {
-                view: ViewUpdate::Append(vec![]),
-                state: prev,
-                changelog: Changelog::default(),
-            });
+            return Ok(PartitionOutput::unchanged(prev));
         }
 
         if self.sliding {

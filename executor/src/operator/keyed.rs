@@ -249,11 +249,7 @@ impl StreamOperator for KeyedOperator {
             .map(|b| RecordBatch::try_new(self.state_schema.clone(), b.columns().to_vec()))
             .collect::<std::result::Result<_, _>>()?;
         if delta.is_empty() {
-            return Ok(PartitionOutput {
-                view: ViewUpdate::Append(vec![]),
-                state: prev,
-                changelog: Changelog::default(),
-            });
+            return Ok(PartitionOutput::unchanged(prev));
         }
         let (before, untouched) = self.split_touched(&prev.rows, &delta)?;
         let mut all = before.clone();

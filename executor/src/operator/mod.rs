@@ -89,6 +89,17 @@ pub struct PartitionOutput {
     pub changelog: Changelog,
 }
 
+impl PartitionOutput {
+    /// An interval that changed nothing: the same state, no rows, no changes.
+    pub fn unchanged(state: Arc<StatePartition>) -> Self {
+        PartitionOutput {
+            state,
+            view: ViewUpdate::Append(vec![]),
+            changelog: Changelog::default(),
+        }
+    }
+}
+
 /// One continuous query's per-interval computation.
 #[async_trait]
 pub trait StreamOperator: Send + Sync + Debug {

@@ -1058,6 +1058,9 @@ async fn run_stages(
             );
             let mut outputs = map_outputs.remove(name).unwrap_or_default();
             outputs.sort_by_key(|o| o.block);
+            let keep_changes = read.contains(name.as_str());
+            // Changes go to the coordinator only for subscribers.
+            let withhold_changes = plan.name != plan.view || !engine.has_subscribers(name);
             for (p, &owner) in placement.iter().enumerate() {
                 let pieces = pieces_for(&cluster, &outputs, p);
                 next_task = next_task.saturating_add(1);
@@ -1074,10 +1077,8 @@ async fn run_stages(
                             watermark,
                             replay: false,
                             adopt: None,
-                            keep_changes: read.contains(name.as_str()),
-                            // Changes go to the coordinator only for subscribers.
-                            withhold_changes: plan.name != plan.view
-                                || !engine.has_subscribers(name),
+                            keep_changes,
+                            withhold_changes,
                         })),
                     },
                     // A copy may run on any other live worker: it fetches the partition.
