@@ -723,8 +723,8 @@ fn gbps(bytes: usize, elapsed: Duration) -> f64 {
 
 async fn shuffle(args: Shuffle) -> anyhow::Result<()> {
     use dstream_executor::operator::ShufflePiece;
-    use dstream_executor::worker::flight::FlightPeers;
-    use dstream_executor::worker::proto::{ShuffleRef, data_ticket::Kind};
+    use dstream_executor::rpc::FlightPeers;
+    use dstream_executor::rpc::proto::{ShuffleRef, data_ticket::Kind};
     use dstream_executor::worker::{WorkerState, serve};
     use dstream_storage::IntervalId;
 

@@ -10,6 +10,8 @@
 //! - [`ingest`]: [`SourceRuntime`], sealing intervals into blocks, watermarks.
 //! - [`block`]: [`Block`], one source's rows of one interval.
 //! - [`operator`]: the [`operator::StreamOperator`] trait and its operators.
+//! - [`rpc`]: the wire contract between coordinator and workers: messages, codecs,
+//!   the typed [`rpc::WorkerClient`].
 //! - [`shuffle`]: hash partitioning between stages.
 //! - [`table`]: tables over files, and `CREATE TABLE` options.
 //! - [`task`]: running a DataFusion plan over in-memory batches.
@@ -35,6 +37,7 @@ pub mod connector;
 pub mod error;
 pub mod ingest;
 pub mod operator;
+pub mod rpc;
 pub mod shuffle;
 pub mod table;
 pub mod task;

@@ -10,20 +10,19 @@
 //! Statements are executed by [`crate::session`]; this module holds the state they act
 //! on.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
-use datafusion::catalog::{MemTable, TableProvider};
+use datafusion::catalog::TableProvider;
 use datafusion::common::TableReference;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
+use dstream_executor::Changelog;
+use dstream_executor::rpc::proto;
 use dstream_executor::worker::compute::{ComputePool, Work};
-use dstream_executor::worker::proto;
-use dstream_executor::{Changelog, SourceStats};
-use dstream_planner::{Catalog, SourceDef, StreamPlan};
+use dstream_planner::Catalog;
 use dstream_storage::checkpoint::SourceCheckpoint;
 use dstream_storage::{CatalogFile, DataDir, IntervalId, Timeline};
 use tokio::net::TcpListener;
@@ -42,6 +41,7 @@ use crate::cluster::scheduler::{self, CommitOptions, Interrupted, StageCounts, V
 use crate::cluster::{Cluster, CoordinatorService};
 use crate::config::ServeConfig;
 use crate::error::{Error, Result};
+use crate::state::{BlockInfo, EngineState, Placement};
 use crate::system_tables;
 
 /// How long `dstream serve` waits for its local workers to join.
@@ -71,265 +71,6 @@ pub struct ChangeBatch {
     pub failure: Option<String>,
 }
 
-/// A user table.
-#[derive(Clone, Debug)]
-pub enum TableSlot {
-    /// Rows inserted with `INSERT`, persisted in the data directory.
-    Memory(Arc<MemTable>),
-    /// Files in a directory.
-    File(Arc<dyn TableProvider>),
-}
-
-impl TableSlot {
-    pub fn provider(&self) -> Arc<dyn TableProvider> {
-        match self {
-            TableSlot::Memory(m) => m.clone(),
-            TableSlot::File(f) => f.clone(),
-        }
-    }
-}
-
-/// An input block as the coordinator tracks it: where it is held.
-#[derive(Clone, Debug)]
-pub struct BlockInfo {
-    pub interval: IntervalId,
-    pub index: u32,
-    pub rows: u64,
-    pub bytes: u64,
-    /// Workers holding a copy: the receiver's worker and its replica.
-    pub holders: Vec<u64>,
-}
-
-/// The rows of a memory table, every partition in order.
-pub async fn memory_rows(table: &MemTable) -> Vec<RecordBatch> {
-    let mut rows = Vec::new();
-    for partition in &table.batches {
-        rows.extend(partition.read().await.iter().cloned());
-    }
-    rows
-}
-
-/// The input of one source in one interval: its blocks, and the source's watermark
-/// once they were sealed.
-#[derive(Clone, Debug)]
-pub struct SealedInterval {
-    pub interval: IntervalId,
-    pub blocks: Vec<BlockInfo>,
-    pub watermark: Option<i64>,
-}
-
-/// Where one receiver of a source stood after the last interval it sealed: enough
-/// to reopen it on another worker if its worker dies.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct SplitPosition {
-    pub records: u64,
-    pub malformed: u64,
-    pub late_rows: u64,
-    pub watermark: Option<i64>,
-    /// File sources: the files read.
-    pub seen_files: BTreeSet<String>,
-}
-
-impl SplitPosition {
-    /// What a worker needs to open receiver `split` (of `splits`) of `source` here.
-    pub fn handover(&self, source: &str, split: u32, splits: u32) -> proto::ReceiverHandover {
-        proto::ReceiverHandover {
-            source: source.to_string(),
-            split,
-            splits,
-            records: self.records,
-            malformed: self.malformed,
-            late_rows: self.late_rows,
-            watermark: self.watermark,
-            seen_files: self.seen_files.iter().cloned().collect(),
-            pending: Vec::new(),
-        }
-    }
-
-    /// Moves past `sealed`, the receiver's next seal.
-    pub fn advance(&mut self, sealed: &proto::SealedSource) {
-        self.records = sealed.records;
-        self.malformed = sealed.malformed;
-        self.late_rows = sealed.late_rows;
-        self.watermark = sealed.watermark;
-        self.seen_files.extend(sealed.new_files.iter().cloned());
-    }
-}
-
-/// A source: its definition, where its receiver runs and what it has seen.
-#[derive(Debug)]
-pub struct SourceSlot {
-    pub def: Arc<SourceDef>,
-    /// The worker running each of the source's receivers (its splits), once placed.
-    pub receivers: Vec<u64>,
-    /// Where each receiver stood after the last interval whose input was recorded
-    /// (an interval sealed ahead counts once it runs: see `position`).
-    pub positions: Vec<SplitPosition>,
-    pub stats: SourceStats,
-    pub failure: Option<String>,
-    /// The input of recent intervals, oldest first: the last `retain_intervals` (for
-    /// ad-hoc reads of the raw stream) and every one recovery may replay (the
-    /// lineage since the latest checkpoint).
-    pub retained: VecDeque<SealedInterval>,
-    pub retain_intervals: usize,
-    /// The first interval the source is sealed in (the one after its creation);
-    /// `None` when unknown (restored without a checkpoint: from the start).
-    pub since: Option<IntervalId>,
-}
-
-impl SourceSlot {
-    /// Where receiver `split` of this source (`name`) stands: after its latest seal,
-    /// including those `sealed` (the interval in progress, then the one sealed ahead)
-    /// that its positions do not count yet. Moving past a seal twice changes nothing.
-    pub fn position<'a>(
-        &self,
-        name: &str,
-        split: u32,
-        sealed: impl IntoIterator<Item = &'a Sealing>,
-    ) -> SplitPosition {
-        let before = self
-            .positions
-            .get(split as usize)
-            .cloned()
-            .unwrap_or_default();
-        Sealing::position_after_each(sealed, name, split, before)
-    }
-
-    pub fn new(def: Arc<SourceDef>, retain_intervals: usize) -> Self {
-        SourceSlot {
-            since: None,
-            def,
-            receivers: Vec::new(),
-            positions: Vec::new(),
-            stats: SourceStats::default(),
-            failure: None,
-            retained: VecDeque::new(),
-            retain_intervals: retain_intervals.max(1),
-        }
-    }
-
-    /// Records the input of an interval (again, if an earlier attempt of it did) and
-    /// forgets intervals that are neither retained nor from `lineage` on.
-    pub fn retain(&mut self, sealed: SealedInterval, lineage: Option<IntervalId>) {
-        if self
-            .retained
-            .back()
-            .is_some_and(|s| s.interval == sealed.interval)
-        {
-            self.retained.pop_back();
-        }
-        self.retained.push_back(sealed);
-        while self.retained.len() > self.retain_intervals
-            && self
-                .retained
-                .front()
-                .is_some_and(|s| lineage.is_none_or(|l| s.interval < l))
-        {
-            self.retained.pop_front();
-        }
-    }
-
-    /// The input of `interval`, if still held.
-    pub fn input_of(&self, interval: IntervalId) -> Option<&SealedInterval> {
-        self.retained.iter().find(|s| s.interval == interval)
-    }
-
-    /// The blocks of the last `retain_intervals` intervals, for ad-hoc reads.
-    pub fn recent_blocks(&self) -> Vec<BlockInfo> {
-        let skip = self.retained.len().saturating_sub(self.retain_intervals);
-        self.retained
-            .iter()
-            .skip(skip)
-            .flat_map(|s| s.blocks.iter().cloned())
-            .collect()
-    }
-}
-
-/// A view: its plan, where its state partitions live and, if it stopped, why.
-#[derive(Debug)]
-pub struct ViewSlot {
-    pub plan: Arc<StreamPlan>,
-    /// The worker of each state partition, once placed.
-    pub placement: Vec<u64>,
-    pub failure: Option<String>,
-    /// The first interval the view ran: recovery without a checkpoint replays from
-    /// there.
-    pub first_interval: Option<IntervalId>,
-    pub last_interval: Option<IntervalId>,
-    /// Rows of each partition after the last interval.
-    pub partition_rows: Vec<u64>,
-    /// The first interval the view runs (the one after its creation); `None` when
-    /// unknown (restored without a checkpoint: from the start).
-    pub since: Option<IntervalId>,
-    /// For a stage other stages read: where the changes of each recent interval are
-    /// kept, one block per partition that changed (as a source's input is kept), so
-    /// that a recovery can replay them into the readers' lost partitions.
-    pub changes: VecDeque<SealedInterval>,
-}
-
-impl ViewSlot {
-    pub fn new(plan: Arc<StreamPlan>) -> Self {
-        ViewSlot {
-            changes: VecDeque::new(),
-            since: None,
-            plan,
-            placement: Vec::new(),
-            failure: None,
-            first_interval: None,
-            last_interval: None,
-            partition_rows: Vec::new(),
-        }
-    }
-
-    /// Whether the view's tasks run in `interval`: it has not failed, its partitions
-    /// are placed, and `interval` is not before its first.
-    pub fn runs_in(&self, interval: IntervalId) -> bool {
-        self.failure.is_none()
-            && !self.placement.is_empty()
-            && self.since.is_none_or(|s| s <= interval)
-    }
-
-    /// Records where the changes of an interval are kept (again, if an earlier
-    /// attempt of it did), and forgets intervals workers no longer keep: those
-    /// before the last `retain_intervals` and before `lineage` (see
-    /// `WorkerState::expire_blocks`).
-    pub fn record_changes(
-        &mut self,
-        changes: SealedInterval,
-        lineage: Option<IntervalId>,
-        retain_intervals: u64,
-    ) {
-        let interval = changes.interval;
-        self.changes.retain(|c| c.interval != interval);
-        self.changes.push_back(changes);
-        let mut keep_from = interval
-            .0
-            .saturating_sub(retain_intervals.saturating_sub(1));
-        if let Some(lineage) = lineage {
-            keep_from = keep_from.min(lineage.0);
-        }
-        self.changes.retain(|c| c.interval.0 >= keep_from);
-    }
-
-    /// Where the changes of `interval` are kept, if they still are.
-    pub fn changes_of(&self, interval: IntervalId) -> Option<&SealedInterval> {
-        self.changes.iter().find(|c| c.interval == interval)
-    }
-
-    /// Whether this is a stage before a view's last: internal, not shown to users.
-    pub fn is_inner_stage(&self) -> bool {
-        self.plan.name != self.plan.view
-    }
-
-    /// Places state partition `p` on `worker`; a partition the view does not have is
-    /// left alone.
-    pub fn place(&mut self, p: u32, worker: u64) {
-        if let Some(owner) = self.placement.get_mut(p as usize) {
-            *owner = worker;
-        }
-    }
-}
-
 /// Timing of one interval, as the Spark Streaming UI shows it.
 #[derive(Clone, Copy, Debug)]
 pub struct IntervalStat {
@@ -349,239 +90,11 @@ pub struct IntervalStat {
     pub speculative_tasks: u64,
 }
 
-/// What the coordinator changes: the catalog, the runtimes and the timeline.
-#[derive(Debug)]
-pub struct EngineState {
-    pub catalog: Catalog,
-    pub settings: BTreeMap<String, String>,
-    pub timeline: Timeline,
-    pub next: IntervalId,
-    pub sources: BTreeMap<String, SourceSlot>,
-    pub tables: BTreeMap<String, TableSlot>,
-    pub views: BTreeMap<String, ViewSlot>,
-    pub last_committed: Option<IntervalId>,
-    /// Bumped by every change of the catalog; workers get it installed.
-    pub catalog_version: u64,
-    /// Stored definitions that could not be restored at startup, and why.
-    pub unrestored: Vec<(dstream_storage::CatalogEntry, String)>,
-    /// The interval in progress as far as it was sealed: an attempt of it after a
-    /// lost worker seals only the receivers that had not.
-    pub sealing: Option<Sealing>,
-    /// The interval after the one in progress, as far as its receivers sealed it
-    /// while that one ran (both were due: the engine is catching up). Its seals
-    /// are not done again, and until it runs, a receiver that moves carries on
-    /// from after them.
-    pub sealed_ahead: Option<Sealing>,
-    /// The map stage of that interval, started once it was sealed ahead.
-    pub mapped_ahead: Option<scheduler::MappedAhead>,
-    /// The first id of the next range of task ids a stage run apart from its
-    /// interval's own takes: a map stage started ahead, or a recovery's replay (see
-    /// [`scheduler::reserve_task_ids`]).
-    pub next_task_range: u64,
-    /// The cluster membership (see `Cluster::membership_version`) that state
-    /// partitions were last evened out for: they are evened out again only when a
-    /// worker joins, leaves or dies, so partitions that speculative copies moved off
-    /// a straggler stay off it.
-    pub balanced_for: Option<u64>,
-    /// Workers a speculative copy outran, and the last interval it did: their blocks'
-    /// map tasks go to the blocks' other holders for a while (see `scheduler`).
-    pub outrun: BTreeMap<u64, IntervalId>,
-    /// The checkpoint to resume from once a worker joins (a coordinator that started
-    /// without workers).
-    pub resume: Option<Arc<dstream_storage::checkpoint::Manifest>>,
-}
-
-/// The receivers that sealed an interval, and what they were told.
-#[derive(Debug)]
-pub struct Sealing {
-    pub interval: IntervalId,
-    /// Each source's watermark after the previous interval.
-    pub watermarks: HashMap<String, i64>,
-    /// What each receiver sealed, by (source, split).
-    pub splits: HashMap<(String, u32), proto::SealedSource>,
-    /// Workers whose seal failed (not lost: they answered with an error), and the
-    /// error. Their receivers' sources fail when the interval runs, not before: a seal
-    /// ahead that fails leaves the interval in progress, and its checkpoint, alone.
-    pub failed: Vec<(u64, String)>,
-}
-
-impl Sealing {
-    /// `interval` before any receiver sealed it, against each source's watermark now.
-    pub fn new(interval: IntervalId, sources: &BTreeMap<String, SourceSlot>) -> Self {
-        Sealing {
-            interval,
-            // Every attempt drops late rows against the same watermarks.
-            watermarks: sources
-                .iter()
-                .filter_map(|(name, s)| s.stats.watermark.map(|w| (name.clone(), w)))
-                .collect(),
-            splits: HashMap::new(),
-            failed: Vec::new(),
-        }
-    }
-
-    /// Where receiver `split` of `source` stands after this seal, from `before`.
-    pub fn position_after(&self, source: &str, split: u32, before: SplitPosition) -> SplitPosition {
-        let mut position = before;
-        if let Some(sealed) = self.splits.get(&(source.to_string(), split)) {
-            position.advance(sealed);
-        }
-        position
-    }
-
-    /// Where receiver `split` of `source` stands after each of `sealed` in turn, from
-    /// `before`.
-    pub fn position_after_each<'a>(
-        sealed: impl IntoIterator<Item = &'a Sealing>,
-        source: &str,
-        split: u32,
-        before: SplitPosition,
-    ) -> SplitPosition {
-        sealed.into_iter().fold(before, |position, s| {
-            s.position_after(source, split, position)
-        })
-    }
-
-    /// Forgets what `source`'s receivers sealed.
-    pub fn forget(&mut self, source: &str) {
-        self.splits.retain(|(name, _), _| name != source);
-        self.watermarks.remove(source);
-    }
-}
-
-impl EngineState {
-    /// The level of every stage: 0 for a stage that reads a source, one more than
-    /// the stage it reads otherwise. A level runs after the levels below it.
-    pub fn stage_levels(&self) -> HashMap<String, usize> {
-        fn level(
-            state: &EngineState,
-            name: &str,
-            levels: &mut HashMap<String, usize>,
-            depth: usize,
-        ) -> usize {
-            if let Some(l) = levels.get(name) {
-                return *l;
-            }
-            // Stages read earlier ones, so this ends at sources (and cannot loop,
-            // but is cut at the number of stages in case).
-            let Some(slot) = state.views.get(name).filter(|_| depth <= state.views.len()) else {
-                return 0;
-            };
-            let l = slot
-                .plan
-                .inputs
-                .iter()
-                .filter(|input| state.views.contains_key(input.as_str()))
-                .map(|input| level(state, input, levels, depth.saturating_add(1)).saturating_add(1))
-                .max()
-                .unwrap_or(0);
-            levels.insert(name.to_string(), l);
-            l
-        }
-        let mut levels: HashMap<String, usize> = HashMap::new();
-        for name in self.views.keys() {
-            level(self, name, &mut levels, 0);
-        }
-        levels
-    }
-
-    /// The input `input` (a source, or a stage other stages read) in `interval`, if
-    /// still held: the source's blocks, or where the stage's changes are.
-    pub fn input_of(&self, input: &str, interval: IntervalId) -> Option<&SealedInterval> {
-        match self.views.get(input) {
-            Some(upstream) => upstream.changes_of(interval),
-            None => self.sources.get(input)?.input_of(interval),
-        }
-    }
-
-    /// How many intervals of input workers keep whatever the lineage (as
-    /// `source_retention` says).
-    pub fn retain_intervals(&self, retention: Duration) -> u64 {
-        let retention = retention.as_nanos();
-        retention
-            .checked_div(self.timeline.width().as_nanos())
-            .unwrap_or(retention)
-            .max(1) as u64
-    }
-
-    /// Whether stage `name` is read by other stages.
-    pub fn is_read(&self, name: &str) -> bool {
-        self.views
-            .values()
-            .any(|v| v.plan.inputs.iter().any(|i| i == name))
-    }
-
-    /// The stages of view `view`, its own last.
-    pub fn stages_of(&self, view: &str) -> Vec<String> {
-        let mut stages: Vec<String> = self
-            .views
-            .iter()
-            .filter(|(_, slot)| slot.plan.view == view)
-            .map(|(name, _)| name.clone())
-            .collect();
-        stages.sort_by_key(|name| name == view);
-        stages
-    }
-
-    /// Forgets view `view` and all its stages.
-    pub fn remove_view(&mut self, view: &str) {
-        self.views.retain(|_, slot| slot.plan.view != view);
-    }
-
-    /// The statement that defined the view stage `stage` belongs to.
-    pub fn stage_sql(&self, stage: &str) -> Option<String> {
-        let view = &self.views.get(stage)?.plan.view;
-        Some(self.catalog.get(view)?.sql().to_string())
-    }
-
-    /// The stages that cannot run once `failed` did: the other stages of its view,
-    /// and every stage that reads one of them, transitively.
-    pub fn failing_with(&self, failed: &str) -> BTreeSet<String> {
-        let mut out: BTreeSet<String> = BTreeSet::new();
-        let mut views: Vec<String> = self
-            .views
-            .get(failed)
-            .map(|s| vec![s.plan.view.clone()])
-            .unwrap_or_default();
-        while let Some(view) = views.pop() {
-            for (name, slot) in &self.views {
-                if slot.plan.view == view && out.insert(name.clone()) {
-                    // Views that read this one.
-                    for other in self.views.values() {
-                        if other.plan.inputs.contains(name) && other.plan.view != view {
-                            views.push(other.plan.view.clone());
-                        }
-                    }
-                }
-            }
-        }
-        out.remove(failed);
-        out
-    }
-
-    /// What the receivers sealed of `interval` so far: in an earlier attempt of it,
-    /// or ahead while the interval before it ran.
-    pub fn take_sealing(&mut self, interval: IntervalId) -> Option<Sealing> {
-        [&mut self.sealing, &mut self.sealed_ahead]
-            .into_iter()
-            .find(|s| s.as_ref().is_some_and(|s| s.interval == interval))
-            .and_then(Option::take)
-    }
-
-    /// Forgets what a dropped source's receivers sealed ahead: a source created again
-    /// under its name seals from scratch.
-    pub fn forget_seals(&mut self, source: &str) {
-        if let Some(ahead) = &mut self.sealed_ahead {
-            ahead.forget(source);
-        }
-    }
-}
-
 /// A view as a snapshot shows it: where its partitions are.
 #[derive(Clone, Debug)]
 pub struct SnapshotView {
     pub schema: SchemaRef,
-    pub placement: Vec<u64>,
+    pub placement: Placement,
 }
 
 /// The committed state readers see: everything after one interval.
@@ -701,7 +214,7 @@ impl Engine {
         let cluster = Arc::new(Cluster::default());
         let grpc_addr = grpc.local_addr()?;
         let grpc_stop = CancellationToken::new();
-        let service = dstream_executor::worker::proto::coordinator_server::CoordinatorServer::new(
+        let service = dstream_executor::rpc::proto::coordinator_server::CoordinatorServer::new(
             CoordinatorService::new(cluster.clone()),
         );
         let server = tonic::transport::Server::builder()
@@ -1074,14 +587,13 @@ impl Engine {
             .filter(|w| w.is_reachable())
             .map(|w| {
                 let cluster = cluster.clone();
-                let mut client = w.client.clone();
                 async move {
                     let request = proto::CancelRequest {
                         interval: interval.0,
                     };
                     let answer = tokio::time::timeout(
                         Duration::from_secs(2),
-                        cluster.call(w.id, "cancel the interval", client.cancel(request)),
+                        cluster.call(w.id, "cancel the interval", w.client.cancel(request)),
                     )
                     .await;
                     match answer {
@@ -1190,7 +702,7 @@ impl Engine {
                         let outcomes = state
                             .views
                             .iter()
-                            .filter(|(_, v)| v.failure.is_none() && !v.placement.is_empty())
+                            .filter(|(_, v)| v.failure.is_none() && v.placement.is_placed())
                             .map(|(name, _)| (name.clone(), ViewOutcome::Failed(reason.clone())))
                             .collect();
                         break (outcomes, StageCounts::default());
@@ -1348,7 +860,7 @@ impl Engine {
         let views = state
             .views
             .iter()
-            .filter(|(_, v)| v.failure.is_none() && !v.placement.is_empty())
+            .filter(|(_, v)| v.failure.is_none() && v.placement.is_placed())
             .filter_map(|(name, v)| {
                 let sql = state.stage_sql(name)?;
                 Some(CheckpointedView {
@@ -1436,7 +948,7 @@ impl Engine {
                             placement: if slot.last_interval.is_some() {
                                 slot.placement.clone()
                             } else {
-                                Vec::new()
+                                Placement::default()
                             },
                         },
                     )
@@ -1547,6 +1059,7 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::{Sealing, SplitPosition};
 
     fn sealed(source: &str, split: u32, records: u64, files: &[&str]) -> proto::SealedSource {
         proto::SealedSource {

@@ -8,6 +8,8 @@
 //! - [`engine`]: [`Engine`], the coordinator: interval loop, snapshots, commits.
 //! - [`cluster`]: the workers: membership, liveness, the per-interval scheduler,
 //!   remote reads, local worker processes.
+//! - [`state`]: [`state::EngineState`], what the coordinator changes: sources, views,
+//!   tables, placement.
 //! - [`session`]: executing statements.
 //! - [`subscribe`]: `SUBSCRIBE` streams.
 //! - [`system_tables`]: `dstream_intervals`, `dstream_workers`, `dstream_checkpoints`
@@ -39,6 +41,7 @@ pub mod error;
 pub mod metrics;
 pub mod pgwire;
 pub mod session;
+pub mod state;
 pub mod subscribe;
 pub mod system_tables;
 

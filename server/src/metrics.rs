@@ -11,8 +11,9 @@ use metrics::{counter, gauge, histogram};
 
 use crate::cluster::checkpoint::CheckpointStat;
 use crate::cluster::recovery::RecoveryStat;
-use crate::engine::{EngineState, IntervalStat};
+use crate::engine::IntervalStat;
 use crate::error::{Error, Result};
+use crate::state::EngineState;
 
 /// Serves the metrics of this process at `http://addr/metrics`.
 pub fn install(addr: SocketAddr) -> Result<()> {

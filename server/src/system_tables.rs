@@ -34,7 +34,7 @@ use datafusion::common::DataFusionError;
 use datafusion::datasource::TableType;
 use datafusion::logical_expr::Expr;
 use datafusion::physical_plan::ExecutionPlan;
-use dstream_executor::worker::proto;
+use dstream_executor::rpc::proto;
 use futures::future::join_all;
 
 use crate::cluster::checkpoint::CheckpointStat;
@@ -270,16 +270,16 @@ impl WorkersTable {
     pub async fn rows(&self) -> Result<RecordBatch> {
         let workers = self.cluster.workers();
         let asks = workers.iter().map(|w| {
-            let mut client = w.client.clone();
             let reachable = w.is_reachable();
             async move {
                 if !reachable {
                     return None;
                 }
                 let answer =
-                    tokio::time::timeout(STATUS_WAIT, client.status(proto::StatusRequest {})).await;
+                    tokio::time::timeout(STATUS_WAIT, w.client.status(proto::StatusRequest {}))
+                        .await;
                 match answer {
-                    Ok(Ok(status)) => Some(status.into_inner()),
+                    Ok(Ok(status)) => Some(status),
                     _ => None,
                 }
             }

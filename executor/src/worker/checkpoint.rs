@@ -20,10 +20,10 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::{StreamExt, TryStreamExt};
 use tracing::{debug, info};
 
-use super::proto;
 use super::state::{PartitionSlot, WorkerState};
 use crate::error::{Error, Result};
 use crate::operator::StatePartition;
+use crate::rpc::proto;
 use crate::view_runtime::ViewPartition;
 
 /// Partitions written at once by one worker.

@@ -18,13 +18,13 @@ use arrow::array::RecordBatch;
 use dstream_storage::IntervalId;
 use tracing::info;
 
-use super::flight::FlightPeers;
-use super::proto::{self, data_ticket::Kind, partition_state_ref::Part};
 use super::state::{PartitionSlot, WorkerState};
 use crate::connector::{ReceiverPosition, ReceiverStats, Split};
 use crate::error::{Error, Result};
 use crate::ingest::{SourceHandover, SourceRuntime};
 use crate::operator::StatePartition;
+use crate::rpc::FlightPeers;
+use crate::rpc::proto::{self, data_ticket::Kind, partition_state_ref::Part};
 
 /// Stops receiver `split` of `source` on this worker and says where it stood.
 pub async fn release_receiver(

@@ -18,11 +18,11 @@ use dstream_planner::{Catalog, ConnectorSpec, ObjectKind, Statement, plan_datafl
 use dstream_storage::Timeline;
 use tracing::info;
 
-use super::proto;
 use super::state::{Installed, InstalledView, WorkerState};
 use crate::connector::Split;
 use crate::error::{Error, Result};
 use crate::ingest::SourceRuntime;
+use crate::rpc::proto;
 use crate::table::{file_table, table_options};
 use crate::task::{planning_context, session_config};
 use crate::view_runtime::operator_for;

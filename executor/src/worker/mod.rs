@@ -2,12 +2,11 @@
 //! state partitions, and runs the tasks the coordinator launches.
 //!
 //! [`run`] registers with the coordinator, heartbeats, and serves two gRPC services on
-//! one port: the control plane ([`proto::worker_server::Worker`], see [`service`]) and
+//! one port: the control plane ([`crate::rpc::proto::worker_server::Worker`], see [`service`]) and
 //! the Arrow Flight data plane ([`flight`]). Everything a worker holds lives in its
 //! [`WorkerState`].
 //!
 //! # Layout
-//! - [`proto`]: the control-plane messages and services (`proto/dstream.proto`).
 //! - [`state`]: [`WorkerState`]: installed definitions, blocks, shuffle outputs, state.
 //! - [`install`]: installing catalog objects: planning views the way the coordinator did.
 //! - [`service`]: the `Worker` gRPC service: seal, run tasks, commit, cancel.
@@ -26,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
+use crate::rpc::{CONNECTION_WINDOW_BYTES, MAX_MESSAGE_BYTES, STREAM_WINDOW_BYTES, proto};
 
 pub mod checkpoint;
 pub mod compute;
@@ -37,22 +37,6 @@ pub mod slots;
 pub mod state;
 
 pub use state::WorkerState;
-
-/// The generated control-plane code.
-#[allow(clippy::all, missing_docs)]
-pub mod proto {
-    tonic::include_proto!("dstream.v1");
-}
-
-/// The largest gRPC message either side accepts: Flight batches are split well below
-/// this, and control messages are small.
-pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
-
-/// HTTP/2 flow-control windows of data-plane connections. The protocol's default
-/// (64 KiB) makes a sender wait for a window update every 64 KiB, which on a fast
-/// link caps a block or shuffle transfer far below what the link carries.
-pub const STREAM_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
-pub const CONNECTION_WINDOW_BYTES: u32 = 32 * 1024 * 1024;
 
 /// Where a worker finds its coordinator and how it presents itself.
 #[derive(Clone, Debug)]
@@ -290,25 +274,4 @@ pub fn tokio_stream_listener(
         });
         Some((accepted, listener))
     })
-}
-
-/// A channel to a peer (a worker, or the coordinator).
-pub fn channel(address: &str) -> Result<tonic::transport::Channel> {
-    Ok(tonic::transport::Endpoint::from_shared(address.to_string())
-        .map_err(|e| Error::Internal(format!("bad address '{address}': {e}")))?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
-        .initial_stream_window_size(STREAM_WINDOW_BYTES)
-        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
-        .connect_lazy())
-}
-
-/// A control-plane status for an executor error: user mistakes (bad options) become
-/// `InvalidArgument`, everything else `Internal`.
-pub fn status(e: &Error) -> tonic::Status {
-    match e {
-        Error::Config(m) => tonic::Status::invalid_argument(m.clone()),
-        Error::Planner(p) => tonic::Status::invalid_argument(p.to_string()),
-        other => tonic::Status::internal(other.to_string()),
-    }
 }

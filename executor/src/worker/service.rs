@@ -17,20 +17,20 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use arrow::array::RecordBatch;
-use arrow::datatypes::SchemaRef;
 use dstream_storage::{IntervalId, Timeline};
 use tokio::task::JoinSet;
 use tonic::{Request, Response, Status};
 use tracing::warn;
 
-use super::flight::FlightPeers;
-use super::proto::{self, data_ticket::Kind, task::Kind as TaskKind};
 use super::state::{InstalledView, PartitionSlot, WorkerState};
-use super::{checkpoint, handover, install, status};
+use super::{checkpoint, handover, install};
 use crate::block::Block;
 use crate::error::{Error, Result};
 use crate::operator::{PartitionInput, ShufflePiece, ViewUpdate};
+use crate::rpc::FlightPeers;
+use crate::rpc::codec::timeline;
+use crate::rpc::proto::{self, data_ticket::Kind, task::Kind as TaskKind};
+use crate::rpc::{ipc_bytes, status};
 use crate::shuffle::Wanted;
 use crate::view_runtime::conform;
 
@@ -53,15 +53,6 @@ impl WorkerService {
             peers: Arc::new(FlightPeers::default()),
         }
     }
-}
-
-/// The timeline a request carries.
-pub(crate) fn timeline(t: Option<proto::Timeline>) -> std::result::Result<Timeline, Status> {
-    t.map(|t| Timeline {
-        origin_nanos: t.origin_nanos,
-        width_nanos: t.width_nanos.max(1),
-    })
-    .ok_or_else(|| Status::invalid_argument("missing timeline"))
 }
 
 #[tonic::async_trait]
@@ -825,31 +816,4 @@ fn piece_bytes(piece: &ShufflePiece) -> u64 {
         .chain(piece.distinct.iter().flatten())
         .map(|b| b.get_array_memory_size() as u64)
         .sum()
-}
-
-/// `batches` as an Arrow IPC stream (empty bytes for no rows).
-pub fn ipc_bytes(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>> {
-    if batches.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut out = Vec::new();
-    {
-        let mut writer = arrow::ipc::writer::StreamWriter::try_new(&mut out, schema)?;
-        for batch in batches {
-            writer.write(batch)?;
-        }
-        writer.finish()?;
-    }
-    Ok(out)
-}
-
-/// Reads an Arrow IPC stream written by [`ipc_bytes`].
-pub fn read_ipc(bytes: &[u8]) -> Result<Vec<RecordBatch>> {
-    if bytes.is_empty() {
-        return Ok(Vec::new());
-    }
-    let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)?;
-    reader
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(Error::from)
 }

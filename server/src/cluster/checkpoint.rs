@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dstream_executor::worker::proto;
+use dstream_executor::rpc::proto;
 use dstream_storage::checkpoint::{
     self, CheckpointFile, Manifest, PartitionCheckpoint, SourceCheckpoint, ViewCheckpoint,
 };
@@ -25,6 +25,7 @@ use tracing::{info, warn};
 
 use super::{Cluster, WorkerRecord};
 use crate::error::{Error, Result};
+use crate::state::Placement;
 
 /// How many checkpoints `dstream_checkpoints` remembers.
 const HISTORY: usize = 100;
@@ -169,7 +170,7 @@ pub struct CheckpointedView {
     pub name: String,
     pub sql: String,
     /// The worker of each partition.
-    pub placement: Vec<u64>,
+    pub placement: Placement,
 }
 
 /// Everything a checkpoint needs from the interval it was taken at.
@@ -258,7 +259,7 @@ async fn commit(cluster: &Arc<Cluster>, store: &DataDir, pending: &Pending) -> R
         .call_each(
             &pending.workers,
             "write a checkpoint",
-            |mut client| async move { client.await_checkpoint(request).await },
+            |client| async move { client.await_checkpoint(request).await },
         )
         .await;
     let mut written: HashMap<(u64, String, u32), proto::PartitionCheckpoint> = HashMap::new();
@@ -273,10 +274,9 @@ async fn commit(cluster: &Arc<Cluster>, store: &DataDir, pending: &Pending) -> R
     let mut views = BTreeMap::new();
     for view in &pending.views {
         let mut partitions = Vec::with_capacity(view.placement.len());
-        for (p, owner) in view.placement.iter().enumerate() {
-            let p = p as u32;
+        for (p, owner) in view.placement.iter() {
             let part = written
-                .remove(&(*owner, view.name.clone(), p))
+                .remove(&(owner, view.name.clone(), p))
                 .ok_or_else(|| {
                     Error::Internal(format!(
                         "partition {p} of view {} was not written by worker {owner}",

@@ -24,13 +24,14 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use dstream_executor::worker::proto;
+use dstream_executor::rpc::proto;
 use futures::future::join_all;
 use tracing::{info, warn};
 
 use super::{Cluster, WorkerRecord, scheduler};
-use crate::engine::{Engine, EngineState};
+use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::state::{EngineState, Load};
 
 /// Hands over the work of every leaving worker, then marks it left.
 pub async fn hand_over_leaving(engine: &Engine, state: &mut EngineState) {
@@ -69,9 +70,9 @@ pub async fn rebalance(engine: &Engine, state: &mut EngineState) -> bool {
     let mut owned: HashMap<u64, Vec<(String, u32)>> =
         alive.iter().map(|w| (w.id, Vec::new())).collect();
     for (name, view) in state.views.iter().filter(|(_, v)| v.failure.is_none()) {
-        for (p, owner) in view.placement.iter().enumerate() {
-            if let Some(partitions) = owned.get_mut(owner) {
-                partitions.push((name.clone(), p as u32));
+        for (p, owner) in view.placement.iter() {
+            if let Some(partitions) = owned.get_mut(&owner) {
+                partitions.push((name.clone(), p));
             }
         }
     }
@@ -125,7 +126,7 @@ pub async fn rebalance(engine: &Engine, state: &mut EngineState) -> bool {
         match result {
             Ok(size) => {
                 if let Some(view) = state.views.get_mut(&name) {
-                    view.place(p, to);
+                    view.placement.move_to(p, to);
                 }
                 moved = moved.saturating_add(1);
                 bytes = bytes.saturating_add(size);
@@ -144,13 +145,12 @@ pub async fn rebalance(engine: &Engine, state: &mut EngineState) -> bool {
             let Some(worker) = cluster.get(from) else {
                 return;
             };
-            let mut client = worker.client.clone();
             let request = proto::DescribePartitionRequest {
                 view: view.clone(),
                 partition,
             };
             if let Err(e) = cluster
-                .call(from, "drop a moved partition", client.drop_partition(request))
+                .call(from, "drop a moved partition", worker.client.drop_partition(request))
                 .await
             {
                 warn!(view = %view, partition, worker = from, error = %e, "could not drop a moved partition");
@@ -175,39 +175,30 @@ async fn hand_over(cluster: &Cluster, state: &mut EngineState, leaving: &WorkerR
     let mut complete = true;
 
     // Receivers, one by one: each is small.
-    let mut receivers: HashMap<u64, usize> = staying.iter().map(|w| (w.id, 0)).collect();
-    for slot in state.sources.values() {
-        for w in &slot.receivers {
-            if let Some(n) = receivers.get_mut(w) {
-                *n = n.saturating_add(1);
-            }
-        }
-    }
+    let staying_ids: Vec<u64> = staying.iter().map(|w| w.id).collect();
+    let mut receivers = Load::new(
+        staying_ids.iter().copied(),
+        state.sources.values().map(|s| &s.receivers),
+    );
     let mut moved_receivers: u32 = 0;
     for (name, slot) in state.sources.iter_mut() {
         if slot.failure.is_some() {
             continue;
         }
-        for split in 0..slot.receivers.len() {
-            if slot.receivers.get(split) != Some(&leaving.id) {
-                continue;
-            }
-            let target = staying
-                .iter()
-                .min_by_key(|w| (receivers.get(&w.id).copied().unwrap_or(0), w.id));
+        let splits: Vec<u32> = slot.receivers.on(leaving.id).collect();
+        for split in splits {
+            let target = receivers
+                .pick()
+                .and_then(|id| staying.iter().find(|w| w.id == id));
             let moved = match target {
-                Some(target) => move_receiver(cluster, leaving, target, name, split as u32)
+                Some(target) => move_receiver(cluster, leaving, target, name, split)
                     .await
                     .map(|()| target.id),
                 None => Err(Error::WorkerLost("no other worker is left".into())),
             };
             match moved {
                 Ok(target) => {
-                    if let Some(receiver) = slot.receivers.get_mut(split) {
-                        *receiver = target;
-                    }
-                    let n = receivers.entry(target).or_default();
-                    *n = n.saturating_add(1);
+                    slot.receivers.move_to(split, target);
                     moved_receivers = moved_receivers.saturating_add(1);
                 }
                 Err(e) => {
@@ -242,31 +233,20 @@ async fn hand_over(cluster: &Cluster, state: &mut EngineState, leaving: &WorkerR
     }
 
     // State partitions, all at once: each is fetched by its new owner.
-    let mut owned: HashMap<u64, usize> = staying.iter().map(|w| (w.id, 0)).collect();
-    for view in state.views.values() {
-        for w in &view.placement {
-            if let Some(n) = owned.get_mut(w) {
-                *n = n.saturating_add(1);
-            }
-        }
-    }
+    let mut owned = Load::new(
+        staying_ids.iter().copied(),
+        state.views.values().map(|v| &v.placement),
+    );
     let mut moves = Vec::new();
     for (name, view) in &state.views {
         if view.failure.is_some() {
             continue;
         }
-        for (p, owner) in view.placement.iter().enumerate() {
-            if *owner != leaving.id {
-                continue;
-            }
-            let target = staying
-                .iter()
-                .min_by_key(|w| (owned.get(&w.id).copied().unwrap_or(0), w.id));
-            if let Some(target) = target {
-                let n = owned.entry(target.id).or_default();
-                *n = n.saturating_add(1);
-            }
-            moves.push((name.clone(), p as u32, target.cloned()));
+        for p in view.placement.on(leaving.id) {
+            let target = owned
+                .pick()
+                .and_then(|id| staying.iter().find(|w| w.id == id));
+            moves.push((name.clone(), p, target.cloned()));
         }
     }
     let results = join_all(moves.into_iter().map(|(view, p, target)| async move {
@@ -284,7 +264,7 @@ async fn hand_over(cluster: &Cluster, state: &mut EngineState, leaving: &WorkerR
         };
         match (moved, target) {
             (Ok(bytes), Some(target)) => {
-                view.place(p, target);
+                view.placement.move_to(p, target);
                 moved_partitions = moved_partitions.saturating_add(1);
                 moved_bytes = moved_bytes.saturating_add(bytes);
             }
@@ -319,20 +299,22 @@ async fn move_receiver(
     source: &str,
     split: u32,
 ) -> Result<()> {
-    let mut client = from.client.clone();
     let released = cluster
         .call(
             from.id,
             "release a receiver",
-            client.release_receiver(proto::ReleaseReceiverRequest {
+            from.client.release_receiver(proto::ReleaseReceiverRequest {
                 source: source.to_string(),
                 split,
             }),
         )
         .await?;
-    let mut client = to.client.clone();
     cluster
-        .call(to.id, "adopt a receiver", client.adopt_receiver(released))
+        .call(
+            to.id,
+            "adopt a receiver",
+            to.client.adopt_receiver(released),
+        )
         .await?;
     info!(
         source,
@@ -352,12 +334,11 @@ async fn move_partition(
     partition: u32,
 ) -> Result<u64> {
     let request = adopt_request(cluster, from, view, partition).await?;
-    let mut client = to.client.clone();
     let adopted = cluster
         .call(
             to.id,
             "adopt a state partition",
-            client.adopt_partition(request),
+            to.client.adopt_partition(request),
         )
         .await?;
     Ok(adopted.bytes)
@@ -371,15 +352,15 @@ pub(crate) async fn adopt_request(
     view: &str,
     partition: u32,
 ) -> Result<proto::AdoptPartitionRequest> {
-    let mut client = from.client.clone();
     let description = cluster
         .call(
             from.id,
             "describe a state partition",
-            client.describe_partition(proto::DescribePartitionRequest {
-                view: view.to_string(),
-                partition,
-            }),
+            from.client
+                .describe_partition(proto::DescribePartitionRequest {
+                    view: view.to_string(),
+                    partition,
+                }),
         )
         .await?;
     Ok(proto::AdoptPartitionRequest {

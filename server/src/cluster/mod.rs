@@ -27,11 +27,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use dstream_executor::worker::flight::FlightPeers;
-use dstream_executor::worker::proto::{self, worker_client::WorkerClient};
-use dstream_executor::worker::{MAX_MESSAGE_BYTES, channel};
+use dstream_executor::rpc::FlightPeers;
+use dstream_executor::rpc::{WorkerClient, proto};
 use tokio::sync::watch;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tracing::{error, info, warn};
 
@@ -85,7 +83,7 @@ pub struct WorkerRecord {
     pub id: u64,
     pub address: String,
     pub pid: u32,
-    pub client: WorkerClient<Channel>,
+    pub client: WorkerClient,
     pub status: WorkerStatus,
     pub joined: Instant,
     pub last_seen: Instant,
@@ -154,9 +152,7 @@ impl Cluster {
 
     /// Adds a worker; returns its id.
     pub fn register(&self, address: String, pid: u32) -> Result<u64> {
-        let client = WorkerClient::new(channel(&address)?)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let client = WorkerClient::connect_lazy(&address)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
         info!(worker = id, %address, pid, "worker joined");
@@ -378,8 +374,8 @@ impl Cluster {
         call: F,
     ) -> Vec<(u64, Result<T>)>
     where
-        F: Fn(WorkerClient<Channel>) -> Fut,
-        Fut: Future<Output = std::result::Result<Response<T>, Status>>,
+        F: Fn(WorkerClient) -> Fut,
+        Fut: Future<Output = std::result::Result<T, Status>>,
     {
         let calls = workers
             .iter()
@@ -392,7 +388,7 @@ impl Cluster {
     /// dead.
     pub async fn call<T, F>(&self, id: u64, what: &str, call: F) -> Result<T>
     where
-        F: Future<Output = std::result::Result<Response<T>, Status>>,
+        F: Future<Output = std::result::Result<T, Status>>,
     {
         if !self.is_reachable(id) {
             return Err(Error::WorkerLost(format!(
@@ -406,7 +402,7 @@ impl Cluster {
             tokio::select! {
                 result = &mut call => {
                     return match result {
-                        Ok(response) => Ok(response.into_inner()),
+                        Ok(response) => Ok(response),
                         // A connection cut mid-call may not say so: a worker that
                         // failed a call and then does not answer is dead too.
                         Err(status) if is_transport_failure(&status) || !self.answers(id).await => {
@@ -433,8 +429,8 @@ impl Cluster {
         let Some(worker) = self.get(id) else {
             return false;
         };
-        let mut client = worker.client.clone();
-        match tokio::time::timeout(PROBE_WAIT, client.status(proto::StatusRequest {})).await {
+        match tokio::time::timeout(PROBE_WAIT, worker.client.status(proto::StatusRequest {})).await
+        {
             Ok(answer) => answer.is_ok(),
             Err(_) => true,
         }

@@ -26,8 +26,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
+use dstream_executor::rpc::proto::{self, task::Kind as TaskKind};
 use dstream_executor::view_runtime::window_watermark;
-use dstream_executor::worker::proto::{self, task::Kind as TaskKind};
 use dstream_storage::IntervalId;
 use dstream_storage::checkpoint::{PartitionCheckpoint, WrittenPartition};
 use futures::future::join_all;
@@ -36,7 +36,8 @@ use tracing::{info, warn};
 use super::scheduler::{self, CommitOptions, Interrupted, MapOutput};
 use super::stage::{StageTask, run_stage};
 use super::{Cluster, WorkerRecord, WorkerStatus};
-use crate::engine::{BlockInfo, Engine, EngineState, SealedInterval, Sealing};
+use crate::engine::Engine;
+use crate::state::{BlockInfo, EngineState, Load, SealedInterval, Sealing};
 
 /// One recovery, as `dstream_recoveries` shows it.
 #[derive(Clone, Debug)]
@@ -114,10 +115,10 @@ pub async fn recover(
     let cluster = engine.inner.cluster.clone();
     let mut lost = BTreeSet::new();
     for slot in state.sources.values().filter(|s| s.failure.is_none()) {
-        lost.extend(slot.receivers.iter().filter(|w| is_lost(&cluster, **w)));
+        lost.extend(slot.receivers.workers().filter(|w| is_lost(&cluster, *w)));
     }
     for view in state.views.values().filter(|v| v.failure.is_none()) {
-        lost.extend(view.placement.iter().filter(|w| is_lost(&cluster, **w)));
+        lost.extend(view.placement.workers().filter(|w| is_lost(&cluster, *w)));
     }
     if lost.is_empty() {
         return None;
@@ -184,12 +185,12 @@ pub async fn recover(
 /// Stops every view and source that needs one of `lost`.
 fn stop_dependents(state: &mut EngineState, lost: &BTreeSet<u64>, reason: &str) {
     for slot in state.sources.values_mut() {
-        if slot.failure.is_none() && slot.receivers.iter().any(|w| lost.contains(w)) {
+        if slot.failure.is_none() && slot.receivers.workers().any(|w| lost.contains(&w)) {
             slot.failure = Some(reason.to_string());
         }
     }
     for view in state.views.values_mut() {
-        if view.failure.is_none() && view.placement.iter().any(|w| lost.contains(w)) {
+        if view.failure.is_none() && view.placement.workers().any(|w| lost.contains(&w)) {
             view.failure = Some(reason.to_string());
         }
     }
@@ -203,18 +204,18 @@ fn stop_dependents(state: &mut EngineState, lost: &BTreeSet<u64>, reason: &str) 
 /// sources give the same rows again; a `tcp` source's lost rows are gone with the
 /// workers either way.
 fn forget_seals_of_lost_blocks(cluster: &Cluster, state: &mut EngineState, lost: &BTreeSet<u64>) {
-    let unheld = |sealed: &dstream_executor::worker::proto::SealedSource| {
+    let unheld = |sealed: &dstream_executor::rpc::proto::SealedSource| {
         sealed
             .blocks
             .iter()
             .any(|b| b.holders.iter().all(|h| !cluster.is_alive(*h)))
     };
     for (name, slot) in &state.sources {
-        for (split, worker) in slot.receivers.iter().enumerate() {
-            if !lost.contains(worker) {
+        for (split, worker) in slot.receivers.iter() {
+            if !lost.contains(&worker) {
                 continue;
             }
-            let key = (name.clone(), split as u32);
+            let key = (name.clone(), split);
             let in_progress = state
                 .sealing
                 .as_ref()
@@ -245,14 +246,10 @@ async fn reopen_receivers(
     lost: &BTreeSet<u64>,
     survivors: &[WorkerRecord],
 ) -> u64 {
-    let mut load: HashMap<u64, usize> = survivors.iter().map(|w| (w.id, 0)).collect();
-    for slot in state.sources.values() {
-        for w in &slot.receivers {
-            if let Some(n) = load.get_mut(w) {
-                *n = n.saturating_add(1);
-            }
-        }
-    }
+    let mut load = Load::new(
+        survivors.iter().map(|w| w.id),
+        state.sources.values().map(|s| &s.receivers),
+    );
     let mut reopened: u64 = 0;
     forget_seals_of_lost_blocks(cluster, state, lost);
     // A receiver carries on after every seal it answered, those of the interval in
@@ -267,38 +264,32 @@ async fn reopen_receivers(
             continue;
         }
         let splits = slot.receivers.len() as u32;
-        for split in 0..slot.receivers.len() {
-            let Some(&dead) = slot.receivers.get(split) else {
-                break;
-            };
-            if !lost.contains(&dead) {
-                continue;
-            }
-            let Some(target) = survivors
-                .iter()
-                .min_by_key(|w| (load.get(&w.id).copied().unwrap_or(0), w.id))
+        let dead_splits: Vec<(u32, u64)> = slot
+            .receivers
+            .iter()
+            .filter(|(_, w)| lost.contains(w))
+            .collect();
+        for (split, dead) in dead_splits {
+            let Some(target) = load
+                .pick()
+                .and_then(|id| survivors.iter().find(|w| w.id == id))
             else {
                 break;
             };
             let handover = slot
-                .position(name, split as u32, sealed.iter().copied())
-                .handover(name, split as u32, splits);
-            let mut client = target.client.clone();
+                .position(name, split, sealed.iter().copied())
+                .handover(name, split, splits);
             match cluster
                 .call(
                     target.id,
                     "reopen a receiver",
-                    client.adopt_receiver(handover),
+                    target.client.adopt_receiver(handover),
                 )
                 .await
             {
                 Ok(_) => {
                     info!(source = %name, split, from = dead, to = target.id, "reopened the receiver of a lost worker");
-                    if let Some(receiver) = slot.receivers.get_mut(split) {
-                        *receiver = target.id;
-                    }
-                    let n = load.entry(target.id).or_default();
-                    *n = n.saturating_add(1);
+                    slot.receivers.move_to(split, target.id);
                     reopened = reopened.saturating_add(1);
                 }
                 Err(e) => {
@@ -330,14 +321,10 @@ async fn rebuild_partitions(
         let checkpoints = engine.checkpoints();
         (checkpoints.latest(), checkpoints.unfinished())
     };
-    let mut owned: HashMap<u64, usize> = survivors.iter().map(|w| (w.id, 0)).collect();
-    for view in state.views.values() {
-        for w in &view.placement {
-            if let Some(n) = owned.get_mut(w) {
-                *n = n.saturating_add(1);
-            }
-        }
-    }
+    let mut owned = Load::new(
+        survivors.iter().map(|w| w.id),
+        state.views.values().map(|v| &v.placement),
+    );
     let levels = state.stage_levels();
     let mut rebuilds = Vec::new();
     let names: Vec<String> = state.views.keys().cloned().collect();
@@ -349,19 +336,17 @@ async fn rebuild_partitions(
             continue;
         }
         let mut partitions = Vec::new();
-        for (p, owner) in view.placement.iter().enumerate() {
-            if !lost.contains(owner) {
+        for (p, owner) in view.placement.iter() {
+            if !lost.contains(&owner) {
                 continue;
             }
-            let Some(target) = survivors
-                .iter()
-                .min_by_key(|w| (owned.get(&w.id).copied().unwrap_or(0), w.id))
+            let Some(target) = owned
+                .pick()
+                .and_then(|id| survivors.iter().find(|w| w.id == id))
             else {
                 continue;
             };
-            let n = owned.entry(target.id).or_default();
-            *n = n.saturating_add(1);
-            partitions.push((p as u32, target.clone()));
+            partitions.push((p, target.clone()));
         }
         if partitions.is_empty() {
             continue;
@@ -370,7 +355,7 @@ async fn rebuild_partitions(
             // The view has not run yet: there is no state to rebuild.
             if let Some(view) = state.views.get_mut(&name) {
                 for (p, target) in &partitions {
-                    view.place(*p, target.id);
+                    view.placement.move_to(*p, target.id);
                 }
             }
             continue;
@@ -441,8 +426,8 @@ async fn rebuild_partitions(
                     .join(", "),
                 partitions
                     .first()
-                    .and_then(|p| view.placement.get(p.partition as usize))
-                    .map_or_else(|| "a lost worker".into(), |w| cluster.unavailable(*w)),
+                    .and_then(|p| view.placement.owner(p.partition))
+                    .map_or_else(|| "a lost worker".into(), |w| cluster.unavailable(w)),
                 if lineage.is_none() {
                     " (checkpoints are off, so input is kept only as long as source_retention says)"
                 } else {
@@ -489,12 +474,11 @@ async fn rebuild_partitions(
                     .map(|(at, held)| (*at, held.as_ref())),
             );
             async move {
-                let mut client = target.client.clone();
                 let result = cluster
                     .call(
                         target.id,
                         "restore a state partition",
-                        client.restore_partition(request),
+                        target.client.restore_partition(request),
                     )
                     .await;
                 (r.view.clone(), target.id, result)
@@ -587,7 +571,7 @@ async fn rebuild_partitions(
             continue;
         }
         for lost in &rebuild.partitions {
-            view.place(lost.partition, lost.target.id);
+            view.placement.move_to(lost.partition, lost.target.id);
         }
         stat.partitions = stat
             .partitions
@@ -866,11 +850,9 @@ async fn replay_reduce(
         replay: true,
     };
     let commits = cluster
-        .call_each(
-            &owners,
-            "commit a replayed interval",
-            |mut client| async move { client.commit(request).await },
-        )
+        .call_each(&owners, "commit a replayed interval", |client| async move {
+            client.commit(request).await
+        })
         .await;
     for (worker, result) in commits {
         match result {

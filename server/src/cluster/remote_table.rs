@@ -18,12 +18,12 @@ use datafusion::common::DataFusionError;
 use datafusion::datasource::TableType;
 use datafusion::logical_expr::Expr;
 use datafusion::physical_plan::ExecutionPlan;
-use dstream_executor::worker::proto::{self, data_ticket::Kind};
+use dstream_executor::rpc::proto::{self, data_ticket::Kind};
 use dstream_storage::IntervalId;
 use futures::future::try_join_all;
 
 use super::Cluster;
-use crate::engine::BlockInfo;
+use crate::state::{BlockInfo, Placement};
 
 /// The rows of one view as of one interval, partition by partition on its workers.
 #[derive(Debug)]
@@ -32,18 +32,18 @@ pub struct RemoteView {
     pub name: String,
     pub schema: SchemaRef,
     /// The worker of each partition.
-    pub placement: Vec<u64>,
+    pub placement: Placement,
     pub interval: IntervalId,
 }
 
 impl RemoteView {
     /// Fetches every partition.
     pub async fn fetch(&self) -> Result<Vec<Vec<RecordBatch>>, DataFusionError> {
-        let reads = self.placement.iter().enumerate().map(|(p, &worker)| {
+        let reads = self.placement.iter().map(|(p, worker)| {
             let cluster = self.cluster.clone();
             let kind = Kind::ViewRows(proto::ViewRowsRef {
                 view: self.name.clone(),
-                partition: p as u32,
+                partition: p,
                 interval: self.interval.0,
             });
             let name = self.name.clone();

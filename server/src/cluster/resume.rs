@@ -29,8 +29,9 @@ use futures::future::join_all;
 use tracing::{info, warn};
 
 use super::recovery::restore_request;
-use crate::engine::{Engine, EngineState, SplitPosition};
+use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::state::{EngineState, SplitPosition};
 
 /// The newest committed checkpoint of `data_dir`, to resume from; `None` if there is
 /// none. A checkpoint that cannot be read, or was taken with another interval width,
@@ -91,25 +92,26 @@ pub async fn resume(engine: &Engine, state: &mut EngineState, manifest: Arc<Mani
             })
             .collect();
         let splits = slot.receivers.len() as u32;
-        let reopens = slot.receivers.iter().zip(&slot.positions).enumerate().map(
-            |(split, (worker, position))| {
-                let handover = position.handover(name, split as u32, splits);
-                let cluster = &cluster;
-                async move {
-                    let Some(w) = cluster.get(*worker) else {
-                        return Err(Error::WorkerLost(cluster.unavailable(*worker)));
-                    };
-                    let mut client = w.client.clone();
-                    cluster
-                        .call(
-                            *worker,
-                            "reopen a receiver",
-                            client.adopt_receiver(handover),
-                        )
-                        .await
-                }
-            },
-        );
+        let reopens =
+            slot.receivers
+                .iter()
+                .zip(&slot.positions)
+                .map(|((split, worker), position)| {
+                    let handover = position.handover(name, split, splits);
+                    let cluster = &cluster;
+                    async move {
+                        let Some(w) = cluster.get(worker) else {
+                            return Err(Error::WorkerLost(cluster.unavailable(worker)));
+                        };
+                        cluster
+                            .call(
+                                worker,
+                                "reopen a receiver",
+                                w.client.adopt_receiver(handover),
+                            )
+                            .await
+                    }
+                });
         match join_all(reopens).await.into_iter().find_map(|r| r.err()) {
             None => resumed.sources = resumed.sources.saturating_add(1),
             Some(e) => {
@@ -166,23 +168,22 @@ pub async fn resume(engine: &Engine, state: &mut EngineState, manifest: Arc<Mani
         let Some(held) = manifest.views.get(name) else {
             continue;
         };
-        for (p, owner) in view.placement.iter().enumerate() {
-            let request = restore_request(name, p as u32, Some((at, held.partitions.get(p))));
+        for (p, owner) in view.placement.iter() {
+            let request = restore_request(name, p, Some((at, held.partitions.get(p as usize))));
             let cluster = &cluster;
             let name = name.clone();
             loads.push(async move {
-                let result = match cluster.get(*owner) {
+                let result = match cluster.get(owner) {
                     Some(w) => {
-                        let mut client = w.client.clone();
                         cluster
                             .call(
-                                *owner,
+                                owner,
                                 "load a state partition",
-                                client.restore_partition(request),
+                                w.client.restore_partition(request),
                             )
                             .await
                     }
-                    None => Err(Error::WorkerLost(cluster.unavailable(*owner))),
+                    None => Err(Error::WorkerLost(cluster.unavailable(owner))),
                 };
                 (name, result)
             });

@@ -39,10 +39,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dstream_executor::Changelog;
+use dstream_executor::rpc::codec::timeline_message;
+use dstream_executor::rpc::proto::{self, task::Kind as TaskKind};
+use dstream_executor::rpc::read_ipc;
 use dstream_executor::shuffle::piece_id;
 use dstream_executor::view_runtime::window_watermark;
-use dstream_executor::worker::proto::{self, task::Kind as TaskKind};
-use dstream_executor::worker::service::read_ipc;
 use dstream_planner::StreamPlan;
 use dstream_storage::IntervalId;
 use futures::future::join_all;
@@ -53,8 +54,9 @@ use tracing::{info, warn};
 
 use super::stage::{Speculation, StageOutcome, StageTask, run_fed_stage, run_stage};
 use super::{Cluster, PROBE_WAIT, WorkerRecord};
-use crate::engine::{BlockInfo, Engine, EngineState, SealedInterval, Sealing, SourceSlot};
+use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::state::{BlockInfo, EngineState, Load, Placement, SealedInterval, Sealing, SourceSlot};
 
 /// What one interval did, for `dstream_intervals`.
 #[derive(Debug, Default)]
@@ -258,7 +260,7 @@ async fn lost_worker(cluster: &Cluster, alive: &[WorkerRecord], probe: bool) -> 
     if probe {
         let _ = tokio::time::timeout(
             PROBE_WAIT,
-            cluster.call_each(alive, "report status", |mut client| async move {
+            cluster.call_each(alive, "report status", |client| async move {
                 client.status(proto::StatusRequest {}).await
             }),
         )
@@ -268,14 +270,6 @@ async fn lost_worker(cluster: &Cluster, alive: &[WorkerRecord], probe: bool) -> 
         .iter()
         .find(|w| !cluster.is_alive(w.id))
         .map(|w| cluster.unavailable(w.id))
-}
-
-/// `timeline` as workers are told it.
-fn proto_timeline(timeline: &dstream_storage::Timeline) -> proto::Timeline {
-    proto::Timeline {
-        origin_nanos: timeline.origin_nanos,
-        width_nanos: timeline.width_nanos,
-    }
 }
 
 /// What one interval gives: each view's outcome and counts, or why it was interrupted.
@@ -300,7 +294,7 @@ pub async fn run_interval(
 ) -> IntervalResult {
     let cluster = engine.inner.cluster.clone();
     let alive = cluster.alive();
-    let timeline = proto_timeline(&state.timeline);
+    let timeline = timeline_message(&state.timeline);
     let started = Instant::now();
     let blocks = seal(&cluster, state, interval, commit, &alive, timeline).await?;
     let ahead = seal_next.then(|| {
@@ -700,11 +694,10 @@ fn seal_requests(
         s.failure.is_none() && s.since.is_none_or(|since| since <= sealing.interval)
     }) {
         let splits = slot.receivers.len() as u32;
-        for (split, worker) in slot.receivers.iter().enumerate() {
-            let split = split as u32;
+        for (split, worker) in slot.receivers.iter() {
             if !sealing.splits.contains_key(&(name.clone(), split)) {
                 to_seal
-                    .entry(*worker)
+                    .entry(worker)
                     .or_default()
                     .push(proto::ReceiverSplit {
                         source: name.clone(),
@@ -752,9 +745,8 @@ async fn send_seal(
 ) -> (u64, Result<proto::SealResponse>) {
     let result = match cluster.get(id) {
         Some(w) => {
-            let mut client = w.client.clone();
             cluster
-                .call(id, "seal the interval", client.seal(request))
+                .call(id, "seal the interval", w.client.seal(request))
                 .await
         }
         None => Err(Error::WorkerLost(cluster.unavailable(id))),
@@ -794,7 +786,7 @@ fn record_seals(
 fn fail_receivers(sources: &mut BTreeMap<String, SourceSlot>, sealing: &mut Sealing) {
     for (worker, error) in std::mem::take(&mut sealing.failed) {
         for (name, slot) in sources.iter_mut() {
-            if slot.receivers.contains(&worker) && slot.failure.is_none() {
+            if slot.receivers.uses(worker) && slot.failure.is_none() {
                 warn!(source = %name, %error, "source lost a receiver");
                 slot.failure = Some(format!("a receiver could not seal: {error}"));
             }
@@ -911,7 +903,7 @@ async fn run_stages(
     }
     let mut failed: HashMap<String, String> = HashMap::new();
     let mut next_task = 0u64;
-    let views: Vec<(String, Arc<StreamPlan>, Vec<u64>)> = state
+    let views: Vec<(String, Arc<StreamPlan>, Placement)> = state
         .views
         .iter()
         .filter(|(_, v)| v.runs_in(interval))
@@ -944,7 +936,7 @@ async fn run_stages(
         .unwrap_or(0);
     let mut mapped_at = sealed_at;
     for level in 0..=top {
-        let stages: Vec<&(String, Arc<StreamPlan>, Vec<u64>)> = views
+        let stages: Vec<&(String, Arc<StreamPlan>, Placement)> = views
             .iter()
             .filter(|(name, ..)| levels.get(name).copied().unwrap_or(0) == level)
             .collect();
@@ -966,13 +958,13 @@ async fn run_stages(
                 failed.insert(name.clone(), reason);
                 continue;
             }
-            if let Some(lost) = placement.iter().find(|w| !cluster.is_alive(**w)) {
+            if let Some(lost) = placement.workers().find(|w| !cluster.is_alive(*w)) {
                 // Recovery could not move it (it says why when it gives up).
                 failed.insert(
                     name.clone(),
                     format!(
                         "a state partition is on {}, and was not recovered",
-                        cluster.unavailable(*lost)
+                        cluster.unavailable(lost)
                     ),
                 );
                 continue;
@@ -1061,10 +1053,10 @@ async fn run_stages(
             let keep_changes = read.contains(name.as_str());
             // Changes go to the coordinator only for subscribers.
             let withhold_changes = plan.name != plan.view || !engine.has_subscribers(name);
-            for (p, &owner) in placement.iter().enumerate() {
-                let pieces = pieces_for(&cluster, &outputs, p);
+            for (p, owner) in placement.iter() {
+                let pieces = pieces_for(&cluster, &outputs, p as usize);
                 next_task = next_task.saturating_add(1);
-                reduce_of_task.insert(next_task, (name.clone(), p as u32));
+                reduce_of_task.insert(next_task, (name.clone(), p));
                 reduce_tasks.push(StageTask {
                     worker: owner,
                     task: proto::Task {
@@ -1072,7 +1064,7 @@ async fn run_stages(
                         view: name.clone(),
                         interval: interval.0,
                         kind: Some(TaskKind::Reduce(proto::ReduceTask {
-                            partition: p as u32,
+                            partition: p,
                             pieces,
                             watermark,
                             replay: false,
@@ -1105,11 +1097,9 @@ async fn run_stages(
             };
             // A copy that won moved the state partition to its worker.
             if let Some(slot) = state.views.get_mut(view)
-                && let Some(owner) = slot.placement.get_mut(*p as usize)
-                && *owner != worker
+                && let Some(from) = slot.placement.move_to(*p, worker)
             {
-                info!(view = %view, partition = p, from = *owner, to = worker, "a speculative copy won; the state partition moved");
-                *owner = worker;
+                info!(view = %view, partition = p, from, to = worker, "a speculative copy won; the state partition moved");
             }
             counts.shuffle_bytes = counts.shuffle_bytes.saturating_add(r.shuffle_bytes_read);
             // The stages that read this one map its changes where they were kept.
@@ -1178,7 +1168,7 @@ async fn run_stages(
         replay: false,
     };
     let commits = cluster
-        .call_each(alive, "commit the interval", |mut client| async move {
+        .call_each(alive, "commit the interval", |client| async move {
             client.commit(request).await
         })
         .await;
@@ -1187,7 +1177,7 @@ async fn run_stages(
             && cluster.is_alive(worker)
         {
             for (name, slot) in &state.views {
-                if slot.placement.contains(&worker) {
+                if slot.placement.uses(worker) {
                     failed.entry(name.clone()).or_insert(e.to_string());
                 }
             }
@@ -1275,18 +1265,16 @@ pub async fn sync_workers(engine: &Engine, state: &mut EngineState) -> Result<()
             .flat_map(|(name, s)| {
                 let splits = s.receivers.len() as u32;
                 s.receivers
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, w)| **w == worker.id)
-                    .map(move |(i, _)| proto::ReceiverSplit {
+                    .on(worker.id)
+                    .map(move |split| proto::ReceiverSplit {
                         source: name.clone(),
-                        split: i as u32,
+                        split,
                         splits,
                     })
             })
             .collect();
         let request = proto::InstallRequest {
-            timeline: Some(proto_timeline(&state.timeline)),
+            timeline: Some(timeline_message(&state.timeline)),
             objects: objects.clone(),
             receivers: receivers.clone(),
             block_rows: engine.inner.config.block_rows as u64,
@@ -1294,9 +1282,12 @@ pub async fn sync_workers(engine: &Engine, state: &mut EngineState) -> Result<()
             retain_intervals,
             store: Some(store.clone()),
         };
-        let mut client = worker.client.clone();
         match cluster
-            .call(worker.id, "install the catalog", client.install(request))
+            .call(
+                worker.id,
+                "install the catalog",
+                worker.client.install(request),
+            )
             .await
         {
             Ok(_) => {
@@ -1325,16 +1316,13 @@ pub async fn sync_workers(engine: &Engine, state: &mut EngineState) -> Result<()
 /// connector splits gets one receiver per live worker, others one; each receiver goes
 /// to the worker with the fewest. Partitions go round-robin from a per-view offset.
 fn place(state: &mut EngineState, alive: &[WorkerRecord]) {
-    let mut receivers: HashMap<u64, usize> = alive.iter().map(|w| (w.id, 0)).collect();
-    for slot in state.sources.values() {
-        for w in &slot.receivers {
-            if let Some(n) = receivers.get_mut(w) {
-                *n = n.saturating_add(1);
-            }
-        }
-    }
+    let alive: Vec<u64> = alive.iter().map(|w| w.id).collect();
+    let mut receivers = Load::new(
+        alive.iter().copied(),
+        state.sources.values().map(|s| &s.receivers),
+    );
     for slot in state.sources.values_mut() {
-        if !slot.receivers.is_empty() || slot.failure.is_some() {
+        if slot.receivers.is_placed() || slot.failure.is_some() {
             continue;
         }
         let splits = if dstream_executor::connector::splittable(&slot.def) {
@@ -1343,37 +1331,24 @@ fn place(state: &mut EngineState, alive: &[WorkerRecord]) {
             1
         };
         for _ in 0..splits {
-            let chosen = alive
-                .iter()
-                .map(|w| w.id)
-                .min_by_key(|id| (receivers.get(id).copied().unwrap_or(0), *id));
-            if let Some(id) = chosen {
-                let n = receivers.entry(id).or_default();
-                *n = n.saturating_add(1);
-                slot.receivers.push(id);
+            if let Some(worker) = receivers.pick() {
+                slot.receivers.push(worker);
             }
         }
     }
     let placed_views = state
         .views
         .values()
-        .filter(|v| !v.placement.is_empty())
+        .filter(|v| v.placement.is_placed())
         .count();
     for (offset, slot) in state
         .views
         .values_mut()
-        .filter(|v| v.placement.is_empty())
+        .filter(|v| !v.placement.is_placed())
         .enumerate()
     {
-        // Partition p goes to alive[(start + p) % alive.len()]; none without workers.
         let start = placed_views.saturating_add(offset);
-        slot.placement = alive
-            .iter()
-            .cycle()
-            .skip(start)
-            .take(slot.plan.partitions)
-            .map(|w| w.id)
-            .collect();
+        slot.placement = Placement::spread(&alive, slot.plan.partitions, start);
     }
 }
 
@@ -1384,7 +1359,7 @@ pub async fn push_tables(
     worker: &WorkerRecord,
 ) -> Result<()> {
     for (name, slot) in &state.tables {
-        if let crate::engine::TableSlot::Memory(table) = slot {
+        if let crate::state::TableSlot::Memory(table) = slot {
             put_table(engine, &worker.address, name, table).await?;
         }
     }
@@ -1401,7 +1376,7 @@ async fn put_table(
         name: name.to_string(),
     });
     let schema = datafusion::catalog::TableProvider::schema(table);
-    let rows = crate::engine::memory_rows(table).await;
+    let rows = crate::state::memory_rows(table).await;
     Ok(engine
         .inner
         .cluster
@@ -1433,7 +1408,7 @@ pub async fn remove_everywhere(engine: &Engine, name: &str) {
         name: name.to_string(),
     };
     let removed = cluster
-        .call_each(&cluster.alive(), "remove an object", |mut client| {
+        .call_each(&cluster.alive(), "remove an object", |client| {
             let request = request.clone();
             async move { client.remove(request).await }
         })

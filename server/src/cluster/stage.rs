@@ -20,10 +20,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dstream_executor::worker::proto::{self, task::Kind as TaskKind};
+use dstream_executor::rpc::proto::{self, task::Kind as TaskKind};
 use futures::stream::{BoxStream, SelectAll, StreamExt};
 use tokio::sync::mpsc;
-use tonic::Response;
 use tracing::{info, warn};
 
 use super::Cluster;
@@ -537,9 +536,8 @@ async fn abandon_losers(cluster: &Arc<Cluster>, running: &HashMap<u64, Running>)
         let Some(w) = cluster.get(worker).filter(|w| w.is_reachable()) else {
             return;
         };
-        let mut client = w.client.clone();
         if let Err(e) = cluster
-            .call(worker, "abandon tasks", client.abandon(request))
+            .call(worker, "abandon tasks", w.client.abandon(request))
             .await
         {
             warn!(worker, error = %e, "could not abandon the losing copies of tasks");
@@ -583,11 +581,7 @@ fn call(
                     }
                 }
             };
-            let next = cluster
-                .call(worker, what, async {
-                    results.message().await.map(Response::new)
-                })
-                .await;
+            let next = cluster.call(worker, what, results.message()).await;
             match next {
                 Ok(Some(result)) => Some((
                     (worker, CallEvent::Result(result)),
@@ -622,12 +616,11 @@ async fn start(
     let w = cluster
         .get(worker)
         .ok_or_else(|| Error::WorkerLost(cluster.unavailable(worker)))?;
-    let mut client = w.client.clone();
     let results = cluster
         .call(
             worker,
             what,
-            client.run_tasks(proto::RunTasksRequest { tasks }),
+            w.client.run_tasks(proto::RunTasksRequest { tasks }),
         )
         .await?;
     Ok(results)

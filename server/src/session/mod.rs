@@ -36,8 +36,9 @@ use dstream_planner::{Catalog, INTERVAL_COLUMN, ObjectKind, Statement};
 use dstream_storage::{CatalogEntry, CatalogState, EntryKind, table_data};
 use tracing::info;
 
-use crate::engine::{Engine, EngineState, SourceSlot, TableSlot, ViewSlot};
+use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::state::{EngineState, SourceSlot, TableSlot, ViewSlot};
 use crate::subscribe::Subscription;
 
 /// The result of one statement.

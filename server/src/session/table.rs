@@ -112,7 +112,7 @@ pub(super) async fn insert_into(engine: &Engine, insert: ast::Insert) -> Result<
         .and_then(|b| b.column(0).as_any().downcast_ref::<UInt64Array>())
         .map(|a| a.value(0))
         .unwrap_or(0);
-    let rows = crate::engine::memory_rows(&table).await;
+    let rows = crate::state::memory_rows(&table).await;
     table_data::store_table(&engine.inner.data_dir, &name, &table.schema(), &rows).await?;
     // Views that join the table see the new rows from the next interval on.
     crate::cluster::scheduler::push_table(engine, &name, &table).await?;
