@@ -780,7 +780,9 @@ async fn shuffle(args: Shuffle) -> anyhow::Result<()> {
 
     // A worker's Flight endpoint holding the pieces as one map task's output.
     let state = Arc::new(WorkerState::new(String::new(), 1));
-    state.put_shuffle(("v".to_string(), IntervalId(0), 0), pieces);
+    state
+        .shuffle
+        .put(("v".to_string(), IntervalId(0), 0), pieces);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = format!("http://{}", listener.local_addr()?);
     let stop = CancellationToken::new();

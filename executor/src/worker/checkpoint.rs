@@ -45,7 +45,7 @@ pub struct TakenPartition {
 /// Takes the committed partitions held here for the checkpoint of `interval` and
 /// prepares their writing to `store`.
 pub async fn start(state: &WorkerState, store: DataDir, interval: IntervalId) {
-    let taken = state.committed_partitions();
+    let taken = state.partitions.committed();
     let count = taken.len();
     let sql: HashMap<String, String> = match state.installed.lock().await.as_ref() {
         Some(installed) => taken
@@ -156,7 +156,9 @@ fn partition_proto(view: String, p: checkpoint::PartitionCheckpoint) -> proto::P
 pub async fn restore(state: &WorkerState, request: proto::RestorePartitionRequest) -> Result<u64> {
     let (view, partition) = (request.view.clone(), request.partition);
     let Some(interval) = request.checkpoint.map(IntervalId) else {
-        state.adopt_partition(&view, partition, PartitionSlot::default());
+        state
+            .partitions
+            .adopt(&view, partition, PartitionSlot::default());
         info!(view = %view, partition, "restored state partition empty (no checkpoint of it)");
         return Ok(0);
     };
@@ -204,7 +206,7 @@ pub async fn restore(state: &WorkerState, request: proto::RestorePartitionReques
     }
     // Versions before the checkpoint are gone: ad-hoc reads of them say so.
     let versions = BTreeMap::from([(interval, Arc::new(rows))]);
-    state.adopt_partition(
+    state.partitions.adopt(
         &view,
         partition,
         PartitionSlot {

@@ -54,7 +54,7 @@ impl FlightEndpoint {
         blocks
             .map(|block| {
                 let key = (s.view.clone(), IntervalId(s.interval), block);
-                let pieces = self.state.shuffle(&key).ok_or_else(|| {
+                let pieces = self.state.shuffle.get(&key).ok_or_else(|| {
                     Status::not_found(format!(
                         "no map output of view {} for block {block} of interval {}",
                         s.view, s.interval
@@ -81,6 +81,7 @@ impl FlightEndpoint {
             Kind::ViewRows(v) => {
                 match self
                     .state
+                    .partitions
                     .view_rows(&v.view, v.partition, IntervalId(v.interval))
                 {
                     ViewRowsRead::Rows(rows) => Ok(rows.as_ref().clone()),
@@ -168,7 +169,7 @@ impl FlightEndpoint {
         if sent.fields() != expected.fields() {
             return Err(mismatch(format!("got {sent:?}")));
         }
-        self.state.put_encoded_block(EncodedBlock {
+        self.state.blocks.put_encoded(EncodedBlock {
             source: b.source,
             interval: IntervalId(b.interval),
             index: b.index as usize,
@@ -206,7 +207,7 @@ impl FlightEndpoint {
             timeline,
             lineage.watermark,
         );
-        self.state.put_lineage(held, &lineage.blocks);
+        self.state.blocks.put_lineage(held, &lineage.blocks);
         Ok(())
     }
 
@@ -430,7 +431,9 @@ mod tests {
     async fn one_fetch_reads_a_partition_of_several_map_outputs_in_the_order_asked() -> Result<()> {
         let state = Arc::new(WorkerState::new(String::new(), 1));
         for (block, first) in [(0, 0), (3, 10), (5, 20)] {
-            state.put_shuffle(("v".into(), IntervalId(7), block), map_output(first)?);
+            state
+                .shuffle
+                .put(("v".into(), IntervalId(7), block), map_output(first)?);
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let address = format!("http://{}", listener.local_addr()?);

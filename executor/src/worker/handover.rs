@@ -104,16 +104,18 @@ pub fn describe_partition(
     view: &str,
     partition: u32,
 ) -> proto::PartitionDescription {
-    let described = state.with_partition(view, partition, |slot| proto::PartitionDescription {
-        view: view.to_string(),
-        partition,
-        present: true,
-        distinct: slot.state.distinct.len() as u32,
-        emitted_until: slot.state.emitted_until,
-        watermark: slot.state.watermark,
-        versions: slot.versions.keys().map(|i| i.0).collect(),
-        expired: slot.expired,
-    });
+    let described = state
+        .partitions
+        .with(view, partition, |slot| proto::PartitionDescription {
+            view: view.to_string(),
+            partition,
+            present: true,
+            distinct: slot.state.distinct.len() as u32,
+            emitted_until: slot.state.emitted_until,
+            watermark: slot.state.watermark,
+            versions: slot.versions.keys().map(|i| i.0).collect(),
+            expired: slot.expired,
+        });
     described.unwrap_or_else(|| proto::PartitionDescription {
         view: view.to_string(),
         partition,
@@ -127,7 +129,8 @@ pub fn partition_part(
     part: &proto::PartitionStateRef,
 ) -> Option<Vec<RecordBatch>> {
     state
-        .with_partition(&part.view, part.partition, |slot| match part.part() {
+        .partitions
+        .with(&part.view, part.partition, |slot| match part.part() {
             Part::Rows => Some(slot.state.rows.clone()),
             Part::Running => Some(slot.state.running.clone()),
             Part::Distinct => slot.state.distinct.get(part.index as usize).cloned(),
@@ -149,7 +152,7 @@ pub async fn adopt_partition(
 ) -> Result<u64> {
     let (view, partition) = (description.view.clone(), description.partition);
     let (slot, bytes) = fetch_partition(peers, from, description).await?;
-    state.adopt_partition(&view, partition, slot);
+    state.partitions.adopt(&view, partition, slot);
     info!(view = %view, partition, bytes, from, "adopted state partition");
     Ok(bytes)
 }

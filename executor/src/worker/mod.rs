@@ -81,7 +81,7 @@ pub async fn run(
     }
     if let Some(view) = &config.abort_view {
         tracing::warn!(%view, "fault injection: a task of this view aborts the worker");
-        state.set_abort_view(view.clone());
+        state.tasks.set_abort_view(view.clone());
     }
     state.set_credentials(config.s3_credentials.clone());
     // Not a child of `shutdown`: a leaving worker serves on until its work has been
@@ -158,7 +158,7 @@ async fn membership(
                 let answer = client
                     .heartbeat(proto::HeartbeatRequest {
                         worker_id: id,
-                        running_tasks: state.running_tasks(),
+                        running_tasks: state.tasks.running(),
                     })
                     .await;
                 if matches!(&answer, Ok(r) if !r.get_ref().known) {

@@ -119,12 +119,12 @@ impl proto::worker_server::Worker for WorkerService {
         let Some(interval) = tasks.first().map(|t| IntervalId(t.interval)) else {
             return Ok(Response::new(Box::pin(futures::stream::empty())));
         };
-        let cancel = self.state.cancel_token(interval);
+        let cancel = self.state.tasks.cancel_token(interval);
         let (events, received) = tokio::sync::mpsc::unbounded_channel();
         let mut running = JoinSet::new();
         for task in tasks {
             let (state, peers) = (self.state.clone(), self.peers.clone());
-            let abandon = state.task_token(interval, task.id);
+            let abandon = state.tasks.task_token(interval, task.id);
             let events = events.clone();
             running.spawn(async move {
                 let id = task.id;
@@ -139,14 +139,14 @@ impl proto::worker_server::Worker for WorkerService {
                         let ready = Instant::now();
                         // Wait for a task slot: the earliest interval's tasks get
                         // one first.
-                        let slot = state.slots.acquire(interval).await;
-                        let running = state.task_started();
+                        let slot = state.tasks.slots.acquire(interval).await;
+                        let running = state.tasks.started();
                         let _ = events.send(proto::TaskResult { id, started: true, ..Default::default() });
                         let started = Instant::now();
-                        if !state.task_delay().is_zero() {
-                            tokio::time::sleep(state.task_delay()).await;
+                        if !state.tasks.delay().is_zero() {
+                            tokio::time::sleep(state.tasks.delay()).await;
                         }
-                        if state.aborts(&task.view) {
+                        if state.tasks.aborts(&task.view) {
                             // Let the coordinator hear that the task runs, then die
                             // as a task that crashes its process would.
                             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
@@ -231,7 +231,7 @@ impl proto::worker_server::Worker for WorkerService {
     ) -> std::result::Result<Response<proto::CommitResponse>, Status> {
         let request = request.into_inner();
         let interval = IntervalId(request.interval);
-        self.state.commit(interval);
+        self.state.partitions.commit(interval);
         if request.checkpoint {
             let store = self
                 .state
@@ -240,7 +240,7 @@ impl proto::worker_server::Worker for WorkerService {
             checkpoint::start(&self.state, store, interval).await;
         }
         if !request.replay {
-            self.state.expire_shuffle(interval);
+            self.state.shuffle.expire(interval);
         }
         let retain = self
             .state
@@ -250,8 +250,9 @@ impl proto::worker_server::Worker for WorkerService {
             .as_ref()
             .map_or(1, |i| i.retain_intervals);
         self.state
-            .expire_blocks(interval, retain, request.keep_from.map(IntervalId));
-        self.state.finish_interval(interval);
+            .blocks
+            .expire(interval, retain, request.keep_from.map(IntervalId));
+        self.state.tasks.finish_interval(interval);
         Ok(Response::new(proto::CommitResponse {}))
     }
 
@@ -271,11 +272,11 @@ impl proto::worker_server::Worker for WorkerService {
         request: Request<proto::CancelRequest>,
     ) -> std::result::Result<Response<proto::CancelResponse>, Status> {
         let interval = IntervalId(request.into_inner().interval);
-        self.state.cancel(interval);
-        let cancelled = self.state.discard(interval) as u32;
+        self.state.tasks.cancel(interval);
+        let cancelled = self.state.partitions.discard(interval) as u32;
         // Only this interval's: a cancel that arrives late must not take the map
         // outputs a recovery's replay of earlier intervals is about to read.
-        self.state.drop_shuffle(interval);
+        self.state.shuffle.drop_interval(interval);
         Ok(Response::new(proto::CancelResponse { cancelled }))
     }
 
@@ -284,9 +285,9 @@ impl proto::worker_server::Worker for WorkerService {
         _: Request<proto::StatusRequest>,
     ) -> std::result::Result<Response<proto::StatusResponse>, Status> {
         Ok(Response::new(proto::StatusResponse {
-            running_tasks: self.state.running_tasks(),
-            blocks: self.state.block_count(),
-            state_partitions: self.state.partition_count(),
+            running_tasks: self.state.tasks.running(),
+            blocks: self.state.blocks.count(),
+            state_partitions: self.state.partitions.count(),
         }))
     }
 
@@ -343,7 +344,9 @@ impl proto::worker_server::Worker for WorkerService {
         request: Request<proto::DescribePartitionRequest>,
     ) -> std::result::Result<Response<proto::DropPartitionResponse>, Status> {
         let request = request.into_inner();
-        self.state.drop_partition(&request.view, request.partition);
+        self.state
+            .partitions
+            .remove(&request.view, request.partition);
         Ok(Response::new(proto::DropPartitionResponse {}))
     }
 
@@ -402,7 +405,7 @@ async fn seal(
         match sealed {
             Ok(blocks) => {
                 for block in &blocks {
-                    state.put_block(block.clone());
+                    state.blocks.put(block.clone());
                 }
                 // A replayable source's replica keeps how to seal this again, not
                 // the rows.
@@ -572,7 +575,7 @@ async fn read_inputs(
         let of = location.interval.map_or(interval, IntervalId);
         if location.worker == state.id() {
             let key = (task.view.clone(), of, location.block);
-            let local = state.shuffle(&key).ok_or_else(|| {
+            let local = state.shuffle.get(&key).ok_or_else(|| {
                 Error::Internal(format!(
                     "map output of block {} of interval {of} is missing",
                     location.block
@@ -659,7 +662,9 @@ async fn run_task(
                 return Err(Error::Internal(format!("task {} was abandoned", task.id)));
             }
             let piece = crate::shuffle::piece_id(map.input, map.block)?;
-            state.put_shuffle((task.view.clone(), interval, piece), pieces);
+            state
+                .shuffle
+                .put((task.view.clone(), interval, piece), pieces);
             Ok(proto::TaskResult {
                 partition_rows,
                 components,
@@ -675,11 +680,11 @@ async fn run_task(
             } = inputs.ok_or_else(|| Error::Internal("a reduce task without its inputs".into()))?;
             let prior = match &adopted {
                 Some(slot) => slot.state.clone(),
-                None => state.partition_state(&task.view, p),
+                None => state.partitions.state(&task.view, p),
             };
             let rows = match &adopted {
                 Some(slot) => slot.current_rows(),
-                None => state.current_view_rows(&task.view, p),
+                None => state.partitions.current_rows(&task.view, p),
             };
             let input = PartitionInput {
                 interval,
@@ -703,7 +708,7 @@ async fn run_task(
             let changed_rows: u64 = changed.clone().map(|b| b.num_rows() as u64).sum();
             let changed_bytes: u64 = changed.map(|b| b.get_array_memory_size() as u64).sum();
             if reduce.keep_changes && changed_rows > 0 {
-                state.put_block(Arc::new(Block {
+                state.blocks.put(Arc::new(Block {
                     source: task.view.clone(),
                     interval,
                     index: p as usize,
@@ -725,7 +730,7 @@ async fn run_task(
                     let before: usize = adopted
                         .as_ref()
                         .map_or_else(
-                            || state.current_view_rows(&task.view, p),
+                            || state.partitions.current_rows(&task.view, p),
                             |s| s.current_rows(),
                         )
                         .iter()
@@ -735,7 +740,7 @@ async fn run_task(
                         .saturating_add(rows.iter().map(|b| b.num_rows() as u64).sum::<u64>())
                 }
             };
-            if !state.set_pending(
+            if !state.partitions.set_pending(
                 (&task.view, p),
                 interval,
                 (output.state, update),
