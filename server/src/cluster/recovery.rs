@@ -26,7 +26,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use dstream_executor::rpc::proto::{self, task::Kind as TaskKind};
+use dstream_executor::rpc::proto;
 use dstream_executor::view_runtime::window_watermark;
 use dstream_storage::IntervalId;
 use dstream_storage::checkpoint::{PartitionCheckpoint, WrittenPartition};
@@ -34,7 +34,7 @@ use futures::future::join_all;
 use tracing::{info, warn};
 
 use super::scheduler::{self, CommitOptions, Interrupted, MapOutput};
-use super::stage::{StageTask, run_stage};
+use super::stage::{ReduceMode, ReduceOf, StageTask, run_stage};
 use super::{Cluster, WorkerRecord, WorkerStatus};
 use crate::engine::Engine;
 use crate::state::{BlockInfo, EngineState, Load, SealedInterval, Sealing};
@@ -778,25 +778,26 @@ async fn replay_reduce(
             next_task = next_task.saturating_add(1);
             reduce_of_task.insert(next_task, (rebuild.view.clone(), *p));
             owners.insert(target.id);
-            reduce_tasks.push(StageTask {
-                worker: target.id,
-                task: proto::Task {
-                    id: next_task,
-                    view: rebuild.view.clone(),
-                    interval: i.0,
-                    kind: Some(TaskKind::Reduce(proto::ReduceTask {
-                        partition: *p,
-                        pieces,
-                        watermark,
-                        replay: true,
-                        adopt: None,
-                        keep_changes: rebuild.keep_changes,
-                        withhold_changes: true,
-                    })),
-                },
-                // The partition is being rebuilt on its new owner: no copies.
-                alternatives: Vec::new(),
-            });
+            let of = ReduceOf {
+                stage: &rebuild.view,
+                interval: i.0,
+                partition: *p,
+                pieces,
+                watermark,
+            };
+            let mode = ReduceMode {
+                replay: true,
+                keep_changes: rebuild.keep_changes,
+                withhold_changes: true,
+            };
+            // The partition is being rebuilt on its new owner: no copies.
+            reduce_tasks.push(StageTask::reduce(
+                next_task,
+                target.id,
+                of,
+                mode,
+                Vec::new(),
+            ));
         }
     }
     let mut stage = run_stage(

@@ -52,7 +52,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
-use super::stage::{Speculation, StageOutcome, StageTask, run_fed_stage, run_stage};
+use super::stage::{
+    ReduceMode, ReduceOf, Speculation, StageOutcome, StageTask, run_fed_stage, run_stage,
+};
 use super::{Cluster, PROBE_WAIT, WorkerRecord};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
@@ -1050,32 +1052,25 @@ async fn run_stages(
             );
             let mut outputs = map_outputs.remove(name).unwrap_or_default();
             outputs.sort_by_key(|o| o.block);
-            let keep_changes = read.contains(name.as_str());
-            // Changes go to the coordinator only for subscribers.
-            let withhold_changes = plan.name != plan.view || !engine.has_subscribers(name);
+            let mode = ReduceMode {
+                replay: false,
+                keep_changes: read.contains(name.as_str()),
+                // Changes go to the coordinator only for subscribers.
+                withhold_changes: plan.name != plan.view || !engine.has_subscribers(name),
+            };
             for (p, owner) in placement.iter() {
-                let pieces = pieces_for(&cluster, &outputs, p as usize);
+                let of = ReduceOf {
+                    stage: name,
+                    interval: interval.0,
+                    partition: p,
+                    pieces: pieces_for(&cluster, &outputs, p as usize),
+                    watermark,
+                };
                 next_task = next_task.saturating_add(1);
                 reduce_of_task.insert(next_task, (name.clone(), p));
-                reduce_tasks.push(StageTask {
-                    worker: owner,
-                    task: proto::Task {
-                        id: next_task,
-                        view: name.clone(),
-                        interval: interval.0,
-                        kind: Some(TaskKind::Reduce(proto::ReduceTask {
-                            partition: p,
-                            pieces,
-                            watermark,
-                            replay: false,
-                            adopt: None,
-                            keep_changes,
-                            withhold_changes,
-                        })),
-                    },
-                    // A copy may run on any other live worker: it fetches the partition.
-                    alternatives: alive.iter().map(|w| w.id).collect(),
-                });
+                // A copy may run on any other live worker: it fetches the partition.
+                let alternatives = alive.iter().map(|w| w.id).collect();
+                reduce_tasks.push(StageTask::reduce(next_task, owner, of, mode, alternatives));
             }
         }
         counts.reduce_tasks = counts

@@ -60,6 +60,62 @@ pub(crate) struct StageTask {
     pub alternatives: Vec<u64>,
 }
 
+/// Which partition of which stage a reduce task folds, in which interval, and from
+/// what.
+#[derive(Debug)]
+pub(crate) struct ReduceOf<'a> {
+    pub stage: &'a str,
+    pub interval: u64,
+    pub partition: u32,
+    /// The map outputs it reads, in the order every run folds them.
+    pub pieces: Vec<proto::PieceLocation>,
+    /// The window watermark after the interval, if the stage has a window.
+    pub watermark: Option<i64>,
+}
+
+/// What a reduce task does with its output besides folding it into its partition.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ReduceMode {
+    /// Rebuilding a lost partition: the interval was committed before.
+    pub replay: bool,
+    /// Keeps the partition's changes on the worker for the stages that read it.
+    pub keep_changes: bool,
+    /// Sends no changes back to the coordinator: no one subscribes.
+    pub withhold_changes: bool,
+}
+
+impl StageTask {
+    /// Reduce task `id` on `worker`, the same for an interval, a replay and a copy;
+    /// a copy may run on `alternatives` (empty: the partition is being rebuilt on its
+    /// new owner and is not copied).
+    pub fn reduce(
+        id: u64,
+        worker: u64,
+        of: ReduceOf<'_>,
+        mode: ReduceMode,
+        alternatives: Vec<u64>,
+    ) -> Self {
+        StageTask {
+            worker,
+            task: proto::Task {
+                id,
+                view: of.stage.to_string(),
+                interval: of.interval,
+                kind: Some(TaskKind::Reduce(proto::ReduceTask {
+                    partition: of.partition,
+                    pieces: of.pieces,
+                    watermark: of.watermark,
+                    replay: mode.replay,
+                    adopt: None,
+                    keep_changes: mode.keep_changes,
+                    withhold_changes: mode.withhold_changes,
+                })),
+            },
+            alternatives,
+        }
+    }
+}
+
 /// What a stage did.
 #[derive(Debug, Default)]
 pub(crate) struct StageOutcome {
