@@ -12,17 +12,17 @@ use dstream_planner::{StreamPlan, WindowSpec};
 use dstream_storage::{IntervalId, Timeline};
 
 use crate::error::Result;
-use crate::operator::{AggregateOperator, AppendOperator, KeyedOperator, StreamOperator};
+use crate::operator::{AggregateOperator, AppendOperator, KeyedOperator, StageOperators};
 
 /// The rows of one partition of a view.
 pub type ViewPartition = Arc<Vec<RecordBatch>>;
 
-/// The operator that runs stage `plan`.
-pub fn operator_for(plan: Arc<StreamPlan>) -> Result<Arc<dyn StreamOperator>> {
+/// The operators that run stage `plan`.
+pub fn operator_for(plan: Arc<StreamPlan>) -> Result<StageOperators> {
     Ok(match (&plan.aggregate, &plan.keyed) {
-        (Some(_), _) => Arc::new(AggregateOperator::new(plan)?),
-        (None, Some(_)) => Arc::new(KeyedOperator::new(plan)?),
-        (None, None) => Arc::new(AppendOperator::new(plan)),
+        (Some(_), _) => StageOperators::of(AggregateOperator::new(plan)?),
+        (None, Some(_)) => StageOperators::of(KeyedOperator::new(plan)?),
+        (None, None) => StageOperators::of(AppendOperator::new(plan)),
     })
 }
 

@@ -237,10 +237,16 @@ mod tests {
                 let operator = match (&s.aggregate, &s.keyed) {
                     (Some(_), _) => "aggregate".to_string(),
                     (None, Some(k)) if k.kind == KeyedKind::TopN => {
-                        format!("top-N by {} keys", k.keys.len())
+                        let keeps = if k.prune.is_some() { ", pruned" } else { "" };
+                        format!("top-N by {} keys{keeps}", k.keys.len())
                     }
                     (None, Some(k)) => {
-                        format!("keyed {} by {} keys", k.kind.describe(), k.keys.len())
+                        let keeps = if k.prune.is_some() { ", pruned" } else { "" };
+                        format!(
+                            "keyed {} by {} keys{keeps}",
+                            k.kind.describe(),
+                            k.keys.len()
+                        )
                     }
                     (None, None) => "append".to_string(),
                 };
@@ -312,11 +318,36 @@ mod tests {
                  OVER (PARTITION BY k ORDER BY v DESC) AS r FROM s) AS x WHERE r <= 2"
             )
             .await?,
+            expect(&[("s", "keyed window functions by 1 keys, pruned")])
+        );
+        // Only a filter on ROW_NUMBER() bounds what a key needs; another function
+        // reads every row.
+        assert_eq!(
+            stages(
+                "CREATE MATERIALIZED VIEW v AS SELECT k, v FROM (SELECT k, v, ROW_NUMBER() \
+                 OVER (PARTITION BY k ORDER BY v DESC) AS r FROM s) AS x WHERE v > r"
+            )
+            .await?,
+            expect(&[("s", "keyed window functions by 1 keys")])
+        );
+        assert_eq!(
+            stages(
+                "CREATE MATERIALIZED VIEW v AS SELECT k, v FROM (SELECT k, v, count(*) \
+                 OVER (PARTITION BY k) AS c FROM s) AS x WHERE c < 3"
+            )
+            .await?,
             expect(&[("s", "keyed window functions by 1 keys")])
         );
         assert_eq!(
             stages("CREATE MATERIALIZED VIEW v AS SELECT DISTINCT k, v % 2 AS odd FROM s").await?,
             expect(&[("s", "keyed distinct by 2 keys")])
+        );
+        // Over a source, which only inserts, a top-N keeps only its first rows; over
+        // counts, which change, it keeps them all.
+        assert_eq!(
+            stages("CREATE MATERIALIZED VIEW v AS SELECT k, v FROM s ORDER BY v DESC LIMIT 3")
+                .await?,
+            expect(&[("s", "top-N by 0 keys, pruned")])
         );
         // Three stages: a count, a count of counts, the top of those.
         assert_eq!(

@@ -85,15 +85,22 @@ impl StageDag {
             stages.push(StageSpec {
                 name: "reduce",
                 fanout: Fanout::PerPartition(p),
-                steps: vec![
+                steps: [
                     format!(
                         "state: the {} operator's input rows per key, with their counts",
                         keyed.kind.describe()
                     ),
                     "state(t)[p] = state(t-1)[p] + the shuffled rows (rows whose count reaches 0 leave)".into(),
+                ]
+                .into_iter()
+                .chain(keyed.prune.as_ref().map(|_| {
+                    "of the keys the interval touched, keep only the rows that can still be in the result (the kept-rows plan)".to_string()
+                }))
+                .chain([
                     "compute the operator for the keys the interval touched, before and after".into(),
                     "emit the difference as a changelog (deletes, then inserts)".into(),
-                ],
+                ])
+                .collect(),
             });
             return StageDag { stages };
         }
@@ -288,6 +295,11 @@ fn explain_stage(out: &mut String, plan: &StreamPlan) {
             };
             format!("incremental aggregate: {calls} ({inv}); keeps state")
         }
+        (None, Some(keyed)) if keyed.prune.is_some() => format!(
+            "keyed {}: keeps the input rows that can still be in its result \
+             (its input only inserts); keeps state",
+            keyed.kind.describe()
+        ),
         (None, Some(keyed)) => format!(
             "keyed {}: keeps its input rows per key; keeps state",
             keyed.kind.describe()
@@ -309,6 +321,12 @@ fn explain_stage(out: &mut String, plan: &StreamPlan) {
         let _ = writeln!(out, "  operator plan (per touched key):");
         for line in keyed.reduce.display_indent().to_string().lines() {
             let _ = writeln!(out, "    {}", readable_intervals(line));
+        }
+        if let Some(prune) = &keyed.prune {
+            let _ = writeln!(out, "  kept-rows plan (per touched key):");
+            for line in prune.display_indent().to_string().lines() {
+                let _ = writeln!(out, "    {}", readable_intervals(line));
+            }
         }
     }
     for stage in StageDag::for_plan(plan).stages {

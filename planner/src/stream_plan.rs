@@ -25,10 +25,12 @@ use std::time::Duration;
 
 use arrow::datatypes::{DataType, FieldRef, SchemaRef};
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
-use datafusion::common::{Column, DFSchemaRef};
+use datafusion::common::{Column, DFSchemaRef, ScalarValue};
 use datafusion::logical_expr::expr::{Sort as SortExpr, WindowFunction};
+use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{
-    Aggregate, Distinct, Expr, JoinType, LogicalPlan, LogicalPlanBuilder, Sort, lit, when,
+    Aggregate, Distinct, Expr, FetchType, JoinType, Limit, LogicalPlan, LogicalPlanBuilder,
+    Operator, SkipType, Sort, Window, lit, when,
 };
 
 use crate::catalog::{Catalog, CatalogObject};
@@ -145,6 +147,11 @@ pub struct KeyedPlan {
     /// The operator and everything above it in the stage, over a scan of the kept
     /// rows of some keys named [`KEPT`] (the schema of `map`).
     pub reduce: LogicalPlan,
+    /// Over the same scan: the kept rows still worth keeping, when the input only
+    /// inserts and the operator can only ever need some of them — a top-N needs its
+    /// first n rows, since a row outside them now is outside them for good. `None`:
+    /// every row is kept.
+    pub prune: Option<LogicalPlan>,
 }
 
 /// The aggregate functions dstream maintains incrementally.
@@ -294,7 +301,11 @@ pub(crate) fn plan_stage(
         // Stateless over input that only grows: the stage appends its rows.
         return Ok(plan);
     }
-    let keyed = keyed_plan(&logical, operator)?;
+    let mut keyed = keyed_plan(&logical, operator)?;
+    if inputs.retracting {
+        // A deleted row may bring back one that was cut.
+        keyed.prune = None;
+    }
     plan.input = keyed.map.clone();
     plan.keyed = Some(keyed);
     plan.retracts = true;
@@ -645,15 +656,194 @@ fn keyed_plan(logical: &LogicalPlan, operator: Option<&LogicalPlan>) -> Result<K
     .project(restore)?
     .build()?;
     let reduce = match operator {
-        None => restored,
-        Some(op) => replace_operator_input(logical, op, restored)?,
+        None => restored.clone(),
+        Some(op) => replace_operator_input(logical, op, restored.clone())?,
+    };
+    let prune = match operator {
+        Some(LogicalPlan::Limit(limit)) => Some(top_n_prune(limit, restored, map.schema())?),
+        Some(LogicalPlan::Window(window)) => {
+            row_number_prune(logical, window, restored, map.schema(), &keys)?
+        }
+        _ => None,
     };
     Ok(KeyedPlan {
         kind,
         map,
         keys,
         reduce,
+        prune,
     })
+}
+
+/// The rows a top-N (`limit` over its sort) still needs of `restored` (the kept
+/// rows, named as the operator's input): its first `OFFSET + LIMIT` rows in its order
+/// (ties broken as the operator breaks them), as kept rows (of schema `kept`).
+fn top_n_prune(limit: &Limit, restored: LogicalPlan, kept: &DFSchemaRef) -> Result<LogicalPlan> {
+    let LogicalPlan::Sort(sort) = limit.input.as_ref() else {
+        return Err(unsupported("LIMIT without ORDER BY"));
+    };
+    let (skip, fetch) = match (limit.get_skip_type()?, limit.get_fetch_type()?) {
+        (SkipType::Literal(skip), FetchType::Literal(Some(fetch))) => (skip, fetch),
+        _ => return Err(unsupported("a LIMIT or OFFSET that is not a number")),
+    };
+    let mut order = sort.expr.clone();
+    order.extend(
+        columns(restored.schema())
+            .into_iter()
+            .map(|c| SortExpr::new(c, true, true)),
+    );
+    let back: Vec<Expr> = columns(restored.schema())
+        .into_iter()
+        .zip(kept.fields())
+        .map(|(c, f)| c.alias(f.name()))
+        .collect();
+    Ok(LogicalPlanBuilder::from(restored)
+        .sort_with_limit(order, Some(skip.saturating_add(fetch)))?
+        .project(back)?
+        .build()?)
+}
+
+/// The rows a per-key top-N written with `ROW_NUMBER()` still needs of `restored` (the
+/// kept rows, named as the operator's input): the first n rows of each key in the
+/// function's order (ties broken as the operator breaks them), as kept rows (of schema
+/// `kept`, the key columns last). Only when `ROW_NUMBER()` is the window's one function
+/// and a filter above it keeps `<= n` (or `< n`) of it; `None` otherwise: every row is
+/// kept.
+fn row_number_prune(
+    logical: &LogicalPlan,
+    window: &Window,
+    restored: LogicalPlan,
+    kept: &DFSchemaRef,
+    keys: &[Expr],
+) -> Result<Option<LogicalPlan>> {
+    let [expr] = window.window_expr.as_slice() else {
+        return Ok(None);
+    };
+    let Some(function) = window_function(expr).filter(|f| f.fun.name() == "row_number") else {
+        return Ok(None);
+    };
+    let Some(number) = window.schema.fields().last().map(|f| f.name().clone()) else {
+        return Ok(None);
+    };
+    let Some(n) = row_number_bound(logical, window, &number) else {
+        return Ok(None);
+    };
+    let mut function = function.clone();
+    function.params.order_by.extend(
+        columns(restored.schema())
+            .into_iter()
+            .map(|c| SortExpr::new(c, true, true)),
+    );
+    let mut back: Vec<Expr> = columns(restored.schema())
+        .into_iter()
+        .zip(kept.fields())
+        .map(|(c, f)| c.alias(f.name()))
+        .collect();
+    back.extend(
+        keys.iter()
+            .enumerate()
+            .map(|(i, k)| k.clone().alias(key_column(i))),
+    );
+    let rank = "__row_number";
+    Ok(Some(
+        LogicalPlanBuilder::from(restored)
+            .window(vec![Expr::WindowFunction(Box::new(function)).alias(rank)])?
+            .filter(Expr::Column(Column::from_name(rank)).lt_eq(lit(ScalarValue::UInt64(Some(n)))))?
+            .project(back)?
+            .build()?,
+    ))
+}
+
+/// The n of a filter in `logical` that keeps the rows whose `number` (the output of
+/// `window`'s `ROW_NUMBER()`) is at most n.
+fn row_number_bound(logical: &LogicalPlan, window: &Window, number: &str) -> Option<u64> {
+    let mut bound = None;
+    let _ = logical.apply(|node| {
+        if let LogicalPlan::Filter(filter) = node {
+            for conjunct in split_conjunction(&filter.predicate) {
+                let Expr::BinaryExpr(b) = conjunct else {
+                    continue;
+                };
+                let (column, op, value) = match (bare_column(&b.left), bare_column(&b.right)) {
+                    (Some(c), None) => (c, b.op, b.right.as_ref()),
+                    (None, Some(c)) => (c, b.op.swap().unwrap_or(b.op), b.left.as_ref()),
+                    _ => continue,
+                };
+                // An integer only: `r < 2.5` is not `r < 2`.
+                let Some(value) = bare_literal(value).filter(|v| v.data_type().is_integer()) else {
+                    continue;
+                };
+                let Some(value) = value.cast_to(&DataType::Int64).ok().and_then(|v| match v {
+                    ScalarValue::Int64(Some(v)) => u64::try_from(v).ok(),
+                    _ => None,
+                }) else {
+                    continue;
+                };
+                let n = match op {
+                    Operator::LtEq => value,
+                    Operator::Lt => value.saturating_sub(1),
+                    _ => continue,
+                };
+                if traces_to(filter.input.as_ref(), column, window, number) {
+                    bound = Some(bound.map_or(n, |b: u64| b.min(n)));
+                }
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    bound
+}
+
+/// The literal `e` is, under casts.
+fn bare_literal(e: &Expr) -> Option<&ScalarValue> {
+    match e {
+        Expr::Literal(value, _) => Some(value),
+        Expr::Cast(c) => bare_literal(&c.expr),
+        Expr::TryCast(c) => bare_literal(&c.expr),
+        _ => None,
+    }
+}
+
+/// The column `e` is, under casts.
+fn bare_column(e: &Expr) -> Option<&Column> {
+    match e {
+        Expr::Column(c) => Some(c),
+        Expr::Cast(c) => bare_column(&c.expr),
+        Expr::TryCast(c) => bare_column(&c.expr),
+        _ => None,
+    }
+}
+
+/// Whether `column` of `plan`'s output is `window`'s output column `number`, passed
+/// up unchanged (through aliases, projections and filters).
+fn traces_to(plan: &LogicalPlan, column: &Column, window: &Window, number: &str) -> bool {
+    match plan {
+        LogicalPlan::Window(w) if w == window => column.name == number,
+        LogicalPlan::SubqueryAlias(a) => {
+            traces_to(&a.input, &Column::from_name(&column.name), window, number)
+        }
+        LogicalPlan::Filter(f) => traces_to(&f.input, column, window, number),
+        LogicalPlan::Projection(p) => {
+            let Some(i) = p.schema.index_of_column(column).ok().or_else(|| {
+                p.schema
+                    .fields()
+                    .iter()
+                    .position(|f| f.name() == &column.name)
+            }) else {
+                return false;
+            };
+            let inner = match p.expr.get(i) {
+                Some(Expr::Alias(a)) => a.expr.as_ref(),
+                Some(e) => e,
+                None => return false,
+            };
+            match inner {
+                Expr::Column(c) => traces_to(&p.input, c, window, number),
+                _ => false,
+            }
+        }
+        _ => false,
+    }
 }
 
 /// The window function of a window expression, aliased or not.

@@ -200,6 +200,29 @@ fn cases() -> Vec<Case> {
                      (SELECT *, ts_ns - ts_ns % 2000000000 AS w FROM raw) GROUP BY w, k)) \
                      WHERE rank <= 3",
         },
+        // Over a source, which only inserts: the top-N keeps its first rows only.
+        Case {
+            name: "top_events",
+            create: "CREATE MATERIALIZED VIEW top_events AS SELECT k, v, ts FROM events \
+                     ORDER BY v DESC, ts, k LIMIT 7 OFFSET 2",
+            view_select: "SELECT CAST(k AS VARCHAR), CAST(v AS VARCHAR), \
+                          CAST(CAST(ts AS BIGINT) AS VARCHAR) FROM top_events",
+            oracle: "SELECT CAST(k AS VARCHAR), CAST(v AS VARCHAR), \
+                     CAST(CAST(ts AS BIGINT) AS VARCHAR) FROM (SELECT k, v, ts FROM events \
+                     ORDER BY v DESC, ts, k LIMIT 7 OFFSET 2)",
+        },
+        // The same per key, with ROW_NUMBER: each key keeps its first rows only.
+        Case {
+            name: "top_per_key",
+            create: "CREATE MATERIALIZED VIEW top_per_key AS SELECT k, v, ts FROM (SELECT k, v, ts, \
+                     ROW_NUMBER() OVER (PARTITION BY k % 5 ORDER BY v DESC, ts, k) AS r \
+                     FROM events) AS x WHERE r <= 3",
+            view_select: "SELECT CAST(k AS VARCHAR), CAST(v AS VARCHAR), \
+                          CAST(CAST(ts AS BIGINT) AS VARCHAR) FROM top_per_key",
+            oracle: "SELECT CAST(k AS VARCHAR), CAST(v AS VARCHAR), \
+                     CAST(CAST(ts AS BIGINT) AS VARCHAR) FROM (SELECT k, v, ts, ROW_NUMBER() OVER \
+                     (PARTITION BY k % 5 ORDER BY v DESC, ts, k) AS r FROM events) WHERE r <= 3",
+        },
         Case {
             name: "distinct_pairs",
             create: "CREATE MATERIALIZED VIEW distinct_pairs AS SELECT DISTINCT k % 11 AS b, v % 3 AS m \

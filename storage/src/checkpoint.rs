@@ -1,17 +1,19 @@
 //! Checkpoints: the state of every view partition, written to the object store, and
 //! the manifest that commits them.
 //!
-//! # Format (version 1)
+//! # Format (version 2)
 //!
 //! ```text
-//! checkpoints/<interval>/<view>/<partition>/rows.arrow        accumulators
-//! checkpoints/<interval>/<view>/<partition>/running.arrow     sliding-window running values
-//! checkpoints/<interval>/<view>/<partition>/distinct-<k>.arrow  pairs of the k-th count(DISTINCT)
+//! checkpoints/<interval>/<view>/<partition>/<table>.arrow     a table the stage's operator keeps
 //! checkpoints/<interval>/<view>/<partition>/view.arrow        the partition's view rows
 //! checkpoints/<interval>/<view>/<partition>/written.json      the partition is whole
 //! manifests/<interval>.json                                   the commit point
 //! ```
 //!
+//! `<view>` is a view stage. Its operator declares the tables it keeps (for
+//! example `rows`, the accumulators of an aggregate; `running`, a sliding window's
+//! running values; `distinct-<k>`, the pairs of the k-th `count(DISTINCT)`; `kept`,
+//! the rows a keyed operator keeps); no table is named `view`.
 //! `<interval>` is the interval id, zero-padded to 20 digits so that names sort by
 //! interval. Each `.arrow` file is an Arrow IPC file; an empty part has no file. Every
 //! worker writes the partitions it owns, as committed by the interval; when all are
@@ -41,7 +43,7 @@ use crate::error::{Error, Result};
 use crate::ids::IntervalId;
 
 /// The version of the checkpoint format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 const CHECKPOINTS: &str = "checkpoints";
 const MANIFESTS: &str = "manifests";
@@ -60,67 +62,28 @@ pub fn manifest_path(interval: IntervalId) -> String {
     format!("{MANIFESTS}/{:020}.json", interval.0)
 }
 
-/// One part of a state partition.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Part {
-    Rows,
-    Running,
-    /// The pairs of one `count(DISTINCT ...)`, by index.
-    Distinct,
-    View,
-}
-
-impl Part {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Part::Rows => "rows",
-            Part::Running => "running",
-            Part::Distinct => "distinct",
-            Part::View => "view",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Part> {
-        Some(match s {
-            "rows" => Part::Rows,
-            "running" => Part::Running,
-            "distinct" => Part::Distinct,
-            "view" => Part::View,
-            _ => return None,
-        })
-    }
-
-    fn file_name(self, index: u32) -> String {
-        match self {
-            Part::Distinct => format!("distinct-{index}.arrow"),
-            other => format!("{}.arrow", other.as_str()),
-        }
-    }
-}
+/// The part name of a partition's view rows; every other part is a state table.
+pub const VIEW_ROWS: &str = "view";
 
 /// One file of a checkpoint.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckpointFile {
     /// Relative to the store root.
     pub path: String,
-    pub part: Part,
-    /// For [`Part::Distinct`]: which `count(DISTINCT ...)`.
-    #[serde(default)]
-    pub index: u32,
+    /// The state table it holds, or [`VIEW_ROWS`].
+    pub part: String,
     pub bytes: u64,
     pub rows: u64,
 }
 
-/// Writes `batches` as an Arrow IPC file: one part of one partition. Nothing is
-/// written for no batches.
+/// Writes `batches` as an Arrow IPC file: one part (a state table, or the view
+/// rows) of one partition. Nothing is written for no batches.
 pub async fn write_part(
     dir: &DataDir,
     interval: IntervalId,
     view: &str,
     partition: u32,
-    part: Part,
-    index: u32,
+    part: &str,
     batches: &[RecordBatch],
 ) -> Result<Option<CheckpointFile>> {
     let Some(schema) = batches.first().map(|b| b.schema()) else {
@@ -128,16 +91,15 @@ pub async fn write_part(
     };
     let bytes = ipc_file(&schema, batches)?;
     let path = format!(
-        "{}/{}",
+        "{}/{}.arrow",
         partition_dir(interval, view, partition),
-        part.file_name(index)
+        part
     );
     let size = bytes.len() as u64;
     dir.put(&path, bytes).await?;
     Ok(Some(CheckpointFile {
         path,
-        part,
-        index,
+        part: part.to_string(),
         bytes: size,
         rows: batches.iter().map(|b| b.num_rows() as u64).sum(),
     }))
@@ -190,8 +152,6 @@ pub async fn read_part(dir: &DataDir, file: &CheckpointFile) -> Result<Vec<Recor
 pub struct PartitionCheckpoint {
     pub partition: u32,
     pub files: Vec<CheckpointFile>,
-    /// How many `count(DISTINCT ...)` the partition's state has.
-    pub distinct: u32,
     pub emitted_until: Option<i64>,
     pub watermark: Option<i64>,
     pub view_rows: u64,
@@ -449,20 +409,12 @@ mod tests {
     #[tokio::test]
     async fn a_partition_record_is_read_back_only_where_it_was_written() -> Result<()> {
         let dir = memory("records")?;
-        let file = write_part(
-            &dir,
-            IntervalId(5),
-            "v",
-            3,
-            Part::Rows,
-            0,
-            &[batch(vec![1, 2])?],
-        )
-        .await?
-        .ok_or_else(|| Error::Corrupt {
-            what: "part".into(),
-            reason: "not written".into(),
-        })?;
+        let file = write_part(&dir, IntervalId(5), "v", 3, "rows", &[batch(vec![1, 2])?])
+            .await?
+            .ok_or_else(|| Error::Corrupt {
+                what: "part".into(),
+                reason: "not written".into(),
+            })?;
         let record = WrittenPartition {
             sql: "CREATE MATERIALIZED VIEW v AS SELECT 1".into(),
             partition: PartitionCheckpoint {
@@ -492,7 +444,7 @@ mod tests {
     async fn parts_round_trip_and_damage_is_detected() -> Result<()> {
         let dir = memory("checkpoint-parts")?;
         let batches = vec![batch(vec![1, 2, 3])?, batch(vec![4])?];
-        let file = write_part(&dir, IntervalId(7), "v", 2, Part::Distinct, 1, &batches)
+        let file = write_part(&dir, IntervalId(7), "v", 2, "distinct-1", &batches)
             .await?
             .ok_or_else(|| Error::Corrupt {
                 what: "test".into(),
@@ -505,7 +457,7 @@ mod tests {
         assert_eq!(file.rows, 4);
         assert_eq!(read_part(&dir, &file).await?, batches);
         assert!(
-            write_part(&dir, IntervalId(7), "v", 2, Part::Rows, 0, &[])
+            write_part(&dir, IntervalId(7), "v", 2, "rows", &[])
                 .await?
                 .is_none()
         );
@@ -529,8 +481,7 @@ mod tests {
                 IntervalId(interval),
                 "v",
                 0,
-                Part::Rows,
-                0,
+                "rows",
                 &[batch(vec![1])?],
             )
             .await?
@@ -548,26 +499,8 @@ mod tests {
         );
         // Files of a checkpoint that never committed: older ones are leftovers, newer
         // ones may still be being written.
-        write_part(
-            &dir,
-            IntervalId(35),
-            "v",
-            0,
-            Part::Rows,
-            0,
-            &[batch(vec![1])?],
-        )
-        .await?;
-        write_part(
-            &dir,
-            IntervalId(50),
-            "v",
-            0,
-            Part::Rows,
-            0,
-            &[batch(vec![1])?],
-        )
-        .await?;
+        write_part(&dir, IntervalId(35), "v", 0, "rows", &[batch(vec![1])?]).await?;
+        write_part(&dir, IntervalId(50), "v", 0, "rows", &[batch(vec![1])?]).await?;
         let deleted = collect_garbage(&dir, 2).await?;
         assert_eq!(
             deleted,

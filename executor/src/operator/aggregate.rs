@@ -32,13 +32,25 @@ use dstream_planner::{AggregateKind, AggregatePlan, EmitMode, StreamPlan, Window
 use crate::block::Block;
 use crate::error::{Error, Result};
 use crate::operator::{
-    Changelog, PartitionInput, PartitionOutput, ShufflePiece, StatePartition, StreamOperator,
-    ViewUpdate,
+    Changelog, MapOperator, PartitionInput, PartitionOutput, ShufflePiece, StatePartition,
+    StateTable, StreamOperator, ViewUpdate,
 };
 use crate::shuffle::{Wanted, hash_partition, in_partitions};
 use crate::task::{PlanTemplate, bind_scan, execute, scan};
 
 const ROWS: &str = "__rows";
+
+/// The table of the accumulators of every group (of every open window).
+pub(crate) const ACCUMULATORS: &str = "rows";
+
+/// Sliding windows by add/subtract: the table of the running values of the last
+/// window emitted, per group (window key columns NULL).
+pub(crate) const RUNNING: &str = "running";
+
+/// The table of the distinct (group, value) pairs of the `d`-th `count(DISTINCT)`.
+fn distinct_table(d: usize) -> String {
+    format!("distinct-{d}")
+}
 
 /// How one state column is merged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -539,6 +551,26 @@ fn without_empty_groups(rows: &[RecordBatch]) -> Result<Vec<RecordBatch>> {
     Ok(out)
 }
 
+impl AggregateOperator {
+    /// The state after an interval: the accumulators and the distinct pairs.
+    fn next_state(
+        &self,
+        accumulators: Vec<RecordBatch>,
+        distinct: Vec<(String, Vec<RecordBatch>)>,
+        watermark: Option<i64>,
+    ) -> StatePartition {
+        let mut state = StatePartition {
+            watermark,
+            ..StatePartition::default()
+        };
+        state.set(ACCUMULATORS, accumulators);
+        for (table, pairs) in distinct {
+            state.set(&table, pairs);
+        }
+        state
+    }
+}
+
 /// The schema of the scanned source, as the input plan expects it.
 fn plan_source_schema(plan: &StreamPlan) -> Result<Schema> {
     let mut found = None;
@@ -557,7 +589,7 @@ fn plan_source_schema(plan: &StreamPlan) -> Result<Schema> {
 }
 
 #[async_trait]
-impl StreamOperator for AggregateOperator {
+impl MapOperator for AggregateOperator {
     async fn map_block(
         &self,
         ctx: &SessionContext,
@@ -600,6 +632,29 @@ impl StreamOperator for AggregateOperator {
         }
         Ok(pieces)
     }
+}
+
+#[async_trait]
+impl StreamOperator for AggregateOperator {
+    fn state(&self) -> Vec<StateTable> {
+        let mut tables = vec![StateTable::new(
+            ACCUMULATORS,
+            "the accumulators of every group (of every open window)",
+        )];
+        if self.sliding {
+            tables.push(StateTable::new(
+                RUNNING,
+                "the running values of the last window emitted, per group",
+            ));
+        }
+        for d in 0..self.distinct_schemas.len() {
+            tables.push(StateTable::new(
+                distinct_table(d),
+                "the distinct (group, value) pairs of one count(DISTINCT)",
+            ));
+        }
+        tables
+    }
 
     async fn process_interval(
         &self,
@@ -629,10 +684,10 @@ impl StreamOperator for AggregateOperator {
                     pieces.push(relabel(b, schema)?);
                 }
             }
-            let old = prev.distinct.get(d).cloned().unwrap_or_default();
+            let old = prev.table(&distinct_table(d));
             let (state, contributions) =
-                self.fold_distinct(ctx, *call, schema, &old, pieces).await?;
-            distinct_state.push(state);
+                self.fold_distinct(ctx, *call, schema, old, pieces).await?;
+            distinct_state.push((distinct_table(d), state));
             for b in &contributions {
                 delta.push(relabel(b, &self.state_schema)?);
             }
@@ -646,10 +701,10 @@ impl StreamOperator for AggregateOperator {
         if self.sliding {
             return self.slide(ctx, prev, delta, input.watermark).await;
         }
-        let mut all = prev.rows.clone();
+        let mut all = prev.table(ACCUMULATORS).to_vec();
         all.extend(delta.iter().cloned());
         let merged = if delta.is_empty() {
-            prev.rows.clone()
+            prev.table(ACCUMULATORS).to_vec()
         } else {
             let merged = self.combine(ctx, all).await?;
             let merged = merged
@@ -673,12 +728,7 @@ impl StreamOperator for AggregateOperator {
                 self.view(ctx, closed).await?
             };
             return Ok(PartitionOutput {
-                state: Arc::new(StatePartition {
-                    rows: open,
-                    distinct: distinct_state,
-                    watermark: input.watermark,
-                    ..StatePartition::default()
-                }),
+                state: Arc::new(self.next_state(open, distinct_state, input.watermark)),
                 view: ViewUpdate::Append(emitted.clone()),
                 changelog: Changelog {
                     deletes: vec![],
@@ -690,7 +740,7 @@ impl StreamOperator for AggregateOperator {
         // The groups this interval touched, before and after. Without group keys there
         // is one group, and it is always touched.
         let (before, after) = if self.keys == 0 {
-            (prev.rows.clone(), merged.clone())
+            (prev.table(ACCUMULATORS).to_vec(), merged.clone())
         } else {
             let keys: Vec<Expr> = (0..self.keys).map(|i| column(&key_name(i))).collect();
             let touched = scan("delta", self.state_schema.clone(), delta)?
@@ -698,7 +748,11 @@ impl StreamOperator for AggregateOperator {
                 .build()?;
             let touched = execute(ctx, touched).await?;
             (
-                execute(ctx, self.semi_join(prev.rows.clone(), &touched)?).await?,
+                execute(
+                    ctx,
+                    self.semi_join(prev.table(ACCUMULATORS).to_vec(), &touched)?,
+                )
+                .await?,
                 execute(ctx, self.semi_join(merged.clone(), &touched)?).await?,
             )
         };
@@ -707,12 +761,7 @@ impl StreamOperator for AggregateOperator {
         let changelog = Changelog::between(&self.plan.schema, before_rows, after_rows)?;
         let view = self.finalize(ctx, merged.clone()).await?;
         Ok(PartitionOutput {
-            state: Arc::new(StatePartition {
-                rows: merged,
-                distinct: distinct_state,
-                watermark: input.watermark,
-                ..StatePartition::default()
-            }),
+            state: Arc::new(self.next_state(merged, distinct_state, input.watermark)),
             view: ViewUpdate::Replace(view),
             changelog,
         })

@@ -10,7 +10,8 @@ use dstream_planner::StreamPlan;
 use crate::block::Block;
 use crate::error::{Error, Result};
 use crate::operator::{
-    Changelog, PartitionInput, PartitionOutput, ShufflePiece, StreamOperator, ViewUpdate,
+    Changelog, MapOperator, PartitionInput, PartitionOutput, ShufflePiece, StreamOperator,
+    ViewUpdate,
 };
 use crate::shuffle::Wanted;
 use crate::task::{bind_scan, execute};
@@ -28,7 +29,7 @@ impl AppendOperator {
 }
 
 #[async_trait]
-impl StreamOperator for AppendOperator {
+impl MapOperator for AppendOperator {
     async fn map_block(
         &self,
         ctx: &SessionContext,
@@ -57,7 +58,10 @@ impl StreamOperator for AppendOperator {
         piece.rows = rows;
         Ok(pieces)
     }
+}
 
+#[async_trait]
+impl StreamOperator for AppendOperator {
     async fn process_interval(
         &self,
         _ctx: &SessionContext,

@@ -36,12 +36,15 @@ use crate::block::Block;
 use crate::error::{Error, Result};
 use crate::operator::aggregate::column;
 use crate::operator::{
-    Changelog, PartitionInput, PartitionOutput, ShufflePiece, StatePartition, StreamOperator,
-    ViewUpdate,
+    Changelog, MapOperator, PartitionInput, PartitionOutput, ShufflePiece, StatePartition,
+    StateTable, StreamOperator, ViewUpdate,
 };
 use crate::shuffle::{Wanted, hash_partition};
 use crate::task::{PlanTemplate, scan};
 use crate::view_runtime::conform;
+
+/// The state table of the input rows kept per key, each with its multiplicity `__w`.
+const KEPT_TABLE: &str = "kept";
 
 /// The column of a kept row's count.
 const WEIGHT: &str = "__w";
@@ -61,6 +64,8 @@ pub struct KeyedOperator {
     consolidate: PlanTemplate,
     /// The operator and what lies above it, over kept rows.
     reduce: PlanTemplate,
+    /// Of some kept rows, those still worth keeping (see [`KeyedPlan::prune`]).
+    prune: Option<PlanTemplate>,
 }
 
 impl KeyedOperator {
@@ -85,6 +90,7 @@ impl KeyedOperator {
             map: PlanTemplate::new(keyed.map.clone())?,
             consolidate: PlanTemplate::new(consolidate)?,
             reduce: PlanTemplate::new(keyed.reduce.clone())?,
+            prune: keyed.prune.clone().map(PlanTemplate::new).transpose()?,
             plan,
             kept,
             state_schema,
@@ -181,6 +187,42 @@ impl KeyedOperator {
         Ok(out)
     }
 
+    /// Of the kept rows `rows` (with counts), those the operator can still need, with
+    /// counts: all of them unless the plan prunes.
+    async fn pruned(
+        &self,
+        ctx: &SessionContext,
+        rows: Vec<RecordBatch>,
+    ) -> Result<Vec<RecordBatch>> {
+        let Some(prune) = &self.prune else {
+            return Ok(rows);
+        };
+        let expanded = self.expand(&rows)?;
+        if expanded.iter().all(|b| b.num_rows() == 0) {
+            return Ok(Vec::new());
+        }
+        let kept = prune
+            .execute(ctx, vec![(KEPT, self.kept.clone(), expanded)])
+            .await?
+            .iter()
+            .map(|b| {
+                let b = RecordBatch::try_new(self.kept.clone(), b.columns().to_vec())?;
+                self.weighed(&b, 1)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.consolidate
+            .execute(ctx, vec![("rows", self.state_schema.clone(), kept)])
+            .await?
+            .into_iter()
+            .map(|b| {
+                Ok(RecordBatch::try_new(
+                    self.state_schema.clone(),
+                    b.columns().to_vec(),
+                )?)
+            })
+            .collect()
+    }
+
     /// The stage's rows for the kept rows `rows` (with counts): none for none.
     async fn compute(
         &self,
@@ -200,7 +242,7 @@ impl KeyedOperator {
 }
 
 #[async_trait]
-impl StreamOperator for KeyedOperator {
+impl MapOperator for KeyedOperator {
     async fn map_block(
         &self,
         ctx: &SessionContext,
@@ -234,6 +276,16 @@ impl StreamOperator for KeyedOperator {
                 .collect(),
         )
     }
+}
+
+#[async_trait]
+impl StreamOperator for KeyedOperator {
+    fn state(&self) -> Vec<StateTable> {
+        vec![StateTable::new(
+            KEPT_TABLE,
+            "the input rows per key, each with its multiplicity __w",
+        )]
+    }
 
     async fn process_interval(
         &self,
@@ -251,7 +303,7 @@ impl StreamOperator for KeyedOperator {
         if delta.is_empty() {
             return Ok(PartitionOutput::unchanged(prev));
         }
-        let (before, untouched) = self.split_touched(&prev.rows, &delta)?;
+        let (before, untouched) = self.split_touched(prev.table(KEPT_TABLE), &delta)?;
         let mut all = before.clone();
         all.extend(delta);
         let after: Vec<RecordBatch> = self
@@ -261,18 +313,20 @@ impl StreamOperator for KeyedOperator {
             .into_iter()
             .map(|b| RecordBatch::try_new(self.state_schema.clone(), b.columns().to_vec()))
             .collect::<std::result::Result<_, _>>()?;
+        let after = self.pruned(ctx, after).await?;
         let old_rows = self.compute(ctx, &before).await?;
         let new_rows = self.compute(ctx, &after).await?;
         let changelog = Changelog::between(&self.plan.schema, old_rows, new_rows)?;
         let view = changelog.apply_to(&self.plan.schema, &input.rows)?;
         let mut rows = untouched;
         rows.extend(after);
+        let mut state = StatePartition {
+            watermark: input.watermark,
+            ..StatePartition::default()
+        };
+        state.set(KEPT_TABLE, rows);
         Ok(PartitionOutput {
-            state: Arc::new(StatePartition {
-                rows,
-                watermark: input.watermark,
-                ..StatePartition::default()
-            }),
+            state: Arc::new(state),
             view: ViewUpdate::Replace(view),
             changelog,
         })

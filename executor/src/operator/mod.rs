@@ -1,11 +1,14 @@
 //! Stream operators: what a continuous query does at every interval.
 //!
-//! An operator runs in two stages per interval (see `dstream_planner::stage_dag`):
-//! [`StreamOperator::map_block`] turns one input block into rows for each of the P
-//! state partitions, and [`StreamOperator::process_interval`] folds one partition's
-//! rows into that partition's state, producing the new state version, the partition's
-//! view rows and its changelog. Both are deterministic functions of their inputs.
+//! A stage runs in two steps per interval (see `dstream_planner::stage_dag`): its
+//! [`MapOperator::map_block`] turns one input block into rows for each of the P
+//! state partitions, and its [`StreamOperator::process_interval`] folds one
+//! partition's rows into that partition's state, producing the new state version,
+//! the partition's view rows and its changelog. Both are deterministic functions of
+//! their inputs. A stream operator declares the tables it keeps
+//! ([`StreamOperator::state`]); the runtime does the rest.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::sync::Arc;
 
@@ -38,24 +41,60 @@ pub struct ShufflePiece {
     pub distinct: Vec<Vec<RecordBatch>>,
 }
 
-/// The immutable state of one partition of one query after some interval.
+/// A table an operator keeps in each of its state partitions between intervals,
+/// as it declares it ([`StreamOperator::state`]). The runtime stores, versions,
+/// checkpoints (as `<name>.arrow`), restores and hands over every table without
+/// knowing what it holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateTable {
+    /// Unique within the operator; a file name (not [`VIEW_ROWS`]).
+    pub name: String,
+    /// What it holds, for EXPLAIN and the checkpoint docs.
+    pub holds: &'static str,
+}
+
+impl StateTable {
+    pub fn new(name: impl Into<String>, holds: &'static str) -> Self {
+        StateTable {
+            name: name.into(),
+            holds,
+        }
+    }
+}
+
+/// The name no state table takes: checkpoints keep a partition's view rows under it.
+pub const VIEW_ROWS: &str = dstream_storage::checkpoint::VIEW_ROWS;
+
+/// The immutable state of one partition of one stage after some interval: the rows
+/// of each table its operator declares, by name (an empty table may be absent).
 #[derive(Clone, Debug, Default)]
 pub struct StatePartition {
-    pub rows: Vec<RecordBatch>,
-    pub distinct: Vec<Vec<RecordBatch>>,
-    /// Sliding windows by add/subtract: the last emitted window's accumulators per
-    /// group (window key columns NULL), and that window's end.
-    pub running: Vec<RecordBatch>,
+    pub tables: BTreeMap<String, Vec<RecordBatch>>,
+    /// Sliding windows by add/subtract: the end of the last window emitted.
     pub emitted_until: Option<i64>,
     /// The watermark this version was computed with.
     pub watermark: Option<i64>,
 }
 
 impl StatePartition {
+    /// The rows of table `name` (none if it is empty).
+    pub fn table(&self, name: &str) -> &[RecordBatch] {
+        self.tables.get(name).map_or(&[], Vec::as_slice)
+    }
+
+    /// Sets table `name` to `rows`; an empty table is left out.
+    pub fn set(&mut self, name: &str, rows: Vec<RecordBatch>) {
+        if rows.iter().all(|b| b.num_rows() == 0) {
+            self.tables.remove(name);
+        } else {
+            self.tables.insert(name.to_string(), rows);
+        }
+    }
+
     /// Whether an interval with no new rows and watermark `watermark` leaves this
     /// partition unchanged: nothing was added and no window can have closed.
     pub fn unchanged_by(&self, watermark: Option<i64>) -> bool {
-        watermark == self.watermark || (self.rows.is_empty() && self.running.is_empty())
+        watermark == self.watermark || self.tables.is_empty()
     }
 }
 
@@ -100,25 +139,57 @@ impl PartitionOutput {
     }
 }
 
-/// One continuous query's per-interval computation.
+/// The map side of a stage: what runs where an input block is, before the exchange.
 #[async_trait]
-pub trait StreamOperator: Send + Sync + Debug {
-    /// Map stage: runs the stateless part over `block` and splits the result by
-    /// partition (one [`ShufflePiece`] per partition). Pieces of partitions not
-    /// `wanted` are left empty, and as little work as possible goes into them.
+pub trait MapOperator: Send + Sync + Debug {
+    /// Runs the stateless part over `block` and splits the result by partition (one
+    /// [`ShufflePiece`] per partition). Pieces of partitions not `wanted` are left
+    /// empty, and as little work as possible goes into them.
     async fn map_block(
         &self,
         ctx: &SessionContext,
         block: &Block,
         wanted: &Wanted,
     ) -> Result<Vec<ShufflePiece>>;
+}
 
-    /// Reduce stage: folds one partition's input for an interval into its state.
+/// The reduce side of a stage: what runs where a state partition is, after the
+/// exchange. It declares the tables it keeps ([`StreamOperator::state`]); the
+/// runtime keeps, checkpoints, restores and moves them.
+#[async_trait]
+pub trait StreamOperator: Send + Sync + Debug {
+    /// The tables kept in each state partition between intervals; none by default
+    /// (a stateless stage).
+    fn state(&self) -> Vec<StateTable> {
+        Vec::new()
+    }
+
+    /// Folds one partition's input for an interval into its state: the new state
+    /// version, the partition's view rows and its changelog.
     async fn process_interval(
         &self,
         ctx: &SessionContext,
         input: PartitionInput,
     ) -> Result<PartitionOutput>;
+}
+
+/// The operators of one stage: its map side and its reduce side (one object may be
+/// both).
+#[derive(Clone, Debug)]
+pub struct StageOperators {
+    pub map: Arc<dyn MapOperator>,
+    pub reduce: Arc<dyn StreamOperator>,
+}
+
+impl StageOperators {
+    /// `operator` as both sides.
+    pub fn of<T: MapOperator + StreamOperator + 'static>(operator: T) -> Self {
+        let operator = Arc::new(operator);
+        StageOperators {
+            map: operator.clone(),
+            reduce: operator,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -141,7 +212,7 @@ mod tests {
 
     const PARTITIONS: usize = 6;
 
-    async fn operator(view: &str) -> Result<Arc<dyn StreamOperator>> {
+    async fn operator(view: &str) -> Result<Arc<dyn MapOperator>> {
         let ctx = SessionContext::new_with_config(session_config(PARTITIONS));
         let mut catalog = Catalog::default();
         let Statement::CreateSource(source) = parse_statement(
@@ -165,7 +236,7 @@ mod tests {
             PARTITIONS,
         )
         .await?;
-        operator_for(dataflow.output()?.clone())
+        Ok(operator_for(dataflow.output()?.clone())?.map)
     }
 
     fn block(index: usize) -> Result<Block> {

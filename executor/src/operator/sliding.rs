@@ -24,7 +24,7 @@ use arrow::datatypes::DataType;
 use datafusion::prelude::SessionContext;
 
 use crate::error::{Error, Result};
-use crate::operator::aggregate::{AggregateOperator, relabel};
+use crate::operator::aggregate::{ACCUMULATORS, AggregateOperator, RUNNING, relabel};
 use crate::operator::{Changelog, PartitionOutput, StatePartition, ViewUpdate};
 
 /// How to set the window key columns of accumulator rows.
@@ -182,13 +182,13 @@ impl AggregateOperator {
     ) -> Result<PartitionOutput> {
         let (slide, size) = self.slide_nanos()?;
         let panes = if delta.is_empty() {
-            prev.rows.clone()
+            prev.table(ACCUMULATORS).to_vec()
         } else {
-            let mut all = prev.rows.clone();
+            let mut all = prev.table(ACCUMULATORS).to_vec();
             all.extend(delta);
             self.combine_live(ctx, all).await?
         };
-        let mut running = prev.running.clone();
+        let mut running = prev.table(RUNNING).to_vec();
         let mut until = prev.emitted_until;
         let mut emitted = Vec::new();
 
@@ -245,14 +245,15 @@ impl AggregateOperator {
             Some(u) => self.panes_between(&panes, u.saturating_sub(size), i64::MAX)?,
             None => panes,
         };
+        let mut state = StatePartition {
+            emitted_until: until,
+            watermark,
+            ..StatePartition::default()
+        };
+        state.set(ACCUMULATORS, panes);
+        state.set(RUNNING, running);
         Ok(PartitionOutput {
-            state: Arc::new(StatePartition {
-                rows: panes,
-                distinct: Vec::new(),
-                running,
-                emitted_until: until,
-                watermark,
-            }),
+            state: Arc::new(state),
             view: ViewUpdate::Append(emitted.clone()),
             changelog: Changelog {
                 deletes: vec![],

@@ -11,10 +11,10 @@
 //! Recovery goes the other way: [`restore`] loads a lost partition from the latest
 //! checkpoint onto a surviving worker, which then replays the input since.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use dstream_storage::checkpoint::{self, Part};
+use dstream_storage::checkpoint::{self, VIEW_ROWS};
 use dstream_storage::{DataDir, IntervalId};
 use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::{StreamExt, TryStreamExt};
@@ -96,24 +96,20 @@ async fn write_partition(
         state,
         rows,
     } = taken;
-    let mut parts: Vec<(Part, u32, &[arrow::array::RecordBatch])> = vec![
-        (Part::Rows, 0, &state.rows),
-        (Part::Running, 0, &state.running),
-        (Part::View, 0, rows.as_slice()),
-    ];
-    for (k, pairs) in state.distinct.iter().enumerate() {
-        parts.push((Part::Distinct, k as u32, pairs));
-    }
+    let parts = state
+        .tables
+        .iter()
+        .map(|(table, batches)| (table.as_str(), batches.as_slice()))
+        .chain([(VIEW_ROWS, rows.as_slice())]);
     let mut files = Vec::new();
-    for (part, index, batches) in parts {
+    for (part, batches) in parts {
         let written =
-            checkpoint::write_part(store, interval, &view, partition, part, index, batches).await?;
+            checkpoint::write_part(store, interval, &view, partition, part, batches).await?;
         files.extend(written);
     }
     let written = checkpoint::PartitionCheckpoint {
         partition,
         files,
-        distinct: state.distinct.len() as u32,
         emitted_until: state.emitted_until,
         watermark: state.watermark,
         view_rows: rows.iter().map(|b| b.num_rows() as u64).sum(),
@@ -140,11 +136,9 @@ fn partition_proto(view: String, p: checkpoint::PartitionCheckpoint) -> proto::P
                 path: f.path,
                 bytes: f.bytes,
                 rows: f.rows,
-                part: f.part.as_str().to_string(),
-                index: f.index,
+                part: f.part,
             })
             .collect(),
-        distinct: p.distinct,
         emitted_until: p.emitted_until,
         watermark: p.watermark,
         view_rows: p.view_rows,
@@ -165,8 +159,8 @@ pub async fn restore(state: &WorkerState, request: proto::RestorePartitionReques
     let store = state
         .store()
         .ok_or_else(|| Error::Internal("no object store installed".into()))?;
+    let declared = declared_tables(state, &view).await?;
     let mut restored = StatePartition {
-        distinct: vec![Vec::new(); request.distinct as usize],
         emitted_until: request.emitted_until,
         watermark: request.watermark,
         ..Default::default()
@@ -174,34 +168,25 @@ pub async fn restore(state: &WorkerState, request: proto::RestorePartitionReques
     let mut rows = Vec::new();
     let mut bytes: u64 = 0;
     for file in request.files {
-        let part = Part::parse(&file.part).ok_or_else(|| {
-            Error::Internal(format!(
-                "unknown checkpoint part {} in {}",
-                file.part, file.path
-            ))
-        })?;
         let file = checkpoint::CheckpointFile {
             path: file.path,
-            part,
-            index: file.index,
+            part: file.part,
             bytes: file.bytes,
             rows: file.rows,
         };
         let batches = checkpoint::read_part(&store, &file).await?;
         bytes = bytes.saturating_add(file.bytes);
-        match part {
-            Part::Rows => restored.rows = batches,
-            Part::Running => restored.running = batches,
-            Part::View => rows = batches,
-            Part::Distinct => match restored.distinct.get_mut(file.index as usize) {
-                Some(pairs) => *pairs = batches,
-                None => {
-                    return Err(Error::Internal(format!(
-                        "{} is distinct part {} of {}",
-                        file.path, file.index, request.distinct
-                    )));
-                }
-            },
+        if file.part == VIEW_ROWS {
+            rows = batches;
+        } else if declared.contains(&file.part) {
+            restored.set(&file.part, batches);
+        } else {
+            return Err(Error::Internal(format!(
+                "{} holds table {} that stage {view} does not keep (it keeps {})",
+                file.path,
+                file.part,
+                declared.iter().cloned().collect::<Vec<_>>().join(", ")
+            )));
         }
     }
     // Versions before the checkpoint are gone: ad-hoc reads of them say so.
@@ -231,4 +216,20 @@ pub async fn wait(
         ))
     })?;
     writing.await.map_err(Error::Internal)
+}
+
+/// The names of the tables stage `view`'s operator keeps, as installed here.
+async fn declared_tables(state: &WorkerState, view: &str) -> Result<BTreeSet<String>> {
+    let installed = state.installed.lock().await;
+    let stage = installed
+        .as_ref()
+        .and_then(|i| i.views.get(view))
+        .ok_or_else(|| Error::Internal(format!("stage {view} is not installed here")))?;
+    Ok(stage
+        .operators
+        .reduce
+        .state()
+        .into_iter()
+        .map(|t| t.name)
+        .collect())
 }

@@ -110,7 +110,7 @@ pub fn describe_partition(
             view: view.to_string(),
             partition,
             present: true,
-            distinct: slot.state.distinct.len() as u32,
+            tables: slot.state.tables.keys().cloned().collect(),
             emitted_until: slot.state.emitted_until,
             watermark: slot.state.watermark,
             versions: slot.versions.keys().map(|i| i.0).collect(),
@@ -131,9 +131,7 @@ pub fn partition_part(
     state
         .partitions
         .with(&part.view, part.partition, |slot| match part.part() {
-            Part::Rows => Some(slot.state.rows.clone()),
-            Part::Running => Some(slot.state.running.clone()),
-            Part::Distinct => slot.state.distinct.get(part.index as usize).cloned(),
+            Part::Table => slot.state.tables.get(&part.table).cloned(),
             Part::Version => slot
                 .versions
                 .get(&IntervalId(part.index))
@@ -170,12 +168,13 @@ pub async fn fetch_partition(
     }
     let view = description.view.clone();
     let partition = description.partition;
-    let fetch = |part: Part, index: u64| {
+    let fetch = |part: Part, index: u64, table: &str| {
         let kind = Kind::PartitionState(proto::PartitionStateRef {
             view: view.clone(),
             partition,
             part: part as i32,
             index,
+            table: table.to_string(),
         });
         peers.fetch(from, kind)
     };
@@ -188,27 +187,21 @@ pub async fn fetch_partition(
                 .sum::<u64>(),
         );
     };
-    let rows = fetch(Part::Rows, 0).await?;
-    count(&rows);
-    let running = fetch(Part::Running, 0).await?;
-    count(&running);
-    let mut distinct = Vec::with_capacity(description.distinct as usize);
-    for k in 0..description.distinct {
-        let pairs = fetch(Part::Distinct, u64::from(k)).await?;
-        count(&pairs);
-        distinct.push(pairs);
+    let mut tables = BTreeMap::new();
+    for table in &description.tables {
+        let rows = fetch(Part::Table, 0, table).await?;
+        count(&rows);
+        tables.insert(table.clone(), rows);
     }
     let mut versions = BTreeMap::new();
     for &interval in &description.versions {
-        let rows = fetch(Part::Version, interval).await?;
+        let rows = fetch(Part::Version, interval, "").await?;
         count(&rows);
         versions.insert(IntervalId(interval), Arc::new(rows));
     }
     let slot = PartitionSlot {
         state: Arc::new(StatePartition {
-            rows,
-            distinct,
-            running,
+            tables,
             emitted_until: description.emitted_until,
             watermark: description.watermark,
         }),

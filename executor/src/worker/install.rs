@@ -165,7 +165,7 @@ async fn install_object(installed: &mut Installed, object: &proto::CatalogObject
                     stage.name.clone(),
                     InstalledView {
                         plan: stage.clone(),
-                        operator: operator_for(stage.clone())?,
+                        operators: operator_for(stage.clone())?,
                     },
                 );
             }

@@ -649,7 +649,8 @@ async fn run_task(
                 })?;
             let wanted = Wanted::from_list(map.partitions);
             let pieces = view
-                .operator
+                .operators
+                .map
                 .map_block(&state.task_ctx, &block, &wanted)
                 .await?;
             let partition_rows = pieces.iter().map(piece_rows).collect();
@@ -694,7 +695,8 @@ async fn run_task(
                 watermark: reduce.watermark,
             };
             let output = view
-                .operator
+                .operators
+                .reduce
                 .process_interval(&state.task_ctx, input)
                 .await?;
             let schema = &view.plan.schema;

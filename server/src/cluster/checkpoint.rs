@@ -313,26 +313,16 @@ fn partition_checkpoint(p: proto::PartitionCheckpoint) -> Result<PartitionCheckp
     let files = p
         .files
         .into_iter()
-        .map(|f| {
-            let part = checkpoint::Part::parse(&f.part).ok_or_else(|| {
-                Error::Internal(format!(
-                    "a worker wrote an unknown checkpoint part {}",
-                    f.part
-                ))
-            })?;
-            Ok(CheckpointFile {
-                path: f.path,
-                part,
-                index: f.index,
-                bytes: f.bytes,
-                rows: f.rows,
-            })
+        .map(|f| CheckpointFile {
+            path: f.path,
+            part: f.part,
+            bytes: f.bytes,
+            rows: f.rows,
         })
-        .collect::<Result<Vec<_>>>()?;
+        .collect();
     Ok(PartitionCheckpoint {
         partition: p.partition,
         files,
-        distinct: p.distinct,
         emitted_until: p.emitted_until,
         watermark: p.watermark,
         view_rows: p.view_rows,

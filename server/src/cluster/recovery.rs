@@ -910,13 +910,11 @@ pub(crate) fn restore_request(
                         path: f.path.clone(),
                         bytes: f.bytes,
                         rows: f.rows,
-                        part: f.part.as_str().to_string(),
-                        index: f.index,
+                        part: f.part.clone(),
                     })
                     .collect()
             })
             .unwrap_or_default(),
-        distinct: held.map_or(0, |h| h.distinct),
         emitted_until: held.and_then(|h| h.emitted_until),
         watermark: held.and_then(|h| h.watermark),
     }

@@ -26,7 +26,7 @@ use super::checkpoint::Writing;
 use super::compute::{ComputePool, Work};
 use crate::block::Block;
 use crate::error::Result;
-use crate::operator::StreamOperator;
+use crate::operator::StageOperators;
 use crate::task::session_config;
 
 pub mod blocks;
@@ -46,7 +46,7 @@ const CHECKPOINTS_KEPT: usize = 4;
 #[derive(Debug, Clone)]
 pub struct InstalledView {
     pub plan: Arc<StreamPlan>,
-    pub operator: Arc<dyn StreamOperator>,
+    pub operators: StageOperators,
 }
 
 /// The definitions a worker knows, and the settings they were planned with.
