@@ -128,6 +128,7 @@ fn config(
         workers,
         worker_cores: 1,
         worker_mode: dstream_server::config::WorkerMode::Process(Some(worker_binary()?)),
+        http_addr: None,
         ..ServeConfig::default()
     })
 }

@@ -219,6 +219,7 @@ async fn start_engine(
         worker_mode: dstream_server::config::WorkerMode::Process(Some(worker_binary()?)),
         // The batch side reads every input row back in one query.
         max_result_bytes: 64 << 30,
+        http_addr: None,
         ..ServeConfig::default()
     };
     start_config(config, dir).await
@@ -631,6 +632,7 @@ async fn empty_interval(args: EmptyInterval) -> anyhow::Result<()> {
             workers: 2,
             worker_cores: 1,
             worker_mode: dstream_server::config::WorkerMode::Process(Some(worker_binary()?)),
+            http_addr: None,
             ..ServeConfig::default()
         };
         let shutdown = CancellationToken::new();

@@ -64,6 +64,8 @@ pub struct ServeConfig {
     pub speculation: Option<Speculation>,
     /// Where `dstream serve` serves Prometheus metrics (`None`: nowhere).
     pub metrics_addr: Option<SocketAddr>,
+    /// Where the HTTP API listens (`None`: nowhere); port 0 picks a free one.
+    pub http_addr: Option<SocketAddr>,
     /// How big and deep a statement may be, and how many windows a view may keep.
     pub limits: StatementLimits,
     /// Queries (SELECT, EXPLAIN, SHOW, DESCRIBE) running longer are cancelled
@@ -121,6 +123,7 @@ impl Default for ServeConfig {
             checkpoints_kept: 3,
             speculation: Some(Speculation::default()),
             metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 6877))),
+            http_addr: Some(SocketAddr::from(([127, 0, 0, 1], 6878))),
             limits: StatementLimits::default(),
             statement_timeout: Some(DEFAULT_STATEMENT_TIMEOUT),
             query_memory: DEFAULT_QUERY_MEMORY,
@@ -162,6 +165,8 @@ pub struct FileConfig {
     pub speculation_min: Option<String>,
     /// An address, or `off`.
     pub metrics_addr: Option<String>,
+    /// An address, or `off`.
+    pub http_addr: Option<String>,
     pub max_statement_bytes: Option<String>,
     pub max_expression_depth: Option<usize>,
     pub max_expression_nodes: Option<usize>,
@@ -258,13 +263,10 @@ impl FileConfig {
             config.checkpoints_kept = v;
         }
         if let Some(v) = self.metrics_addr {
-            config.metrics_addr = if v.trim().eq_ignore_ascii_case("off") {
-                None
-            } else {
-                Some(v.trim().parse().map_err(|e| {
-                    Error::Config(format!("metrics_addr {v:?}: {e} (an address, or off)"))
-                })?)
-            };
+            config.metrics_addr = parse_optional_addr("metrics_addr", &v)?;
+        }
+        if let Some(v) = self.http_addr {
+            config.http_addr = parse_optional_addr("http_addr", &v)?;
         }
         if let Some(v) = &self.max_statement_bytes {
             config.limits.max_statement_bytes = parse_bytes(v)?;
@@ -315,6 +317,17 @@ impl FileConfig {
         }
         Ok(())
     }
+}
+
+/// An address, or `off` for none.
+fn parse_optional_addr(name: &str, v: &str) -> Result<Option<SocketAddr>> {
+    if v.trim().eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    v.trim()
+        .parse()
+        .map(Some)
+        .map_err(|e| Error::Config(format!("{name} {v:?}: {e} (an address, or off)")))
 }
 
 /// A duration, or `off` for none.

@@ -150,6 +150,8 @@ pub(crate) struct Inner {
     pub recoveries: std::sync::Mutex<VecDeque<RecoveryStat>>,
     pub grpc_stop: CancellationToken,
     pub coordinator_url: String,
+    /// Where the HTTP API listens, once it does.
+    pub http_addr: std::sync::OnceLock<std::net::SocketAddr>,
     /// The gRPC service and the liveness monitor, awaited by [`Engine::stopped`].
     pub background: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// The interval loop, awaited by [`Engine::stopped`].
@@ -279,6 +281,7 @@ impl Engine {
                 recoveries: std::sync::Mutex::new(VecDeque::new()),
                 grpc_stop,
                 coordinator_url,
+                http_addr: std::sync::OnceLock::new(),
                 background: std::sync::Mutex::new(vec![grpc_task, monitor]),
                 state: Mutex::new(EngineState {
                     catalog: Catalog::default(),
@@ -371,6 +374,16 @@ impl Engine {
     /// The coordinator's gRPC address, e.g. `http://127.0.0.1:6876`.
     pub fn coordinator_url(&self) -> &str {
         &self.inner.coordinator_url
+    }
+
+    /// Where the HTTP API listens, if it does.
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.inner.http_addr.get().copied()
+    }
+
+    /// Records where the HTTP API listens (once).
+    pub fn set_http_addr(&self, addr: std::net::SocketAddr) {
+        let _ = self.inner.http_addr.set(addr);
     }
 
     /// The worker registry.

@@ -17,6 +17,7 @@
 //! - [`metrics`]: the same figures as Prometheus metrics.
 //! - [`clock`]: the injected [`clock::IntervalClock`], real and manual.
 //! - [`pgwire`]: the Postgres wire protocol.
+//! - [`http`]: the HTTP API (`POST /v1/sql`) and its OpenAPI document.
 //! - [`config`]: [`config::ServeConfig`] from flags, environment and TOML.
 //! - [`error`]: the crate's [`Error`] and [`Result`], and SQLSTATEs.
 
@@ -38,6 +39,7 @@ pub mod cluster;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod http;
 pub mod metrics;
 pub mod pgwire;
 pub mod session;
@@ -91,11 +93,33 @@ pub async fn run_with(
     shutdown: CancellationToken,
     started: impl FnOnce(&Engine),
 ) -> Result<()> {
+    let http = match config.http_addr {
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+            Error::Config(format!(
+                "cannot listen for the HTTP API on {addr}: {e} (set http_addr, or off)"
+            ))
+        })?),
+        None => None,
+    };
     let clock = clock_for(&config);
     let engine = Engine::start(config, clock, grpc, shutdown.clone()).await?;
+    if let Some(http) = &http {
+        engine.set_http_addr(http.local_addr()?);
+    }
     started(&engine);
-    let served = pgwire::serve(listener, engine.clone(), shutdown.clone()).await;
+    let pg = async {
+        let served = pgwire::serve(listener, engine.clone(), shutdown.clone()).await;
+        shutdown.cancel();
+        served
+    };
+    let api = async {
+        match http {
+            Some(http) => http::serve(http, engine.clone(), shutdown.clone()).await,
+            None => Ok(()),
+        }
+    };
+    let (served, api_served) = tokio::join!(pg, api);
     shutdown.cancel();
     engine.stopped().await;
-    served
+    served.and(api_served)
 }

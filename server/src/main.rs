@@ -126,6 +126,9 @@ struct ServeArgs {
     /// Where Prometheus metrics are served (/metrics), or off [default: 127.0.0.1:6877].
     #[arg(long, env = "DSTREAM_METRICS_ADDR")]
     metrics_addr: Option<String>,
+    /// Where the HTTP API listens (POST /v1/sql), or off [default: 127.0.0.1:6878].
+    #[arg(long, env = "DSTREAM_HTTP_ADDR")]
+    http_addr: Option<String>,
     /// Longest statement text, e.g. 1MiB [default: 1MiB].
     #[arg(long, env = "DSTREAM_MAX_STATEMENT_BYTES")]
     max_statement_bytes: Option<String>,
@@ -224,6 +227,7 @@ impl ServeArgs {
             speculation_multiplier: self.speculation_multiplier,
             speculation_min: self.speculation_min,
             metrics_addr: self.metrics_addr,
+            http_addr: self.http_addr,
             max_statement_bytes: self.max_statement_bytes,
             max_expression_depth: self.max_expression_depth,
             max_expression_nodes: self.max_expression_nodes,

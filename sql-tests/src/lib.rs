@@ -68,6 +68,8 @@ impl TestServer {
             block_rows: 64,
             workers: 2,
             worker_mode: test_worker_mode(),
+            // The HTTP API on a free port (see `TestServer::http_addr`).
+            http_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             ..ServeConfig::default()
         };
         configure(&mut config);
@@ -94,6 +96,16 @@ impl TestServer {
             task,
             _temp: None,
         })
+    }
+
+    /// The base URL of the server's HTTP API, e.g. `http://127.0.0.1:40123`.
+    pub fn http_url(&self) -> String {
+        let addr = self
+            .engine
+            .as_ref()
+            .and_then(|e| e.http_addr())
+            .expect("the test server serves the HTTP API");
+        format!("http://{addr}")
     }
 
     /// A connected tokio-postgres client.
@@ -176,6 +188,8 @@ impl ServeProcess {
                 "--grpc-addr",
                 &grpc,
                 "--metrics-addr",
+                "off",
+                "--http-addr",
                 "off",
             ])
             .args(["--clock", "manual", "--workers", "2", "--worker-cores", "1"])

@@ -610,6 +610,8 @@ async fn serve(
             &grpc,
             "--metrics-addr",
             &metrics,
+            "--http-addr",
+            "off",
         ])
         .args(["--clock", "manual", "--workers", "2", "--worker-cores", "1"])
         .args(["--partitions", "4", "--block-rows", "4096"])

@@ -32,6 +32,7 @@ pub async fn start() -> Server {
         batch_interval: Duration::from_secs(1),
         grpc_addr: "127.0.0.1:0".parse().expect("address"),
         worker_mode: WorkerMode::Process(Some(env!("CARGO_BIN_EXE_dstream").into())),
+        http_addr: None,
         ..ServeConfig::default()
     };
     let shutdown = CancellationToken::new();
