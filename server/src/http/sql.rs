@@ -240,7 +240,7 @@ enum Outcome {
 /// A body of `chunks`, each encoded when the body gets to it.
 fn streamed(
     content_type: &'static str,
-    chunks: impl Iterator<Item = Result<Vec<u8>, std::io::Error>> + Send + 'static,
+    chunks: impl Iterator<Item = Chunk> + Send + 'static,
 ) -> Response {
     let body = Body::from_stream(futures::stream::iter(chunks));
     ([(header::CONTENT_TYPE, content_type)], body).into_response()
@@ -250,14 +250,15 @@ fn io_error(e: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::other(e.to_string())
 }
 
+/// One encoded piece of an answer, or why it could not be encoded.
+type Chunk = Result<Vec<u8>, std::io::Error>;
+
 fn json_answer(outcomes: Vec<Outcome>) -> Response {
     let count = outcomes.len();
-    let chunks = outcomes
-        .into_iter()
-        .enumerate()
-        .flat_map(move |(i, outcome)| {
+    let chunks = outcomes.into_iter().enumerate().flat_map(
+        move |(i, outcome)| -> Box<dyn Iterator<Item = Chunk> + Send> {
             let separator = if i.saturating_add(1) < count { "," } else { "" };
-            let chunks: Vec<Result<Vec<u8>, std::io::Error>> = match outcome {
+            match outcome {
                 Outcome::Command(tag, affected) => {
                     let outcome = StatementOutcome {
                         kind: "command".into(),
@@ -266,48 +267,64 @@ fn json_answer(outcomes: Vec<Outcome>) -> Response {
                         columns: None,
                         rows: None,
                     };
-                    vec![
-                        serde_json::to_vec(&outcome).map_err(io_error),
-                        Ok(separator.into()),
-                    ]
+                    Box::new(
+                        [
+                            serde_json::to_vec(&outcome).map_err(io_error),
+                            Ok(separator.into()),
+                        ]
+                        .into_iter(),
+                    )
                 }
                 Outcome::Rows(schema, batches) => {
-                    let columns: Vec<Column> = schema
-                        .fields()
-                        .iter()
-                        .map(|f| Column {
-                            name: f.name().clone(),
-                            sql_type: sql_type_name(f.data_type()),
-                            nullable: f.is_nullable(),
-                        })
-                        .collect();
-                    let head = serde_json::to_vec(&columns).map(|columns| {
-                        let mut head = br#"{"kind":"rows","columns":"#.to_vec();
-                        head.extend(columns);
-                        head.extend(br#","rows":["#);
-                        head
-                    });
-                    let mut chunks = vec![head.map_err(io_error)];
-                    let mut first = true;
-                    for batch in batches.into_iter().filter(|b| b.num_rows() > 0) {
-                        let lead = if first { "" } else { "," };
-                        first = false;
-                        chunks.push(json_rows(&batch).map(|rows| {
-                            let mut out = lead.as_bytes().to_vec();
-                            out.extend(rows);
-                            out
-                        }));
-                    }
-                    chunks.push(Ok(format!("]}}{separator}").into_bytes()));
-                    chunks
+                    Box::new(json_rows_outcome(&schema, batches, separator))
                 }
-            };
-            chunks
-        });
+            }
+        },
+    );
     let chunks = std::iter::once(Ok(br#"{"results":["#.to_vec()))
         .chain(chunks)
         .chain(std::iter::once(Ok(b"]}".to_vec())));
     streamed("application/json", chunks)
+}
+
+/// A `rows` outcome: its columns, then its rows batch by batch, each encoded only
+/// when the body gets to it.
+fn json_rows_outcome(
+    schema: &SchemaRef,
+    batches: Vec<RecordBatch>,
+    separator: &'static str,
+) -> impl Iterator<Item = Chunk> + Send + use<> {
+    let columns: Vec<Column> = schema
+        .fields()
+        .iter()
+        .map(|f| Column {
+            name: f.name().clone(),
+            sql_type: sql_type_name(f.data_type()),
+            nullable: f.is_nullable(),
+        })
+        .collect();
+    let head = serde_json::to_vec(&columns)
+        .map(|columns| {
+            let mut head = br#"{"kind":"rows","columns":"#.to_vec();
+            head.extend(columns);
+            head.extend(br#","rows":["#);
+            head
+        })
+        .map_err(io_error);
+    let rows = batches
+        .into_iter()
+        .filter(|b| b.num_rows() > 0)
+        .enumerate()
+        .map(|(i, batch)| {
+            json_rows(&batch).map(|rows| {
+                let mut out = if i == 0 { Vec::new() } else { b",".to_vec() };
+                out.extend(rows);
+                out
+            })
+        });
+    std::iter::once(head)
+        .chain(rows)
+        .chain(std::iter::once(Ok(format!("]}}{separator}").into_bytes())))
 }
 
 /// The rows of `batch` as JSON objects, comma-separated.
