@@ -38,6 +38,16 @@ async fn post(
         .expect("an answer")
 }
 
+/// The OpenAPI document `server` serves.
+async fn openapi_document(server: &TestServer) -> Value {
+    reqwest::get(format!("{}/v1/openapi.json", server.http_url()))
+        .await
+        .expect("the document")
+        .json()
+        .await
+        .expect("JSON")
+}
+
 /// The component schema `name` of the OpenAPI document.
 fn schema<'a>(doc: &'a Value, name: &str) -> &'a Value {
     &doc["components"]["schemas"][name]
@@ -115,12 +125,7 @@ fn check(doc: &Value, schema: &Value, value: &Value, at: &str) {
 #[tokio::test]
 async fn statements_answer_as_json_csv_and_arrow_and_match_the_openapi_document() {
     let server = server().await;
-    let doc: Value = reqwest::get(format!("{}/v1/openapi.json", server.http_url()))
-        .await
-        .expect("the document")
-        .json()
-        .await
-        .expect("JSON");
+    let doc = openapi_document(&server).await;
     assert!(doc["paths"]["/v1/sql"]["post"].is_object(), "{doc}");
 
     // JSON: one outcome per statement, as the document describes them.
@@ -218,12 +223,7 @@ type BadRequest = (
 #[tokio::test]
 async fn bad_requests_get_json_errors_with_their_sqlstate_and_status() {
     let server = server().await;
-    let doc: Value = reqwest::get(format!("{}/v1/openapi.json", server.http_url()))
-        .await
-        .expect("the document")
-        .json()
-        .await
-        .expect("JSON");
+    let doc = openapi_document(&server).await;
     let cases: Vec<BadRequest> = vec![
         (
             "text/plain",
