@@ -84,6 +84,8 @@ pub struct ServeConfig {
     /// A client that takes none of what the server sends for this long is
     /// disconnected: the rest of its results are not held for it.
     pub send_timeout: Duration,
+    /// Time an HTTP client has to send a request's headers, and then its body.
+    pub http_request_timeout: Duration,
 }
 
 /// Default of [`ServeConfig::max_connections`].
@@ -94,6 +96,8 @@ pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Default of [`ServeConfig::send_timeout`].
 pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default of [`ServeConfig::http_request_timeout`].
+pub const DEFAULT_HTTP_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default of [`ServeConfig::statement_timeout`].
 pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default of [`ServeConfig::query_memory`]: 1 GiB.
@@ -132,6 +136,7 @@ impl Default for ServeConfig {
             startup_timeout: DEFAULT_STARTUP_TIMEOUT,
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             send_timeout: DEFAULT_SEND_TIMEOUT,
+            http_request_timeout: DEFAULT_HTTP_REQUEST_TIMEOUT,
         }
     }
 }
@@ -181,6 +186,7 @@ pub struct FileConfig {
     /// A duration, or `off`.
     pub idle_timeout: Option<String>,
     pub send_timeout: Option<String>,
+    pub http_request_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -303,6 +309,9 @@ impl FileConfig {
         }
         if let Some(v) = &self.send_timeout {
             config.send_timeout = parse_duration(v)?;
+        }
+        if let Some(v) = &self.http_request_timeout {
+            config.http_request_timeout = parse_duration(v)?;
         }
         if let Some(on) = self.speculation {
             config.speculation = on.then(|| config.speculation.unwrap_or_default());

@@ -30,6 +30,7 @@ use tokio::sync::{Mutex, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::changes::ChangeFeeds;
 use crate::clock::IntervalClock;
 use crate::cluster::checkpoint::{self, CheckpointedView, Checkpoints, Pending};
 use crate::cluster::handover;
@@ -42,6 +43,7 @@ use crate::cluster::{Cluster, CoordinatorService};
 use crate::config::ServeConfig;
 use crate::error::{Error, Result};
 use crate::state::{BlockInfo, EngineState, Placement};
+use crate::status::ObjectStatus;
 use crate::system_tables;
 
 /// How long `dstream serve` waits for its local workers to join.
@@ -110,6 +112,10 @@ pub struct Snapshot {
     /// The retained recent blocks of each source.
     pub sources: HashMap<String, (SchemaRef, Vec<BlockInfo>)>,
     pub tables: HashMap<String, Arc<dyn TableProvider>>,
+    /// What the sources, tables and views report.
+    pub status: ObjectStatus,
+    /// The width of an interval, in nanoseconds.
+    pub interval_nanos: i64,
 }
 
 /// The dstream engine; cheap to clone.
@@ -143,7 +149,8 @@ pub(crate) struct Inner {
     pub snapshot: RwLock<Arc<Snapshot>>,
     /// Number of intervals committed since the engine started.
     pub committed: watch::Sender<u64>,
-    pub subscribers: std::sync::Mutex<HashMap<String, broadcast::Sender<Arc<ChangeBatch>>>>,
+    /// The changes of views with subscribers.
+    pub changes: ChangeFeeds,
     /// Recent intervals, oldest first, for `dstream_intervals`.
     pub history: std::sync::Mutex<VecDeque<IntervalStat>>,
     /// Recoveries from lost workers, oldest first, for `dstream_recoveries`.
@@ -304,7 +311,7 @@ impl Engine {
                 }),
                 snapshot: RwLock::new(Arc::new(Snapshot::default())),
                 committed,
-                subscribers: std::sync::Mutex::new(HashMap::new()),
+                changes: ChangeFeeds::default(),
                 interval_loop: std::sync::Mutex::new(None),
             }),
         };
@@ -512,28 +519,31 @@ impl Engine {
         }
     }
 
-    /// Subscribes to a view's changes; messages carry their interval.
-    pub fn subscribe_changes(&self, view: &str) -> broadcast::Receiver<Arc<ChangeBatch>> {
-        let mut subscribers = match self.inner.subscribers.lock() {
-            Ok(s) => s,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        subscribers
-            .entry(view.to_string())
-            .or_insert_with(|| broadcast::channel(1024).0)
-            .subscribe()
+    /// Subscribes to a view's changes; messages carry their interval. Call it between
+    /// intervals, with `next` the interval to run next.
+    pub fn subscribe_changes(
+        &self,
+        view: &str,
+        next: IntervalId,
+    ) -> broadcast::Receiver<Arc<ChangeBatch>> {
+        self.inner.changes.subscribe(view, next)
     }
 
-    /// Whether `view` has subscribers: only then do its reduce tasks send its changes
-    /// back to the coordinator (changes stay on the workers otherwise).
+    /// Whether `view` has subscribers right now.
     pub fn has_subscribers(&self, view: &str) -> bool {
-        let subscribers = match self.inner.subscribers.lock() {
-            Ok(s) => s,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        subscribers
-            .get(view)
-            .is_some_and(|tx| tx.receiver_count() > 0)
+        self.inner.changes.has_subscribers(view)
+    }
+
+    /// Whether `view`'s reduce tasks send its changes back to the coordinator in the
+    /// interval about to run (changes stay on the workers otherwise): while it has
+    /// subscribers, and for a while after, so that they can resume.
+    pub fn wants_changes(&self, view: &str) -> bool {
+        self.inner.changes.wanted(view)
+    }
+
+    /// The changes of `view` after interval `after`, if they are all still kept.
+    pub fn changes_since(&self, view: &str, after: IntervalId) -> Option<Vec<Arc<ChangeBatch>>> {
+        self.inner.changes.since(view, after)
     }
 
     /// Hands a leaving worker's work over as soon as it asks to leave (the interval
@@ -766,10 +776,12 @@ impl Engine {
                 ViewOutcome::Done {
                     changelog,
                     partition_rows,
+                    stats,
                 } => {
                     slot.first_interval.get_or_insert(interval);
                     slot.last_interval = Some(interval);
                     slot.partition_rows = partition_rows;
+                    slot.stats = stats;
                     if !changelog.is_empty() {
                         published.push((
                             name,
@@ -928,15 +940,8 @@ impl Engine {
     }
 
     fn publish_changes(&self, published: Vec<(String, Arc<ChangeBatch>)>) {
-        let subscribers = match self.inner.subscribers.lock() {
-            Ok(s) => s,
-            Err(poisoned) => poisoned.into_inner(),
-        };
         for (name, batch) in published {
-            if let Some(tx) = subscribers.get(&name) {
-                // No receivers is fine: nobody is subscribed right now.
-                let _ = tx.send(batch);
-            }
+            self.inner.changes.publish(&name, batch);
         }
     }
 
@@ -988,6 +993,8 @@ impl Engine {
                 .iter()
                 .map(|(name, slot)| (name.clone(), slot.provider()))
                 .collect(),
+            status: ObjectStatus::of(state),
+            interval_nanos: state.timeline.width_nanos,
         };
         match self.inner.snapshot.write() {
             Ok(mut s) => *s = Arc::new(snapshot),
@@ -1032,10 +1039,7 @@ impl Engine {
         for (name, provider) in &snapshot.tables {
             ctx.register_table(TableReference::bare(name.as_str()), provider.clone())?;
         }
-        let history: Vec<IntervalStat> = match self.inner.history.lock() {
-            Ok(h) => h.iter().copied().collect(),
-            Err(poisoned) => poisoned.into_inner().iter().copied().collect(),
-        };
+        let history = self.interval_history();
         ctx.register_table(
             TableReference::bare(system_tables::INTERVALS),
             Arc::new(system_tables::intervals_table(&history)?),
@@ -1045,22 +1049,45 @@ impl Engine {
             TableReference::bare(system_tables::CHECKPOINTS),
             Arc::new(system_tables::checkpoints_table(&checkpoints)?),
         )?;
-        let recoveries: Vec<RecoveryStat> = match self.inner.recoveries.lock() {
-            Ok(r) => r.iter().cloned().collect(),
-            Err(poisoned) => poisoned.into_inner().iter().cloned().collect(),
-        };
+        let recoveries = self.recovery_history();
         ctx.register_table(
             TableReference::bare(system_tables::RECOVERIES),
             Arc::new(system_tables::recoveries_table(&recoveries)?),
         )?;
         ctx.register_table(
             TableReference::bare(system_tables::WORKERS),
-            Arc::new(system_tables::WorkersTable {
-                cluster: self.inner.cluster.clone(),
-                supervision: self.inner.supervision.clone(),
-            }),
+            Arc::new(self.workers_table()),
         )?;
         Ok(ctx)
+    }
+
+    /// Recent intervals, oldest first.
+    pub fn interval_history(&self) -> Vec<IntervalStat> {
+        match self.inner.history.lock() {
+            Ok(h) => h.iter().copied().collect(),
+            Err(poisoned) => poisoned.into_inner().iter().copied().collect(),
+        }
+    }
+
+    /// Recent checkpoints, oldest first.
+    pub fn checkpoint_history(&self) -> Vec<checkpoint::CheckpointStat> {
+        self.checkpoints().history()
+    }
+
+    /// Recoveries from lost workers, oldest first.
+    pub fn recovery_history(&self) -> Vec<RecoveryStat> {
+        match self.inner.recoveries.lock() {
+            Ok(r) => r.iter().cloned().collect(),
+            Err(poisoned) => poisoned.into_inner().iter().cloned().collect(),
+        }
+    }
+
+    /// `dstream_workers`: every worker that joined, with its own status.
+    pub fn workers_table(&self) -> system_tables::WorkersTable {
+        system_tables::WorkersTable {
+            cluster: self.inner.cluster.clone(),
+            supervision: self.inner.supervision.clone(),
+        }
     }
 
     /// The interval clock.

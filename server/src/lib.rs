@@ -34,6 +34,7 @@
     )
 )]
 
+pub mod changes;
 pub mod clock;
 pub mod cluster;
 pub mod config;
@@ -44,6 +45,7 @@ pub mod metrics;
 pub mod pgwire;
 pub mod session;
 pub mod state;
+pub mod status;
 pub mod subscribe;
 pub mod system_tables;
 

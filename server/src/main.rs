@@ -166,6 +166,10 @@ struct ServeArgs {
     /// [default: 60s].
     #[arg(long, env = "DSTREAM_SEND_TIMEOUT")]
     send_timeout: Option<String>,
+    /// Time an HTTP client has to send a request's headers, and then its body
+    /// [default: 30s].
+    #[arg(long, env = "DSTREAM_HTTP_REQUEST_TIMEOUT")]
+    http_request_timeout: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -240,6 +244,7 @@ impl ServeArgs {
             startup_timeout: self.startup_timeout,
             idle_timeout: self.idle_timeout,
             send_timeout: self.send_timeout,
+            http_request_timeout: self.http_request_timeout,
             ..FileConfig::default()
         }
         .apply(&mut config)?;

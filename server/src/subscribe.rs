@@ -1,5 +1,7 @@
 //! `SUBSCRIBE TO view`: a view's current rows, then its changelog, one chunk per
-//! interval, until the client goes away.
+//! interval, until the client goes away. [`Subscription`] is the stream; the HTTP API
+//! serves the same stream as events, and resumes one after the last interval a
+//! client saw ([`Subscription::resume`], from the changes [`crate::changes`] keeps).
 //!
 //! Every row carries `_interval` (the interval it belongs to) and `op` (`insert` or
 //! `delete`) before the view's columns. The subscription registers for changes before
@@ -25,16 +27,30 @@ pub fn failed_view(view: &str, failure: &str) -> Error {
     ))
 }
 
+/// What a subscription delivers next.
+#[derive(Debug)]
+pub enum SubscriptionEvent {
+    /// The view's rows as of `interval` (`None`: before the first interval): they
+    /// replace whatever the subscriber had.
+    Snapshot {
+        interval: Option<IntervalId>,
+        interval_start: i64,
+        rows: Vec<RecordBatch>,
+    },
+    /// The view's changes in one interval.
+    Changes(Arc<ChangeBatch>),
+}
+
 /// A live subscription to one view.
 #[derive(Debug)]
 pub struct Subscription {
     view: String,
     schema: SchemaRef,
-    /// The snapshot's rows, sent first.
-    initial: Option<Vec<RecordBatch>>,
-    /// Changes up to and including this interval are in the snapshot.
+    /// What comes before the live changes: the snapshot, or the kept changes of the
+    /// intervals a resumed subscription missed.
+    first: std::collections::VecDeque<SubscriptionEvent>,
+    /// Changes up to and including this interval were delivered already.
     seen: Option<IntervalId>,
-    initial_start: i64,
     changes: broadcast::Receiver<Arc<ChangeBatch>>,
 }
 
@@ -69,7 +85,16 @@ impl Subscription {
         Ok(changelog_schema(&view_in(&engine.snapshot(), view)?.schema))
     }
 
+    /// Subscribes to `view`: its current rows, then its changes.
     pub async fn start(engine: &Engine, view: &str) -> Result<Self> {
+        Self::resume(engine, view, None).await
+    }
+
+    /// Subscribes to `view` as a subscriber that has seen every change up to and
+    /// including interval `after`: the changes since, if they are all still kept,
+    /// and otherwise (or without `after`) the view's current rows; then the changes
+    /// of every later interval.
+    pub async fn resume(engine: &Engine, view: &str, after: Option<IntervalId>) -> Result<Self> {
         let current = engine.snapshot();
         view_in(&current, view)?;
         if let Some(failure) = current.failed.get(view) {
@@ -79,48 +104,80 @@ impl Subscription {
         // Both between two intervals (under the engine's lock): the workers send a
         // view's changes back only while it has subscribers, so every interval
         // started after this sends them, and every one started before is in the
-        // snapshot.
-        let (changes, snapshot) = {
-            let _between_intervals = engine.inner.state.lock().await;
-            (engine.subscribe_changes(view), engine.snapshot())
+        // snapshot (or in the changes kept).
+        let (changes, snapshot, missed) = {
+            let state = engine.inner.state.lock().await;
+            let changes = engine.subscribe_changes(view, state.next);
+            let snapshot = engine.snapshot();
+            // A subscriber ahead of the committed state (of a server that restarted
+            // from an older checkpoint) starts again from the snapshot.
+            let missed = match (after, snapshot.interval) {
+                (Some(after), Some(committed)) if after == committed => Some(Vec::new()),
+                (Some(after), Some(committed)) if after < committed => {
+                    engine.changes_since(view, after)
+                }
+                _ => None,
+            };
+            (changes, snapshot, missed)
         };
         let current_view = view_in(&snapshot, view)?;
         let view_schema = &current_view.schema;
         let schema = changelog_schema(view_schema);
-        let remote = RemoteView {
-            cluster: engine.cluster().clone(),
-            name: view.to_string(),
-            schema: view_schema.clone(),
-            placement: current_view.placement.clone(),
-            interval: snapshot.interval.unwrap_or(IntervalId(0)),
+        let (first, seen) = match missed {
+            Some(missed) => (
+                missed.into_iter().map(SubscriptionEvent::Changes).collect(),
+                snapshot.interval,
+            ),
+            None => {
+                let remote = RemoteView {
+                    cluster: engine.cluster().clone(),
+                    name: view.to_string(),
+                    schema: view_schema.clone(),
+                    placement: current_view.placement.clone(),
+                    interval: snapshot.interval.unwrap_or(IntervalId(0)),
+                };
+                let rows: Vec<RecordBatch> = remote
+                    .fetch()
+                    .await
+                    .map_err(Error::DataFusion)?
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                let snapshot_event = SubscriptionEvent::Snapshot {
+                    interval: snapshot.interval,
+                    interval_start: snapshot.interval_start,
+                    rows,
+                };
+                (std::iter::once(snapshot_event).collect(), snapshot.interval)
+            }
         };
-        let rows: Vec<RecordBatch> = remote
-            .fetch()
-            .await
-            .map_err(Error::DataFusion)?
-            .into_iter()
-            .flatten()
-            .collect();
         Ok(Subscription {
             view: view.to_string(),
             schema,
-            initial: Some(rows),
-            seen: snapshot.interval,
-            initial_start: snapshot.interval_start,
+            first,
+            seen,
             changes,
         })
     }
 
-    /// `_interval`, `op`, then the view's columns.
-    pub fn schema(&self) -> &SchemaRef {
-        &self.schema
+    /// The view's columns, without `_interval` and `op`.
+    pub fn view_schema(&self) -> SchemaRef {
+        let fields = self
+            .schema
+            .fields()
+            .iter()
+            .skip(2)
+            .cloned()
+            .collect::<Vec<_>>();
+        Arc::new(Schema::new(fields))
     }
 
-    /// The next chunk of rows: first the snapshot, then one chunk per interval with
-    /// changes. `None` when the view is dropped.
-    pub async fn next_chunk(&mut self) -> Option<Result<Vec<RecordBatch>>> {
-        if let Some(rows) = self.initial.take() {
-            return Some(self.tag(&rows, "insert", self.initial_start));
+    /// The next event: first the snapshot (or the changes a resumed subscription
+    /// missed), then one per interval that changed the view. `None` when the view is
+    /// dropped; an error when it failed, or when the subscriber fell too far behind.
+    pub async fn next_event(&mut self) -> Option<Result<SubscriptionEvent>> {
+        if let Some(event) = self.first.pop_front() {
+            return Some(Ok(event));
         }
         loop {
             match self.changes.recv().await {
@@ -134,19 +191,8 @@ impl Subscription {
                     if self.seen.is_some_and(|seen| change.interval <= seen) {
                         continue;
                     }
-                    let mut out = match self.tag(
-                        &change.changelog.deletes,
-                        "delete",
-                        change.interval_start,
-                    ) {
-                        Ok(out) => out,
-                        Err(e) => return Some(Err(e)),
-                    };
-                    match self.tag(&change.changelog.inserts, "insert", change.interval_start) {
-                        Ok(inserts) => out.extend(inserts),
-                        Err(e) => return Some(Err(e)),
-                    }
-                    return Some(Ok(out));
+                    self.seen = Some(change.interval);
+                    return Some(Ok(SubscriptionEvent::Changes(change)));
                 }
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     return Some(Err(Error::Invalid(format!(
@@ -157,6 +203,38 @@ impl Subscription {
                 Err(broadcast::error::RecvError::Closed) => return None,
             }
         }
+    }
+
+    /// The next chunk of rows, each tagged with `_interval` and `op`: first the
+    /// snapshot, then one chunk per interval with changes. `None` when the view is
+    /// dropped.
+    pub async fn next_chunk(&mut self) -> Option<Result<Vec<RecordBatch>>> {
+        let event = match self.next_event().await? {
+            Ok(event) => event,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(match event {
+            SubscriptionEvent::Snapshot {
+                interval_start,
+                rows,
+                ..
+            } => self.tag(&rows, "insert", interval_start),
+            SubscriptionEvent::Changes(change) => self
+                .tag(&change.changelog.deletes, "delete", change.interval_start)
+                .and_then(|mut out| {
+                    out.extend(self.tag(
+                        &change.changelog.inserts,
+                        "insert",
+                        change.interval_start,
+                    )?);
+                    Ok(out)
+                }),
+        })
+    }
+
+    /// `_interval`, `op`, then the view's columns.
+    pub fn schema(&self) -> &SchemaRef {
+        &self.schema
     }
 
     fn tag(&self, rows: &[RecordBatch], op: &str, interval_start: i64) -> Result<Vec<RecordBatch>> {

@@ -37,10 +37,10 @@ use datafusion::physical_plan::ExecutionPlan;
 use dstream_executor::rpc::proto;
 use futures::future::join_all;
 
+use crate::cluster::Cluster;
 use crate::cluster::checkpoint::CheckpointStat;
 use crate::cluster::recovery::RecoveryStat;
 use crate::cluster::remote_table::scan_fetched;
-use crate::cluster::{Cluster, WorkerRecord};
 use crate::engine::IntervalStat;
 use crate::error::Result;
 
@@ -49,7 +49,7 @@ pub const WORKERS: &str = "dstream_workers";
 pub const CHECKPOINTS: &str = "dstream_checkpoints";
 pub const RECOVERIES: &str = "dstream_recoveries";
 
-fn millis(d: std::time::Duration) -> f64 {
+pub fn millis(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
@@ -256,6 +256,27 @@ fn workers_schema() -> SchemaRef {
     ]))
 }
 
+/// One row of `dstream_workers`: a worker that joined, and what it reports.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct WorkerRow {
+    pub id: u64,
+    /// Where its gRPC and Flight services listen.
+    pub address: String,
+    pub pid: u32,
+    /// `alive`, `leaving`, `left` or `dead`.
+    pub status: String,
+    pub running_tasks: u32,
+    pub tasks_done: u64,
+    /// Input blocks it holds (`null`: it did not answer).
+    pub blocks: Option<u64>,
+    /// State partitions it holds (`null`: it did not answer).
+    pub state_partitions: Option<u64>,
+    pub last_heartbeat_ms: f64,
+    pub up_seconds: f64,
+    /// For a local worker, what its supervisor reports (restarts, exits).
+    pub supervisor: Option<String>,
+}
+
 /// `dstream_workers`: the registry, with each reachable worker's own status.
 #[derive(Debug)]
 pub struct WorkersTable {
@@ -267,7 +288,7 @@ impl WorkersTable {
     /// The table's rows: asks every reachable worker for its status, at once; a
     /// worker that does not answer in time shows its last heartbeat's task count and
     /// NULL holdings.
-    pub async fn rows(&self) -> Result<RecordBatch> {
+    pub async fn rows(&self) -> Vec<WorkerRow> {
         let workers = self.cluster.workers();
         let asks = workers.iter().map(|w| {
             let reachable = w.is_reachable();
@@ -285,7 +306,24 @@ impl WorkersTable {
             }
         });
         let statuses = join_all(asks).await;
-        workers_batch(&workers, &statuses, &self.supervision.by_pid())
+        let supervision = self.supervision.by_pid();
+        workers
+            .iter()
+            .zip(statuses)
+            .map(|(w, status)| WorkerRow {
+                id: w.id,
+                address: w.address.clone(),
+                pid: w.pid,
+                status: w.status.to_string(),
+                running_tasks: status.as_ref().map_or(w.running_tasks, |s| s.running_tasks),
+                tasks_done: w.tasks_done,
+                blocks: status.as_ref().map(|s| s.blocks),
+                state_partitions: status.as_ref().map(|s| s.state_partitions),
+                last_heartbeat_ms: millis(w.last_seen.elapsed()),
+                up_seconds: w.joined.elapsed().as_secs_f64(),
+                supervisor: supervision.get(&w.pid).cloned(),
+            })
+            .collect()
     }
 }
 
@@ -306,9 +344,7 @@ impl TableProvider for WorkersTable {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> std::result::Result<Arc<dyn ExecutionPlan>, DataFusionError> {
-        let batch = self
-            .rows()
-            .await
+        let batch = workers_batch(&self.rows().await)
             .map_err(|e| DataFusionError::External(Box::new(e)))?;
         scan_fetched(
             &workers_schema(),
@@ -322,47 +358,36 @@ impl TableProvider for WorkersTable {
     }
 }
 
-/// The rows of `dstream_workers` for `workers` (by id) and what each answered.
-fn workers_batch(
-    workers: &[WorkerRecord],
-    statuses: &[Option<proto::StatusResponse>],
-    supervision: &std::collections::HashMap<u32, String>,
-) -> Result<RecordBatch> {
-    let schema = workers_schema();
-    let status = |i: usize| statuses.get(i).and_then(|s| s.as_ref());
+/// The rows of `dstream_workers` as a batch.
+fn workers_batch(rows: &[WorkerRow]) -> Result<RecordBatch> {
     let columns: Vec<ArrayRef> = vec![
-        Arc::new(UInt64Array::from_iter_values(workers.iter().map(|w| w.id))),
+        Arc::new(UInt64Array::from_iter_values(rows.iter().map(|w| w.id))),
         Arc::new(StringArray::from_iter_values(
-            workers.iter().map(|w| w.address.as_str()),
+            rows.iter().map(|w| w.address.as_str()),
         )),
-        Arc::new(UInt32Array::from_iter_values(workers.iter().map(|w| w.pid))),
+        Arc::new(UInt32Array::from_iter_values(rows.iter().map(|w| w.pid))),
         Arc::new(StringArray::from_iter_values(
-            workers.iter().map(|w| w.status.to_string()),
+            rows.iter().map(|w| w.status.as_str()),
         )),
         Arc::new(UInt32Array::from_iter_values(
-            workers
-                .iter()
-                .enumerate()
-                .map(|(i, w)| status(i).map_or(w.running_tasks, |s| s.running_tasks)),
+            rows.iter().map(|w| w.running_tasks),
         )),
         Arc::new(UInt64Array::from_iter_values(
-            workers.iter().map(|w| w.tasks_done),
+            rows.iter().map(|w| w.tasks_done),
         )),
+        Arc::new(UInt64Array::from_iter(rows.iter().map(|w| w.blocks))),
         Arc::new(UInt64Array::from_iter(
-            (0..workers.len()).map(|i| status(i).map(|s| s.blocks)),
-        )),
-        Arc::new(UInt64Array::from_iter(
-            (0..workers.len()).map(|i| status(i).map(|s| s.state_partitions)),
+            rows.iter().map(|w| w.state_partitions),
         )),
         Arc::new(Float64Array::from_iter_values(
-            workers.iter().map(|w| millis(w.last_seen.elapsed())),
+            rows.iter().map(|w| w.last_heartbeat_ms),
         )),
         Arc::new(Float64Array::from_iter_values(
-            workers.iter().map(|w| w.joined.elapsed().as_secs_f64()),
+            rows.iter().map(|w| w.up_seconds),
         )),
         Arc::new(StringArray::from_iter(
-            workers.iter().map(|w| supervision.get(&w.pid).cloned()),
+            rows.iter().map(|w| w.supervisor.as_deref()),
         )),
     ];
-    Ok(RecordBatch::try_new(schema, columns).map_err(DataFusionError::from)?)
+    Ok(RecordBatch::try_new(workers_schema(), columns).map_err(DataFusionError::from)?)
 }

@@ -8,6 +8,8 @@
 //! The `.slt` files live in `sql-tests/slt/`; `tests/slt.rs` runs each against a fresh
 //! server. Set `DSTREAM_SLT_COMPLETE=1` to rewrite their expected output.
 
+pub mod openapi;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -17,6 +17,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use arrow::array::RecordBatch;
 use dstream_storage::{IntervalId, Timeline};
 use tokio::task::JoinSet;
 use tonic::{Request, Response, Status};
@@ -726,22 +727,25 @@ async fn run_task(
             } else {
                 (deletes, inserts)
             };
-            let view_rows = match &update {
-                ViewUpdate::Replace(rows) => rows.iter().map(|b| b.num_rows() as u64).sum(),
+            let (view_rows, view_bytes) = match &update {
+                ViewUpdate::Replace(rows) => (rows_of(rows), bytes_of(rows)),
                 ViewUpdate::Append(rows) => {
-                    let before: usize = adopted
-                        .as_ref()
-                        .map_or_else(
-                            || state.partitions.current_rows(&task.view, p),
-                            |s| s.current_rows(),
-                        )
-                        .iter()
-                        .map(|b| b.num_rows())
-                        .sum();
-                    (before as u64)
-                        .saturating_add(rows.iter().map(|b| b.num_rows() as u64).sum::<u64>())
+                    let before = adopted.as_ref().map_or_else(
+                        || state.partitions.current_rows(&task.view, p),
+                        |s| s.current_rows(),
+                    );
+                    (
+                        rows_of(&before).saturating_add(rows_of(rows)),
+                        bytes_of(&before).saturating_add(bytes_of(rows)),
+                    )
                 }
             };
+            let state_bytes = output
+                .state
+                .tables
+                .values()
+                .map(|t| bytes_of(t))
+                .fold(view_bytes, u64::saturating_add);
             if !state.partitions.set_pending(
                 (&task.view, p),
                 interval,
@@ -753,6 +757,7 @@ async fn run_task(
             }
             Ok(proto::TaskResult {
                 view_rows,
+                state_bytes,
                 changed_rows,
                 changed_bytes,
                 deletes: ipc_bytes(schema, &deletes)?,
@@ -763,6 +768,20 @@ async fn run_task(
         }
         None => Err(Error::Internal("a task without a kind".into())),
     }
+}
+
+/// How many rows `batches` hold.
+fn rows_of(batches: &[RecordBatch]) -> u64 {
+    batches.iter().map(|b| b.num_rows() as u64).sum()
+}
+
+/// The memory `batches` take, as Arrow counts it (buffers shared between batches are
+/// counted once per batch: an estimate).
+fn bytes_of(batches: &[RecordBatch]) -> u64 {
+    batches
+        .iter()
+        .map(|b| b.get_array_memory_size() as u64)
+        .sum()
 }
 
 /// Fetches from the worker at `address` the pieces for partition `partition` of the

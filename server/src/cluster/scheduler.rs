@@ -58,6 +58,7 @@ use super::stage::{
 use super::{Cluster, PROBE_WAIT, WorkerRecord};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::state::view::StageStats;
 use crate::state::{BlockInfo, EngineState, Load, Placement, SealedInterval, Sealing, SourceSlot};
 
 /// What one interval did, for `dstream_intervals`.
@@ -79,6 +80,7 @@ pub enum ViewOutcome {
     Done {
         changelog: Changelog,
         partition_rows: Vec<u64>,
+        stats: StageStats,
     },
     Failed(String),
 }
@@ -931,6 +933,7 @@ async fn run_stages(
         note_outrun(state, &ahead.stage.outrun, interval);
     }
     let mut changes: HashMap<String, Vec<(u32, Changelog, u64)>> = HashMap::new();
+    let mut stats: HashMap<String, StageStats> = HashMap::new();
     let top = views
         .iter()
         .map(|(name, ..)| levels.get(name).copied().unwrap_or(0))
@@ -971,6 +974,13 @@ async fn run_stages(
                 );
                 continue;
             }
+            let rows_in = plan
+                .inputs
+                .iter()
+                .flat_map(|input| blocks.get(input).into_iter().flatten())
+                .map(|b| b.rows)
+                .fold(0u64, u64::saturating_add);
+            stats.entry(name.clone()).or_default().rows_in = rows_in;
             let source_blocks = blocks.get(&plan.source).map(Vec::as_slice).unwrap_or(&[]);
             if let Some(outputs) = ahead
                 .as_mut()
@@ -1017,6 +1027,12 @@ async fn run_stages(
         .await;
         counts.speculative_tasks = counts.speculative_tasks.saturating_add(stage.speculated);
         note_outrun(state, &stage.outrun, interval);
+        for (id, (_, r)) in &stage.results {
+            if let Some((view, _)) = map_of_task.get(id) {
+                let stage_stats = stats.entry(view.clone()).or_default();
+                stage_stats.task_micros = stage_stats.task_micros.saturating_add(r.micros);
+            }
+        }
         map_outputs.extend(self::map_outputs(
             std::mem::take(&mut stage.results),
             &map_of_task,
@@ -1056,7 +1072,7 @@ async fn run_stages(
                 replay: false,
                 keep_changes: read.contains(name.as_str()),
                 // Changes go to the coordinator only for subscribers.
-                withhold_changes: plan.name != plan.view || !engine.has_subscribers(name),
+                withhold_changes: plan.name != plan.view || !engine.wants_changes(name),
             };
             for (p, owner) in placement.iter() {
                 let of = ReduceOf {
@@ -1097,6 +1113,15 @@ async fn run_stages(
                 info!(view = %view, partition = p, from, to = worker, "a speculative copy won; the state partition moved");
             }
             counts.shuffle_bytes = counts.shuffle_bytes.saturating_add(r.shuffle_bytes_read);
+            let reduced = StageStats {
+                rows_out: r.changed_rows,
+                state_rows: r.view_rows,
+                state_bytes: r.state_bytes,
+                task_micros: r.micros,
+                ..Default::default()
+            };
+            let stage_stats = stats.entry(view.clone()).or_default();
+            *stage_stats = stage_stats.plus(reduced);
             // The stages that read this one map its changes where they were kept.
             if read.contains(view.as_str()) && r.changed_rows > 0 {
                 blocks.entry(view.clone()).or_default().push(BlockInfo {
@@ -1208,6 +1233,7 @@ async fn run_stages(
             ViewOutcome::Done {
                 changelog,
                 partition_rows,
+                stats: stats.remove(name).unwrap_or_default(),
             },
         );
     }

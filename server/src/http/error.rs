@@ -88,17 +88,23 @@ pub fn status_of(sqlstate: &str) -> (StatusCode, &'static str) {
     }
 }
 
+impl From<HttpError> for ApiError {
+    fn from(e: HttpError) -> Self {
+        ApiError {
+            error: ErrorDetail {
+                code: e.code.to_string(),
+                sqlstate: e.sqlstate.map(str::to_string),
+                message: e.message,
+                status: e.status.as_u16(),
+            },
+        }
+    }
+}
+
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
-        let body = ApiError {
-            error: ErrorDetail {
-                code: self.code.to_string(),
-                sqlstate: self.sqlstate.map(str::to_string),
-                message: self.message,
-                status: self.status.as_u16(),
-            },
-        };
-        (self.status, Json(body)).into_response()
+        let status = self.status;
+        (status, Json(ApiError::from(self))).into_response()
     }
 }
 
@@ -108,6 +114,15 @@ pub async fn not_found(uri: axum::http::Uri) -> HttpError {
         StatusCode::NOT_FOUND,
         "not_found",
         format!("no such endpoint: {uri} (see GET /v1/openapi.json)"),
+    )
+}
+
+/// A path the API has, asked with a method it does not take.
+pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> HttpError {
+    HttpError::request(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{uri} does not take {method} (see GET /v1/openapi.json)"),
     )
 }
 

@@ -22,7 +22,7 @@ use utoipa::ToSchema;
 
 use super::error::HttpError;
 use crate::engine::Engine;
-use crate::session::{self, StatementResult, sql_type_name};
+use crate::session::{self, StatementResult};
 
 /// The media type of an Arrow IPC stream.
 pub const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
@@ -62,15 +62,7 @@ pub struct StatementOutcome {
     pub rows: Option<Vec<serde_json::Value>>,
 }
 
-/// A column of a result.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct Column {
-    pub name: String,
-    /// The SQL type, as `DESCRIBE` names it (e.g. `BIGINT`, `TIMESTAMP`).
-    #[serde(rename = "type")]
-    pub sql_type: String,
-    pub nullable: bool,
-}
+pub use crate::status::Column;
 
 /// The answer formats, by `Accept`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -294,15 +286,7 @@ fn json_rows_outcome(
     batches: Vec<RecordBatch>,
     separator: &'static str,
 ) -> impl Iterator<Item = Chunk> + Send + use<> {
-    let columns: Vec<Column> = schema
-        .fields()
-        .iter()
-        .map(|f| Column {
-            name: f.name().clone(),
-            sql_type: sql_type_name(f.data_type()),
-            nullable: f.is_nullable(),
-        })
-        .collect();
+    let columns = crate::status::columns_of(schema);
     let head = serde_json::to_vec(&columns)
         .map(|columns| {
             let mut head = br#"{"kind":"rows","columns":"#.to_vec();
@@ -328,7 +312,7 @@ fn json_rows_outcome(
 }
 
 /// The rows of `batch` as JSON objects, comma-separated.
-fn json_rows(batch: &RecordBatch) -> Result<Vec<u8>, std::io::Error> {
+pub(super) fn json_rows(batch: &RecordBatch) -> Result<Vec<u8>, std::io::Error> {
     let mut writer = arrow::json::WriterBuilder::new()
         .with_explicit_nulls(true)
         .build::<_, arrow::json::writer::LineDelimited>(Vec::new());

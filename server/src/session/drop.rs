@@ -38,9 +38,7 @@ pub(super) async fn drop_object(engine: &Engine, drop: DropObject) -> Result<Sta
     state.catalog = catalog;
     for view in &cascaded {
         state.remove_view(view);
-        if let Ok(mut subs) = engine.inner.subscribers.lock() {
-            subs.remove(view);
-        }
+        engine.inner.changes.remove(view);
         crate::cluster::scheduler::remove_everywhere(engine, view).await;
         info!(name = %view, cascade = %drop.name, "dropped materialized view");
     }
@@ -56,9 +54,7 @@ pub(super) async fn drop_object(engine: &Engine, drop: DropObject) -> Result<Sta
         }
         ObjectKind::MaterializedView => {
             state.remove_view(&drop.name);
-            if let Ok(mut subs) = engine.inner.subscribers.lock() {
-                subs.remove(&drop.name);
-            }
+            engine.inner.changes.remove(&drop.name);
         }
     }
     state.catalog_version = state.catalog_version.saturating_add(1);

@@ -29,6 +29,36 @@ pub struct ViewSlot {
     /// kept, one block per partition that changed (as a source's input is kept), so
     /// that a recovery can replay them into the readers' lost partitions.
     pub changes: VecDeque<SealedInterval>,
+    /// What the stage did in its last interval.
+    pub stats: StageStats,
+}
+
+/// What one stage did in one interval, for the status the HTTP API reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StageStats {
+    /// Rows of the blocks its map tasks read.
+    pub rows_in: u64,
+    /// Rows of its changelog (deleted and inserted).
+    pub rows_out: u64,
+    /// Rows it holds after the interval.
+    pub state_rows: u64,
+    /// Estimated memory of its state partitions (view rows and state tables).
+    pub state_bytes: u64,
+    /// Time its tasks ran, summed over the tasks.
+    pub task_micros: u64,
+}
+
+impl StageStats {
+    /// The sum of `self` and `other`, field by field.
+    pub fn plus(self, other: StageStats) -> StageStats {
+        StageStats {
+            rows_in: self.rows_in.saturating_add(other.rows_in),
+            rows_out: self.rows_out.saturating_add(other.rows_out),
+            state_rows: self.state_rows.saturating_add(other.state_rows),
+            state_bytes: self.state_bytes.saturating_add(other.state_bytes),
+            task_micros: self.task_micros.saturating_add(other.task_micros),
+        }
+    }
 }
 
 impl ViewSlot {
@@ -42,6 +72,7 @@ impl ViewSlot {
             first_interval: None,
             last_interval: None,
             partition_rows: Vec::new(),
+            stats: StageStats::default(),
         }
     }
 
