@@ -11,6 +11,9 @@ pub enum Error {
     /// A source failed and stopped (e.g. a malformed record under `on_error = 'fail'`).
     #[error("source \"{source_name}\" failed: {reason}")]
     SourceFailed { source_name: String, reason: String },
+    /// Records pushed to a source that it cannot take (a malformed body).
+    #[error("{0}")]
+    BadRecords(String),
     /// A task failed inside DataFusion.
     #[error("{0}")]
     DataFusion(#[from] DataFusionError),

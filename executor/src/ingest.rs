@@ -185,6 +185,12 @@ impl SourceRuntime {
         runtime.seal(interval, timeline)
     }
 
+    /// Hands a pushed source's receiver the records the coordinator accepted for the
+    /// interval about to be sealed.
+    pub fn push(&mut self, batches: Vec<RecordBatch>, malformed: u64) -> Result<()> {
+        self.receiver.push(batches, malformed)
+    }
+
     /// Seals `interval`: returns its blocks and advances the watermark.
     pub fn seal(&mut self, interval: IntervalId, timeline: &Timeline) -> Result<Vec<Arc<Block>>> {
         let records = self.receiver.seal(interval, timeline)?;

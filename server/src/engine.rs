@@ -42,7 +42,7 @@ use crate::cluster::scheduler::{self, CommitOptions, Interrupted, StageCounts, V
 use crate::cluster::{Cluster, CoordinatorService};
 use crate::config::ServeConfig;
 use crate::error::{Error, Result};
-use crate::state::{BlockInfo, EngineState, Placement};
+use crate::state::{BlockInfo, EngineState, Inbox, Placement};
 use crate::status::ObjectStatus;
 use crate::system_tables;
 
@@ -116,6 +116,8 @@ pub struct Snapshot {
     pub status: ObjectStatus,
     /// The width of an interval, in nanoseconds.
     pub interval_nanos: i64,
+    /// The inbox of each pushed (`http`) source.
+    pub inboxes: HashMap<String, Arc<Inbox>>,
 }
 
 /// The dstream engine; cheap to clone.
@@ -995,6 +997,11 @@ impl Engine {
                 .collect(),
             status: ObjectStatus::of(state),
             interval_nanos: state.timeline.width_nanos,
+            inboxes: state
+                .sources
+                .iter()
+                .filter_map(|(name, slot)| Some((name.clone(), slot.inbox.clone()?)))
+                .collect(),
         };
         match self.inner.snapshot.write() {
             Ok(mut s) => *s = Arc::new(snapshot),

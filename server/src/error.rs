@@ -85,6 +85,7 @@ impl Error {
                 X::SourceFailed { .. } => "58000",
                 X::DataFusion(e) => datafusion_sqlstate(e),
                 X::Arrow(_) => "22000",
+                X::BadRecords(_) => "22P02",
                 X::Planner(_) | X::Storage(_) | X::Io(_) => "58000",
                 X::Remote(_) => "58000",
                 // serialization_failure: Postgres clients know to retry it.

@@ -5,7 +5,8 @@
 //! which become the interval's block. Receivers check their options when opened, so a
 //! `CREATE SOURCE` with a bad option fails at once with a message naming the option.
 //!
-//! Connectors: [`generator`], [`nexmark`], [`tcp`], [`file`]; [`decode`] holds the
+//! Connectors: [`generator`], [`nexmark`], [`tcp`], [`file`], and [`push`] (`http`:
+//! records pushed to the coordinator); [`decode`] holds the
 //! JSON/CSV decoding and malformed-record policy they share.
 
 use std::collections::BTreeMap;
@@ -20,6 +21,7 @@ pub mod decode;
 pub mod file;
 pub mod generator;
 pub mod nexmark;
+pub mod push;
 pub mod tcp;
 
 /// Counters a receiver keeps about the records it saw.
@@ -52,6 +54,14 @@ pub trait Receiver: Send + Sync + std::fmt::Debug {
     /// elsewhere if its worker dies).
     fn take_new_files(&mut self) -> Vec<String> {
         Vec::new()
+    }
+
+    /// Pushed sources: takes records the coordinator accepted (and `malformed`
+    /// records it dropped), to seal in the interval being sealed.
+    fn push(&mut self, _batches: Vec<RecordBatch>, _malformed: u64) -> Result<()> {
+        Err(Error::Internal(
+            "records were pushed to a source whose connector reads them itself".into(),
+        ))
     }
 }
 
@@ -136,9 +146,10 @@ pub fn open_receiver(source: &SourceDef, split: Split) -> Result<Box<dyn Receive
         "nexmark" => Box::new(nexmark::NexmarkReceiver::open(source, &options)?.split(split)),
         "tcp" => Box::new(tcp::TcpReceiver::open(source, &options)?),
         "file" => Box::new(file::FileReceiver::open(source, &options)?),
+        "http" => Box::new(push::PushReceiver::open(&options)?),
         other => {
             return Err(config_error(format!(
-                "unknown connector '{other}'; available: generator, nexmark, tcp, file"
+                "unknown connector '{other}'; available: generator, nexmark, tcp, file, http"
             )));
         }
     };

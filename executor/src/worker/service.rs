@@ -31,7 +31,7 @@ use crate::operator::{PartitionInput, ShufflePiece, ViewUpdate};
 use crate::rpc::FlightPeers;
 use crate::rpc::codec::timeline;
 use crate::rpc::proto::{self, data_ticket::Kind, task::Kind as TaskKind};
-use crate::rpc::{ipc_bytes, status};
+use crate::rpc::{ipc_bytes, read_ipc, status};
 use crate::shuffle::Wanted;
 use crate::view_runtime::conform;
 
@@ -383,6 +383,24 @@ async fn seal(
             continue;
         }
         runtime.set_watermark(request.watermarks.get(name).copied());
+        // A pushed source seals what the coordinator sent with the request.
+        let mut pushed_until = 0;
+        if let Some(pushed) = request.pushed.get(name) {
+            let taken = read_ipc(&pushed.records)
+                .and_then(|batches| runtime.push(batches, pushed.malformed));
+            if let Err(e) = taken {
+                warn!(source = %name, error = %e, "source failed and stopped");
+                sealed_sources.push(proto::SealedSource {
+                    source: name.clone(),
+                    split: *split,
+                    failure: e.to_string(),
+                    ..Default::default()
+                });
+                failed.push((name.clone(), *split));
+                continue;
+            }
+            pushed_until = pushed.until;
+        }
         // What late rows are dropped against: part of the seal's lineage.
         let watermark = runtime.watermark();
         // Receivers may read files: keep that off the async worker's back.
@@ -401,6 +419,7 @@ async fn seal(
             records: stats.receiver.records,
             malformed: stats.receiver.malformed,
             late_rows: stats.late_rows,
+            pushed_until,
             ..Default::default()
         };
         match sealed {

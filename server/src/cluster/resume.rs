@@ -89,6 +89,8 @@ pub async fn resume(engine: &Engine, state: &mut EngineState, manifest: Arc<Mani
                 late_rows: if split == 0 { held.late_rows } else { 0 },
                 watermark: held.watermark,
                 seen_files: held.seen_files.iter().cloned().collect(),
+                // An inbox starts empty, at 0, in every coordinator.
+                pushed_until: 0,
             })
             .collect();
         let splits = slot.receivers.len() as u32;

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 use dstream_executor::Changelog;
 use dstream_executor::rpc::codec::timeline_message;
 use dstream_executor::rpc::proto::{self, task::Kind as TaskKind};
-use dstream_executor::rpc::read_ipc;
+use dstream_executor::rpc::{ipc_bytes, read_ipc};
 use dstream_executor::shuffle::piece_id;
 use dstream_executor::view_runtime::window_watermark;
 use dstream_planner::StreamPlan;
@@ -715,6 +715,10 @@ fn seal_requests(
         .into_iter()
         .map(|(id, splits)| {
             let replica = replica_of(alive, id);
+            let pushed = splits
+                .iter()
+                .filter_map(|split| pushed_records(state, sealing, split))
+                .collect();
             let request = proto::SealRequest {
                 interval: sealing.interval.0,
                 timeline: Some(timeline),
@@ -722,10 +726,46 @@ fn seal_requests(
                 replica_worker: replica.map_or(0, |r| r.id),
                 watermarks: sealing.watermarks.clone(),
                 splits,
+                pushed,
             };
             (id, request)
         })
         .collect()
+}
+
+/// For a pushed source's receiver: the records its inbox holds from where the
+/// receiver stands after every seal known (recorded, in progress, ahead), which this
+/// seal takes.
+fn pushed_records(
+    state: &EngineState,
+    sealing: &Sealing,
+    split: &proto::ReceiverSplit,
+) -> Option<(String, proto::PushedRecords)> {
+    let slot = state.sources.get(&split.source)?;
+    let inbox = slot.inbox.as_ref()?;
+    let sealed = [
+        Some(sealing),
+        state.sealing.as_ref(),
+        state.sealed_ahead.as_ref(),
+    ];
+    let position = slot.position(&split.source, split.split, sealed.into_iter().flatten());
+    let pushed = inbox.from(position.pushed_until);
+    let records = match ipc_bytes(&inbox.def.record_schema, &pushed.batches) {
+        Ok(records) => records,
+        Err(e) => {
+            // Not reached with batches the inbox decoded; the seal carries nothing.
+            warn!(source = %split.source, error = %e, "could not encode the records pushed");
+            return None;
+        }
+    };
+    Some((
+        split.source.clone(),
+        proto::PushedRecords {
+            records,
+            malformed: pushed.malformed,
+            until: pushed.until,
+        },
+    ))
 }
 
 /// Sends each worker its seal request; each worker's answer.
@@ -866,6 +906,11 @@ async fn seal(
             if let Some(position) = slot.positions.get_mut(split.split as usize) {
                 position.advance(split);
             }
+        }
+        // What a pushed source's receivers sealed is in blocks now.
+        if let Some(inbox) = &slot.inbox {
+            let sealed = slot.positions.iter().map(|p| p.pushed_until).min();
+            inbox.release(sealed.unwrap_or(0));
         }
         let infos = blocks_of(interval, &splits);
         slot.retain(

@@ -10,6 +10,7 @@
 //!   stream, chosen by `Accept`.
 //! - [`status`]: the server, its sources, tables, views and workers, and its recent
 //!   intervals, checkpoints and recoveries.
+//! - [`ingest`]: `POST /v1/sources/{name}`, records pushed to an `http` source.
 //! - [`changes`]: `GET /v1/views/{name}/changes`, a view's live results as
 //!   Server-Sent Events or over a WebSocket, resumable.
 //! - [`limits`]: the size and time a request may take.
@@ -35,6 +36,7 @@ use crate::error::Result;
 
 pub mod changes;
 pub mod error;
+pub mod ingest;
 pub mod limits;
 pub mod sql;
 pub mod status;
@@ -58,6 +60,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
         status::server_status,
         status::sources,
         status::source,
+        ingest::ingest,
         status::tables,
         status::table,
         status::views,
@@ -76,6 +79,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
         sql::Column,
         status::ServerStatus,
         crate::status::SourceStatus,
+        ingest::IngestResponse,
         crate::status::TableStatus,
         crate::status::ViewStatus,
         changes::ChangeMessage,
@@ -106,7 +110,10 @@ pub fn router(engine: Engine) -> Router {
         .route("/v1/sql", post(sql::sql))
         .route("/v1/status", get(status::server_status))
         .route("/v1/sources", get(status::sources))
-        .route("/v1/sources/{name}", get(status::source))
+        .route(
+            "/v1/sources/{name}",
+            get(status::source).post(ingest::ingest),
+        )
         .route("/v1/tables", get(status::tables))
         .route("/v1/tables/{name}", get(status::table))
         .route("/v1/views", get(status::views))

@@ -8,6 +8,7 @@
 //! - [`placement`]: [`Placement`], the one answer to where partitions and receivers
 //!   run, and [`Load`], which worker takes the next one.
 //! - [`sealing`]: [`Sealing`], an interval's seals across attempts.
+//! - [`inbox`]: [`Inbox`], records pushed to an `http` source, until sealed.
 //! - [`input`]: [`SealedInterval`] and [`BlockInfo`], input blocks and their holders.
 //! - [`table`]: [`TableSlot`], a user table.
 
@@ -20,6 +21,7 @@ use dstream_storage::{IntervalId, Timeline};
 
 use crate::cluster::scheduler;
 
+pub mod inbox;
 pub mod input;
 pub mod placement;
 pub mod sealing;
@@ -27,6 +29,7 @@ pub mod source;
 pub mod table;
 pub mod view;
 
+pub use inbox::Inbox;
 pub use input::{BlockInfo, SealedInterval};
 pub use placement::{Load, Placement};
 pub use sealing::Sealing;

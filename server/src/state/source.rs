@@ -8,6 +8,9 @@ use dstream_executor::rpc::proto;
 use dstream_planner::SourceDef;
 use dstream_storage::IntervalId;
 
+use dstream_executor::connector::push::PushOptions;
+
+use super::inbox::Inbox;
 use super::input::{BlockInfo, SealedInterval};
 use super::placement::Placement;
 use super::sealing::Sealing;
@@ -22,6 +25,9 @@ pub struct SplitPosition {
     pub watermark: Option<i64>,
     /// File sources: the files read.
     pub seen_files: BTreeSet<String>,
+    /// Pushed sources: the position in the source's inbox after the bodies sealed
+    /// (see [`super::inbox::Inbox`]). Not checkpointed: an inbox starts at 0.
+    pub pushed_until: u64,
 }
 
 impl SplitPosition {
@@ -47,6 +53,7 @@ impl SplitPosition {
         self.late_rows = sealed.late_rows;
         self.watermark = sealed.watermark;
         self.seen_files.extend(sealed.new_files.iter().cloned());
+        self.pushed_until = self.pushed_until.max(sealed.pushed_until);
     }
 }
 
@@ -69,6 +76,8 @@ pub struct SourceSlot {
     /// The first interval the source is sealed in (the one after its creation);
     /// `None` when unknown (restored without a checkpoint: from the start).
     pub since: Option<IntervalId>,
+    /// A pushed (`http`) source's records accepted and not yet sealed.
+    pub inbox: Option<Arc<Inbox>>,
 }
 
 impl SourceSlot {
@@ -90,7 +99,13 @@ impl SourceSlot {
     }
 
     pub fn new(def: Arc<SourceDef>, retain_intervals: usize) -> Self {
+        // Bad options leave no inbox: opening the receiver refuses them.
+        let inbox = (def.connector.connector == "http")
+            .then(|| PushOptions::of(&def).ok())
+            .flatten()
+            .map(|options| Arc::new(Inbox::new(def.clone(), options)));
         SourceSlot {
+            inbox,
             since: None,
             def,
             receivers: Placement::default(),
