@@ -1,5 +1,7 @@
 //! `dstream sql` at a real terminal (tmux): the prompt, a statement typed over two
-//! lines, history recalled with the up arrow, and \q.
+//! lines, history recalled with the up arrow, and \q; the live table of a
+//! `SUBSCRIBE` redrawn as intervals commit; the progress line of a long statement,
+//! and Ctrl-C cancelling it.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -116,4 +118,117 @@ async fn interactive_session_with_multi_line_statements_and_history() {
     .expect("tmux session");
     let history = std::fs::read_to_string(dir.path().join(".dstream_history")).expect("history");
     assert!(history.contains("SELECT 40 + 2"), "{history}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_draws_a_live_table_and_a_long_statement_shows_progress() {
+    let server = support::start().await;
+    let (client, connection) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={} user=dstream", server.port),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .expect("connect");
+    #[allow(clippy::disallowed_methods)] // ends with the connection, when the test ends
+    tokio::spawn(connection);
+    client
+        .batch_execute(
+            "CREATE SOURCE clicks (url TEXT) \
+               WITH (connector = 'generator', rows_per_second = 4, key_cardinality = 2);
+             CREATE MATERIALIZED VIEW per_url AS SELECT url, count(*) AS n FROM clicks GROUP BY url;
+             ADVANCE 1",
+        )
+        .await
+        .expect("set up");
+    // The view's rows as the live table draws them (counts stay under 10 here).
+    let table_lines = async || -> Vec<String> {
+        client
+            .query("SELECT url, n FROM per_url ORDER BY url", &[])
+            .await
+            .expect("the view")
+            .iter()
+            .map(|row| {
+                format!(
+                    "| {:<3} | {} |",
+                    row.get::<_, String>(0),
+                    row.get::<_, i64>(1)
+                )
+            })
+            .collect()
+    };
+    let before = table_lines().await;
+
+    let session = format!("dstream-live-{}", std::process::id());
+    let command = format!(
+        "HOME={} {} sql -p {}",
+        server.dir.path().display(),
+        env!("CARGO_BIN_EXE_dstream"),
+        server.port
+    );
+    let (typed_tx, typed_rx) = std::sync::mpsc::channel::<()>();
+    let (advanced_tx, advanced_rx) = std::sync::mpsc::channel::<Vec<String>>();
+    let driving = tokio::task::spawn_blocking({
+        let session = session.clone();
+        move || {
+            let session = session.as_str();
+            tmux(&[
+                "new-session",
+                "-d",
+                "-s",
+                session,
+                "-x",
+                "120",
+                "-y",
+                "40",
+                &command,
+            ]);
+            let _cleanup = KillOnDrop(session.to_string());
+            wait_for(session, "dstream=>", 1);
+            // The live table: the view's rows now, then as the next interval leaves them.
+            type_line(session, "SUBSCRIBE TO per_url;");
+            let screen = wait_for(session, "SUBSCRIBE TO per_url", 1);
+            let screen = if screen.contains("(2 rows)") {
+                screen
+            } else {
+                wait_for(session, "(2 rows)", 1)
+            };
+            assert!(screen.contains("| url | n |"), "{screen}");
+            for line in &before {
+                assert!(screen.contains(line.as_str()), "{line}: {screen}");
+            }
+            typed_tx.send(()).expect("the test goes on");
+            let after = advanced_rx.recv().expect("advanced");
+            let screen = wait_for(session, "as of 2026-01-01 00:00:01", 1);
+            for line in &after {
+                assert!(screen.contains(line.as_str()), "{line}: {screen}");
+            }
+            // (The live table cleared the screen: the prompt is the one after it.)
+            tmux(&["send-keys", "-t", session, "C-c"]);
+            wait_for(session, "dstream=>", 1);
+            // A statement that would run for hours: the progress line, then Ctrl-C
+            // cancels it and the prompt is back.
+            type_line(
+                session,
+                "SELECT count(*) FROM generate_series(1, 100000) a, generate_series(1, 100000) b;",
+            );
+            wait_for(session, "running…", 1);
+            tmux(&["send-keys", "-t", session, "C-c"]);
+            let screen = wait_for(session, "dstream=>", 2);
+            assert!(
+                screen.contains("ERROR:") && screen.contains("57014"),
+                "{screen}"
+            );
+            type_line(session, "\\q");
+        }
+    });
+    // Once the table is drawn, the next interval changes it.
+    tokio::task::spawn_blocking(move || typed_rx.recv())
+        .await
+        .expect("join")
+        .expect("the table is drawn");
+    client.batch_execute("ADVANCE 1").await.expect("advance");
+    advanced_tx
+        .send(table_lines().await)
+        .expect("the terminal waits");
+    driving.await.expect("tmux session");
 }
