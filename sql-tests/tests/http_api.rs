@@ -283,5 +283,41 @@ async fn curl_runs_the_readme_examples() {
     ])
     .await;
     assert_eq!(csv, "id\n1\n2\n3\n");
+
+    // Pushing records to an http source, its view's status, and its live results.
+    let base = server.http_url();
+    curl(&[
+        &url,
+        "-d",
+        "CREATE SOURCE orders (id BIGINT, name TEXT, amount DOUBLE) WITH (connector = 'http'); \
+         CREATE MATERIALIZED VIEW counts AS SELECT name, count(*) AS n FROM orders GROUP BY name",
+    ])
+    .await;
+    let pushed = curl(&[
+        &format!("{base}/v1/sources/orders"),
+        "-H",
+        "Content-Type: application/x-ndjson",
+        "--data-binary",
+        "{\"id\": 1, \"name\": \"ann\", \"amount\": 2.5}\n{\"id\": 2, \"name\": \"bob\", \"amount\": 1}\n",
+    ])
+    .await;
+    assert!(pushed.contains("\"accepted\":2"), "{pushed}");
+    curl(&[&url, "-d", "ADVANCE 1"]).await;
+    let status: Value =
+        serde_json::from_str(&curl(&[&format!("{base}/v1/views/counts")]).await).expect("JSON");
+    assert_eq!(
+        (&status["status"], &status["rows"]),
+        (&json!("running"), &json!(2))
+    );
+    // The live results: the snapshot arrives, then curl gives up waiting (exit 28).
+    let out = Command::new("curl")
+        .args(["-sS", "-N", "--max-time", "2"])
+        .arg(format!("{base}/v1/views/counts/changes"))
+        .output()
+        .await
+        .expect("run curl");
+    let events = String::from_utf8_lossy(&out.stdout);
+    assert!(events.starts_with("event: snapshot\n"), "{events}");
+    assert!(events.contains("\"name\":\"ann\""), "{events}");
     server.stop().await;
 }
