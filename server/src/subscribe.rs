@@ -124,10 +124,16 @@ impl Subscription {
         let view_schema = &current_view.schema;
         let schema = changelog_schema(view_schema);
         let (first, seen) = match missed {
-            Some(missed) => (
-                missed.into_iter().map(SubscriptionEvent::Changes).collect(),
-                snapshot.interval,
-            ),
+            // Delivered: the changes kept (or none after `after`). An interval
+            // committed but not yet published when they were read comes on the
+            // broadcast, after them.
+            Some(missed) => {
+                let seen = missed.last().map(|c| c.interval).or(after);
+                (
+                    missed.into_iter().map(SubscriptionEvent::Changes).collect(),
+                    seen,
+                )
+            }
             None => {
                 let remote = RemoteView {
                     cluster: engine.cluster().clone(),

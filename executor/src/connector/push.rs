@@ -174,20 +174,25 @@ pub fn decode_body(
             delimiter: options.delimiter,
         }),
         BodyFormat::Arrow => {
-            let reader =
-                arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(body), None)
-                    .map_err(|e| {
-                        Error::BadRecords(format!("the body is not an Arrow IPC stream: {e}"))
-                    })?;
+            // The push decoder holds only the bytes that arrived: a message header
+            // claiming a huge body allocates nothing (the stream reader would).
+            let bad = |e: arrow::error::ArrowError| {
+                Error::BadRecords(format!("the body is not an Arrow IPC stream: {e}"))
+            };
+            let mut decoder = arrow::ipc::reader::StreamDecoder::new();
+            let mut buffer = arrow::buffer::Buffer::from_vec(body.to_vec());
             let mut batches = Vec::new();
-            for batch in reader {
-                let batch = batch.map_err(|e| {
-                    Error::BadRecords(format!("the body is not an Arrow IPC stream: {e}"))
-                })?;
-                batches.push(conform(source, schema, &batch)?);
+            while !buffer.is_empty() {
+                if let Some(batch) = decoder.decode(&mut buffer).map_err(bad)? {
+                    let batch = conform(source, schema, &batch)?;
+                    if batch.num_rows() > 0 {
+                        batches.push(batch);
+                    }
+                }
             }
+            decoder.finish().map_err(bad)?;
             Ok(DecodedBody {
-                batches: batches.into_iter().filter(|b| b.num_rows() > 0).collect(),
+                batches,
                 malformed: 0,
             })
         }
@@ -359,5 +364,23 @@ mod tests {
         let e = decode_body("s", &schema(), &fail, BodyFormat::Arrow, b"not arrow")
             .expect_err("refused");
         assert!(e.to_string().contains("not an Arrow IPC stream"), "{e}");
+        // A stream cut short: an error, not a wait or a panic.
+        let schema = schema();
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(Int64Array::from(vec![1])),
+                Arc::new(StringArray::from(vec!["a"])),
+            ],
+        )
+        .expect("batch");
+        let mut body = Vec::new();
+        let mut writer =
+            arrow::ipc::writer::StreamWriter::try_new(&mut body, &schema).expect("writer");
+        writer.write(&batch).expect("write");
+        writer.finish().expect("finish");
+        drop(writer);
+        let cut = body.get(..body.len() - 20).expect("cut");
+        assert!(decode_body("s", &schema, &fail, BodyFormat::Arrow, cut).is_err());
     }
 }

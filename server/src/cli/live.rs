@@ -31,12 +31,13 @@ impl WatchArgs {
             };
             match key {
                 "i" | "interval" => {
-                    let seconds: f64 = value
-                        .parse()
+                    let every = value
+                        .parse::<f64>()
                         .ok()
-                        .filter(|s: &f64| s.is_finite() && *s > 0.0)
+                        .filter(|s| *s > 0.0)
+                        .and_then(|s| Duration::try_from_secs_f64(s).ok())
                         .ok_or_else(|| format!("\\watch: invalid interval \"{value}\""))?;
-                    parsed.every = Some(Duration::from_secs_f64(seconds));
+                    parsed.every = Some(every);
                 }
                 "c" | "count" => {
                     let count: u64 = value
@@ -158,6 +159,7 @@ mod tests {
             })
         );
         assert!(WatchArgs::parse(&["i=0"]).is_err());
+        assert!(WatchArgs::parse(&["1e20"]).is_err());
         assert!(WatchArgs::parse(&["x=1"]).is_err());
     }
 

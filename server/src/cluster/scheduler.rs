@@ -715,9 +715,11 @@ fn seal_requests(
         .into_iter()
         .map(|(id, splits)| {
             let replica = replica_of(alive, id);
+            // The records pushed that one request carries, over all its sources.
+            let mut budget = SEAL_PUSHED_BYTES;
             let pushed = splits
                 .iter()
-                .filter_map(|split| pushed_records(state, sealing, split))
+                .filter_map(|split| pushed_records(state, sealing, split, &mut budget))
                 .collect();
             let request = proto::SealRequest {
                 interval: sealing.interval.0,
@@ -733,13 +735,19 @@ fn seal_requests(
         .collect()
 }
 
+/// At most about how many bytes of pushed records one seal request carries (one body
+/// more may go over): the request stays well under the gRPC message limit whatever
+/// the backlog, and what is left waits for the next seal.
+const SEAL_PUSHED_BYTES: u64 = 96 << 20;
+
 /// For a pushed source's receiver: the records its inbox holds from where the
 /// receiver stands after every seal known (recorded, in progress, ahead), which this
-/// seal takes.
+/// seal takes, within what is left of the request's `budget`.
 fn pushed_records(
     state: &EngineState,
     sealing: &Sealing,
     split: &proto::ReceiverSplit,
+    budget: &mut u64,
 ) -> Option<(String, proto::PushedRecords)> {
     let slot = state.sources.get(&split.source)?;
     let inbox = slot.inbox.as_ref()?;
@@ -749,7 +757,8 @@ fn pushed_records(
         state.sealed_ahead.as_ref(),
     ];
     let position = slot.position(&split.source, split.split, sealed.into_iter().flatten());
-    let pushed = inbox.from(position.pushed_until);
+    let pushed = inbox.from(position.pushed_until, *budget);
+    *budget = budget.saturating_sub(pushed.bytes);
     let records = match ipc_bytes(&inbox.def.record_schema, &pushed.batches) {
         Ok(records) => records,
         Err(e) => {

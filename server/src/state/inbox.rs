@@ -4,7 +4,7 @@
 //! takes it unless the records it holds are over the source's bound (the answer is
 //! then 429). Each body taken gets the next number of the inbox's sequence. A seal
 //! of the source's receiver carries the bodies from the receiver's position on
-//! ([`Inbox::from`]), and the receiver's position moves past them once the seal is
+//! ([`Inbox::from`], up to a budget of bytes per seal request), and the receiver's position moves past them once the seal is
 //! recorded; only then are they forgotten ([`Inbox::release`]). A seal lost with its
 //! worker is not recorded, so the next one carries the same bodies again.
 
@@ -58,6 +58,8 @@ pub struct Pushed {
     pub malformed: u64,
     /// The position after them.
     pub until: u64,
+    /// Their size.
+    pub bytes: u64,
 }
 
 impl Inbox {
@@ -117,17 +119,25 @@ impl Inbox {
         }
     }
 
-    /// The bodies from position `from` on, for a seal.
-    pub fn from(&self, from: u64) -> Pushed {
+    /// The bodies from position `from` on, for a seal, while they come to less than
+    /// `budget` bytes (the last one may go over); none if `budget` is 0.
+    pub fn from(&self, from: u64, budget: u64) -> Pushed {
         let held = self.held();
         let mut pushed = Pushed {
-            until: held.next,
+            until: from,
             ..Pushed::default()
         };
+        let mut bytes = 0u64;
         for body in held.bodies.iter().filter(|b| b.seq >= from) {
+            if bytes >= budget {
+                break;
+            }
+            bytes = bytes.saturating_add(body.bytes);
             pushed.batches.extend(body.batches.iter().cloned());
             pushed.malformed = pushed.malformed.saturating_add(body.malformed);
+            pushed.until = body.seq.saturating_add(1);
         }
+        pushed.bytes = bytes;
         pushed
     }
 
@@ -208,15 +218,20 @@ mod tests {
             Offer::Taken { held_rows: 7, .. }
         ));
         // A seal takes both; lost with its worker, the next takes them again.
-        let first = inbox.from(0);
+        let first = inbox.from(0, u64::MAX);
         assert_eq!((rows(&first), first.until), (7, 2));
         inbox.offer(body(5));
-        let again = inbox.from(0);
+        let again = inbox.from(0, u64::MAX);
         assert_eq!((rows(&again), again.until), (12, 3));
+        // A seal with a budget takes bodies until it is spent; with none, nothing.
+        let one = inbox.from(0, 1);
+        assert_eq!((rows(&one), one.until), (3, 1));
+        let none = inbox.from(1, 0);
+        assert_eq!((rows(&none), none.until), (0, 1));
         // Recorded up to 2: what the next seal takes is the third body only.
         inbox.release(2);
         assert_eq!(inbox.held_size().0, 5);
-        let next = inbox.from(2);
+        let next = inbox.from(2, u64::MAX);
         assert_eq!((rows(&next), next.until), (5, 3));
     }
 
