@@ -301,7 +301,18 @@ async fn live_results_stream_as_events_and_resume_after_the_last_interval_seen()
         .await
         .expect("an answer");
     assert_eq!(answer.status(), 400);
+    // A server that stops ends the streams open on it.
+    let mut open = Events::open(&server, "v/changes", None).await;
+    open.next().await;
     server.stop().await;
+    loop {
+        let chunk = tokio::time::timeout(PATIENCE, open.body.next())
+            .await
+            .expect("the stream ends with the server");
+        if !matches!(chunk, Some(Ok(_))) {
+            break;
+        }
+    }
 }
 
 #[tokio::test]

@@ -21,10 +21,12 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use dstream_storage::IntervalId;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 use utoipa::{IntoParams, ToSchema};
 
+use super::Closing;
 use super::error::{ApiError, HttpError};
 use super::sql::json_rows;
 use crate::engine::Engine;
@@ -78,6 +80,7 @@ pub struct ChangeMessage {
 )]
 pub async fn changes(
     State(engine): State<Engine>,
+    axum::Extension(Closing(closing)): axum::Extension<Closing>,
     Path(name): Path<String>,
     resume: Result<Query<Resume>, QueryRejection>,
     headers: HeaderMap,
@@ -113,9 +116,9 @@ pub async fn changes(
     let subscription = Subscription::resume(&engine, &name, after.map(IntervalId)).await?;
     Ok(match upgrade {
         Some(upgrade) => upgrade
-            .on_upgrade(move |socket| over_websocket(socket, subscription))
+            .on_upgrade(move |socket| over_websocket(socket, subscription, closing))
             .into_response(),
-        None => Sse::new(events(subscription))
+        None => Sse::new(events(subscription).take_until(closing.cancelled_owned()))
             .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
             .into_response(),
     })
@@ -232,10 +235,15 @@ fn events(subscription: Subscription) -> impl Stream<Item = Result<Event, Infall
 }
 
 /// Sends the subscription's messages over `socket` until the view is dropped, an
-/// error ends it, or the client closes.
-async fn over_websocket(mut socket: WebSocket, mut subscription: Subscription) {
+/// error ends it, the client closes, or the server shuts down (`closing`).
+async fn over_websocket(
+    mut socket: WebSocket,
+    mut subscription: Subscription,
+    closing: CancellationToken,
+) {
     loop {
         tokio::select! {
+            _ = closing.cancelled() => break,
             message = next_message(&mut subscription) => {
                 let (text, last) = match message {
                     Some(Encoded::Message { json, .. }) => (json, false),

@@ -117,6 +117,16 @@ pub async fn ingest(
         return Ok(too_many(&name, retry_after, inbox.held_size()));
     }
     let body = body.map_err(|e| HttpError::request(e.status(), "bad_request", e.body_text()))?;
+    // A few bodies of a source are decoded at once; the bound is checked again after
+    // waiting for a turn.
+    let _turn = inbox
+        .decoding
+        .acquire()
+        .await
+        .map_err(|e| HttpError::from(Error::Internal(e.to_string())))?;
+    if inbox.is_full() {
+        return Ok(too_many(&name, retry_after, inbox.held_size()));
+    }
     // Decoding takes CPU: off the runtime that serves requests.
     let decoding = inbox.clone();
     let decoded = engine

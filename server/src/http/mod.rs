@@ -103,8 +103,13 @@ pub async fn openapi() -> axum::Json<utoipa::openapi::OpenApi> {
     axum::Json(ApiDoc::openapi())
 }
 
-/// The routes of the API over `engine`.
-pub fn router(engine: Engine) -> Router {
+/// Cancelled when the server shuts down: live result streams end then.
+#[derive(Clone, Debug)]
+pub struct Closing(pub CancellationToken);
+
+/// The routes of the API over `engine`; live result streams end when `closing` is
+/// cancelled.
+pub fn router(engine: Engine, closing: CancellationToken) -> Router {
     let request_timeout = engine.config().http_request_timeout;
     Router::new()
         .route("/v1/sql", post(sql::sql))
@@ -131,6 +136,7 @@ pub fn router(engine: Engine) -> Router {
             limits::read_body,
         ))
         .layer(DefaultBodyLimit::disable())
+        .layer(axum::Extension(Closing(closing)))
         .with_state(engine)
 }
 
@@ -147,7 +153,7 @@ pub async fn serve(
     let addr: SocketAddr = listener.local_addr()?;
     info!(%addr, "serving the HTTP API (see GET /v1/openapi.json)");
     let header_timeout = engine.config().http_request_timeout;
-    let router = router(engine);
+    let router = router(engine, shutdown.clone());
     let mut connections = JoinSet::new();
     loop {
         let accepted = tokio::select! {

@@ -34,12 +34,18 @@ struct Held {
     bytes: u64,
 }
 
+/// How many bodies of one source are decoded at once; more wait their turn, so the
+/// memory of bodies read but not yet taken stays bounded.
+pub const DECODING_AT_ONCE: usize = 4;
+
 /// The records accepted for one pushed source and not yet sealed.
 #[derive(Debug)]
 pub struct Inbox {
     pub def: Arc<SourceDef>,
     pub options: PushOptions,
     held: Mutex<Held>,
+    /// Turns to decode a body ([`DECODING_AT_ONCE`]).
+    pub decoding: tokio::sync::Semaphore,
 }
 
 /// What an offer of a body came to.
@@ -68,6 +74,7 @@ impl Inbox {
             def,
             options,
             held: Mutex::new(Held::default()),
+            decoding: tokio::sync::Semaphore::new(DECODING_AT_ONCE),
         }
     }
 
