@@ -89,16 +89,7 @@ pub async fn ingest(
             format!("source {name} failed and stopped: {error}; drop it and create it again"),
         ));
     }
-    let media = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| {
-            v.split(';')
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_ascii_lowercase()
-        });
+    let media = super::content_type(&headers);
     let Some(format) = BodyFormat::of_media_type(media.as_deref()) else {
         return Err(HttpError::request(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,

@@ -103,6 +103,16 @@ pub async fn openapi() -> axum::Json<utoipa::openapi::OpenApi> {
     axum::Json(ApiDoc::openapi())
 }
 
+/// The media type of a request's body, without parameters, in lower case.
+pub fn content_type(headers: &axum::http::HeaderMap) -> Option<String> {
+    let value = headers
+        .get(axum::http::header::CONTENT_TYPE)?
+        .to_str()
+        .ok()?;
+    let media = value.split(';').next().unwrap_or_default();
+    Some(media.trim().to_ascii_lowercase())
+}
+
 /// Cancelled when the server shuts down: live result streams end then.
 #[derive(Clone, Debug)]
 pub struct Closing(pub CancellationToken);

@@ -107,16 +107,7 @@ fn sql_of(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<St
         };
         HttpError::request(status, code, e.body_text())
     })?;
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| {
-            v.split(';')
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_ascii_lowercase()
-        });
+    let content_type = super::content_type(headers);
     let text = || {
         String::from_utf8(body.to_vec()).map_err(|_| {
             HttpError::request(
