@@ -38,6 +38,25 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Starts `command` in a detached 120×40 tmux session named `session` and waits for
+/// its prompt; the session is killed when the returned guard drops.
+fn open_session(session: &str, command: &str) -> KillOnDrop {
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        session,
+        "-x",
+        "120",
+        "-y",
+        "40",
+        command,
+    ]);
+    let guard = KillOnDrop(session.to_string());
+    wait_for(session, "dstream=>", 1);
+    guard
+}
+
 /// Polls on the blocking thread that drives tmux; never on an async worker.
 #[allow(clippy::disallowed_methods)]
 fn pause() {
@@ -75,20 +94,8 @@ async fn interactive_session_with_multi_line_statements_and_history() {
     let session_for_blocking = session.clone();
     tokio::task::spawn_blocking(move || {
         let session = session_for_blocking.as_str();
-        tmux(&[
-            "new-session",
-            "-d",
-            "-s",
-            session,
-            "-x",
-            "120",
-            "-y",
-            "40",
-            &command,
-        ]);
         // Ends the tmux session however the test ends.
-        let _cleanup = KillOnDrop(session.to_string());
-        wait_for(session, "dstream=>", 1);
+        let _cleanup = open_session(session, &command);
         // A statement over two lines: the continuation prompt, then the result.
         type_line(session, "SELECT 40 + 2");
         wait_for(session, "dstream->", 1);
@@ -171,19 +178,7 @@ async fn subscribe_draws_a_live_table_and_a_long_statement_shows_progress() {
         let session = session.clone();
         move || {
             let session = session.as_str();
-            tmux(&[
-                "new-session",
-                "-d",
-                "-s",
-                session,
-                "-x",
-                "120",
-                "-y",
-                "40",
-                &command,
-            ]);
-            let _cleanup = KillOnDrop(session.to_string());
-            wait_for(session, "dstream=>", 1);
+            let _cleanup = open_session(session, &command);
             // The live table: the view's rows now, then as the next interval leaves them.
             type_line(session, "SUBSCRIBE TO per_url;");
             let screen = wait_for(session, "SUBSCRIBE TO per_url", 1);

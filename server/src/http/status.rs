@@ -88,11 +88,20 @@ pub async fn server_status(State(engine): State<Engine>) -> Json<ServerStatus> {
     })
 }
 
-/// An unknown-name error for a `kind` named `name`.
-fn unknown(kind: &'static str, name: &str) -> HttpError {
-    HttpError::from(Error::UnknownObject {
-        kind,
-        name: name.to_string(),
+/// The entry of `entries` named `name` (by `name_of`), or an unknown-name error for
+/// a `kind`.
+fn named<T: Clone>(
+    entries: &[T],
+    name: &str,
+    name_of: impl Fn(&T) -> &str,
+    kind: &'static str,
+) -> Result<Json<T>, HttpError> {
+    let found = entries.iter().find(|e| name_of(e) == name).cloned();
+    found.map(Json).ok_or_else(|| {
+        HttpError::from(Error::UnknownObject {
+            kind,
+            name: name.to_string(),
+        })
     })
 }
 
@@ -121,11 +130,7 @@ pub async fn source(
     Path(name): Path<String>,
 ) -> Result<Json<SourceStatus>, HttpError> {
     let snapshot = engine.snapshot();
-    let found = snapshot.status.sources.iter().find(|s| s.name == name);
-    found
-        .cloned()
-        .map(Json)
-        .ok_or_else(|| unknown("source", &name))
+    named(&snapshot.status.sources, &name, |e| &e.name, "source")
 }
 
 /// Every table.
@@ -153,11 +158,7 @@ pub async fn table(
     Path(name): Path<String>,
 ) -> Result<Json<TableStatus>, HttpError> {
     let snapshot = engine.snapshot();
-    let found = snapshot.status.tables.iter().find(|t| t.name == name);
-    found
-        .cloned()
-        .map(Json)
-        .ok_or_else(|| unknown("table", &name))
+    named(&snapshot.status.tables, &name, |e| &e.name, "table")
 }
 
 /// Every materialized view, with what its last interval did.
@@ -185,11 +186,12 @@ pub async fn view(
     Path(name): Path<String>,
 ) -> Result<Json<ViewStatus>, HttpError> {
     let snapshot = engine.snapshot();
-    let found = snapshot.status.views.iter().find(|v| v.name == name);
-    found
-        .cloned()
-        .map(Json)
-        .ok_or_else(|| unknown("materialized view", &name))
+    named(
+        &snapshot.status.views,
+        &name,
+        |e| &e.name,
+        "materialized view",
+    )
 }
 
 /// Every worker that joined, asking each reachable one for its status.
